@@ -1,0 +1,65 @@
+//! A bounded cache of loaded documents, so memory does not grow with the number of entities on disk.
+//!
+//! Documents are moved out while a writer edits them and moved back afterwards; the per-entity
+//! lock in `store` makes sure only one thread does that for an entity at a time.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use automerge::Automerge;
+use lru::LruCache;
+
+use crate::key::EntityKey;
+
+pub(crate) struct DocCache {
+    // A std Mutex: it is held only for a map operation, never across I/O or an await.
+    documents: Mutex<LruCache<EntityKey, Automerge>>,
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+}
+
+impl DocCache {
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
+        Self {
+            documents: Mutex::new(LruCache::new(capacity)),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a document out of the cache, counting the hit or miss.
+    pub(crate) fn take(&self, key: &EntityKey) -> Option<Automerge> {
+        let taken = self
+            .documents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop(key);
+        let counter = if taken.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        taken
+    }
+
+    /// Puts a document (back) into the cache, evicting the least recently used one if full.
+    pub(crate) fn put(&self, key: EntityKey, document: Automerge) {
+        let evicted = self
+            .documents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(key, document);
+        // Dropping a large document takes a while; do it outside the lock.
+        drop(evicted);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.documents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}

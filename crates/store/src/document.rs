@@ -1,0 +1,385 @@
+//! Translation between JSON and an entity's Automerge document.
+//!
+//! An entity's fields live in the document's root map; nested JSON objects are nested maps and
+//! arrays are lists, written whole (as RFC 7386 treats them). Strings are stored as scalar strings,
+//! not collaborative text, because a field value is replaced whole, never spliced.
+//! The root map is the one object every replica of a document shares from the start, so two
+//! replicas that create the same entity concurrently never hide each other's top-level fields;
+//! only a nested object created on both sides at once can conflict as a whole, and that conflict
+//! is listed by [`conflicts`] like any other.
+//! Which document to edit and how it is persisted is `store`'s business, not this module's.
+
+use std::collections::BTreeSet;
+
+use automerge::hydrate;
+use automerge::transaction::Transactable;
+use automerge::{
+    Automerge, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, ScalarValue, Value,
+    ROOT,
+};
+use serde::Serialize;
+use serde_json::{Map, Number, Value as Json};
+
+use crate::error::{Error, Result};
+
+/// Deeper JSON than this is refused: it bounds recursion on hostile input.
+pub const MAX_DEPTH: usize = 32;
+
+/// Checks that a value is something the store can hold: objects and arrays nested at most
+/// [`MAX_DEPTH`] deep, and no key that is empty.
+pub(crate) fn check_writable(value: &Json, depth: usize) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(Error::UnwritableValue(format!(
+            "fields are nested more than {MAX_DEPTH} levels deep"
+        )));
+    }
+    match value {
+        Json::Object(map) => {
+            for (key, child) in map {
+                if key.is_empty() {
+                    return Err(Error::UnwritableValue("a field name is empty".into()));
+                }
+                check_writable(child, depth + 1)?;
+            }
+        }
+        Json::Array(items) => {
+            for item in items {
+                check_writable(item, depth + 1)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Applies an RFC 7386 merge patch to the map `obj` inside a transaction.
+///
+/// `null` deletes a field, an object merges into an existing map (or replaces a non-map), and
+/// anything else replaces the field. Fields whose value would not change are not touched, so a
+/// patch that changes nothing produces no change.
+pub(crate) fn apply_merge_patch<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    patch: &Map<String, Json>,
+) -> Result<()> {
+    for (key, patch_value) in patch {
+        let current = tx.get(obj, key.as_str())?;
+        match patch_value {
+            Json::Null => {
+                if current.is_some() {
+                    tx.delete(obj, key.as_str())?;
+                }
+            }
+            Json::Object(child_patch) => {
+                let child = match current {
+                    Some((Value::Object(ObjType::Map | ObjType::Table), child)) => child,
+                    _ => tx.put_object(obj, key.as_str(), ObjType::Map)?,
+                };
+                apply_merge_patch(tx, &child, child_patch)?;
+            }
+            value => {
+                let unchanged = match &current {
+                    Some((_, id)) => {
+                        let existing = match &current {
+                            Some((Value::Scalar(scalar), _)) => scalar_to_json(scalar),
+                            _ => object_to_json(&*tx, id, None),
+                        };
+                        &existing == value
+                    }
+                    None => false,
+                };
+                if !unchanged {
+                    put_json(tx, obj, Prop::Map(key.clone()), value)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the map `obj` hold exactly `fields`: a merge patch that also deletes every field not named.
+pub(crate) fn replace_fields<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    fields: &Map<String, Json>,
+) -> Result<()> {
+    let existing: Vec<String> = tx.keys(obj).collect();
+    for key in existing {
+        if !fields.contains_key(&key) {
+            tx.delete(obj, key.as_str())?;
+        }
+    }
+    // Objects are replaced, not merged, so that nested fields not named are removed too.
+    let mut patch = Map::new();
+    for (key, value) in fields {
+        if value.is_null() {
+            continue;
+        }
+        let current = tx.get(obj, key.as_str())?;
+        let same = current
+            .as_ref()
+            .map(|(value_ref, id)| match value_ref {
+                Value::Scalar(scalar) => &scalar_to_json(scalar) == value,
+                Value::Object(_) => &object_to_json(&*tx, id, None) == value,
+            })
+            .unwrap_or(false);
+        if !same {
+            patch.insert(key.clone(), value.clone());
+        }
+    }
+    for (key, value) in &patch {
+        put_json(tx, obj, Prop::Map(key.clone()), value)?;
+    }
+    Ok(())
+}
+
+/// Writes a JSON value (as a fresh object when it is one) at `prop` of `obj`.
+fn put_json<T: Transactable>(tx: &mut T, obj: &ObjId, prop: Prop, value: &Json) -> Result<()> {
+    match value {
+        Json::Object(fields) => {
+            let child = tx.put_object(obj, prop, ObjType::Map)?;
+            for (key, child_value) in fields {
+                if !child_value.is_null() {
+                    put_json(tx, &child, Prop::Map(key.clone()), child_value)?;
+                }
+            }
+        }
+        Json::Array(items) => {
+            let child = tx.put_object(obj, prop, ObjType::List)?;
+            for (index, item) in items.iter().enumerate() {
+                insert_json(tx, &child, index, item)?;
+            }
+        }
+        scalar => {
+            tx.put(obj, prop, json_to_scalar(scalar))?;
+        }
+    }
+    Ok(())
+}
+
+fn insert_json<T: Transactable>(
+    tx: &mut T,
+    list: &ObjId,
+    index: usize,
+    value: &Json,
+) -> Result<()> {
+    match value {
+        Json::Object(_) | Json::Array(_) => {
+            let object_type = if value.is_object() {
+                ObjType::Map
+            } else {
+                ObjType::List
+            };
+            let child = tx.insert_object(list, index, object_type)?;
+            match value {
+                Json::Object(fields) => {
+                    for (key, child_value) in fields {
+                        put_json(tx, &child, Prop::Map(key.clone()), child_value)?;
+                    }
+                }
+                Json::Array(items) => {
+                    for (child_index, item) in items.iter().enumerate() {
+                        insert_json(tx, &child, child_index, item)?;
+                    }
+                }
+                _ => unreachable!("checked to be an object or an array above"),
+            }
+        }
+        scalar => {
+            tx.insert(list, index, json_to_scalar(scalar))?;
+        }
+    }
+    Ok(())
+}
+
+fn json_to_scalar(value: &Json) -> ScalarValue {
+    match value {
+        Json::Null => ScalarValue::Null,
+        Json::Bool(flag) => ScalarValue::Boolean(*flag),
+        Json::Number(number) => {
+            if let Some(int) = number.as_i64() {
+                ScalarValue::Int(int)
+            } else if let Some(uint) = number.as_u64() {
+                ScalarValue::Uint(uint)
+            } else {
+                // serde_json numbers without arbitrary precision are always one of the three.
+                ScalarValue::F64(number.as_f64().unwrap_or(0.0))
+            }
+        }
+        Json::String(text) => ScalarValue::Str(text.as_str().into()),
+        Json::Array(_) | Json::Object(_) => {
+            unreachable!("put_json and insert_json handle objects and arrays")
+        }
+    }
+}
+
+/// A scalar as JSON. Types JSON lacks are shown in their nearest JSON form.
+pub(crate) fn scalar_to_json(scalar: &ScalarValue) -> Json {
+    match scalar {
+        ScalarValue::Null => Json::Null,
+        ScalarValue::Boolean(flag) => Json::Bool(*flag),
+        ScalarValue::Int(int) => Json::from(*int),
+        ScalarValue::Uint(uint) => Json::from(*uint),
+        ScalarValue::F64(float) => Number::from_f64(*float)
+            .map(Json::Number)
+            .unwrap_or(Json::Null),
+        ScalarValue::Counter(counter) => Json::from(i64::from(counter)),
+        ScalarValue::Timestamp(millis) => Json::from(*millis),
+        ScalarValue::Str(text) => Json::String(text.to_string()),
+        ScalarValue::Bytes(bytes) => Json::String(hex::encode(bytes)),
+        ScalarValue::Unknown { .. } => Json::Null,
+    }
+}
+
+fn hydrated_to_json(value: &hydrate::Value) -> Json {
+    match value {
+        hydrate::Value::Scalar(scalar) => scalar_to_json(scalar),
+        hydrate::Value::Map(map) => {
+            let mut fields = Map::new();
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            for (key, map_value) in entries {
+                fields.insert(key.clone(), hydrated_to_json(&map_value.value));
+            }
+            Json::Object(fields)
+        }
+        hydrate::Value::List(list) => Json::Array(
+            list.iter()
+                .map(|item| hydrated_to_json(&item.value))
+                .collect(),
+        ),
+        hydrate::Value::Text(text) => Json::String(text.to_string()),
+    }
+}
+
+/// An object of the document (at `heads`, or now) as JSON.
+pub(crate) fn object_to_json<R: ReadDoc + ?Sized>(
+    doc: &R,
+    obj: &ObjId,
+    heads: Option<&[ChangeHash]>,
+) -> Json {
+    match doc.hydrate(obj, heads) {
+        Ok(value) => hydrated_to_json(&value),
+        Err(_) => Json::Null,
+    }
+}
+
+/// The entity's fields (at `heads`, or now).
+pub(crate) fn fields(doc: &Automerge, heads: Option<&[ChangeHash]>) -> Map<String, Json> {
+    match object_to_json(doc, &ROOT, heads) {
+        Json::Object(fields) => fields,
+        _ => Map::new(),
+    }
+}
+
+/// The dotted paths of the fields a set of patches touched, e.g. `date` or `site.code`.
+///
+/// Paths stop at the first list: an edit inside `tags[2]` is reported as `tags`.
+pub(crate) fn changed_fields(patches: &[Patch]) -> Vec<String> {
+    let mut fields = BTreeSet::new();
+    for patch in patches {
+        let mut path = Vec::new();
+        let mut in_list = false;
+        for (_, prop) in &patch.path {
+            match prop {
+                Prop::Map(key) if !in_list => path.push(key.clone()),
+                _ => in_list = true,
+            }
+        }
+        if !in_list {
+            match &patch.action {
+                PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
+                    path.push(key.clone())
+                }
+                PatchAction::Increment {
+                    prop: Prop::Map(key),
+                    ..
+                } => path.push(key.clone()),
+                _ => {}
+            }
+        }
+        if !path.is_empty() {
+            fields.insert(path.join("."));
+        }
+    }
+    fields.into_iter().collect()
+}
+
+/// One field whose value differs between replicas that wrote it concurrently.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FieldConflict {
+    /// The dotted path of the field.
+    pub field: String,
+    /// The value every replica shows (Automerge's deterministic winner).
+    pub winner: Json,
+    /// Every concurrent value, the winner included, with the operation that wrote it.
+    pub values: Vec<ConflictValue>,
+}
+
+/// One of the concurrent values of a conflicted field.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ConflictValue {
+    /// The value.
+    pub value: Json,
+    /// The Automerge operation id that wrote it (`counter@actor`).
+    pub op: String,
+    /// The origin recorded on the change that wrote it, when known.
+    pub origin: Option<String>,
+}
+
+/// Every conflicted field of the document, walking nested maps.
+pub(crate) fn conflicts(doc: &Automerge) -> Vec<FieldConflict> {
+    let mut found = Vec::new();
+    collect_conflicts(doc, &ROOT, &mut Vec::new(), &mut found);
+    found
+}
+
+fn collect_conflicts(
+    doc: &Automerge,
+    obj: &ObjId,
+    path: &mut Vec<String>,
+    found: &mut Vec<FieldConflict>,
+) {
+    let keys: Vec<String> = doc.keys(obj).collect();
+    for key in keys {
+        path.push(key.clone());
+        let values = doc.get_all(obj, key.as_str()).unwrap_or_default();
+        let as_json = |value: &Value<'_>, id: &ObjId| match value {
+            Value::Scalar(scalar) => scalar_to_json(scalar),
+            Value::Object(_) => object_to_json(doc, id, None),
+        };
+        if values.len() > 1 {
+            let winner = doc
+                .get(obj, key.as_str())
+                .ok()
+                .flatten()
+                .map(|(value, id)| as_json(&value, &id))
+                .unwrap_or(Json::Null);
+            found.push(FieldConflict {
+                field: path.join("."),
+                winner,
+                values: values
+                    .iter()
+                    .map(|(value, id)| ConflictValue {
+                        value: as_json(value, id),
+                        op: id.to_string(),
+                        origin: doc
+                            .hash_for_opid(id)
+                            .and_then(|hash| doc.get_change_by_hash(&hash))
+                            .and_then(|change| change.message().map(origin_of_message)),
+                    })
+                    .collect(),
+            });
+        } else if let Some((Value::Object(ObjType::Map | ObjType::Table), child)) =
+            doc.get(obj, key.as_str()).ok().flatten()
+        {
+            collect_conflicts(doc, &child, path, found);
+        }
+        path.pop();
+    }
+}
+
+/// The origin recorded in a change message; messages written elsewhere are shown as they are.
+pub(crate) fn origin_of_message(message: &str) -> String {
+    message.to_owned()
+}

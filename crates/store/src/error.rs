@@ -1,0 +1,63 @@
+//! The store's one error type; `server` maps each variant to an HTTP status.
+
+use crate::key::EntityKey;
+
+/// Everything a store operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A kind, id, origin or version string that does not match its grammar.
+    #[error("invalid {what}: {detail}")]
+    Invalid {
+        /// Which value was wrong (`kind`, `id`, `version`, ...).
+        what: &'static str,
+        /// Why, in words a caller can act on.
+        detail: String,
+    },
+    /// The request body is not something the store can write (not an object, empty, too deep).
+    #[error("{0}")]
+    UnwritableValue(String),
+    /// A conditional write named a version the entity is no longer at.
+    #[error("{key} is at version {current}, not {expected}")]
+    VersionMismatch {
+        /// The entity.
+        key: EntityKey,
+        /// The version the caller expected.
+        expected: String,
+        /// The version the entity is at now (empty when it does not exist).
+        current: String,
+    },
+    /// A time-travel read named a version this entity never had.
+    #[error("{key} has no version {version}")]
+    UnknownVersion {
+        /// The entity.
+        key: EntityKey,
+        /// The version asked for.
+        version: String,
+    },
+    /// Bytes from outside (a replica, a client, the disk) are not a valid Automerge document or change.
+    #[error("could not decode automerge data: {0}")]
+    Decode(String),
+    /// sled failed; the write was not applied.
+    #[error("storage failure")]
+    Storage(#[from] sled::Error),
+    /// The disk could not be synced; the write may not be durable.
+    #[error("could not sync the data directory to disk")]
+    Sync(#[source] std::io::Error),
+    /// Stored data could not be read back; the store is damaged.
+    #[error("stored data for {what} is corrupt: {detail}")]
+    Corrupt {
+        /// What was being read.
+        what: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// Automerge refused an operation it should have accepted (a bug in the store).
+    #[error("automerge rejected an operation")]
+    Automerge(#[from] automerge::AutomergeError),
+    /// The store is shutting down or its flusher died; the write may not be durable.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// The store's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,94 @@
+//! How the store lays its data out in sled's one tree.
+//!
+//! Everything lives in the default tree, so that a change, its entity record and its feed row
+//! are written by one atomic `apply_batch`. Keys start with a one-byte tag:
+//!
+//! | key | value |
+//! |---|---|
+//! | `e` kind `\0` id | the entity record (`EntityRecord`, JSON) |
+//! | `s` kind `\0` id | the compacted snapshot (Automerge `save()` bytes) |
+//! | `c` kind `\0` id `\0` n (u32 BE) | an incremental chunk of changes after the snapshot |
+//! | `f` seq (u64 BE) | a feed row (`FeedRow`, JSON) |
+//!
+//! Kinds and ids never contain `\0` (see `key`), so prefixes never overlap.
+
+use serde::{Deserialize, Serialize};
+
+use crate::feed::Seq;
+use crate::key::{EntityId, EntityKey, Kind};
+
+pub(crate) const ENTITY: u8 = b'e';
+pub(crate) const SNAPSHOT: u8 = b's';
+pub(crate) const CHUNK: u8 = b'c';
+pub(crate) const FEED: u8 = b'f';
+
+/// What the store keeps about an entity besides its document.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EntityRecord {
+    /// The version after the last change.
+    pub version: String,
+    /// Whether the entity has any field (an entity without fields reads as absent).
+    pub exists: bool,
+    /// The number of the next incremental chunk.
+    pub next_chunk: u32,
+    /// How many incremental chunks follow the snapshot.
+    pub chunks: u32,
+    /// The bytes of those chunks, to decide when to compact.
+    pub chunk_bytes: u64,
+    /// The bytes of the snapshot.
+    pub snapshot_bytes: u64,
+}
+
+pub(crate) fn entity_key(tag: u8, key: &EntityKey) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(2 + key.kind.as_str().len() + key.id.as_str().len());
+    bytes.push(tag);
+    bytes.extend_from_slice(key.kind.as_str().as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(key.id.as_str().as_bytes());
+    bytes
+}
+
+pub(crate) fn chunk_key(key: &EntityKey, number: u32) -> Vec<u8> {
+    let mut bytes = entity_key(CHUNK, key);
+    bytes.push(0);
+    bytes.extend_from_slice(&number.to_be_bytes());
+    bytes
+}
+
+pub(crate) fn chunk_prefix(key: &EntityKey) -> Vec<u8> {
+    let mut bytes = entity_key(CHUNK, key);
+    bytes.push(0);
+    bytes
+}
+
+pub(crate) fn kind_prefix(tag: u8, kind: &Kind) -> Vec<u8> {
+    let mut bytes = vec![tag];
+    bytes.extend_from_slice(kind.as_str().as_bytes());
+    bytes.push(0);
+    bytes
+}
+
+/// The entity key encoded in an `e` key, if it is one.
+pub(crate) fn parse_entity_key(bytes: &[u8]) -> Option<EntityKey> {
+    let rest = bytes.strip_prefix(&[ENTITY])?;
+    let split = rest.iter().position(|byte| *byte == 0)?;
+    let kind = std::str::from_utf8(&rest[..split]).ok()?;
+    let id = std::str::from_utf8(&rest[split + 1..]).ok()?;
+    Some(EntityKey {
+        kind: Kind::new(kind).ok()?,
+        id: EntityId::new(id).ok()?,
+    })
+}
+
+pub(crate) fn feed_key(seq: Seq) -> [u8; 9] {
+    let mut bytes = [0u8; 9];
+    bytes[0] = FEED;
+    bytes[1..].copy_from_slice(&seq.to_be_bytes());
+    bytes
+}
+
+pub(crate) fn parse_feed_key(bytes: &[u8]) -> Option<Seq> {
+    let rest = bytes.strip_prefix(&[FEED])?;
+    let array: [u8; 8] = rest.try_into().ok()?;
+    Some(Seq(u64::from_be_bytes(array)))
+}

@@ -1,0 +1,49 @@
+//! Lockstep's durable entity store: every entity is an Automerge document persisted in sled,
+//! every change gets a feed row, and a write returns only once both are on disk.
+//!
+//! This is the only crate that touches sled. HTTP, connectors and replication call [`Store`];
+//! they never see a sled key or an Automerge document.
+//!
+//! # Layout
+//! `key` validates entity identities, `origin` names where a change came from, `version` turns
+//! document heads into an opaque string, `document` translates JSON to and from Automerge,
+//! `layout` is the sled key scheme, `durability` runs group commit, `cache` bounds loaded
+//! documents, `feed` defines feed rows, and `store` ties them together.
+//!
+//! # Example
+//! ```
+//! use store::{EntityKey, Origin, Store, StoreConfig, WriteOptions};
+//! use serde_json::json;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::open(StoreConfig::new(dir.path()))?;
+//! let key = EntityKey::new("appointment", "1")?;
+//! let options = WriteOptions::new(Origin::local("alice")?);
+//! store.patch(&key, &json!({"date": "2026-12-01", "site": {"code": "N1"}}), &options)?;
+//! let written = store.patch(&key, &json!({"date": "2026-12-02"}), &options)?;
+//! assert_eq!(written.entity.unwrap().data["date"], "2026-12-02");
+//! assert_eq!(store.feed(store::Seq::ZERO, None, 10)?.len(), 2);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod cache;
+mod document;
+mod durability;
+mod error;
+mod feed;
+mod key;
+mod layout;
+mod origin;
+mod store;
+mod version;
+
+pub use document::{ConflictValue, FieldConflict, MAX_DEPTH};
+pub use durability::SyncMode;
+pub use error::{Error, Result};
+pub use feed::{FeedRow, Seq};
+pub use key::{EntityId, EntityKey, Kind};
+pub use origin::Origin;
+pub use store::{
+    Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, WriteOptions, Written,
+};
+pub use version::Version;

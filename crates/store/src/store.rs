@@ -1,0 +1,760 @@
+//! The `Store`: every change to every entity enters here, is persisted with its feed row in one
+//! atomic sled batch, and is acknowledged only after a group flush.
+//!
+//! Concurrency: writers and readers of one entity take that entity's stripe lock, so a document
+//! is edited by one thread at a time; different entities proceed in parallel. The short `commit`
+//! lock orders feed rows: it is held only to number a row and apply its batch, never for
+//! Automerge work or a flush. All methods block; async callers run them on a blocking thread.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{ActorId, Automerge, ChangeHash, ReadDoc, ROOT};
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+use tokio::sync::watch;
+
+use crate::cache::DocCache;
+use crate::document::{self, FieldConflict};
+use crate::durability::{Durability, SyncMode};
+use crate::error::{Error, Result};
+use crate::feed::{FeedRow, Seq};
+use crate::key::{EntityId, EntityKey, Kind};
+use crate::layout::{self, EntityRecord};
+use crate::origin::Origin;
+use crate::version::Version;
+
+/// How a store is opened.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// The sled directory; created if missing.
+    pub path: PathBuf,
+    /// How many documents to keep loaded at most.
+    pub cache_entries: usize,
+    /// Which failure an acknowledged write survives.
+    pub sync_mode: SyncMode,
+    /// Compact an entity's incremental chunks into a snapshot once it has this many.
+    pub compact_after_chunks: u32,
+    /// sled's own page cache, in bytes.
+    pub sled_cache_bytes: u64,
+}
+
+impl StoreConfig {
+    /// Defaults for a store in `path`: 4,096 cached documents, `flush` durability,
+    /// compaction after 32 chunks, and a 64 MiB sled cache.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            cache_entries: 4096,
+            sync_mode: SyncMode::default(),
+            compact_after_chunks: 32,
+            sled_cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// An entity as read: its fields and the version they are at.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Entity {
+    /// The entity's kind.
+    pub kind: Kind,
+    /// The entity's id.
+    pub id: EntityId,
+    /// Its version (the document heads).
+    pub version: String,
+    /// Its fields.
+    pub data: Map<String, Json>,
+}
+
+/// What a write did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Written {
+    /// The entity after the write; `None` when the write left it without fields (deleted).
+    pub entity: Option<Entity>,
+    /// The version after the write (also set when the entity was deleted).
+    pub version: String,
+    /// Whether the entity did not exist before and does now.
+    pub created: bool,
+    /// The feed row written, or `None` when the write changed nothing.
+    pub seq: Option<Seq>,
+}
+
+/// Who is writing and under which condition.
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// Recorded in the change and its feed row.
+    pub origin: Origin,
+    /// When set, the write fails with [`Error::VersionMismatch`] unless the entity is at this version.
+    pub if_match: Option<Version>,
+}
+
+impl WriteOptions {
+    /// An unconditional write from `origin`.
+    pub fn new(origin: Origin) -> Self {
+        Self {
+            origin,
+            if_match: None,
+        }
+    }
+}
+
+/// One change in an entity's history.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    /// The version right after this change (readable with `get_at`).
+    pub version: String,
+    /// Who made it, as recorded in the change.
+    pub origin: Option<String>,
+    /// When, in seconds since the Unix epoch, as recorded by the replica that made it.
+    pub time: i64,
+    /// The dotted paths of the fields it set or removed.
+    pub fields: Vec<String>,
+}
+
+/// A page of entities of one kind, in id order.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Page {
+    /// The entities on this page.
+    pub items: Vec<Entity>,
+    /// The cursor for the next page (`after`), when there may be more.
+    pub next: Option<EntityId>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// Changes committed since the store was opened.
+    pub writes: u64,
+    /// Flushes run since the store was opened (each covers a group of writes).
+    pub flushes: u64,
+    /// Document reads served from the cache.
+    pub cache_hits: u64,
+    /// Document reads that loaded from disk.
+    pub cache_misses: u64,
+    /// Documents loaded now.
+    pub cached_documents: u64,
+    /// The highest durable feed sequence number.
+    pub feed_seq: u64,
+}
+
+/// The number of per-entity lock stripes; a power of two well above the number of concurrent writers.
+const STRIPES: usize = 1024;
+
+struct Inner {
+    db: sled::Db,
+    durability: Durability,
+    cache: DocCache,
+    stripes: Vec<Mutex<()>>,
+    /// The last feed sequence number handed out; held while numbering and applying one batch.
+    commit: Mutex<Seq>,
+    actor: ActorId,
+    config: StoreConfig,
+    writes: AtomicU64,
+}
+
+/// The durable entity store; cheap to clone, shared by every part of the server.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `config.path`.
+    ///
+    /// # Errors
+    /// [`Error::Storage`] when sled cannot open the directory (in use by another process, unreadable).
+    pub fn open(config: StoreConfig) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.sled_cache_bytes)
+            .open()?;
+        let last_seq = db
+            .scan_prefix([layout::FEED])
+            .keys()
+            .next_back()
+            .transpose()?
+            .and_then(|key| layout::parse_feed_key(&key))
+            .unwrap_or(Seq::ZERO);
+        let data_file = File::open(config.path.join("db")).ok();
+        let durability = Durability::start(db.clone(), data_file, config.sync_mode, last_seq);
+        let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                durability,
+                cache: DocCache::new(config.cache_entries),
+                stripes,
+                commit: Mutex::new(last_seq),
+                // A fresh actor per opening: a change that was applied but never flushed before a
+                // crash can then never collide with a different change under the same actor and seq.
+                actor: ActorId::random(),
+                config,
+                writes: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Applies an RFC 7386 JSON merge patch, creating the entity if it does not exist.
+    ///
+    /// Returns once the change and its feed row are durable.
+    ///
+    /// # Errors
+    /// [`Error::UnwritableValue`] when the patch is not an object or would create an entity with no
+    /// fields, [`Error::VersionMismatch`] when `if_match` is stale, storage errors otherwise.
+    pub fn patch(&self, key: &EntityKey, patch: &Json, options: &WriteOptions) -> Result<Written> {
+        let patch = as_object(patch, "a merge patch")?;
+        document::check_writable(&Json::Object(patch.clone()), 0)?;
+        self.write(key, options, |tx| {
+            document::apply_merge_patch(tx, &ROOT, patch)
+        })
+    }
+
+    /// Replaces all fields of the entity with `fields`, creating it if it does not exist.
+    ///
+    /// # Errors
+    /// As [`Store::patch`]; an empty object is refused (use [`Store::delete`]).
+    pub fn replace(
+        &self,
+        key: &EntityKey,
+        fields: &Json,
+        options: &WriteOptions,
+    ) -> Result<Written> {
+        let fields = as_object(fields, "the entity's fields")?;
+        document::check_writable(&Json::Object(fields.clone()), 0)?;
+        if fields.values().all(Json::is_null) {
+            return Err(Error::UnwritableValue(
+                "an entity needs at least one field; use DELETE to remove it".into(),
+            ));
+        }
+        self.write(key, options, |tx| {
+            document::replace_fields(tx, &ROOT, fields)
+        })
+    }
+
+    /// Removes every field, so the entity reads as absent; its history is kept.
+    ///
+    /// Returns `None` when the entity does not exist.
+    ///
+    /// # Errors
+    /// [`Error::VersionMismatch`] when `if_match` is stale, storage errors otherwise.
+    pub fn delete(&self, key: &EntityKey, options: &WriteOptions) -> Result<Option<Written>> {
+        if self.get(key)?.is_none() && options.if_match.is_none() {
+            return Ok(None);
+        }
+        let written = self.write(key, options, |tx| {
+            document::replace_fields(tx, &ROOT, &Map::new())
+        });
+        match written {
+            Ok(written) if written.seq.is_none() && written.entity.is_none() => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// Merges Automerge data from elsewhere (a saved document, or one or more encoded changes)
+    /// into the entity, recording `origin` in the feed.
+    ///
+    /// Changes the entity already has are ignored; `seq` is `None` when nothing was new.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] when the bytes are not valid Automerge data, including inputs on which
+    /// Automerge itself panics; the entity is left as it was.
+    pub fn merge(&self, key: &EntityKey, bytes: &[u8], origin: &Origin) -> Result<Written> {
+        let _guard = self.lock(key);
+        let mut doc = self.load(key)?;
+        let before = doc.get_heads();
+        let existed = !document::fields(&doc, None).is_empty();
+        let loaded = catch_unwind(AssertUnwindSafe(|| doc.load_incremental(bytes)));
+        match loaded {
+            Ok(Ok(_)) => {}
+            // The document may be half-updated: drop it, so the next reader reloads it from disk.
+            Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
+            Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
+        }
+        self.persist(key, doc, &before, existed, origin, _guard)
+    }
+
+    /// The entity as it is now, or `None` when it does not exist.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn get(&self, key: &EntityKey) -> Result<Option<Entity>> {
+        self.read(key, |doc| Ok(entity_from(key, doc, None)))
+    }
+
+    /// The entity as it was at `version`, or `None` when it had no fields then.
+    ///
+    /// # Errors
+    /// [`Error::UnknownVersion`] when the entity never had that version.
+    pub fn get_at(&self, key: &EntityKey, version: &Version) -> Result<Option<Entity>> {
+        self.read(key, |doc| {
+            let known = version
+                .heads()
+                .iter()
+                .all(|head| doc.get_change_by_hash(head).is_some());
+            if !known {
+                return Err(Error::UnknownVersion {
+                    key: key.clone(),
+                    version: version.to_string(),
+                });
+            }
+            Ok(entity_from(key, doc, Some(version.heads())))
+        })
+    }
+
+    /// Every change of the entity, oldest first; `None` when it never existed.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn history(&self, key: &EntityKey) -> Result<Option<Vec<HistoryEntry>>> {
+        self.read(key, |doc| {
+            let changes = doc.get_changes(&[]);
+            if changes.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(
+                changes
+                    .iter()
+                    .map(|change| HistoryEntry {
+                        version: change.hash().to_string(),
+                        origin: change.message().map(document::origin_of_message),
+                        time: change.timestamp(),
+                        fields: document::changed_fields(
+                            &doc.diff(change.deps(), &[change.hash()]),
+                        ),
+                    })
+                    .collect(),
+            ))
+        })
+    }
+
+    /// The fields whose concurrent values differ, with every value and the winner;
+    /// `None` when the entity does not exist.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn conflicts(&self, key: &EntityKey) -> Result<Option<Vec<FieldConflict>>> {
+        self.read(key, |doc| {
+            if document::fields(doc, None).is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(document::conflicts(doc)))
+        })
+    }
+
+    /// The entity's document as Automerge `save()` bytes; `None` when it never existed.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn save(&self, key: &EntityKey) -> Result<Option<Vec<u8>>> {
+        self.read(key, |doc| Ok((!doc.is_empty()).then(|| doc.save())))
+    }
+
+    /// Up to `limit` existing entities of `kind` with ids after `after`, in id order.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn list(&self, kind: &Kind, after: Option<&EntityId>, limit: usize) -> Result<Page> {
+        let prefix = layout::kind_prefix(layout::ENTITY, kind);
+        let start = match after {
+            Some(id) => {
+                let mut start = prefix.clone();
+                start.extend_from_slice(id.as_str().as_bytes());
+                // The smallest key after `after` itself: ids never contain `\0`.
+                start.push(0);
+                start
+            }
+            None => prefix.clone(),
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        for entry in self.inner.db.range(start..) {
+            let (raw_key, raw_record) = entry?;
+            if !raw_key.starts_with(&prefix) {
+                break;
+            }
+            let record = decode_record(&raw_key, &raw_record)?;
+            if !record.exists {
+                continue;
+            }
+            let Some(key) = layout::parse_entity_key(&raw_key) else {
+                continue;
+            };
+            if items.len() == limit {
+                next = items.last().map(|entity: &Entity| entity.id.clone());
+                break;
+            }
+            if let Some(entity) = self.get(&key)? {
+                items.push(entity);
+            }
+        }
+        Ok(Page { items, next })
+    }
+
+    /// Up to `limit` durable feed rows after `since`, optionally only those of `kind`.
+    ///
+    /// # Errors
+    /// Storage errors, or [`Error::Corrupt`] when a row cannot be decoded.
+    pub fn feed(&self, since: Seq, kind: Option<&Kind>, limit: usize) -> Result<Vec<FeedRow>> {
+        let durable = self.inner.durability.durable_seq();
+        let mut rows = Vec::new();
+        if since >= durable {
+            return Ok(rows);
+        }
+        let start = layout::feed_key(since.next());
+        let end = layout::feed_key(durable.next());
+        for entry in self.inner.db.range(start..end) {
+            let (_, raw_row) = entry?;
+            let row: FeedRow =
+                serde_json::from_slice(&raw_row).map_err(|error| Error::Corrupt {
+                    what: "a feed row".into(),
+                    detail: error.to_string(),
+                })?;
+            if kind.is_some_and(|kind| *kind != row.kind) {
+                continue;
+            }
+            rows.push(row);
+            if rows.len() >= limit {
+                break;
+            }
+        }
+        Ok(rows)
+    }
+
+    /// A receiver of the highest durable feed sequence number; it changes after every group flush.
+    pub fn subscribe(&self) -> watch::Receiver<Seq> {
+        self.inner.durability.subscribe()
+    }
+
+    /// The highest durable feed sequence number.
+    pub fn last_seq(&self) -> Seq {
+        self.inner.durability.durable_seq()
+    }
+
+    /// Rewrites every entity that has incremental chunks as one snapshot.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn compact_all(&self) -> Result<usize> {
+        let mut compacted = 0;
+        for entry in self.inner.db.scan_prefix([layout::ENTITY]) {
+            let (raw_key, raw_record) = entry?;
+            let record = decode_record(&raw_key, &raw_record)?;
+            let Some(key) = layout::parse_entity_key(&raw_key) else {
+                continue;
+            };
+            if record.chunks == 0 {
+                continue;
+            }
+            let guard = self.lock(&key);
+            let doc = self.load(&key)?;
+            let mut batch = sled::Batch::default();
+            let mut record = self.record(&key)?.unwrap_or(record);
+            write_snapshot(&self.inner.db, &key, &doc, &mut record, &mut batch)?;
+            batch.insert(
+                layout::entity_key(layout::ENTITY, &key),
+                encode_record(&record),
+            );
+            self.inner.db.apply_batch(batch)?;
+            self.inner.cache.put(key, doc);
+            drop(guard);
+            compacted += 1;
+        }
+        self.inner.durability.wait()?;
+        Ok(compacted)
+    }
+
+    /// The bytes the store keeps for one entity (record, snapshot and chunks), for measurements.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn stored_bytes(&self, key: &EntityKey) -> Result<u64> {
+        let mut total = 0u64;
+        for tag in [layout::ENTITY, layout::SNAPSHOT] {
+            if let Some(value) = self.inner.db.get(layout::entity_key(tag, key))? {
+                total += value.len() as u64;
+            }
+        }
+        for entry in self.inner.db.scan_prefix(layout::chunk_prefix(key)) {
+            total += entry?.1.len() as u64;
+        }
+        Ok(total)
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            writes: self.inner.writes.load(Ordering::Relaxed),
+            flushes: self.inner.durability.flushes(),
+            cache_hits: self.inner.cache.hits.load(Ordering::Relaxed),
+            cache_misses: self.inner.cache.misses.load(Ordering::Relaxed),
+            cached_documents: self.inner.cache.len() as u64,
+            feed_seq: self.last_seq().0,
+        }
+    }
+
+    /// Flushes everything and stops the flush thread; writes after this fail with [`Error::Closed`].
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the last flush failed.
+    pub fn close(&self) -> Result<()> {
+        self.inner.durability.close()
+    }
+
+    fn lock(&self, key: &EntityKey) -> MutexGuard<'_, ()> {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        let stripe = (hasher.finish() as usize) % STRIPES;
+        // A poisoned stripe only means another thread panicked while holding it; the document it
+        // was editing was never put back in the cache, so the data behind the lock is sound.
+        self.inner.stripes[stripe]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, key: &EntityKey) -> Result<Option<EntityRecord>> {
+        let raw_key = layout::entity_key(layout::ENTITY, key);
+        self.inner
+            .db
+            .get(&raw_key)?
+            .map(|raw| decode_record(&raw_key, &raw))
+            .transpose()
+    }
+
+    /// The entity's document from the cache or disk; a new empty one when it never existed.
+    /// The caller holds the entity's stripe lock.
+    fn load(&self, key: &EntityKey) -> Result<Automerge> {
+        if let Some(doc) = self.inner.cache.take(key) {
+            return Ok(doc);
+        }
+        let mut bytes = match self
+            .inner
+            .db
+            .get(layout::entity_key(layout::SNAPSHOT, key))?
+        {
+            Some(snapshot) => snapshot.to_vec(),
+            None => Vec::new(),
+        };
+        for entry in self.inner.db.scan_prefix(layout::chunk_prefix(key)) {
+            bytes.extend_from_slice(&entry?.1);
+        }
+        if bytes.is_empty() {
+            return Ok(Automerge::new().with_actor(self.inner.actor.clone()));
+        }
+        let loaded = catch_unwind(AssertUnwindSafe(|| Automerge::load(&bytes)));
+        let corrupt = |detail: String| Error::Corrupt {
+            what: key.to_string(),
+            detail,
+        };
+        match loaded {
+            Ok(Ok(doc)) => Ok(doc.with_actor(self.inner.actor.clone())),
+            Ok(Err(error)) => Err(corrupt(error.to_string())),
+            Err(_) => Err(corrupt("automerge panicked loading it".into())),
+        }
+    }
+
+    fn read<T>(&self, key: &EntityKey, f: impl FnOnce(&Automerge) -> Result<T>) -> Result<T> {
+        let _guard = self.lock(key);
+        let doc = self.load(key)?;
+        let result = f(&doc);
+        if !doc.is_empty() {
+            self.inner.cache.put(key.clone(), doc);
+        }
+        result
+    }
+
+    fn write(
+        &self,
+        key: &EntityKey,
+        options: &WriteOptions,
+        edit: impl FnOnce(&mut Transaction<'_>) -> Result<()>,
+    ) -> Result<Written> {
+        let guard = self.lock(key);
+        let mut doc = self.load(key)?;
+        let before = doc.get_heads();
+        let existed = !document::fields(&doc, None).is_empty();
+        if let Some(expected) = &options.if_match {
+            if expected.heads() != Version::from_heads(before.clone()).heads() || !existed {
+                let current = if existed {
+                    Version::from_heads(before).to_string()
+                } else {
+                    String::new()
+                };
+                self.inner.cache.put(key.clone(), doc);
+                return Err(Error::VersionMismatch {
+                    key: key.clone(),
+                    expected: expected.to_string(),
+                    current,
+                });
+            }
+        }
+        let message = options.origin.to_string();
+        let edited = doc.transact_with(
+            |_| {
+                CommitOptions::default()
+                    .with_message(message)
+                    .with_time((now_ms() / 1000) as i64)
+            },
+            edit,
+        );
+        if let Err(failure) = edited {
+            if !doc.is_empty() {
+                self.inner.cache.put(key.clone(), doc);
+            }
+            return Err(failure.error);
+        }
+        if !existed && document::fields(&doc, None).is_empty() && doc.get_heads() != before {
+            // Creating an entity with no fields would make a change nobody can read; refuse it.
+            return Err(Error::UnwritableValue(
+                "the entity does not exist and the write gives it no fields".into(),
+            ));
+        }
+        self.persist(key, doc, &before, existed, &options.origin, guard)
+    }
+
+    /// Writes whatever the document gained since `before`, with its feed row, then waits for the flush.
+    fn persist(
+        &self,
+        key: &EntityKey,
+        doc: Automerge,
+        before: &[ChangeHash],
+        existed: bool,
+        origin: &Origin,
+        guard: MutexGuard<'_, ()>,
+    ) -> Result<Written> {
+        let after = doc.get_heads();
+        let entity = entity_from(key, &doc, None);
+        let version = Version::from_heads(after.clone()).to_string();
+        if after == before {
+            if !doc.is_empty() {
+                self.inner.cache.put(key.clone(), doc);
+            }
+            drop(guard);
+            // Nothing new, but what the caller sees may still be in a group that is not flushed.
+            self.inner.durability.wait()?;
+            return Ok(Written {
+                entity,
+                version,
+                created: false,
+                seq: None,
+            });
+        }
+        let fields = document::changed_fields(&doc.diff(before, &after));
+        let mut record = self.record(key)?.unwrap_or_default();
+        let mut batch = sled::Batch::default();
+        let chunk = doc.save_after(before);
+        if record.chunks + 1 >= self.inner.config.compact_after_chunks
+            || record.chunk_bytes + chunk.len() as u64 > record.snapshot_bytes.max(4096)
+        {
+            write_snapshot(&self.inner.db, key, &doc, &mut record, &mut batch)?;
+        } else {
+            batch.insert(layout::chunk_key(key, record.next_chunk), chunk.as_slice());
+            record.next_chunk += 1;
+            record.chunks += 1;
+            record.chunk_bytes += chunk.len() as u64;
+        }
+        record.version = version.clone();
+        record.exists = entity.is_some();
+        batch.insert(
+            layout::entity_key(layout::ENTITY, key),
+            encode_record(&record),
+        );
+        let seq = {
+            let mut last_seq = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = last_seq.next();
+            let row = FeedRow {
+                seq,
+                kind: key.kind.clone(),
+                id: key.id.clone(),
+                version: version.clone(),
+                origin: origin.clone(),
+                fields,
+                exists: record.exists,
+                at_ms: now_ms(),
+            };
+            let encoded = serde_json::to_vec(&row).expect("a feed row always serializes");
+            batch.insert(&layout::feed_key(seq)[..], encoded);
+            // On failure the document in hand no longer matches the disk: it is dropped, not cached.
+            self.inner.db.apply_batch(batch)?;
+            *last_seq = seq;
+            self.inner.durability.applied(seq);
+            seq
+        };
+        self.inner.writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.cache.put(key.clone(), doc);
+        drop(guard);
+        self.inner.durability.wait()?;
+        Ok(Written {
+            created: !existed && entity.is_some(),
+            entity,
+            version,
+            seq: Some(seq),
+        })
+    }
+}
+
+/// Adds a snapshot of `doc` to `batch` and removes the chunks it replaces.
+fn write_snapshot(
+    db: &sled::Db,
+    key: &EntityKey,
+    doc: &Automerge,
+    record: &mut EntityRecord,
+    batch: &mut sled::Batch,
+) -> Result<()> {
+    let snapshot = doc.save();
+    for entry in db.scan_prefix(layout::chunk_prefix(key)).keys() {
+        batch.remove(entry?);
+    }
+    record.snapshot_bytes = snapshot.len() as u64;
+    record.chunks = 0;
+    record.chunk_bytes = 0;
+    batch.insert(layout::entity_key(layout::SNAPSHOT, key), snapshot);
+    Ok(())
+}
+
+fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -> Option<Entity> {
+    let data = document::fields(doc, heads);
+    if data.is_empty() {
+        return None;
+    }
+    let version = match heads {
+        Some(heads) => Version::from_heads(heads.to_vec()),
+        None => Version::from_heads(doc.get_heads()),
+    };
+    Some(Entity {
+        kind: key.kind.clone(),
+        id: key.id.clone(),
+        version: version.to_string(),
+        data,
+    })
+}
+
+fn as_object<'a>(value: &'a Json, what: &str) -> Result<&'a Map<String, Json>> {
+    value
+        .as_object()
+        .ok_or_else(|| Error::UnwritableValue(format!("{what} must be a JSON object")))
+}
+
+fn encode_record(record: &EntityRecord) -> Vec<u8> {
+    serde_json::to_vec(record).expect("an entity record always serializes")
+}
+
+fn decode_record(raw_key: &[u8], raw: &[u8]) -> Result<EntityRecord> {
+    serde_json::from_slice(raw).map_err(|error| Error::Corrupt {
+        what: String::from_utf8_lossy(raw_key).into_owned(),
+        detail: error.to_string(),
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,75 @@
+//! Versions: the heads of an entity's Automerge document, as one opaque string.
+//!
+//! The string is the sorted head hashes in hex joined by `.`; callers should treat it as opaque
+//! and only hand it back (as an `ETag`, an `If-Match` or an `?at=`).
+
+use std::fmt;
+
+use automerge::ChangeHash;
+
+use crate::error::{Error, Result};
+
+/// A document version: the set of heads it was at.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Version(Vec<ChangeHash>);
+
+/// More heads than any real document has concurrently; bounds the parse of hostile input.
+const MAX_HEADS: usize = 64;
+
+impl Version {
+    /// The version of a document at these heads.
+    pub fn from_heads(mut heads: Vec<ChangeHash>) -> Self {
+        heads.sort();
+        heads.dedup();
+        Self(heads)
+    }
+
+    /// Parses a version string produced by [`Version::to_string`].
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when it is not 1 to 64 `.`-separated 64-digit hex hashes.
+    pub fn parse(value: &str) -> Result<Self> {
+        let invalid = |detail: String| Error::Invalid {
+            what: "version",
+            detail,
+        };
+        let value = value.trim().trim_matches('"');
+        if value.is_empty() {
+            return Err(invalid("empty version".into()));
+        }
+        let parts: Vec<&str> = value.split('.').collect();
+        if parts.len() > MAX_HEADS {
+            return Err(invalid(format!("more than {MAX_HEADS} heads")));
+        }
+        let heads = parts
+            .iter()
+            .map(|part| {
+                if part.len() != 64 {
+                    return Err(invalid(format!(
+                        "{part:?} is not a 64-digit hex change hash"
+                    )));
+                }
+                part.parse::<ChangeHash>()
+                    .map_err(|_| invalid(format!("{part:?} is not a hex change hash")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::from_heads(heads))
+    }
+
+    /// The heads, sorted.
+    pub fn heads(&self) -> &[ChangeHash] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, head) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str(".")?;
+            }
+            write!(f, "{head}")?;
+        }
+        Ok(())
+    }
+}
