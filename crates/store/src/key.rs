@@ -122,3 +122,6 @@ impl fmt::Display for EntityKey {
         write!(f, "{}/{}", self.kind, self.id)
     }
 }
+
+#[cfg(test)]
+mod tests;

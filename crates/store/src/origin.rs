@@ -82,3 +82,6 @@ impl fmt::Display for Origin {
         f.write_str(&self.0)
     }
 }
+
+#[cfg(test)]
+mod tests;
