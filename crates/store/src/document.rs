@@ -4,15 +4,16 @@
 //! arrays are lists, written whole (as RFC 7386 treats them). Strings are stored as scalar strings,
 //! not collaborative text, because a field value is replaced whole, never spliced.
 //! The root map is the one object every replica of a document shares from the start, so two
-//! replicas that create the same entity concurrently never hide each other's top-level fields;
-//! only a nested object created on both sides at once can conflict as a whole, and that conflict
-//! is listed by [`conflicts`] like any other.
+//! replicas that create the same entity concurrently never hide each other's top-level fields.
+//! Nested maps are created as shared maps (see `nested`), so a nested object created on both
+//! sides at once merges field by field too. Lists are replaced whole: two lists written
+//! concurrently at one field conflict, and [`conflicts`] lists them like any other conflict.
 //! Which document to edit and how it is persisted is `store`'s business, not this module's.
 
 use std::collections::BTreeSet;
 
 use automerge::hydrate;
-use automerge::transaction::Transactable;
+use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
     Automerge, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, ScalarValue, Value,
     ROOT,
@@ -21,6 +22,7 @@ use serde::Serialize;
 use serde_json::{Map, Number, Value as Json};
 
 use crate::error::{Error, Result};
+use crate::nested;
 
 /// Deeper JSON than this is refused: it bounds recursion on hostile input.
 pub const MAX_DEPTH: usize = 32;
@@ -52,44 +54,140 @@ pub(crate) fn check_writable(value: &Json, depth: usize) -> Result<()> {
     Ok(())
 }
 
-/// Applies an RFC 7386 merge patch to the map `obj` inside a transaction.
+/// Who made a write and when: written into every change the write makes.
+pub(crate) struct Stamp {
+    /// The change message: the write's origin.
+    pub(crate) message: String,
+    /// Seconds since the Unix epoch.
+    pub(crate) time: i64,
+}
+
+impl Stamp {
+    fn commit_options(&self) -> CommitOptions {
+        CommitOptions::default()
+            .with_message(self.message.clone())
+            .with_time(self.time)
+    }
+}
+
+/// Applies an RFC 7386 merge patch to the entity's fields.
 ///
 /// `null` deletes a field, an object merges into an existing map (or replaces a non-map), and
 /// anything else replaces the field. Fields whose value would not change are not touched, so a
-/// patch that changes nothing produces no change.
-pub(crate) fn apply_merge_patch<T: Transactable>(
+/// patch that changes nothing produces no change. On error the document may hold part of the
+/// write and must be dropped.
+pub(crate) fn merge_patch(
+    doc: &mut Automerge,
+    patch: &Map<String, Json>,
+    stamp: &Stamp,
+) -> Result<()> {
+    create_maps(doc, &ROOT, patch, stamp)?;
+    transact(doc, stamp, |tx| apply_merge_patch(tx, &ROOT, patch))
+}
+
+/// Makes the entity's fields exactly `fields`, nested objects included: a merge patch that also
+/// deletes every field it does not name. A `null` field is deleted like a missing one.
+/// On error the document may hold part of the write and must be dropped.
+pub(crate) fn replace(
+    doc: &mut Automerge,
+    fields: &Map<String, Json>,
+    stamp: &Stamp,
+) -> Result<()> {
+    create_maps(doc, &ROOT, fields, stamp)?;
+    transact(doc, stamp, |tx| replace_fields(tx, &ROOT, fields))
+}
+
+fn transact(
+    doc: &mut Automerge,
+    stamp: &Stamp,
+    edit: impl FnOnce(&mut Transaction<'_>) -> Result<()>,
+) -> Result<()> {
+    doc.transact_with(|_| stamp.commit_options(), edit)
+        .map(|_| ())
+        .map_err(|failure| failure.error)
+}
+
+fn is_map(value: &Value<'_>) -> bool {
+    matches!(value, Value::Object(ObjType::Map | ObjType::Table))
+}
+
+/// Makes sure that every object in `fields` has a map to go into, creating missing ones as
+/// shared maps (see `nested`), so that the edit that follows only ever writes into maps.
+///
+/// Whatever holds the place of a missing map (a scalar, a list) is deleted first, in a change
+/// stamped like the write, because a shared map overwrites nothing.
+fn create_maps(
+    doc: &mut Automerge,
+    obj: &ObjId,
+    fields: &Map<String, Json>,
+    stamp: &Stamp,
+) -> Result<()> {
+    let mut missing = Vec::new();
+    for (key, value) in fields {
+        if value.is_object() {
+            match doc.get(obj, key.as_str())? {
+                Some((current, _)) if is_map(&current) => {}
+                current => missing.push((key.as_str(), current.is_some())),
+            }
+        }
+    }
+    if missing.iter().any(|(_, occupied)| *occupied) {
+        transact(doc, stamp, |tx| {
+            for (key, occupied) in &missing {
+                if *occupied {
+                    tx.delete(obj, *key)?;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    for (key, _) in &missing {
+        // `None` leaves the place empty; the edit then creates an ordinary map there.
+        nested::create_shared_map(doc, obj, key)?;
+    }
+    for (key, value) in fields {
+        if let Json::Object(child_fields) = value {
+            if let Some((current, child)) = doc.get(obj, key.as_str())? {
+                if is_map(&current) {
+                    create_maps(doc, &child, child_fields, stamp)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The current value of `obj[key]` as JSON, if it has one.
+fn current_json<T: Transactable>(tx: &T, obj: &ObjId, key: &str) -> Result<Option<Json>> {
+    Ok(tx.get(obj, key)?.map(|(value, id)| match value {
+        Value::Scalar(scalar) => scalar_to_json(&scalar),
+        Value::Object(_) => object_to_json(tx, &id, None),
+    }))
+}
+
+fn apply_merge_patch<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     patch: &Map<String, Json>,
 ) -> Result<()> {
     for (key, patch_value) in patch {
-        let current = tx.get(obj, key.as_str())?;
         match patch_value {
             Json::Null => {
-                if current.is_some() {
+                if tx.get(obj, key.as_str())?.is_some() {
                     tx.delete(obj, key.as_str())?;
                 }
             }
             Json::Object(child_patch) => {
-                let child = match current {
-                    Some((Value::Object(ObjType::Map | ObjType::Table), child)) => child,
+                let child = match tx.get(obj, key.as_str())? {
+                    Some((current, child)) if is_map(&current) => child,
+                    // Only when no shared map could be made (see `create_maps`).
                     _ => tx.put_object(obj, key.as_str(), ObjType::Map)?,
                 };
                 apply_merge_patch(tx, &child, child_patch)?;
             }
             value => {
-                let unchanged = match &current {
-                    Some((_, id)) => {
-                        let existing = match &current {
-                            Some((Value::Scalar(scalar), _)) => scalar_to_json(scalar),
-                            _ => object_to_json(&*tx, id, None),
-                        };
-                        &existing == value
-                    }
-                    None => false,
-                };
-                if !unchanged {
-                    put_json(tx, obj, Prop::Map(key.clone()), value)?;
+                if current_json(tx, obj, key)?.as_ref() != Some(value) {
+                    put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
                 }
             }
         }
@@ -97,50 +195,62 @@ pub(crate) fn apply_merge_patch<T: Transactable>(
     Ok(())
 }
 
-/// Makes the map `obj` hold exactly `fields`: a merge patch that also deletes every field not named.
-pub(crate) fn replace_fields<T: Transactable>(
+fn replace_fields<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     fields: &Map<String, Json>,
 ) -> Result<()> {
+    // A field that is missing or `null` is removed: `null` never reads back as a value.
     let existing: Vec<String> = tx.keys(obj).collect();
     for key in existing {
-        if !fields.contains_key(&key) {
+        if fields.get(&key).is_none_or(Json::is_null) {
             tx.delete(obj, key.as_str())?;
         }
     }
-    // Objects are replaced, not merged, so that nested fields not named are removed too.
-    let mut patch = Map::new();
     for (key, value) in fields {
-        if value.is_null() {
-            continue;
+        match value {
+            Json::Null => {}
+            // Nested objects are replaced field by field, so a concurrent edit of a field this
+            // write does not touch survives the merge.
+            Json::Object(child_fields) => match tx.get(obj, key.as_str())? {
+                Some((current, child)) if is_map(&current) => {
+                    replace_fields(tx, &child, child_fields)?;
+                }
+                _ => put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?,
+            },
+            value => {
+                if current_json(tx, obj, key)?.as_ref() != Some(value) {
+                    put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
+                }
+            }
         }
-        let current = tx.get(obj, key.as_str())?;
-        let same = current
-            .as_ref()
-            .map(|(value_ref, id)| match value_ref {
-                Value::Scalar(scalar) => &scalar_to_json(scalar) == value,
-                Value::Object(_) => &object_to_json(&*tx, id, None) == value,
-            })
-            .unwrap_or(false);
-        if !same {
-            patch.insert(key.clone(), value.clone());
-        }
-    }
-    for (key, value) in &patch {
-        put_json(tx, obj, Prop::Map(key.clone()), value)?;
     }
     Ok(())
 }
 
+/// What `null` inside a written object means.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Nulls {
+    /// "No such field", as in a merge patch or the fields of a replace.
+    Omit,
+    /// A value, as anywhere inside an array, which RFC 7386 writes verbatim.
+    Keep,
+}
+
 /// Writes a JSON value (as a fresh object when it is one) at `prop` of `obj`.
-fn put_json<T: Transactable>(tx: &mut T, obj: &ObjId, prop: Prop, value: &Json) -> Result<()> {
+fn put_json<T: Transactable>(
+    tx: &mut T,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Json,
+    nulls: Nulls,
+) -> Result<()> {
     match value {
         Json::Object(fields) => {
             let child = tx.put_object(obj, prop, ObjType::Map)?;
             for (key, child_value) in fields {
-                if !child_value.is_null() {
-                    put_json(tx, &child, Prop::Map(key.clone()), child_value)?;
+                if !(child_value.is_null() && nulls == Nulls::Omit) {
+                    put_json(tx, &child, Prop::Map(key.clone()), child_value, nulls)?;
                 }
             }
         }
@@ -157,6 +267,7 @@ fn put_json<T: Transactable>(tx: &mut T, obj: &ObjId, prop: Prop, value: &Json) 
     Ok(())
 }
 
+/// Inserts a JSON value into a list, verbatim.
 fn insert_json<T: Transactable>(
     tx: &mut T,
     list: &ObjId,
@@ -164,25 +275,16 @@ fn insert_json<T: Transactable>(
     value: &Json,
 ) -> Result<()> {
     match value {
-        Json::Object(_) | Json::Array(_) => {
-            let object_type = if value.is_object() {
-                ObjType::Map
-            } else {
-                ObjType::List
-            };
-            let child = tx.insert_object(list, index, object_type)?;
-            match value {
-                Json::Object(fields) => {
-                    for (key, child_value) in fields {
-                        put_json(tx, &child, Prop::Map(key.clone()), child_value)?;
-                    }
-                }
-                Json::Array(items) => {
-                    for (child_index, item) in items.iter().enumerate() {
-                        insert_json(tx, &child, child_index, item)?;
-                    }
-                }
-                _ => unreachable!("checked to be an object or an array above"),
+        Json::Object(fields) => {
+            let child = tx.insert_object(list, index, ObjType::Map)?;
+            for (key, child_value) in fields {
+                put_json(tx, &child, Prop::Map(key.clone()), child_value, Nulls::Keep)?;
+            }
+        }
+        Json::Array(items) => {
+            let child = tx.insert_object(list, index, ObjType::List)?;
+            for (child_index, item) in items.iter().enumerate() {
+                insert_json(tx, &child, child_index, item)?;
             }
         }
         scalar => {

@@ -117,6 +117,12 @@ impl Durability {
         Ok(())
     }
 
+    /// Whether writes are still accepted: the store is not closed and no flush has failed.
+    pub(crate) fn is_open(&self) -> bool {
+        let state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        !state.failed && !state.closed
+    }
+
     /// A receiver of the highest feed sequence number known to be on disk.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Seq> {
         self.shared.durable_seq.subscribe()

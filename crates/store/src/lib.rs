@@ -7,6 +7,7 @@
 //! # Layout
 //! `key` validates entity identities, `origin` names where a change came from, `version` turns
 //! document heads into an opaque string, `document` translates JSON to and from Automerge,
+//! `nested` creates nested maps that every replica creates identically,
 //! `layout` is the sled key scheme, `durability` runs group commit, `cache` bounds loaded
 //! documents, `feed` defines feed rows, and `store` ties them together.
 //!
@@ -33,6 +34,7 @@ mod error;
 mod feed;
 mod key;
 mod layout;
+mod nested;
 mod origin;
 mod store;
 mod version;

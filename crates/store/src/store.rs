@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use automerge::transaction::{CommitOptions, Transaction};
-use automerge::{ActorId, Automerge, ChangeHash, ReadDoc, ROOT};
+use automerge::{ActorId, Automerge, ChangeHash, ReadDoc};
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
@@ -28,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::feed::{FeedRow, Seq};
 use crate::key::{EntityId, EntityKey, Kind};
 use crate::layout::{self, EntityRecord};
+use crate::nested;
 use crate::origin::Origin;
 use crate::version::Version;
 
@@ -159,6 +159,15 @@ struct Inner {
     writes: AtomicU64,
 }
 
+impl Drop for Inner {
+    /// Stops the flush thread when the last clone of the store goes away, so that it lets go of
+    /// sled and the directory can be opened again; `close` has usually done this already.
+    fn drop(&mut self) {
+        // The only error is that a flush failed (already logged) or the store was closed before.
+        let _ = self.durability.close();
+    }
+}
+
 /// The durable entity store; cheap to clone, shared by every part of the server.
 #[derive(Clone)]
 pub struct Store {
@@ -211,8 +220,8 @@ impl Store {
     pub fn patch(&self, key: &EntityKey, patch: &Json, options: &WriteOptions) -> Result<Written> {
         let patch = as_object(patch, "a merge patch")?;
         document::check_writable(&Json::Object(patch.clone()), 0)?;
-        self.write(key, options, |tx| {
-            document::apply_merge_patch(tx, &ROOT, patch)
+        self.write(key, options, |doc, stamp| {
+            document::merge_patch(doc, patch, stamp)
         })
     }
 
@@ -233,8 +242,8 @@ impl Store {
                 "an entity needs at least one field; use DELETE to remove it".into(),
             ));
         }
-        self.write(key, options, |tx| {
-            document::replace_fields(tx, &ROOT, fields)
+        self.write(key, options, |doc, stamp| {
+            document::replace(doc, fields, stamp)
         })
     }
 
@@ -248,8 +257,8 @@ impl Store {
         if self.get(key)?.is_none() && options.if_match.is_none() {
             return Ok(None);
         }
-        let written = self.write(key, options, |tx| {
-            document::replace_fields(tx, &ROOT, &Map::new())
+        let written = self.write(key, options, |doc, stamp| {
+            document::replace(doc, &Map::new(), stamp)
         });
         match written {
             Ok(written) if written.seq.is_none() && written.entity.is_none() => Ok(None),
@@ -321,12 +330,13 @@ impl Store {
             Ok(Some(
                 changes
                     .iter()
+                    .filter(|change| !nested::is_structural(change))
                     .map(|change| HistoryEntry {
                         version: change.hash().to_string(),
                         origin: change.message().map(document::origin_of_message),
                         time: change.timestamp(),
                         fields: document::changed_fields(
-                            &doc.diff(change.deps(), &[change.hash()]),
+                            &doc.diff(&nested::edit_base(doc, change.deps()), &[change.hash()]),
                         ),
                     })
                     .collect(),
@@ -410,6 +420,9 @@ impl Store {
         let start = layout::feed_key(since.next());
         let end = layout::feed_key(durable.next());
         for entry in self.inner.db.range(start..end) {
+            if rows.len() >= limit {
+                break;
+            }
             let (_, raw_row) = entry?;
             let row: FeedRow =
                 serde_json::from_slice(&raw_row).map_err(|error| Error::Corrupt {
@@ -420,9 +433,6 @@ impl Store {
                 continue;
             }
             rows.push(row);
-            if rows.len() >= limit {
-                break;
-            }
         }
         Ok(rows)
     }
@@ -573,7 +583,7 @@ impl Store {
         &self,
         key: &EntityKey,
         options: &WriteOptions,
-        edit: impl FnOnce(&mut Transaction<'_>) -> Result<()>,
+        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<()>,
     ) -> Result<Written> {
         let guard = self.lock(key);
         let mut doc = self.load(key)?;
@@ -586,7 +596,9 @@ impl Store {
                 } else {
                     String::new()
                 };
-                self.inner.cache.put(key.clone(), doc);
+                if !doc.is_empty() {
+                    self.inner.cache.put(key.clone(), doc);
+                }
                 return Err(Error::VersionMismatch {
                     key: key.clone(),
                     expected: expected.to_string(),
@@ -594,21 +606,13 @@ impl Store {
                 });
             }
         }
-        let message = options.origin.to_string();
-        let edited = doc.transact_with(
-            |_| {
-                CommitOptions::default()
-                    .with_message(message)
-                    .with_time((now_ms() / 1000) as i64)
-            },
-            edit,
-        );
-        if let Err(failure) = edited {
-            if !doc.is_empty() {
-                self.inner.cache.put(key.clone(), doc);
-            }
-            return Err(failure.error);
-        }
+        let stamp = document::Stamp {
+            message: options.origin.to_string(),
+            time: (now_ms() / 1000) as i64,
+        };
+        // On failure the document may hold part of the write: it is dropped, not cached, so the
+        // next reader loads what is on disk.
+        edit(&mut doc, &stamp)?;
         if !existed && document::fields(&doc, None).is_empty() && doc.get_heads() != before {
             // Creating an entity with no fields would make a change nobody can read; refuse it.
             return Err(Error::UnwritableValue(
@@ -644,6 +648,11 @@ impl Store {
                 created: false,
                 seq: None,
             });
+        }
+        if !self.inner.durability.is_open() {
+            // Refuse before touching sled: a write that reports `Closed` must not show up later.
+            // The edited document is dropped, so the next reader loads what is on disk.
+            return Err(Error::Closed);
         }
         let fields = document::changed_fields(&doc.diff(before, &after));
         let mut record = self.record(key)?.unwrap_or_default();

@@ -24,7 +24,7 @@ impl Version {
         Self(heads)
     }
 
-    /// Parses a version string produced by [`Version::to_string`].
+    /// Parses a version string produced by `Version`'s `Display`.
     ///
     /// # Errors
     /// [`Error::Invalid`] when it is not 1 to 64 `.`-separated 64-digit hex hashes.

@@ -1,0 +1,128 @@
+//! Bytes from outside: crashers found by fuzzing (and the known automerge 0.12 `load` panic) are
+//! replayed through `Store::merge`, on a new entity and on an existing one.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+use store::{Error, Origin};
+
+use crate::harness::{key, local, Harness};
+
+fn crashers() -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-crashers");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the crashers directory exists")
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "bin"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    files
+        .into_iter()
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect()
+}
+
+fn peer() -> Origin {
+    Origin::parse("peer:hostile").unwrap()
+}
+
+#[test]
+fn issue_2_load_panic_is_a_decode_error_on_a_new_entity() {
+    let harness = Harness::open();
+    let store = harness.store();
+    let bytes = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fuzz-crashers/automerge-0.12.0-load-panic.bin"),
+    )
+    .unwrap();
+    let entity = key("appointment", "1");
+    assert!(matches!(
+        store.merge(&entity, &bytes, &peer()),
+        Err(Error::Decode(_))
+    ));
+    assert_eq!(store.get(&entity).unwrap(), None);
+    assert_eq!(store.save(&entity).unwrap(), None);
+    assert_eq!(store.last_seq(), store::Seq::ZERO);
+    // The store keeps working, for this entity too.
+    let written = store.patch(&entity, &json!({"a": 1}), &local("u")).unwrap();
+    assert!(written.created);
+}
+
+#[test]
+fn every_crasher_leaves_entities_unchanged() {
+    let harness = Harness::open();
+    let store = harness.store();
+    let existing = key("appointment", "existing");
+    store
+        .patch(&existing, &json!({"a": 1, "s": {"b": 2}}), &local("u"))
+        .unwrap();
+    let saved = store.save(&existing).unwrap().unwrap();
+    let current = store.get(&existing).unwrap();
+    for (name, bytes) in crashers() {
+        let fresh = key("appointment", "fresh");
+        match store.merge(&fresh, &bytes, &peer()) {
+            Err(Error::Decode(_)) => assert_eq!(store.save(&fresh).unwrap(), None, "{name}"),
+            Ok(written) => assert_eq!(written.seq, None, "{name} was merged as a change"),
+            Err(other) => panic!("{name}: {other:?}"),
+        }
+        // On an existing entity automerge takes another path (`load_incremental` of changes).
+        match store.merge(&existing, &bytes, &peer()) {
+            Ok(written) => assert_eq!(written.seq, None, "{name} was merged as a change"),
+            Err(Error::Decode(_)) => {}
+            Err(other) => panic!("{name}: {other:?}"),
+        }
+        assert_eq!(store.get(&existing).unwrap(), current, "{name}");
+        assert_eq!(store.save(&existing).unwrap().unwrap(), saved, "{name}");
+    }
+    store
+        .patch(&existing, &json!({"a": 2}), &local("u"))
+        .unwrap();
+    assert_eq!(store.get(&existing).unwrap().unwrap().data["a"], 2);
+}
+
+#[test]
+fn garbage_and_truncated_documents_are_refused_or_ignored() {
+    let harness = Harness::open();
+    let store = harness.store();
+    let source = key("appointment", "source");
+    store
+        .patch(&source, &json!({"a": 1, "list": [1, 2, 3]}), &local("u"))
+        .unwrap();
+    let saved = store.save(&source).unwrap().unwrap();
+    let target = key("appointment", "target");
+    store
+        .patch(&target, &json!({"t": true}), &local("u"))
+        .unwrap();
+    let target_saved = store.save(&target).unwrap().unwrap();
+    let mut inputs: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        vec![0],
+        vec![0x85, 0x6f, 0x4a, 0x83],
+        b"{}".to_vec(),
+    ];
+    inputs.extend((1..saved.len()).step_by(7).map(|len| saved[..len].to_vec()));
+    let mut flipped = saved.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0xff;
+    inputs.push(flipped);
+    for (index, bytes) in inputs.iter().enumerate() {
+        for entity in [&target, &key("appointment", &format!("new{index}"))] {
+            let before = store.save(entity).unwrap();
+            match store.merge(entity, bytes, &peer()) {
+                Ok(written) => assert_eq!(written.seq, None, "input {index} on {entity}"),
+                Err(Error::Decode(_)) => {}
+                Err(other) => panic!("input {index} on {entity}: {other:?}"),
+            }
+            assert_eq!(
+                store.save(entity).unwrap(),
+                before,
+                "input {index} on {entity}"
+            );
+        }
+    }
+    assert_eq!(store.save(&target).unwrap().unwrap(), target_saved);
+}

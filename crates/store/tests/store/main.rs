@@ -1,0 +1,10 @@
+//! The store's integration tests: every test opens real sled directories in temp dirs and goes
+//! through the public `Store` API, as `server` and `replication` do.
+
+mod concurrency;
+mod entity;
+mod feed;
+mod harness;
+mod hostile;
+mod persistence;
+mod replicas;

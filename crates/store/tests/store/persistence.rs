@@ -1,0 +1,196 @@
+//! What survives a reopen: every entity with the same heads and the same saved bytes, compacted
+//! or not, and a cache that stays within its bound.
+
+use serde_json::json;
+use store::Version;
+
+use crate::harness::{key, local, open_in, Harness};
+
+#[test]
+fn reopen_restores_every_entity_byte_for_byte() {
+    let mut harness = Harness::open();
+    let mut expected = Vec::new();
+    for id in 0..20 {
+        let entity = key("appointment", &id.to_string());
+        for edit in 0..(id % 5 + 1) {
+            harness
+                .store()
+                .patch(
+                    &entity,
+                    &json!({ "edit": edit, "site": { format!("f{edit}"): id }, "tags": [edit] }),
+                    &local("u"),
+                )
+                .unwrap();
+        }
+        if id % 7 == 3 {
+            harness.store().delete(&entity, &local("u")).unwrap();
+        }
+        let store = harness.store();
+        expected.push((
+            entity.clone(),
+            store.get(&entity).unwrap(),
+            store.save(&entity).unwrap().unwrap(),
+            store.history(&entity).unwrap().unwrap(),
+        ));
+    }
+    harness.reopen();
+    for (entity, current, saved, history) in &expected {
+        let store = harness.store();
+        assert_eq!(&store.get(entity).unwrap(), current, "{entity}");
+        assert_eq!(&store.save(entity).unwrap().unwrap(), saved, "{entity}");
+        assert_eq!(
+            &store.history(entity).unwrap().unwrap(),
+            history,
+            "{entity}"
+        );
+    }
+}
+
+#[test]
+fn issue_2_a_dropped_store_releases_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let entity = key("appointment", "1");
+    // Dropping without `close` must stop the flush thread and let go of sled, so the same
+    // directory can be opened again (a server restarting in-process, a test reopening).
+    for n in 0..3 {
+        let store = open_in(dir.path(), &|_| {});
+        if n > 0 {
+            assert_eq!(store.get(&entity).unwrap().unwrap().data["n"], n - 1);
+        }
+        let clone = store.clone();
+        clone
+            .patch(&entity, &json!({ "n": n }), &local("u"))
+            .unwrap();
+        drop(store);
+        drop(clone);
+    }
+}
+
+#[test]
+fn many_edits_compact_into_a_snapshot_that_reopens_equal() {
+    let mut harness = Harness::with_config(|config| config.compact_after_chunks = 8);
+    let entity = key("appointment", "1");
+    let mut bytes_seen = Vec::new();
+    for n in 0..50 {
+        harness
+            .store()
+            .patch(
+                &entity,
+                &json!({ "n": n, format!("k{}", n % 7): n }),
+                &local("u"),
+            )
+            .unwrap();
+        bytes_seen.push(harness.store().stored_bytes(&entity).unwrap());
+    }
+    // Compaction keeps what is stored bounded: 50 edits never build up 50 chunks.
+    assert!(
+        bytes_seen.windows(2).any(|pair| pair[1] < pair[0]),
+        "{bytes_seen:?}"
+    );
+    let before = harness.store().get(&entity).unwrap().unwrap();
+    let saved = harness.store().save(&entity).unwrap().unwrap();
+    let history = harness.store().history(&entity).unwrap().unwrap();
+    harness.reopen();
+    let store = harness.store();
+    assert_eq!(store.get(&entity).unwrap().unwrap(), before);
+    assert_eq!(store.save(&entity).unwrap().unwrap(), saved);
+    assert_eq!(store.history(&entity).unwrap().unwrap(), history);
+    for entry in &history {
+        assert!(store
+            .get_at(&entity, &Version::parse(&entry.version).unwrap())
+            .unwrap()
+            .is_some());
+    }
+}
+
+#[test]
+fn compact_all_folds_chunks_and_changes_nothing_visible() {
+    let mut harness = Harness::with_config(|config| config.compact_after_chunks = 1000);
+    let entities: Vec<_> = (0..5).map(|id| key("permit", &id.to_string())).collect();
+    for round in 0..6 {
+        for entity in &entities {
+            harness
+                .store()
+                .patch(entity, &json!({ "round": round }), &local("u"))
+                .unwrap();
+        }
+    }
+    let before: Vec<_> = entities
+        .iter()
+        .map(|entity| {
+            let store = harness.store();
+            (
+                store.get(entity).unwrap().unwrap(),
+                store.save(entity).unwrap().unwrap(),
+                store.stored_bytes(entity).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(harness.store().compact_all().unwrap(), entities.len());
+    assert_eq!(
+        harness.store().compact_all().unwrap(),
+        0,
+        "nothing left to compact"
+    );
+    harness.reopen();
+    for (entity, (current, saved, bytes_before)) in entities.iter().zip(&before) {
+        let store = harness.store();
+        assert_eq!(&store.get(entity).unwrap().unwrap(), current);
+        assert_eq!(&store.save(entity).unwrap().unwrap(), saved);
+        let bytes_after = store.stored_bytes(entity).unwrap();
+        assert!(
+            bytes_after < *bytes_before,
+            "{entity}: {bytes_after} bytes after compaction, {bytes_before} before"
+        );
+    }
+    assert_eq!(
+        harness
+            .store()
+            .stored_bytes(&key("permit", "none"))
+            .unwrap(),
+        0
+    );
+    // Writes after compaction still reopen correctly.
+    harness
+        .store()
+        .patch(&entities[0], &json!({"after": true}), &local("u"))
+        .unwrap();
+    let current = harness.store().get(&entities[0]).unwrap();
+    harness.reopen();
+    assert_eq!(harness.store().get(&entities[0]).unwrap(), current);
+}
+
+#[test]
+fn the_cache_stays_within_its_bound() {
+    let harness = Harness::with_config(|config| config.cache_entries = 10);
+    let store = harness.store();
+    for id in 0..100 {
+        store
+            .patch(
+                &key("a", &id.to_string()),
+                &json!({ "id": id }),
+                &local("u"),
+            )
+            .unwrap();
+        assert!(store.stats().cached_documents <= 10);
+    }
+    let misses_before = store.stats().cache_misses;
+    for id in 0..100 {
+        let entity = store.get(&key("a", &id.to_string())).unwrap().unwrap();
+        assert_eq!(entity.data["id"], id);
+    }
+    let stats = store.stats();
+    assert!(stats.cached_documents <= 10, "{stats:?}");
+    assert!(stats.cache_misses >= misses_before + 90, "{stats:?}");
+    // Reads of absent entities do not fill the cache either.
+    for id in 0..50 {
+        assert!(store
+            .get(&key("absent", &id.to_string()))
+            .unwrap()
+            .is_none());
+    }
+    assert!(store.stats().cached_documents <= 10);
+    let hits_before = store.stats().cache_hits;
+    store.get(&key("a", "99")).unwrap();
+    assert_eq!(store.stats().cache_hits, hits_before + 1);
+}
