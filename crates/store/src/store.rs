@@ -13,7 +13,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use automerge::{ActorId, Automerge, ChangeHash, ReadDoc};
 use serde::Serialize;
@@ -178,12 +178,10 @@ impl Store {
     /// Opens (or creates) the store in `config.path`.
     ///
     /// # Errors
-    /// [`Error::Storage`] when sled cannot open the directory (in use by another process, unreadable).
+    /// [`Error::Storage`] when sled cannot open the directory (unreadable, or still in use by
+    /// another process after a wait of two seconds).
     pub fn open(config: StoreConfig) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.sled_cache_bytes)
-            .open()?;
+        let db = open_sled(&config)?;
         let last_seq = db
             .scan_prefix([layout::FEED])
             .keys()
@@ -705,6 +703,34 @@ impl Store {
             version,
             seq: Some(seq),
         })
+    }
+}
+
+/// How long `open` waits for a lock that the last handle of the same directory still holds.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens sled, waiting a little for its file lock.
+///
+/// sled releases the lock on its data file only when its background threads let go of the last
+/// handle, a moment after the last `Db` is dropped; reopening a directory in the same process
+/// right after closing it (a restart, a test) would otherwise fail now and then. Another process
+/// that holds the directory still makes `open` fail, after [`LOCK_WAIT`].
+fn open_sled(config: &StoreConfig) -> Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(&config.path)
+            .cache_capacity(config.sled_cache_bytes)
+            .open();
+        match opened {
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
