@@ -2,9 +2,12 @@
 //! through the public `Store` API, as `server` and `replication` do.
 
 mod concurrency;
+mod convergence;
 mod entity;
 mod feed;
 mod harness;
 mod hostile;
+mod model;
 mod persistence;
 mod replicas;
+mod strategies;
