@@ -271,7 +271,10 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::Decode`] when the bytes are not valid Automerge data, including inputs on which
-    /// Automerge itself panics; the entity is left as it was.
+    /// Automerge itself panics; the entity is left as it was. Catching those panics needs them to
+    /// unwind: a binary built with `panic = "abort"`, or whose panic hook aborts (as fuzzers'
+    /// do), crashes on such input instead. Bytes that are not Automerge data at all may also be
+    /// ignored: `Ok` with `seq: None`, nothing merged.
     pub fn merge(&self, key: &EntityKey, bytes: &[u8], origin: &Origin) -> Result<Written> {
         let _guard = self.lock(key);
         let mut doc = self.load(key)?;

@@ -10,4 +10,5 @@ mod hostile;
 mod model;
 mod persistence;
 mod replicas;
+mod rfc7386;
 mod strategies;

@@ -16,31 +16,8 @@ use serde_json::{Map, Value as Json};
 use store::Error;
 
 use crate::harness::{key, local, Harness};
+use crate::rfc7386::merge_patch;
 use crate::strategies;
-
-/// RFC 7386 `MergePatch(target, patch)`.
-pub fn merge_patch(target: &mut Json, patch: &Json) {
-    let Json::Object(patch_fields) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Json::Object(Map::new());
-    }
-    let Json::Object(target_fields) = target else {
-        unreachable!("made an object above")
-    };
-    for (name, value) in patch_fields {
-        if value.is_null() {
-            target_fields.remove(name);
-        } else {
-            merge_patch(
-                target_fields.entry(name.clone()).or_insert(Json::Null),
-                value,
-            );
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 enum Write {
