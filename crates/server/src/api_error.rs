@@ -1,0 +1,219 @@
+//! `ApiError`: everything a request can fail with, and the one place that turns it into HTTP.
+//!
+//! The body is always `{"code": "...", "detail": "..."}`. `code` is stable and meant for programs;
+//! `detail` is for people. Caller mistakes get a 4xx that says what to fix. A 5xx is logged here
+//! with its cause chain and answered with a generic detail, so no internal state reaches a client.
+//! Which store error means which status is decided here and nowhere else.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+/// A failed request.
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    /// The store refused or failed the operation.
+    Store(store::Error),
+    /// The request is malformed: a bad query, path, header or body.
+    BadRequest { code: &'static str, detail: String },
+    /// There is nothing at this path (an entity, or a route).
+    NotFound { code: &'static str, detail: String },
+    /// The route exists, but not for this method.
+    MethodNotAllowed,
+    /// No bearer token, or one that is not configured.
+    Unauthenticated,
+    /// The token is valid but its role may not do this.
+    Forbidden(String),
+    /// The body is larger than `limits.max_body_bytes`.
+    PayloadTooLarge { limit: usize },
+    /// The body's `Content-Type` is not one this endpoint reads.
+    UnsupportedMediaType(String),
+    /// The request took longer than `limits.request_timeout`.
+    Timeout(Duration),
+    /// `limits.max_concurrent_requests` requests are already being handled.
+    Overloaded,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A bug or an environment failure outside the store (a panicked blocking task).
+    Internal {
+        what: &'static str,
+        source: Box<dyn StdError + Send + Sync>,
+    },
+}
+
+#[derive(Serialize)]
+struct Body {
+    code: String,
+    detail: String,
+}
+
+impl ApiError {
+    pub(crate) fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    pub(crate) fn not_found(detail: impl Into<String>) -> Self {
+        Self::NotFound {
+            code: "not_found",
+            detail: detail.into(),
+        }
+    }
+
+    /// The status, the code and the detail a client sees; `None` as the detail for a server fault.
+    fn parts(&self) -> (StatusCode, String, Option<String>) {
+        let client = |status: StatusCode, code: &str, detail: String| {
+            (status, code.to_string(), Some(detail))
+        };
+        match self {
+            Self::Store(error) => match error {
+                store::Error::Invalid { what, detail } => client(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid_{what}"),
+                    format!("invalid {what}: {detail}"),
+                ),
+                store::Error::UnwritableValue(detail) => client(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "unwritable_value",
+                    detail.clone(),
+                ),
+                store::Error::VersionMismatch { .. } => client(
+                    StatusCode::PRECONDITION_FAILED,
+                    "version_mismatch",
+                    error.to_string(),
+                ),
+                store::Error::UnknownVersion { .. } => {
+                    client(StatusCode::NOT_FOUND, "unknown_version", error.to_string())
+                }
+                store::Error::Decode(_) => {
+                    client(StatusCode::BAD_REQUEST, "undecodable", error.to_string())
+                }
+                store::Error::Closed => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "unavailable".into(), None)
+                }
+                store::Error::Storage(_)
+                | store::Error::Sync(_)
+                | store::Error::Corrupt { .. }
+                | store::Error::Automerge(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), None)
+                }
+            },
+            Self::BadRequest { code, detail } => {
+                client(StatusCode::BAD_REQUEST, code, detail.clone())
+            }
+            Self::NotFound { code, detail } => client(StatusCode::NOT_FOUND, code, detail.clone()),
+            Self::MethodNotAllowed => client(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not accept this method; the Allow header lists those it does"
+                    .into(),
+            ),
+            Self::Unauthenticated => client(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send a configured token as `Authorization: Bearer <token>`".into(),
+            ),
+            Self::Forbidden(detail) => client(StatusCode::FORBIDDEN, "forbidden", detail.clone()),
+            Self::PayloadTooLarge { limit } => client(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is larger than {limit} bytes"),
+            ),
+            Self::UnsupportedMediaType(detail) => client(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                detail.clone(),
+            ),
+            Self::Timeout(after) => client(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request took longer than {}; a write may or may not have been applied",
+                    humantime_serde::re::humantime::format_duration(*after)
+                ),
+            ),
+            Self::Overloaded => client(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests are in progress; retry shortly".into(),
+            ),
+            Self::ShuttingDown => client(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down".into(),
+            ),
+            Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), None),
+        }
+    }
+}
+
+impl From<store::Error> for ApiError {
+    fn from(error: store::Error) -> Self {
+        Self::Store(error)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, detail) = self.parts();
+        let detail = match detail {
+            Some(detail) => detail,
+            None => {
+                tracing::error!(status = status.as_u16(), error = %CauseChain(&self), "request failed");
+                match status {
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        "the store is not accepting requests; retry shortly"
+                    }
+                    _ => "an internal error occurred; it has been logged",
+                }
+                .to_string()
+            }
+        };
+        let mut response = (status, Json(Body { code, detail })).into_response();
+        let headers = response.headers_mut();
+        match self {
+            Self::Unauthenticated => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"lockstep\""),
+                );
+            }
+            Self::Overloaded | Self::ShuttingDown | Self::Store(store::Error::Closed) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// Formats an error with every source after it: `a: b: c`.
+struct CauseChain<'a>(&'a ApiError);
+
+impl fmt::Display for CauseChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let first: &(dyn StdError + 'static) = match self.0 {
+            ApiError::Store(error) => error,
+            ApiError::Internal { what, source } => {
+                write!(f, "{what}")?;
+                f.write_str(": ")?;
+                source.as_ref()
+            }
+            other => return write!(f, "{other:?}"),
+        };
+        write!(f, "{first}")?;
+        let mut source = first.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}

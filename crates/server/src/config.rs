@@ -1,0 +1,534 @@
+//! The server's configuration: one `Config` tree, read once at startup and shared as `Arc<Config>`.
+//!
+//! Layers, each overriding the one before: the defaults in `config.default.toml` (compiled in),
+//! a TOML file, `LOCKSTEP_*` environment variables, and the `--listen`/`--data-dir` flags.
+//! Every struct denies unknown fields, so a misspelt key is an error that names it rather than a
+//! setting silently ignored, and `Config::load` validates the result once, so the rest of the
+//! server never re-checks a value. This module never reads the process environment itself:
+//! the caller (the `lockstep` binary) passes the variables in.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use store::{Origin, StoreConfig, SyncMode};
+use toml::{Table, Value};
+
+#[cfg(test)]
+mod tests;
+
+/// The built-in defaults, with a comment on every setting.
+pub const DEFAULT_TOML: &str = include_str!("../config.default.toml");
+
+/// The environment variables the server reads, each with the key it sets and how its value is typed.
+const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
+    ("LOCKSTEP_LISTEN", &["listen"], EnvValue::Text),
+    ("LOCKSTEP_DATA_DIR", &["store", "data_dir"], EnvValue::Text),
+    (
+        "LOCKSTEP_CACHE_ENTRIES",
+        &["store", "cache_entries"],
+        EnvValue::Integer,
+    ),
+    (
+        "LOCKSTEP_SYNC_MODE",
+        &["store", "sync_mode"],
+        EnvValue::Text,
+    ),
+    (
+        "LOCKSTEP_COMPACT_AFTER_CHUNKS",
+        &["store", "compact_after_chunks"],
+        EnvValue::Integer,
+    ),
+    (
+        "LOCKSTEP_SLED_CACHE_BYTES",
+        &["store", "sled_cache_bytes"],
+        EnvValue::Integer,
+    ),
+    (
+        "LOCKSTEP_MAX_BODY_BYTES",
+        &["limits", "max_body_bytes"],
+        EnvValue::Integer,
+    ),
+    (
+        "LOCKSTEP_REQUEST_TIMEOUT",
+        &["limits", "request_timeout"],
+        EnvValue::Text,
+    ),
+    (
+        "LOCKSTEP_HEADER_READ_TIMEOUT",
+        &["limits", "header_read_timeout"],
+        EnvValue::Text,
+    ),
+    (
+        "LOCKSTEP_MAX_CONCURRENT_REQUESTS",
+        &["limits", "max_concurrent_requests"],
+        EnvValue::Integer,
+    ),
+    (
+        "LOCKSTEP_SHUTDOWN_GRACE",
+        &["limits", "shutdown_grace"],
+        EnvValue::Text,
+    ),
+    (
+        "LOCKSTEP_AUTH_TOKENS",
+        &["auth", "tokens"],
+        EnvValue::Tokens,
+    ),
+];
+
+/// `LOCKSTEP_*` variables that belong to the test and benchmark tooling, not to the server;
+/// they are inherited by servers those tools start, so they are ignored rather than refused.
+const TOOLING_ENV_PREFIXES: &[&str] = &["LOCKSTEP_PROPTEST_", "LOCKSTEP_TEST_", "LOCKSTEP_BENCH_"];
+
+#[derive(Clone, Copy)]
+enum EnvValue {
+    Text,
+    Integer,
+    /// `name:role:token` entries separated by commas.
+    Tokens,
+}
+
+/// Everything the server is configured with.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// The address `lockstep serve` listens on.
+    pub listen: SocketAddr,
+    /// Where and how entities are stored.
+    pub store: StoreSettings,
+    /// Request limits and timeouts.
+    pub limits: Limits,
+    /// Who may call the API.
+    pub auth: AuthSettings,
+}
+
+/// The `[store]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StoreSettings {
+    /// The sled directory.
+    pub data_dir: PathBuf,
+    /// How many documents to keep loaded at most.
+    pub cache_entries: usize,
+    /// Which failure an acknowledged write survives.
+    pub sync_mode: SyncMode,
+    /// Compact an entity's incremental chunks into a snapshot once it has this many.
+    pub compact_after_chunks: u32,
+    /// sled's own page cache, in bytes.
+    pub sled_cache_bytes: u64,
+}
+
+impl StoreSettings {
+    /// How to open the store these settings describe.
+    pub fn store_config(&self) -> StoreConfig {
+        let mut config = StoreConfig::new(&self.data_dir);
+        config.cache_entries = self.cache_entries;
+        config.sync_mode = self.sync_mode;
+        config.compact_after_chunks = self.compact_after_chunks;
+        config.sled_cache_bytes = self.sled_cache_bytes;
+        config
+    }
+}
+
+/// The `[limits]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Limits {
+    /// The largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// How long a request may take until its response starts.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long a client may take to send a request's headers (and an idle connection may stay open).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How many `/v1` requests are handled at once; more are refused with 503.
+    pub max_concurrent_requests: usize,
+    /// How long in-flight requests may take to finish on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// The `[auth]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthSettings {
+    /// The accepted bearer tokens; none means the API is open.
+    pub tokens: Vec<TokenSettings>,
+}
+
+/// One `[[auth.tokens]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TokenSettings {
+    /// Who holds the token; writes made with it are recorded as `local:<name>`.
+    pub name: String,
+    /// The secret itself.
+    pub token: Secret,
+    /// What the token may do.
+    pub role: Role,
+}
+
+/// What a token may do.
+///
+/// More roles (`admin`, `replication`) will join these as the endpoints that need them arrive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Role {
+    /// Read entities and the change feed.
+    Read,
+    /// Everything `Read` may do, and write entities.
+    Write,
+}
+
+impl Role {
+    /// Whether this role may change entities.
+    pub fn is_writer(self) -> bool {
+        matches!(self, Self::Write)
+    }
+}
+
+/// A secret string: its `Debug` prints `***`, so it never reaches a log by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Accepts only a string, and on anything else says so without echoing the value, which
+    /// serde's usual "invalid type: integer `12345`" would print into a startup error.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+
+        impl serde::de::Visitor<'_> for SecretVisitor {
+            type Value = Secret;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Secret, E> {
+                Ok(Secret(value.to_owned()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(E::custom("a token must be a string"))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(E::custom("a token must be a string"))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(E::custom("a token must be a string"))
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(E::custom("a token must be a string"))
+            }
+        }
+
+        deserializer.deserialize_string(SecretVisitor)
+    }
+}
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for comparing with what a client presents.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where a configuration comes from; every source but the defaults is optional.
+#[derive(Clone, Debug, Default)]
+pub struct ConfigSources<'a> {
+    /// A TOML file (`--config FILE`).
+    pub file: Option<&'a Path>,
+    /// The environment; only variables starting with `LOCKSTEP_` are looked at.
+    pub env: Vec<(String, String)>,
+    /// `--listen ADDR`, which overrides every other source.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir DIR`, which overrides every other source.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Why a configuration could not be loaded; every variant names the key, variable or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("could not read the configuration file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file (or the built-in defaults) is not valid TOML.
+    #[error("{origin} is not valid TOML")]
+    Syntax {
+        /// Which source.
+        origin: String,
+        /// Where and why, as the TOML parser says it.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A `LOCKSTEP_` environment variable that is not a setting.
+    #[error(
+        "unknown environment variable {name}; the settings are {}",
+        ENV_KEYS.iter().map(|(name, _, _)| *name).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownVariable {
+        /// The variable.
+        name: String,
+    },
+    /// An environment variable whose value does not fit its setting.
+    #[error("environment variable {name}: {detail}")]
+    BadVariable {
+        /// The variable.
+        name: String,
+        /// What is wrong with its value.
+        detail: String,
+    },
+    /// A key that is unknown, missing or of the wrong type, after all sources are combined.
+    #[error("configuration key `{key}`: {detail}")]
+    Invalid {
+        /// The dotted key (`limits.max_body_bytes`), or the section holding an unknown key.
+        key: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+impl Config {
+    /// Combines the defaults with `sources` and validates the result.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, variable or key that is unreadable, unknown or invalid.
+    pub fn load(sources: ConfigSources<'_>) -> Result<Self, ConfigError> {
+        let mut table = parse_toml(DEFAULT_TOML, "the built-in defaults")?;
+        if let Some(path) = sources.file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            merge(&mut table, parse_toml(&text, &path.display().to_string())?);
+        }
+        apply_env(&mut table, sources.env)?;
+        let mut config: Config =
+            serde_path_to_error::deserialize(Value::Table(table)).map_err(|error| {
+                let key = error.path().to_string();
+                ConfigError::Invalid {
+                    key: if key == "." {
+                        "(top level)".into()
+                    } else {
+                        key
+                    },
+                    // toml appends the key path on a second line; the key is already named.
+                    detail: error
+                        .into_inner()
+                        .to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                }
+            })?;
+        if let Some(listen) = sources.listen {
+            config.listen = listen;
+        }
+        if let Some(data_dir) = sources.data_dir {
+            config.store.data_dir = data_dir;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, detail: &str| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                detail: detail.into(),
+            })
+        };
+        if self.store.data_dir.as_os_str().is_empty() {
+            return invalid("store.data_dir", "must not be empty");
+        }
+        if self.store.cache_entries == 0 {
+            return invalid("store.cache_entries", "must be at least 1");
+        }
+        if self.store.compact_after_chunks == 0 {
+            return invalid("store.compact_after_chunks", "must be at least 1");
+        }
+        if self.limits.max_body_bytes == 0 {
+            return invalid("limits.max_body_bytes", "must be at least 1");
+        }
+        if self.limits.max_concurrent_requests == 0 {
+            return invalid("limits.max_concurrent_requests", "must be at least 1");
+        }
+        // A semaphore holds at most this many permits.
+        if self.limits.max_concurrent_requests > tokio::sync::Semaphore::MAX_PERMITS {
+            return invalid("limits.max_concurrent_requests", "is too large");
+        }
+        for (key, duration) in [
+            ("limits.request_timeout", self.limits.request_timeout),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
+        ] {
+            if duration.is_zero() {
+                return invalid(key, "must be longer than zero");
+            }
+        }
+        let mut names = HashSet::new();
+        let mut secrets = HashSet::new();
+        for token in &self.auth.tokens {
+            if Origin::local(&token.name).is_err() {
+                return invalid(
+                    "auth.tokens.name",
+                    &format!(
+                        "{:?} must be 1 to 128 characters of [A-Za-z0-9_.@-]",
+                        token.name
+                    ),
+                );
+            }
+            if !names.insert(token.name.as_str()) {
+                return invalid(
+                    "auth.tokens.name",
+                    &format!("{:?} is used twice", token.name),
+                );
+            }
+            let secret = token.token.expose();
+            if secret.is_empty() || secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return invalid(
+                    "auth.tokens.token",
+                    &format!(
+                        "the token of {:?} must be non-empty, without spaces or control characters",
+                        token.name
+                    ),
+                );
+            }
+            if !secrets.insert(secret) {
+                // Saying which token repeats would hint at its value; the name is enough.
+                return invalid(
+                    "auth.tokens.token",
+                    &format!("the token of {:?} is also another name's token", token.name),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_toml(text: &str, origin: &str) -> Result<Table, ConfigError> {
+    text.parse::<Table>().map_err(|source| ConfigError::Syntax {
+        origin: origin.into(),
+        source,
+    })
+}
+
+/// Overlays `overlay` on `base`: tables merge key by key, anything else is replaced whole.
+fn merge(base: &mut Table, overlay: Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(base_table)), Value::Table(overlay_table)) => {
+                merge(base_table, overlay_table);
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn apply_env(table: &mut Table, env: Vec<(String, String)>) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        if !name.starts_with("LOCKSTEP_")
+            || TOOLING_ENV_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        {
+            continue;
+        }
+        let Some((_, path, kind)) = ENV_KEYS.iter().find(|(known, _, _)| *known == name) else {
+            return Err(ConfigError::UnknownVariable { name });
+        };
+        let bad = |detail: String| ConfigError::BadVariable {
+            name: name.clone(),
+            detail,
+        };
+        let value = match kind {
+            EnvValue::Text => Value::String(raw),
+            EnvValue::Integer => raw
+                .trim()
+                .parse::<i64>()
+                .map(Value::Integer)
+                .map_err(|_| bad(format!("{raw:?} is not a whole number")))?,
+            EnvValue::Tokens => parse_env_tokens(&raw).map_err(bad)?,
+        };
+        set_path(table, path, value);
+    }
+    Ok(())
+}
+
+/// Parses `name:role:token,name:role:token` into the array `[[auth.tokens]]` would give.
+fn parse_env_tokens(raw: &str) -> Result<Value, String> {
+    let mut tokens = Vec::new();
+    for (index, entry) in raw.split(',').map(str::trim).enumerate() {
+        if entry.is_empty() {
+            continue;
+        }
+        let mut parts = entry.splitn(3, ':');
+        let (Some(name), Some(role), Some(token)) = (parts.next(), parts.next(), parts.next())
+        else {
+            // Only the entry's position: the entry itself holds a secret.
+            return Err(format!("entry {} is not name:role:token", index + 1));
+        };
+        let mut entry = Table::new();
+        entry.insert("name".into(), Value::String(name.into()));
+        entry.insert("role".into(), Value::String(role.into()));
+        entry.insert("token".into(), Value::String(token.into()));
+        tokens.push(Value::Table(entry));
+    }
+    Ok(Value::Array(tokens))
+}
+
+fn set_path(table: &mut Table, path: &[&str], value: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut current = table;
+    for parent in parents {
+        let entry = current
+            .entry((*parent).to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        if !entry.is_table() {
+            *entry = Value::Table(Table::new());
+        }
+        current = match entry {
+            Value::Table(next) => next,
+            // Made a table just above.
+            _ => return,
+        };
+    }
+    current.insert((*last).to_string(), value);
+}

@@ -1,0 +1,223 @@
+//! Loading the configuration: defaults, file and environment layers, and the errors that name
+//! what is wrong.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
+}
+
+fn load_toml(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().expect("a temporary directory can be created");
+    let file = dir.path().join("lockstep.toml");
+    std::fs::write(&file, text).expect("the temporary directory is writable");
+    Config::load(ConfigSources {
+        file: Some(&file),
+        env: env(pairs),
+        ..ConfigSources::default()
+    })
+}
+
+#[test]
+fn defaults_parse_and_match_the_documented_values() {
+    let config = Config::load(ConfigSources::default()).expect("the defaults are valid");
+    assert_eq!(config.listen.to_string(), "127.0.0.1:7878");
+    assert_eq!(config.store.data_dir, Path::new("./lockstep-data"));
+    assert_eq!(config.store.cache_entries, 4096);
+    assert_eq!(config.store.sync_mode, SyncMode::Flush);
+    assert_eq!(config.limits.max_body_bytes, 1024 * 1024);
+    assert_eq!(config.limits.request_timeout, Duration::from_secs(30));
+    assert_eq!(config.limits.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.limits.max_concurrent_requests, 512);
+    assert!(config.auth.tokens.is_empty());
+}
+
+#[test]
+fn a_file_overrides_the_defaults_key_by_key() {
+    let config = load_toml(
+        "[limits]\nmax_body_bytes = 2048\nrequest_timeout = \"1500ms\"\n\n[[auth.tokens]]\nname = \"alice\"\ntoken = \"s3cret\"\nrole = \"read\"\n",
+        &[],
+    )
+    .expect("the file is valid");
+    assert_eq!(config.limits.max_body_bytes, 2048);
+    assert_eq!(config.limits.request_timeout, Duration::from_millis(1500));
+    // Keys the file does not mention keep their defaults.
+    assert_eq!(config.limits.max_concurrent_requests, 512);
+    assert_eq!(config.auth.tokens.len(), 1);
+    assert_eq!(config.auth.tokens[0].role, Role::Read);
+}
+
+#[test]
+fn an_unknown_key_in_the_file_is_an_error_that_names_it() {
+    let error = load_toml("[limits]\nmax_body = 10\n", &[]).expect_err("max_body is not a key");
+    let message = error.to_string();
+    assert!(message.contains("max_body"), "{message}");
+    assert!(message.contains("limits"), "{message}");
+
+    let error = load_toml("lisen = \"127.0.0.1:1\"\n", &[]).expect_err("lisen is not a key");
+    assert!(error.to_string().contains("lisen"), "{error}");
+
+    let error = load_toml(
+        "[[auth.tokens]]\nname = \"a\"\ntoken = \"t\"\nrole = \"read\"\nrol = \"x\"\n",
+        &[],
+    )
+    .expect_err("rol is not a key");
+    assert!(error.to_string().contains("rol"), "{error}");
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let config = load_toml(
+        "listen = \"127.0.0.1:9000\"\n[store]\ncache_entries = 10\n",
+        &[
+            ("LOCKSTEP_LISTEN", "127.0.0.1:9001"),
+            ("LOCKSTEP_CACHE_ENTRIES", "20"),
+            ("LOCKSTEP_SYNC_MODE", "fsync"),
+            ("LOCKSTEP_HEADER_READ_TIMEOUT", "2s"),
+            ("LOCKSTEP_AUTH_TOKENS", "alice:write:tok-a, bob:read:tok:b"),
+            ("PATH", "/usr/bin"),
+        ],
+    )
+    .expect("the variables are valid");
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
+    assert_eq!(config.store.cache_entries, 20);
+    assert_eq!(config.store.sync_mode, SyncMode::Fsync);
+    assert_eq!(config.limits.header_read_timeout, Duration::from_secs(2));
+    let tokens: Vec<_> = config
+        .auth
+        .tokens
+        .iter()
+        .map(|token| (token.name.as_str(), token.role, token.token.expose()))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            ("alice", Role::Write, "tok-a"),
+            ("bob", Role::Read, "tok:b")
+        ]
+    );
+}
+
+#[test]
+fn flags_override_the_environment() {
+    let config = Config::load(ConfigSources {
+        env: env(&[
+            ("LOCKSTEP_LISTEN", "127.0.0.1:9001"),
+            ("LOCKSTEP_DATA_DIR", "/env"),
+        ]),
+        listen: Some("127.0.0.1:9002".parse().expect("a valid address")),
+        data_dir: Some("/flag".into()),
+        ..ConfigSources::default()
+    })
+    .expect("valid");
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9002");
+    assert_eq!(config.store.data_dir, Path::new("/flag"));
+}
+
+#[test]
+fn an_unknown_lockstep_variable_is_an_error_that_names_it() {
+    let error = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_MAX_BODY", "10")]),
+        ..ConfigSources::default()
+    })
+    .expect_err("LOCKSTEP_MAX_BODY is not a setting");
+    assert!(error.to_string().contains("LOCKSTEP_MAX_BODY"), "{error}");
+}
+
+#[test]
+fn tooling_variables_are_ignored() {
+    Config::load(ConfigSources {
+        env: env(&[
+            ("LOCKSTEP_PROPTEST_CASES", "2000"),
+            ("LOCKSTEP_BENCH_SECONDS", "5"),
+        ]),
+        ..ConfigSources::default()
+    })
+    .expect("tooling variables are not settings and not errors");
+}
+
+#[test]
+fn bad_values_name_their_key_or_variable() {
+    let error = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_MAX_BODY_BYTES", "lots")]),
+        ..ConfigSources::default()
+    })
+    .expect_err("not a number");
+    assert!(
+        error.to_string().contains("LOCKSTEP_MAX_BODY_BYTES"),
+        "{error}"
+    );
+
+    let error =
+        load_toml("[limits]\nrequest_timeout = \"soon\"\n", &[]).expect_err("not a duration");
+    assert!(
+        error.to_string().contains("limits.request_timeout"),
+        "{error}"
+    );
+
+    let error = load_toml("[store]\nsync_mode = \"always\"\n", &[]).expect_err("not a mode");
+    assert!(error.to_string().contains("store.sync_mode"), "{error}");
+
+    let error = load_toml("[limits]\nmax_concurrent_requests = 0\n", &[]).expect_err("zero");
+    assert!(
+        error.to_string().contains("limits.max_concurrent_requests"),
+        "{error}"
+    );
+
+    let error = load_toml("[limits\n", &[]).expect_err("not TOML");
+    assert!(error.to_string().contains("lockstep.toml"), "{error}");
+}
+
+#[test]
+fn token_names_and_secrets_are_checked_without_revealing_secrets() {
+    let error = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_AUTH_TOKENS", "alice:write:same,bob:read:same")]),
+        ..ConfigSources::default()
+    })
+    .expect_err("two names share a token");
+    assert!(!error.to_string().contains("same"), "{error}");
+
+    let error = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_AUTH_TOKENS", "al ice:write:t1")]),
+        ..ConfigSources::default()
+    })
+    .expect_err("a name with a space");
+    assert!(error.to_string().contains("al ice"), "{error}");
+
+    let error = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_AUTH_TOKENS", "alice-only-secret")]),
+        ..ConfigSources::default()
+    })
+    .expect_err("not name:role:token");
+    assert!(!error.to_string().contains("alice-only-secret"), "{error}");
+}
+
+#[test]
+fn secrets_do_not_show_in_debug_output() {
+    let config = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_AUTH_TOKENS", "alice:write:hunter2")]),
+        ..ConfigSources::default()
+    })
+    .expect("valid");
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("hunter2"), "{debug}");
+    assert!(debug.contains("***"), "{debug}");
+}
+
+#[test]
+fn a_token_of_the_wrong_type_is_refused_without_echoing_it() {
+    let error = load_toml(
+        "[[auth.tokens]]\nname = \"alice\"\ntoken = 987654321\nrole = \"write\"\n",
+        &[],
+    )
+    .expect_err("a token must be a string");
+    let message = error.to_string();
+    assert!(message.contains("auth.tokens"), "{message}");
+    assert!(!message.contains("987654321"), "{message}");
+}

@@ -1,0 +1,330 @@
+//! `/v1/entities`: create, replace, patch, read (now or at a version), delete and list entities,
+//! and read an entity's history and conflicts.
+//!
+//! An entity is answered as `{"kind", "id", "version", "data"}` with `ETag: "<version>"`; writes
+//! accept `If-Match` with a version (quoted or bare) or `*`. Every write is done by the store with
+//! the caller's origin, and is answered only once the store has made it durable. This module
+//! only translates between HTTP and `store::Store`; merging and persistence are the store's.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use store::{
+    Entity, EntityId, EntityKey, FieldConflict, HistoryEntry, Kind, Store, Version, WriteOptions,
+};
+
+use crate::api_error::ApiError;
+use crate::auth::Caller;
+use crate::extract::{ApiQuery, EntityPath, JsonBody, KindPath};
+use crate::state::AppState;
+
+/// The page size when `limit` is not given.
+const DEFAULT_PAGE: usize = 100;
+/// The largest page a client may ask for.
+const MAX_PAGE: usize = 1000;
+/// How often an `If-Match: *` write retries when the entity changes between reading its version
+/// and writing; each retry means another writer made progress.
+const ANY_VERSION_ATTEMPTS: usize = 8;
+
+/// The entity routes.
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/entities/{kind}", get(list))
+        .route(
+            "/v1/entities/{kind}/{id}",
+            get(read).put(replace).patch(patch).delete(delete),
+        )
+        .route("/v1/entities/{kind}/{id}/history", get(history))
+        .route("/v1/entities/{kind}/{id}/conflicts", get(conflicts))
+}
+
+/// What an `If-Match` header asks for.
+enum Precondition {
+    /// `*`: the entity must exist.
+    Exists,
+    /// The entity must be at exactly this version.
+    At(Version),
+}
+
+fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
+    let mut values = headers.get_all(header::IF_MATCH).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_version",
+            "send one If-Match header with one version",
+        ));
+    }
+    let value = value.to_str().map_err(|_| {
+        ApiError::bad_request("invalid_version", "If-Match is not a readable version")
+    })?;
+    if value.trim() == "*" {
+        return Ok(Some(Precondition::Exists));
+    }
+    Ok(Some(Precondition::At(Version::parse(value)?)))
+}
+
+/// Runs a write under the request's precondition, with the caller's origin.
+fn write_under<T>(
+    store: &Store,
+    key: &EntityKey,
+    precondition: Option<Precondition>,
+    caller: Caller,
+    write: impl Fn(&Store, &WriteOptions) -> store::Result<T>,
+) -> store::Result<T> {
+    let mut options = WriteOptions::new(caller.origin);
+    match precondition {
+        None => write(store, &options),
+        Some(Precondition::At(version)) => {
+            options.if_match = Some(version);
+            write(store, &options)
+        }
+        Some(Precondition::Exists) => {
+            // The store takes an exact version, so `*` reads the current one and writes at it,
+            // retrying when another writer got in between.
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let Some(current) = store.get(key)? else {
+                    return Err(store::Error::VersionMismatch {
+                        key: key.clone(),
+                        expected: "*".into(),
+                        current: String::new(),
+                    });
+                };
+                options.if_match = Some(Version::parse(&current.version)?);
+                match write(store, &options) {
+                    Err(store::Error::VersionMismatch { current, .. })
+                        if !current.is_empty() && attempts < ANY_VERSION_ATTEMPTS =>
+                    {
+                        continue
+                    }
+                    outcome => return outcome,
+                }
+            }
+        }
+    }
+}
+
+/// An entity answered with its version as the `ETag`.
+fn entity_response(status: StatusCode, entity: &Entity) -> Response {
+    let mut response = (status, Json(entity)).into_response();
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", entity.version)) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+/// The answer to a PUT or PATCH.
+fn written_response(key: EntityKey, written: store::Written) -> Result<Response, ApiError> {
+    if written.version.is_empty() {
+        // The entity did not exist and the write changed nothing (a patch of only nulls).
+        return Err(store::Error::UnwritableValue(
+            "the entity does not exist and the write gives it no fields".into(),
+        )
+        .into());
+    }
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let entity = written.entity.unwrap_or(Entity {
+        kind: key.kind,
+        id: key.id,
+        version: written.version,
+        data: Map::new(),
+    });
+    Ok(entity_response(status, &entity))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    at: Option<String>,
+}
+
+async fn read(
+    State(state): State<AppState>,
+    EntityPath(key): EntityPath,
+    ApiQuery(query): ApiQuery<ReadQuery>,
+) -> Result<Response, ApiError> {
+    let at = query.at.as_deref().map(Version::parse).transpose()?;
+    let lookup_key = key.clone();
+    let entity = state
+        .blocking(move |store| match &at {
+            Some(version) => store.get_at(&lookup_key, version),
+            None => store.get(&lookup_key),
+        })
+        .await?;
+    match entity {
+        Some(entity) => Ok(entity_response(StatusCode::OK, &entity)),
+        None => Err(ApiError::not_found(match query.at {
+            Some(at) => format!("{key} had no fields at version {at}"),
+            None => format!("{key} does not exist"),
+        })),
+    }
+}
+
+/// How a PUT or PATCH body is applied.
+#[derive(Clone, Copy)]
+enum BodyWrite {
+    /// PUT: the body is all of the entity's fields.
+    Replace,
+    /// PATCH: the body is an RFC 7386 merge patch.
+    MergePatch,
+}
+
+async fn replace(
+    State(state): State<AppState>,
+    EntityPath(key): EntityPath,
+    caller: Caller,
+    headers: HeaderMap,
+    JsonBody(fields): JsonBody,
+) -> Result<Response, ApiError> {
+    write_body(state, key, caller, &headers, fields, BodyWrite::Replace).await
+}
+
+async fn patch(
+    State(state): State<AppState>,
+    EntityPath(key): EntityPath,
+    caller: Caller,
+    headers: HeaderMap,
+    JsonBody(merge_patch): JsonBody,
+) -> Result<Response, ApiError> {
+    write_body(
+        state,
+        key,
+        caller,
+        &headers,
+        merge_patch,
+        BodyWrite::MergePatch,
+    )
+    .await
+}
+
+async fn write_body(
+    state: AppState,
+    key: EntityKey,
+    caller: Caller,
+    headers: &HeaderMap,
+    body: Value,
+    how: BodyWrite,
+) -> Result<Response, ApiError> {
+    let precondition = precondition(headers)?;
+    let write_key = key.clone();
+    let written = state
+        .blocking(move |store| {
+            write_under(
+                store,
+                &write_key,
+                precondition,
+                caller,
+                |store, options| match how {
+                    BodyWrite::Replace => store.replace(&write_key, &body, options),
+                    BodyWrite::MergePatch => store.patch(&write_key, &body, options),
+                },
+            )
+        })
+        .await?;
+    written_response(key, written)
+}
+
+async fn delete(
+    State(state): State<AppState>,
+    EntityPath(key): EntityPath,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let precondition = precondition(&headers)?;
+    let write_key = key.clone();
+    let deleted = state
+        .blocking(move |store| {
+            write_under(store, &write_key, precondition, caller, |store, options| {
+                store.delete(&write_key, options)
+            })
+        })
+        .await?;
+    match deleted {
+        Some(_) => Ok(StatusCode::NO_CONTENT),
+        None => Err(ApiError::not_found(format!("{key} does not exist"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    KindPath(kind): KindPath,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<store::Page>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_PAGE}, got {limit}"),
+        ));
+    }
+    let after = query.after.map(EntityId::new).transpose()?;
+    let page = state
+        .blocking(move |store| store.list(&kind, after.as_ref(), limit))
+        .await?;
+    Ok(Json(page))
+}
+
+#[derive(Serialize)]
+struct HistoryBody {
+    kind: Kind,
+    id: EntityId,
+    changes: Vec<HistoryEntry>,
+}
+
+async fn history(
+    State(state): State<AppState>,
+    EntityPath(key): EntityPath,
+) -> Result<Json<HistoryBody>, ApiError> {
+    let lookup_key = key.clone();
+    let changes = state
+        .blocking(move |store| store.history(&lookup_key))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("{key} has never existed")))?;
+    Ok(Json(HistoryBody {
+        kind: key.kind,
+        id: key.id,
+        changes,
+    }))
+}
+
+#[derive(Serialize)]
+struct ConflictsBody {
+    kind: Kind,
+    id: EntityId,
+    conflicts: Vec<FieldConflict>,
+}
+
+async fn conflicts(
+    State(state): State<AppState>,
+    EntityPath(key): EntityPath,
+) -> Result<Json<ConflictsBody>, ApiError> {
+    let lookup_key = key.clone();
+    let conflicts = state
+        .blocking(move |store| store.conflicts(&lookup_key))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("{key} does not exist")))?;
+    Ok(Json(ConflictsBody {
+        kind: key.kind,
+        id: key.id,
+        conflicts,
+    }))
+}

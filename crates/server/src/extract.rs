@@ -1,0 +1,128 @@
+//! Our extractors: axum's `Json`, `Query` and `Path`, wrapped so that a rejection comes back as an
+//! `ApiError` in our `{"code", "detail"}` shape rather than axum's plain text.
+//!
+//! They also validate what they extract: a path's kind and id are `store::Kind`/`store::EntityId`
+//! before a handler sees them, and a body is only read once its media type and size are acceptable.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use store::{EntityKey, Kind};
+
+use crate::api_error::ApiError;
+use crate::state::AppState;
+
+/// A JSON request body, of type `application/json` or any `application/*+json`
+/// (`application/merge-patch+json` among them).
+pub(crate) struct JsonBody(pub(crate) Value);
+
+impl FromRequest<AppState> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        check_json_media_type(request.headers())?;
+        let limit = state.config.limits.max_body_bytes;
+        // Refuse a declared oversize body before reading any of it.
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        let bytes =
+            Bytes::from_request(request, state)
+                .await
+                .map_err(|rejection| match rejection.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+                    _ => ApiError::bad_request("unreadable_body", rejection.body_text()),
+                })?;
+        if bytes.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "the request body is empty; send a JSON object",
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|error| {
+                ApiError::bad_request("invalid_json", format!("invalid JSON: {error}"))
+            })
+    }
+}
+
+fn check_json_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let expected =
+        "send Content-Type: application/json (or application/merge-patch+json for PATCH)";
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "the request has no Content-Type; {expected}"
+        )));
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let is_json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type {essence:?} is not JSON; {expected}"
+        )))
+    }
+}
+
+/// Query parameters, deserialized into `T`.
+pub(crate) struct ApiQuery<T>(pub(crate) T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+    }
+}
+
+/// The `{kind}/{id}` of an entity route, validated.
+pub(crate) struct EntityPath(pub(crate) EntityKey);
+
+impl<S: Send + Sync> FromRequestParts<S> for EntityPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path((kind, id)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))?;
+        Ok(Self(EntityKey::new(kind, id)?))
+    }
+}
+
+/// The `{kind}` of a collection route, validated.
+pub(crate) struct KindPath(pub(crate) Kind);
+
+impl<S: Send + Sync> FromRequestParts<S> for KindPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(kind) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))?;
+        Ok(Self(Kind::new(kind)?))
+    }
+}

@@ -1,0 +1,49 @@
+//! `AppState`: what every handler shares, and the one way handlers run blocking store work.
+//!
+//! Every `Store` method blocks until a group flush, so handlers never call it on an async thread:
+//! they go through [`AppState::blocking`], which runs the call on the blocking pool and tracks it on
+//! the server's `TaskTracker`, so shutdown waits for it before closing the store.
+
+use std::sync::Arc;
+
+use store::Store;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api_error::ApiError;
+use crate::auth::Tokens;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Shared by every handler and middleware; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) store: Store,
+    pub(crate) config: Arc<Config>,
+    pub(crate) tokens: Arc<Tokens>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Caps concurrent `/v1` requests; see `limits`.
+    pub(crate) admission: Arc<Semaphore>,
+    pub(crate) tasks: TaskTracker,
+    /// Cancelled when the server starts shutting down; long-lived responses end on it.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl AppState {
+    /// Runs `work` with the store on a blocking thread tracked by the server's `TaskTracker`.
+    pub(crate) async fn blocking<T, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> store::Result<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        match self.tasks.spawn_blocking(move || work(&store)).await {
+            Ok(result) => result.map_err(ApiError::Store),
+            Err(join_error) => Err(ApiError::Internal {
+                what: "a store call panicked",
+                source: Box::new(join_error),
+            }),
+        }
+    }
+}
