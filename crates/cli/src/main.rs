@@ -1,1 +1,139 @@
-fn main() {}
+//! The `lockstep` binary. `lockstep serve` runs the server: it reads the configuration (built-in
+//! defaults, then `--config FILE`, then `LOCKSTEP_*` variables, then `--listen`/`--data-dir`),
+//! binds the listen address, and runs `server::run` until SIGINT or SIGTERM, then shuts down
+//! gracefully and exits 0.
+//!
+//! Logs go to stderr; `RUST_LOG` filters them (default `info`). Once bound, `serve` logs, at info
+//! level with target `lockstep`, a line that ends with `listening on <ip>:<port>`, with the real
+//! bound address (so `--listen 127.0.0.1:0` reports the port it got), for example:
+//!
+//! ```text
+//! 2026-11-23T10:00:00.000000Z  INFO lockstep: listening on 127.0.0.1:7878
+//! ```
+//!
+//! Scripts and tests find the address by that `listening on ` text; keep it stable.
+//! Everything else is the server's business (`crates/server`).
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use server::{Config, ConfigSources};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Lockstep: entities as CRDT documents, kept in lock-step with every system that holds a copy.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+    /// Print the built-in configuration, with a comment on every setting, as a starting point
+    /// for a `--config` file.
+    DefaultConfig,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML configuration file; `lockstep default-config` prints every setting.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The address to listen on, overriding the file and LOCKSTEP_LISTEN (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The data directory, overriding the file and LOCKSTEP_DATA_DIR.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing()?;
+    match cli.command {
+        Command::Serve(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            runtime.block_on(serve(args))
+        }
+        Command::DefaultConfig => {
+            print!("{}", server::DEFAULT_TOML);
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing() -> Result<()> {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new("info"))
+        .context("reading RUST_LOG")?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let sources = ConfigSources {
+        file: args.config.as_deref(),
+        env: std::env::vars().collect(),
+        listen: args.listen,
+        data_dir: args.data_dir,
+    };
+    let config = match &args.config {
+        Some(path) => Config::load(sources)
+            .with_context(|| format!("loading the configuration with {}", path.display()))?,
+        None => Config::load(sources).context("loading the configuration")?,
+    };
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    tracing::info!("listening on {address}");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    server::run(Arc::new(config), listener, shutdown)
+        .await
+        .context("running the server")?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %error, "cannot listen for SIGINT; only SIGTERM stops the server");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot listen for SIGTERM; only SIGINT stops the server");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received; shutting down"),
+        () = terminate => tracing::info!("SIGTERM received; shutting down"),
+    }
+    shutdown.cancel();
+}
