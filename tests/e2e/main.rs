@@ -1,1 +1,14 @@
-//! e2e
+//! End-to-end tests: the real server (`server::run_with_store`, or the release binary in `crash`)
+//! on `127.0.0.1:0` over real sled directories, spoken to over HTTP.
+//!
+//! `api` covers the entity endpoints, `changes` the change feed, `auth` tokens and roles,
+//! `limits` body size, timeouts and the concurrency cap, `bad_input` every malformed request
+//! (each must change nothing and leave the server serving), `shutdown` graceful shutdown with
+//! writes in flight, and `crash` kill -9 of the release binary.
+
+mod api;
+mod auth;
+mod bad_input;
+mod changes;
+mod limits;
+mod shutdown;

@@ -1,0 +1,151 @@
+//! The change feed: JSON lines with `since`, `kind` and `limit`, and the event stream with its
+//! backlog, live rows, kind filter and `Last-Event-ID` resume.
+
+use anyhow::{Context, Result};
+use lockstep_tests::{within, EventReader, TestServer};
+use serde_json::{json, Value};
+
+async fn feed_lines(server: &TestServer, query: &str) -> Result<Vec<Value>> {
+    let response = server.get_response(&format!("/v1/changes{query}")).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok()),
+        Some("application/x-ndjson")
+    );
+    let text = within("reading the feed", response.text()).await??;
+    text.lines()
+        .map(|line| serde_json::from_str(line).with_context(|| format!("not JSON: {line}")))
+        .collect()
+}
+
+fn seqs(rows: &[Value]) -> Vec<u64> {
+    rows.iter().filter_map(|row| row["seq"].as_u64()).collect()
+}
+
+async fn open_stream(
+    server: &TestServer,
+    query: &str,
+    last_event_id: Option<&str>,
+) -> Result<EventReader> {
+    let mut request = server
+        .client()
+        .get(server.url(&format!("/v1/changes{query}")))
+        .header("accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id);
+    }
+    EventReader::new(server.send(request).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lines_honour_since_kind_and_limit() -> Result<()> {
+    let server = TestServer::start().await?;
+    for (kind, id) in [("a", "1"), ("b", "1"), ("a", "2"), ("b", "2"), ("a", "3")] {
+        server
+            .patch(&format!("/v1/entities/{kind}/{id}"), &json!({"n": id}))
+            .await?;
+    }
+    let all = feed_lines(&server, "").await?;
+    assert_eq!(seqs(&all), [1, 2, 3, 4, 5]);
+    let first = &all[0];
+    assert_eq!(first["kind"], "a");
+    assert_eq!(first["id"], "1");
+    assert_eq!(first["origin"], "local:anonymous");
+    assert_eq!(first["fields"], json!(["n"]));
+    assert_eq!(first["exists"], true);
+    assert!(first["version"].is_string());
+
+    assert_eq!(seqs(&feed_lines(&server, "?since=2").await?), [3, 4, 5]);
+    assert_eq!(seqs(&feed_lines(&server, "?kind=b").await?), [2, 4]);
+    assert_eq!(
+        seqs(&feed_lines(&server, "?since=2&limit=2").await?),
+        [3, 4]
+    );
+    assert_eq!(
+        seqs(&feed_lines(&server, "?since=1&kind=a&limit=1").await?),
+        [3]
+    );
+    assert!(feed_lines(&server, "?since=5").await?.is_empty());
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_sends_the_backlog_then_rows_written_later() -> Result<()> {
+    let server = TestServer::start().await?;
+    server.patch("/v1/entities/a/1", &json!({"x": 1})).await?;
+    server.patch("/v1/entities/a/2", &json!({"x": 2})).await?;
+
+    let mut events = open_stream(&server, "?since=0", None).await?;
+    for expected in ["1", "2"] {
+        let event = events.next_event().await?;
+        assert_eq!(event.id.as_deref(), Some(expected));
+        assert_eq!(event.event.as_deref(), Some("change"));
+        let row: Value = serde_json::from_str(&event.data)?;
+        assert_eq!(row["seq"].as_u64(), expected.parse().ok());
+    }
+
+    // Written after the stream started: it arrives live.
+    let (_, written) = server.patch("/v1/entities/a/3", &json!({"x": 3})).await?;
+    let event = events.next_event().await?;
+    assert_eq!(event.id.as_deref(), Some("3"));
+    let row: Value = serde_json::from_str(&event.data)?;
+    assert_eq!(row["id"], "3");
+    assert_eq!(row["version"], written["version"]);
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_resumes_after_last_event_id() -> Result<()> {
+    let server = TestServer::start().await?;
+    for id in ["1", "2", "3"] {
+        server
+            .patch(&format!("/v1/entities/a/{id}"), &json!({"x": id}))
+            .await?;
+    }
+    // Last-Event-ID wins over `since`, as a reconnecting EventSource sends both.
+    let mut events = open_stream(&server, "?since=0", Some("2")).await?;
+    let event = events.next_event().await?;
+    assert_eq!(event.id.as_deref(), Some("3"));
+    server.patch("/v1/entities/a/4", &json!({"x": 4})).await?;
+    assert_eq!(events.next_event().await?.id.as_deref(), Some("4"));
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_filters_by_kind() -> Result<()> {
+    let server = TestServer::start().await?;
+    server.patch("/v1/entities/a/1", &json!({"x": 1})).await?;
+    server.patch("/v1/entities/b/1", &json!({"x": 1})).await?;
+    let mut events = open_stream(&server, "?kind=b", None).await?;
+    assert_eq!(events.next_event().await?.id.as_deref(), Some("2"));
+    server.patch("/v1/entities/a/2", &json!({"x": 2})).await?;
+    server.patch("/v1/entities/b/2", &json!({"x": 2})).await?;
+    let event = events.next_event().await?;
+    assert_eq!(event.id.as_deref(), Some("4"));
+    let row: Value = serde_json::from_str(&event.data)?;
+    assert_eq!(row["kind"], "b");
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_event_stream_does_not_hold_up_shutdown() -> Result<()> {
+    let server = TestServer::start().await?;
+    server.patch("/v1/entities/a/1", &json!({"x": 1})).await?;
+    let mut events = open_stream(&server, "", None).await?;
+    assert_eq!(events.next_event().await?.id.as_deref(), Some("1"));
+    // `stop` fails if the server does not finish within the deadline.
+    server.stop().await?;
+    let ended = events.next_event().await;
+    assert!(
+        ended.is_err(),
+        "the stream should end on shutdown: {ended:?}"
+    );
+    Ok(())
+}
