@@ -12,7 +12,6 @@
 
 use std::collections::BTreeSet;
 
-use automerge::hydrate;
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
     Automerge, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, ScalarValue, Value,
@@ -333,37 +332,113 @@ pub(crate) fn scalar_to_json(scalar: &ScalarValue) -> Json {
     }
 }
 
-fn hydrated_to_json(value: &hydrate::Value) -> Json {
-    match value {
-        hydrate::Value::Scalar(scalar) => scalar_to_json(scalar),
-        hydrate::Value::Map(map) => {
-            let mut fields = Map::new();
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            for (key, map_value) in entries {
-                fields.insert(key.clone(), hydrated_to_json(&map_value.value));
-            }
-            Json::Object(fields)
-        }
-        hydrate::Value::List(list) => Json::Array(
-            list.iter()
-                .map(|item| hydrated_to_json(&item.value))
-                .collect(),
-        ),
-        hydrate::Value::Text(text) => Json::String(text.to_string()),
-    }
-}
+/// Objects deeper than this read as `null`. Local writes stop at [`MAX_DEPTH`] and `Store::merge`
+/// refuses documents nested deeper, so only an old version merged from elsewhere can reach it;
+/// the bound keeps reading such a document from overflowing the stack.
+const READ_DEPTH: usize = 2 * MAX_DEPTH;
 
-/// An object of the document (at `heads`, or now) as JSON.
+/// An object of the document (at `heads`, or now) as JSON. Map keys come out sorted.
 pub(crate) fn object_to_json<R: ReadDoc + ?Sized>(
     doc: &R,
     obj: &ObjId,
     heads: Option<&[ChangeHash]>,
 ) -> Json {
-    match doc.hydrate(obj, heads) {
-        Ok(value) => hydrated_to_json(&value),
+    object_json(doc, obj, heads, 0)
+}
+
+fn object_json<R: ReadDoc + ?Sized>(
+    doc: &R,
+    obj: &ObjId,
+    heads: Option<&[ChangeHash]>,
+    depth: usize,
+) -> Json {
+    if depth > READ_DEPTH {
+        return Json::Null;
+    }
+    let value_json = |value: Option<(Value<'_>, ObjId)>| match value {
+        Some((Value::Scalar(scalar), _)) => scalar_to_json(&scalar),
+        Some((Value::Object(_), child)) => object_json(doc, &child, heads, depth + 1),
+        None => Json::Null,
+    };
+    match doc.object_type(obj) {
+        Ok(ObjType::Map | ObjType::Table) => {
+            let mut keys: Vec<String> = match heads {
+                Some(heads) => doc.keys_at(obj, heads).collect(),
+                None => doc.keys(obj).collect(),
+            };
+            keys.sort();
+            let mut fields = Map::new();
+            for key in keys {
+                let value = match heads {
+                    Some(heads) => doc.get_at(obj, key.as_str(), heads),
+                    None => doc.get(obj, key.as_str()),
+                };
+                fields.insert(key, value_json(value.ok().flatten()));
+            }
+            Json::Object(fields)
+        }
+        Ok(ObjType::List) => {
+            let length = match heads {
+                Some(heads) => doc.length_at(obj, heads),
+                None => doc.length(obj),
+            };
+            Json::Array(
+                (0..length)
+                    .map(|index| {
+                        let value = match heads {
+                            Some(heads) => doc.get_at(obj, index, heads),
+                            None => doc.get(obj, index),
+                        };
+                        value_json(value.ok().flatten())
+                    })
+                    .collect(),
+            )
+        }
+        Ok(ObjType::Text) => {
+            let text = match heads {
+                Some(heads) => doc.text_at(obj, heads),
+                None => doc.text(obj),
+            };
+            text.map(Json::String).unwrap_or(Json::Null)
+        }
         Err(_) => Json::Null,
     }
+}
+
+/// Whether some object of the document, as it is now, is nested more than `limit` levels deep.
+/// Concurrent values count too, as [`conflicts`] shows them.
+pub(crate) fn is_nested_deeper_than(doc: &Automerge, limit: usize) -> bool {
+    fn deeper(doc: &Automerge, obj: &ObjId, depth: usize, limit: usize) -> bool {
+        if depth > limit {
+            return true;
+        }
+        let mut children = Vec::new();
+        let mut add = |values: Vec<(Value<'_>, ObjId)>| {
+            children.extend(
+                values
+                    .into_iter()
+                    .filter(|(value, _)| matches!(value, Value::Object(_)))
+                    .map(|(_, child)| child),
+            );
+        };
+        match doc.object_type(obj) {
+            Ok(ObjType::Map | ObjType::Table) => {
+                for key in doc.keys(obj) {
+                    add(doc.get_all(obj, key.as_str()).unwrap_or_default());
+                }
+            }
+            Ok(ObjType::List) => {
+                for index in 0..doc.length(obj) {
+                    add(doc.get_all(obj, index).unwrap_or_default());
+                }
+            }
+            _ => {}
+        }
+        children
+            .iter()
+            .any(|child| deeper(doc, child, depth + 1, limit))
+    }
+    deeper(doc, &ROOT, 0, limit)
 }
 
 /// The entity's fields (at `heads`, or now).

@@ -274,7 +274,8 @@ impl Store {
     /// Automerge itself panics; the entity is left as it was. Catching those panics needs them to
     /// unwind: a binary built with `panic = "abort"`, or whose panic hook aborts (as fuzzers'
     /// do), crashes on such input instead. Bytes that are not Automerge data at all may also be
-    /// ignored: `Ok` with `seq: None`, nothing merged.
+    /// ignored: `Ok` with `seq: None`, nothing merged. A document nested deeper than
+    /// [`crate::MAX_DEPTH`] is refused with [`Error::Decode`] too.
     pub fn merge(&self, key: &EntityKey, bytes: &[u8], origin: &Origin) -> Result<Written> {
         let _guard = self.lock(key);
         let mut doc = self.load(key)?;
@@ -286,6 +287,14 @@ impl Store {
             // The document may be half-updated: drop it, so the next reader reloads it from disk.
             Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
             Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
+        }
+        // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make every read of
+        // the entity recurse that deep.
+        if document::is_nested_deeper_than(&doc, document::MAX_DEPTH) {
+            return Err(Error::Decode(format!(
+                "objects are nested more than {} levels deep",
+                document::MAX_DEPTH
+            )));
         }
         self.persist(key, doc, &before, existed, origin, _guard)
     }

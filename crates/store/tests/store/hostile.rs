@@ -126,3 +126,54 @@ fn garbage_and_truncated_documents_are_refused_or_ignored() {
     }
     assert_eq!(store.save(&target).unwrap().unwrap(), target_saved);
 }
+
+/// A document whose `deep` field holds maps nested `levels` deep below the root.
+fn nested_document(levels: usize) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    let mut doc = automerge::Automerge::new();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        let mut obj = automerge::ROOT;
+        for _ in 0..levels {
+            obj = tx.put_object(&obj, "deep", automerge::ObjType::Map)?;
+        }
+        tx.put(&obj, "leaf", 1)?;
+        Ok(())
+    })
+    .unwrap();
+    doc.save()
+}
+
+#[test]
+fn issue_2_a_deeply_nested_document_from_a_peer_does_not_overflow_the_stack() {
+    // A peer can send a document nested far deeper than a local write may be; reading it
+    // recursed once per level and overflowed the stack, killing the process.
+    let harness = Harness::open();
+    let store = harness.store();
+    let bytes = nested_document(100_000);
+    let fresh = key("appointment", "deep");
+    assert!(matches!(
+        store.merge(&fresh, &bytes, &peer()),
+        Err(Error::Decode(_))
+    ));
+    assert_eq!(store.get(&fresh).unwrap(), None);
+    let existing = key("appointment", "existing");
+    store
+        .patch(&existing, &json!({"a": 1}), &local("u"))
+        .unwrap();
+    let saved = store.save(&existing).unwrap();
+    assert!(matches!(
+        store.merge(&existing, &bytes, &peer()),
+        Err(Error::Decode(_))
+    ));
+    assert_eq!(store.save(&existing).unwrap(), saved);
+    // As deep as a local write may go is fine.
+    let allowed = key("appointment", "allowed");
+    let written = store
+        .merge(&allowed, &nested_document(store::MAX_DEPTH), &peer())
+        .unwrap();
+    assert!(written.created);
+    assert!(matches!(
+        store.merge(&allowed, &nested_document(store::MAX_DEPTH + 1), &peer()),
+        Err(Error::Decode(_))
+    ));
+}
