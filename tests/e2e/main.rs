@@ -10,5 +10,6 @@ mod api;
 mod auth;
 mod bad_input;
 mod changes;
+mod crash;
 mod limits;
 mod shutdown;

@@ -1,0 +1,407 @@
+//! The issue-2 benchmark: durable PATCH throughput and latency against a raw sled baseline,
+//! server memory after 100,000 entities, and bytes on disk per entity against Automerge's `save()`.
+//!
+//! Run with `cargo bench -p lockstep-tests --bench lockstep` (it builds the release `lockstep`
+//! binary first). Figures are ratios against a baseline measured in the same run, because this
+//! machine is shared and its absolute speed varies. `LOCKSTEP_BENCH_SECONDS` sets each
+//! throughput phase's length (default 5), `LOCKSTEP_BENCH_ENTITIES` the memory phase's entity
+//! count (default 100,000).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var_os(name)
+        .and_then(|value| value.to_str()?.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Throughput and latency of one phase.
+struct Figures {
+    ops_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Figures {
+    latencies.sort();
+    let at = |quantile: f64| {
+        latencies
+            .get(
+                ((latencies.len() as f64 * quantile) as usize)
+                    .min(latencies.len().saturating_sub(1)),
+            )
+            .copied()
+            .unwrap_or_default()
+    };
+    Figures {
+        ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+/// The baseline: 8 threads, each inserting a 200-byte value and calling `flush()` per insert.
+fn sled_baseline(seconds: u64) -> Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(64 * 1024 * 1024)
+        .open()?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|thread| {
+            let db = db.clone();
+            std::thread::spawn(move || -> Result<Vec<Duration>> {
+                let mut latencies = Vec::new();
+                let value = vec![7u8; 200];
+                let mut counter = 0u64;
+                while Instant::now() < deadline {
+                    let begun = Instant::now();
+                    db.insert(format!("t{thread}-{counter}"), value.as_slice())?;
+                    db.flush()?;
+                    latencies.push(begun.elapsed());
+                    counter += 1;
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for thread in threads {
+        latencies.extend(thread.join().expect("a baseline thread panicked")?);
+    }
+    Ok(summarize(latencies, started.elapsed()))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace root")
+        .to_path_buf()
+}
+
+fn release_binary() -> Result<PathBuf> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "lockstep-cli"])
+        .current_dir(workspace_root())
+        .status()
+        .context("building the release binary")?;
+    if !status.success() {
+        bail!("cargo build --release -p lockstep-cli failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("release").join("lockstep"))
+}
+
+struct Server {
+    child: Child,
+    base: String,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(binary: &Path) -> Result<Self> {
+        let data = tempfile::tempdir()?;
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .env("RUST_LOG", "warn,lockstep=info,server=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let base = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if line.contains("listening") {
+                    if let Some(start) = line.find("127.0.0.1:") {
+                        let port: String = line[start + 10..]
+                            .chars()
+                            .take_while(char::is_ascii_digit)
+                            .collect();
+                        return Ok(format!("http://127.0.0.1:{port}"));
+                    }
+                }
+            }
+            bail!("the server exited before listening")
+        })
+        .await??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            base,
+            _data: data,
+        })
+    }
+
+    fn rss_mib(&self) -> Result<f64> {
+        let pid = self.child.id().context("the server has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .context("VmRSS in /proc/<pid>/status")?;
+        Ok(kib / 1024.0)
+    }
+}
+
+fn ten_fields(index: u64, round: u64) -> Value {
+    let mut fields = Map::new();
+    fields.insert(
+        "date".into(),
+        json!(format!("2026-12-{:02}", 1 + (index + round) % 28)),
+    );
+    fields.insert("slot".into(), json!((index * 7 + round) % 96));
+    fields.insert(
+        "status".into(),
+        json!(["booked", "moved", "done"][(round % 3) as usize]),
+    );
+    fields.insert("office".into(), json!(format!("office-{}", index % 50)));
+    fields.insert("applicant".into(), json!(format!("applicant {index}")));
+    fields.insert("permit".into(), json!(format!("P-{index:08}")));
+    fields.insert("priority".into(), json!(index % 5));
+    fields.insert("confirmed".into(), json!(round.is_multiple_of(2)));
+    fields.insert("notes".into(), json!(format!("round {round} for {index}")));
+    fields.insert("updated".into(), json!(1_790_000_000 + round));
+    Value::Object(fields)
+}
+
+/// `connections` tasks PATCHing for `seconds`; each writes its own entities, cycling over 1,000.
+async fn patch_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let failures = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..connections)
+        .map(|connection| {
+            let base = base.to_string();
+            let failures = failures.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut latencies = Vec::new();
+                let mut round = 0u64;
+                while Instant::now() < deadline {
+                    let index = connection * 1000 + round % 1000;
+                    let begun = Instant::now();
+                    let response = client
+                        .patch(format!("{base}/v1/entities/bench/e{index}"))
+                        .header("content-type", "application/merge-patch+json")
+                        .body(ten_fields(index, round).to_string())
+                        .send()
+                        .await;
+                    match response {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.bytes().await;
+                            latencies.push(begun.elapsed());
+                        }
+                        _ => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    round += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?);
+    }
+    let failed = failures.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} PATCH requests failed");
+    }
+    Ok(summarize(latencies, started.elapsed()))
+}
+
+/// Writes `count` entities with 64 connections, reporting RSS at each quarter.
+async fn fill(server: &Server, count: u64, report: &mut Vec<(String, f64)>) -> Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let quarter = count / 4;
+    let mut written = 0;
+    while written < count {
+        let target = (written + quarter).min(count);
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let base = server.base.clone();
+                let next = next.clone();
+                tokio::spawn(async move {
+                    let client = reqwest::Client::new();
+                    loop {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        if index >= target {
+                            next.fetch_sub(1, Ordering::Relaxed);
+                            return Ok::<_, anyhow::Error>(());
+                        }
+                        client
+                            .put(format!("{base}/v1/entities/memory/e{index}"))
+                            .header("content-type", "application/json")
+                            .body(ten_fields(index, 0).to_string())
+                            .send()
+                            .await?
+                            .error_for_status()?;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await??;
+        }
+        next.store(target, Ordering::Relaxed);
+        written = target;
+        report.push((
+            format!("RSS after writing {written} entities"),
+            server.rss_mib()?,
+        ));
+    }
+    Ok(())
+}
+
+async fn random_reads(server: &Server, entities: u64, reads: u64) -> Result<()> {
+    let client = reqwest::Client::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    for _ in 0..reads {
+        let index = rng.gen_range(0..entities);
+        client
+            .get(format!("{}/v1/entities/memory/e{index}", server.base))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    Ok(())
+}
+
+fn directory_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| match entry.metadata() {
+                    Ok(meta) if meta.is_dir() => directory_bytes(&entry.path()),
+                    Ok(meta) => meta.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes per 10-field entity (each edited 5 times) after compaction, against `save()` of the same documents.
+fn disk_usage(entities: u64) -> Result<(f64, f64, f64)> {
+    use store::{EntityKey, Origin, Store, StoreConfig, WriteOptions};
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(StoreConfig::new(dir.path()))?;
+    let options = WriteOptions::new(Origin::local("bench")?);
+    for round in 0..5 {
+        for index in 0..entities {
+            let key = EntityKey::new("disk", format!("e{index}"))?;
+            store.patch(&key, &ten_fields(index, round), &options)?;
+        }
+    }
+    store.compact_all()?;
+    let (mut stored, mut saved) = (0u64, 0u64);
+    for index in 0..entities {
+        let key = EntityKey::new("disk", format!("e{index}"))?;
+        stored += store.stored_bytes(&key)?;
+        saved += store.save(&key)?.map_or(0, |bytes| bytes.len() as u64);
+    }
+    store.close()?;
+    drop(store);
+    let on_disk = directory_bytes(dir.path());
+    let per = |total: u64| total as f64 / entities as f64;
+    Ok((per(stored), per(saved), per(on_disk)))
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let seconds = env_number("LOCKSTEP_BENCH_SECONDS", 5);
+    let entities = env_number("LOCKSTEP_BENCH_ENTITIES", 100_000);
+    let binary = release_binary()?;
+
+    println!("measuring: raw sled insert+flush baseline ({seconds} s, 8 threads)");
+    let baseline = tokio::task::spawn_blocking(move || sled_baseline(seconds)).await??;
+
+    let server = Server::start(&binary).await?;
+    // Warm up: connections, the page cache, the first entities.
+    patch_load(&server.base, 8, 1).await?;
+    println!("measuring: durable PATCH, 1 connection ({seconds} s)");
+    let single = patch_load(&server.base, 1, seconds).await?;
+    println!("measuring: durable PATCH, 64 connections ({seconds} s)");
+    let many = patch_load(&server.base, 64, seconds).await?;
+    drop(server);
+
+    println!("measuring: memory with {entities} entities");
+    let server = Server::start(&binary).await?;
+    let mut memory = vec![("RSS at start".to_string(), server.rss_mib()?)];
+    fill(&server, entities, &mut memory).await?;
+    random_reads(&server, entities, 10_000).await?;
+    memory.push((
+        format!("RSS after 10,000 random reads of {entities}"),
+        server.rss_mib()?,
+    ));
+    drop(server);
+
+    println!("measuring: bytes on disk (1,000 entities x 10 fields, 5 edits each, compacted)");
+    let (stored, saved, on_disk) = tokio::task::spawn_blocking(|| disk_usage(1000)).await??;
+
+    println!();
+    println!("| measurement | ops/s | p50 | p99 | vs baseline |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| baseline: raw sled insert+flush, 8 threads | {:.0} | {} | {} | 1.00x |",
+        baseline.ops_per_sec,
+        ms(baseline.p50),
+        ms(baseline.p99)
+    );
+    for (name, figures) in [
+        ("durable PATCH, 1 connection", &single),
+        ("durable PATCH, 64 connections", &many),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | {} | {:.2}x |",
+            figures.ops_per_sec,
+            ms(figures.p50),
+            ms(figures.p99),
+            figures.ops_per_sec / baseline.ops_per_sec
+        );
+    }
+    println!();
+    println!("| memory | MiB |");
+    println!("|---|---|");
+    for (name, mib) in &memory {
+        println!("| {name} | {mib:.1} |");
+    }
+    println!();
+    println!("| bytes per 10-field entity | bytes | vs automerge save() |");
+    println!("|---|---|---|");
+    println!("| automerge save() | {saved:.0} | 1.00x |");
+    println!(
+        "| stored by Lockstep (record + snapshot + chunks) | {stored:.0} | {:.2}x |",
+        stored / saved
+    );
+    println!(
+        "| sled directory size / entities | {on_disk:.0} | {:.2}x |",
+        on_disk / saved
+    );
+    Ok(())
+}

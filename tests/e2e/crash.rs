@@ -1,0 +1,258 @@
+//! Crash safety: the release binary is killed with SIGKILL at random moments while concurrent
+//! writers run; after every restart each write that got a 2xx is present and has a feed row.
+//!
+//! The binary is `target/release/lockstep`, which `.ci/run` builds before the tests
+//! (`cargo build --release -p lockstep-cli`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const CYCLES: usize = 5;
+const WRITERS: usize = 16;
+
+fn release_binary() -> Result<PathBuf> {
+    // The test executable lives in target/<profile>/deps/; the binary in target/release/.
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let target = exe
+        .ancestors()
+        .find(|dir| dir.file_name().is_some_and(|name| name == "target"))
+        .map(Path::to_path_buf)
+        .or_else(|| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .context("finding the target directory")?;
+    let binary = target.join("release").join("lockstep");
+    if !binary.exists() {
+        bail!(
+            "{} is missing: run `cargo build --release -p lockstep-cli` first (.ci/run does)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// A running `lockstep serve` process and the address it listens on.
+struct Process {
+    child: Child,
+    base: String,
+}
+
+async fn start(binary: &Path, data_dir: &Path) -> Result<Process> {
+    let mut child = Command::new(binary)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting lockstep serve")?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let address = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(address) = listening_address(&line) {
+                return Ok(address);
+            }
+        }
+        bail!("lockstep serve exited before it was listening")
+    })
+    .await
+    .context("waiting for the listening line")??;
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Process {
+        child,
+        base: format!("http://{address}"),
+    })
+}
+
+/// The `127.0.0.1:<port>` in the server's "listening on" log line.
+fn listening_address(line: &str) -> Option<String> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let start = line.find("127.0.0.1:")?;
+    let rest = &line[start + "127.0.0.1:".len()..];
+    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 => Some(format!("127.0.0.1:{port}")),
+        _ => None,
+    }
+}
+
+/// One acknowledged write: the entity, the value this writer set, and the version the server returned.
+#[derive(Clone, Debug)]
+struct Ack {
+    id: String,
+    field: String,
+    value: u64,
+    version: String,
+}
+
+async fn writer(
+    client: reqwest::Client,
+    base: String,
+    writer_index: usize,
+    next_value: u64,
+    acks: Arc<Mutex<Vec<Ack>>>,
+) -> u64 {
+    let mut value = next_value;
+    loop {
+        value += 1;
+        // Half the writes go to an entity of their own, half to a field of an entity shared by all writers.
+        let (id, field) = if value.is_multiple_of(2) {
+            (format!("w{writer_index}-{value}"), "value".to_string())
+        } else {
+            ("shared".to_string(), format!("w{writer_index}"))
+        };
+        let url = format!("{base}/v1/entities/crash/{id}");
+        let response = client
+            .patch(&url)
+            .header("content-type", "application/merge-patch+json")
+            .body(json!({ field.clone(): value }).to_string())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        let Ok(response) = response else {
+            return value;
+        };
+        if !response.status().is_success() {
+            return value;
+        }
+        let Ok(body) = response.json::<Value>().await else {
+            return value;
+        };
+        let version = body["version"].as_str().unwrap_or_default().to_string();
+        acks.lock()
+            .expect("no writer panics while holding the lock")
+            .push(Ack {
+                id,
+                field,
+                value,
+                version,
+            });
+    }
+}
+
+async fn feed_versions(client: &reqwest::Client, base: &str) -> Result<HashSet<(String, String)>> {
+    let mut seen = HashSet::new();
+    let mut since = 0u64;
+    loop {
+        let body = client
+            .get(format!("{base}/v1/changes?since={since}&limit=1000"))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let mut rows = 0;
+        for line in body.lines().filter(|line| !line.trim().is_empty()) {
+            let row: Value = serde_json::from_str(line).context("a feed line is JSON")?;
+            since = row["seq"].as_u64().context("a feed row has a seq")?;
+            seen.insert((
+                row["id"].as_str().unwrap_or_default().to_string(),
+                row["version"].as_str().unwrap_or_default().to_string(),
+            ));
+            rows += 1;
+        }
+        if rows == 0 {
+            return Ok(seen);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue_2_kill_9_loses_no_acknowledged_write() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(240), crash_cycles())
+        .await
+        .context("the crash test took longer than 240 s")?
+}
+
+async fn crash_cycles() -> Result<()> {
+    let binary = release_binary()?;
+    let data = tempfile::tempdir()?;
+    let client = reqwest::Client::builder().build()?;
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0010_c57e);
+    let mut next_values = [0u64; WRITERS];
+    for cycle in 0..CYCLES {
+        let mut process = start(&binary, data.path()).await?;
+        let before = acks.lock().expect("lock").len();
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|index| {
+                tokio::spawn(writer(
+                    client.clone(),
+                    process.base.clone(),
+                    index,
+                    // Leave a gap so a value that was in flight at the kill is never reused.
+                    next_values[index] + 10,
+                    acks.clone(),
+                ))
+            })
+            .collect();
+        let run_for = Duration::from_millis(rng.gen_range(300..1500));
+        let started = Instant::now();
+        while started.elapsed() < run_for {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        process.child.start_kill().context("sending SIGKILL")?;
+        process.child.wait().await?;
+        for (index, task) in tasks.into_iter().enumerate() {
+            next_values[index] = tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .context("a writer did not notice the kill")??;
+        }
+        let after = acks.lock().expect("lock").len();
+        assert!(after > before, "cycle {cycle} acknowledged no write at all");
+    }
+
+    let process = start(&binary, data.path()).await?;
+    let acks = acks.lock().expect("lock").clone();
+    let feed = feed_versions(&client, &process.base).await?;
+    // The newest acknowledged value per (entity, field): earlier ones may be overwritten by later ones.
+    let mut newest: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ack in &acks {
+        assert!(
+            feed.contains(&(ack.id.clone(), ack.version.clone())),
+            "acknowledged write {ack:?} has no feed row"
+        );
+        let entry = newest
+            .entry((ack.id.clone(), ack.field.clone()))
+            .or_default();
+        *entry = (*entry).max(ack.value);
+    }
+    for ((id, field), value) in &newest {
+        let body: Value = client
+            .get(format!("{}/v1/entities/crash/{id}", process.base))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?
+            .error_for_status()
+            .with_context(|| format!("reading acknowledged entity crash/{id}"))?
+            .json()
+            .await?;
+        let stored = body["data"][field.as_str()]
+            .as_u64()
+            .with_context(|| format!("crash/{id} lost field {field}: {body}"))?;
+        // A write that was in flight at the kill may have landed after the last acknowledged one.
+        assert!(
+            stored >= *value,
+            "crash/{id}.{field} is {stored}, but {value} was acknowledged"
+        );
+    }
+    assert!(
+        acks.len() > 100,
+        "only {} writes were acknowledged",
+        acks.len()
+    );
+    Ok(())
+}
