@@ -10,8 +10,9 @@
 //! concurrently at one field conflict, and [`conflicts`] lists them like any other conflict.
 //! Which document to edit and how it is persisted is `store`'s business, not this module's.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
+use automerge::legacy;
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
     Automerge, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, ScalarValue, Value,
@@ -405,40 +406,49 @@ fn object_json<R: ReadDoc + ?Sized>(
     }
 }
 
-/// Whether some object of the document, as it is now, is nested more than `limit` levels deep.
-/// Concurrent values count too, as [`conflicts`] shows them.
-pub(crate) fn is_nested_deeper_than(doc: &Automerge, limit: usize) -> bool {
-    fn deeper(doc: &Automerge, obj: &ObjId, depth: usize, limit: usize) -> bool {
-        if depth > limit {
-            return true;
-        }
-        let mut children = Vec::new();
-        let mut add = |values: Vec<(Value<'_>, ObjId)>| {
-            children.extend(
-                values
-                    .into_iter()
-                    .filter(|(value, _)| matches!(value, Value::Object(_)))
-                    .map(|(_, child)| child),
+/// Whether the changes the document gained since `before` create an object nested more than
+/// `limit` levels below the root, at the moment they create it.
+///
+/// Objects never move, so this bounds the depth of every version of the document, not just the
+/// current one: reading history diffs each change, and Automerge's cost for that grows with the
+/// square of the depth. The store never writes deeper than [`MAX_DEPTH`], so objects that were
+/// already there are trusted to be within the limit.
+pub(crate) fn creates_deeper_than(doc: &Automerge, before: &[ChangeHash], limit: usize) -> bool {
+    let mut depths: HashMap<legacy::OpId, usize> = HashMap::new();
+    for change in doc.get_changes(before) {
+        let expanded = change.decode();
+        for (index, op) in expanded.operations.iter().enumerate() {
+            if !matches!(op.action, legacy::OpType::Make(_)) {
+                continue;
+            }
+            let parent_depth = match &op.obj {
+                legacy::ObjectId::Root => 0,
+                legacy::ObjectId::Id(parent) => *depths
+                    .entry(parent.clone())
+                    .or_insert_with(|| existing_depth(doc, parent)),
+            };
+            if parent_depth + 1 > limit {
+                return true;
+            }
+            let id = legacy::OpId(
+                expanded.start_op.get() + index as u64,
+                expanded.actor_id.clone(),
             );
-        };
-        match doc.object_type(obj) {
-            Ok(ObjType::Map | ObjType::Table) => {
-                for key in doc.keys(obj) {
-                    add(doc.get_all(obj, key.as_str()).unwrap_or_default());
-                }
-            }
-            Ok(ObjType::List) => {
-                for index in 0..doc.length(obj) {
-                    add(doc.get_all(obj, index).unwrap_or_default());
-                }
-            }
-            _ => {}
+            depths.insert(id, parent_depth + 1);
         }
-        children
-            .iter()
-            .any(|child| deeper(doc, child, depth + 1, limit))
     }
-    deeper(doc, &ROOT, 0, limit)
+    false
+}
+
+/// How deep an object from an earlier change is: the length of its path when it was created.
+/// An object deleted in the change that created it has no path; it counts as a field of the root.
+fn existing_depth(doc: &Automerge, object: &legacy::OpId) -> usize {
+    // The index is only a hint; Automerge looks the actor up when it does not match.
+    let id = ObjId::Id(object.counter(), object.actor().clone(), 0);
+    doc.hash_for_opid(&id)
+        .and_then(|created| doc.parents_at(&id, &[created]).ok())
+        .map(|parents| parents.count())
+        .unwrap_or(1)
 }
 
 /// The entity's fields (at `heads`, or now).

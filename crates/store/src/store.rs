@@ -288,9 +288,9 @@ impl Store {
             Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
             Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
         }
-        // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make every read of
-        // the entity recurse that deep.
-        if document::is_nested_deeper_than(&doc, document::MAX_DEPTH) {
+        // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make reads of the
+        // entity recurse that deep and its history cost the square of the depth.
+        if document::creates_deeper_than(&doc, &before, document::MAX_DEPTH) {
             return Err(Error::Decode(format!(
                 "objects are nested more than {} levels deep",
                 document::MAX_DEPTH

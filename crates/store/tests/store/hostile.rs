@@ -177,3 +177,59 @@ fn issue_2_a_deeply_nested_document_from_a_peer_does_not_overflow_the_stack() {
         Err(Error::Decode(_))
     ));
 }
+
+/// Nests `levels` more maps under `obj`, in one change, and returns the deepest.
+fn nest(doc: &mut automerge::Automerge, obj: automerge::ObjId, levels: usize) -> automerge::ObjId {
+    use automerge::transaction::Transactable;
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        let mut obj = obj;
+        for _ in 0..levels {
+            obj = tx.put_object(&obj, "deep", automerge::ObjType::Map)?;
+        }
+        Ok(obj)
+    })
+    .unwrap()
+    .result
+}
+
+#[test]
+fn issue_2_deep_nesting_is_refused_even_when_it_is_deleted_or_comes_in_pieces() {
+    use automerge::transaction::Transactable;
+    // A document that was deep once and no longer is: reading its history diffs the deep
+    // version, which took Automerge seconds for 4,000 levels and grows with the square.
+    let mut once_deep = automerge::Automerge::new();
+    nest(&mut once_deep, automerge::ROOT, 50_000);
+    once_deep
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.delete(automerge::ROOT, "deep")?;
+            tx.put(automerge::ROOT, "a", 1)
+        })
+        .unwrap();
+    let harness = Harness::open();
+    let store = harness.store();
+    let entity = key("appointment", "once-deep");
+    assert!(matches!(
+        store.merge(&entity, &once_deep.save(), &peer()),
+        Err(Error::Decode(_))
+    ));
+    assert_eq!(store.history(&entity).unwrap(), None);
+
+    // Depth that builds up over several merges counts from where each piece hangs.
+    let mut pieces = automerge::Automerge::new();
+    let deepest = nest(&mut pieces, automerge::ROOT, store::MAX_DEPTH - 2);
+    let entity = key("appointment", "pieces");
+    store.merge(&entity, &pieces.save(), &peer()).unwrap();
+    let heads = pieces.get_heads();
+    let deepest = nest(&mut pieces, deepest, 2);
+    store
+        .merge(&entity, &pieces.save_after(&heads), &peer())
+        .unwrap();
+    let saved = store.save(&entity).unwrap();
+    let heads = pieces.get_heads();
+    nest(&mut pieces, deepest, 1);
+    assert!(matches!(
+        store.merge(&entity, &pieces.save_after(&heads), &peer()),
+        Err(Error::Decode(_))
+    ));
+    assert_eq!(store.save(&entity).unwrap(), saved);
+}
