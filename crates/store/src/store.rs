@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use automerge::{ActorId, Automerge, ChangeHash, ReadDoc};
+use automerge::{ActorId, Automerge, ChangeHash, ReadDoc, SaveOptions};
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
@@ -267,7 +267,8 @@ impl Store {
     /// Merges Automerge data from elsewhere (a saved document, or one or more encoded changes)
     /// into the entity, recording `origin` in the feed.
     ///
-    /// Changes the entity already has are ignored; `seq` is `None` when nothing was new.
+    /// Changes the entity already has are ignored; `seq` is `None` when nothing was new. Changes
+    /// whose dependencies the entity lacks are dropped too: send them with their dependencies.
     ///
     /// # Errors
     /// [`Error::Decode`] when the bytes are not valid Automerge data, including inputs on which
@@ -295,6 +296,13 @@ impl Store {
                 "objects are nested more than {} levels deep",
                 document::MAX_DEPTH
             )));
+        }
+        if !doc.get_missing_deps(&[]).is_empty() {
+            // Changes whose dependencies this document lacks wait in Automerge's queue, unchecked:
+            // their columns are only decoded once the dependencies arrive, maybe in a local write
+            // outside `catch_unwind`. They are not persisted, so they are not kept either; a peer
+            // sends them again with their dependencies.
+            doc = without_orphans(&doc, &self.inner.actor)?;
         }
         self.persist(key, doc, &before, existed, origin, _guard)
     }
@@ -373,7 +381,7 @@ impl Store {
     /// # Errors
     /// Storage errors only.
     pub fn save(&self, key: &EntityKey) -> Result<Option<Vec<u8>>> {
-        self.read(key, |doc| Ok((!doc.is_empty()).then(|| doc.save())))
+        self.read(key, |doc| Ok((!doc.is_empty()).then(|| save_document(doc))))
     }
 
     /// Up to `limit` existing entities of `kind` with ids after `after`, in id order.
@@ -746,6 +754,23 @@ fn open_sled(config: &StoreConfig) -> Result<sled::Db> {
     }
 }
 
+/// The document's `save()` bytes, leaving out changes still waiting for their dependencies.
+fn save_document(doc: &Automerge) -> Vec<u8> {
+    doc.save_with_options(SaveOptions {
+        retain_orphans: false,
+        ..SaveOptions::default()
+    })
+}
+
+/// The document without the changes waiting in its queue for dependencies it lacks.
+fn without_orphans(doc: &Automerge, actor: &ActorId) -> Result<Automerge> {
+    let reloaded = Automerge::load(&save_document(doc)).map_err(|error| Error::Corrupt {
+        what: "a merged document".into(),
+        detail: error.to_string(),
+    })?;
+    Ok(reloaded.with_actor(actor.clone()))
+}
+
 /// Adds a snapshot of `doc` to `batch` and removes the chunks it replaces.
 fn write_snapshot(
     db: &sled::Db,
@@ -754,7 +779,7 @@ fn write_snapshot(
     record: &mut EntityRecord,
     batch: &mut sled::Batch,
 ) -> Result<()> {
-    let snapshot = doc.save();
+    let snapshot = save_document(doc);
     for entry in db.scan_prefix(layout::chunk_prefix(key)).keys() {
         batch.remove(entry?);
     }

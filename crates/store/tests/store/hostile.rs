@@ -233,3 +233,36 @@ fn issue_2_deep_nesting_is_refused_even_when_it_is_deleted_or_comes_in_pieces() 
     ));
     assert_eq!(store.save(&entity).unwrap(), saved);
 }
+
+#[test]
+fn issue_2_changes_missing_their_dependencies_are_not_kept() {
+    use automerge::transaction::Transactable;
+    // Found by the stored_bytes fuzz target: a change whose dependency the entity lacks waited
+    // in Automerge's queue inside the cached document, undecoded, and showed up in `save`.
+    let harness = Harness::open();
+    let store = harness.store();
+    let entity = key("appointment", "1");
+    store.patch(&entity, &json!({"a": 1}), &local("u")).unwrap();
+    let saved = store.save(&entity).unwrap();
+    let mut remote = automerge::Automerge::new();
+    let change = |doc: &mut automerge::Automerge, value: i64| {
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "r", value))
+            .unwrap();
+        doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    };
+    let first = change(&mut remote, 1);
+    let second = change(&mut remote, 2);
+    let written = store.merge(&entity, &second, &peer()).unwrap();
+    assert_eq!(written.seq, None);
+    assert_eq!(store.save(&entity).unwrap(), saved);
+    // The dependency alone brings only itself: the waiting change was not kept.
+    store.merge(&entity, &first, &peer()).unwrap();
+    assert_eq!(store.get(&entity).unwrap().unwrap().data["r"], 1);
+    store.merge(&entity, &second, &peer()).unwrap();
+    assert_eq!(store.get(&entity).unwrap().unwrap().data["r"], 2);
+    // The same for an entity that does not exist here yet.
+    let fresh = key("appointment", "fresh");
+    assert_eq!(store.merge(&fresh, &second, &peer()).unwrap().seq, None);
+    assert_eq!(store.save(&fresh).unwrap(), None);
+    assert_eq!(store.get(&fresh).unwrap(), None);
+}
