@@ -561,30 +561,53 @@ impl Store {
         if let Some(doc) = self.inner.cache.take(key) {
             return Ok(doc);
         }
-        let mut bytes = match self
+        let snapshot = self
             .inner
             .db
-            .get(layout::entity_key(layout::SNAPSHOT, key))?
-        {
-            Some(snapshot) => snapshot.to_vec(),
-            None => Vec::new(),
-        };
-        for entry in self.inner.db.scan_prefix(layout::chunk_prefix(key)) {
-            bytes.extend_from_slice(&entry?.1);
-        }
-        if bytes.is_empty() {
+            .get(layout::entity_key(layout::SNAPSHOT, key))?;
+        let chunks = self
+            .inner
+            .db
+            .scan_prefix(layout::chunk_prefix(key))
+            .values()
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(record) = self.record(key)? else {
             return Ok(Automerge::new().with_actor(self.inner.actor.clone()));
-        }
-        let loaded = catch_unwind(AssertUnwindSafe(|| Automerge::load(&bytes)));
+        };
+        // Every change is loaded on its own, in the order it was written. Automerge sorts the
+        // changes of one load topologically, which can apply them in another order than the
+        // document they were written from, and `save()` would then return other bytes after a
+        // reopen: same heads, another layout.
+        let loaded = catch_unwind(AssertUnwindSafe(|| {
+            let mut doc = match &snapshot {
+                Some(snapshot) => Automerge::load(snapshot)?,
+                None => Automerge::new(),
+            };
+            for chunk in &chunks {
+                for change in split_changes(chunk) {
+                    doc.load_incremental(change)?;
+                }
+            }
+            Ok::<_, automerge::AutomergeError>(doc)
+        }));
         let corrupt = |detail: String| Error::Corrupt {
             what: key.to_string(),
             detail,
         };
-        match loaded {
-            Ok(Ok(doc)) => Ok(doc.with_actor(self.inner.actor.clone())),
-            Ok(Err(error)) => Err(corrupt(error.to_string())),
-            Err(_) => Err(corrupt("automerge panicked loading it".into())),
+        let doc = match loaded {
+            Ok(Ok(doc)) => doc,
+            Ok(Err(error)) => return Err(corrupt(error.to_string())),
+            Err(_) => return Err(corrupt("automerge panicked loading it".into())),
+        };
+        // `load_incremental` skips what it cannot decode; the record says what must be there.
+        let version = Version::from_heads(doc.get_heads()).to_string();
+        if version != record.version {
+            return Err(corrupt(format!(
+                "loaded version {version}, the record says {}",
+                record.version
+            )));
         }
+        Ok(doc.with_actor(self.inner.actor.clone()))
     }
 
     fn read<T>(&self, key: &EntityKey, f: impl FnOnce(&Automerge) -> Result<T>) -> Result<T> {
@@ -752,6 +775,39 @@ fn open_sled(config: &StoreConfig) -> Result<sled::Db> {
             other => return Ok(other?),
         }
     }
+}
+
+/// The Automerge chunks (changes, here) that a stored chunk concatenates, in order.
+///
+/// Each starts with a header: 4 magic bytes, a 4-byte checksum, a type byte and the length of the
+/// rest as unsigned LEB128. Whatever cannot be split is returned whole, for Automerge to judge.
+fn split_changes(bytes: &[u8]) -> Vec<&[u8]> {
+    let mut pieces = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Some(length) = chunk_length(rest) else {
+            pieces.push(rest);
+            break;
+        };
+        let (piece, after) = rest.split_at(length);
+        pieces.push(piece);
+        rest = after;
+    }
+    pieces
+}
+
+/// The length of the Automerge chunk at the start of `bytes`, header included, if it is whole.
+fn chunk_length(bytes: &[u8]) -> Option<usize> {
+    const FIXED_HEADER: usize = 9;
+    let mut data_length: u64 = 0;
+    for (index, byte) in bytes.get(FIXED_HEADER..)?.iter().take(10).enumerate() {
+        data_length |= u64::from(byte & 0x7f).checked_shl(7 * index as u32)?;
+        if byte & 0x80 == 0 {
+            let total = FIXED_HEADER + index + 1 + usize::try_from(data_length).ok()?;
+            return (total <= bytes.len()).then_some(total);
+        }
+    }
+    None
 }
 
 /// The document's `save()` bytes, leaving out changes still waiting for their dependencies.

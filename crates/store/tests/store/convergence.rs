@@ -179,15 +179,20 @@ fn run(replica_count: usize, steps: &[Step]) -> Result<(), TestCaseError> {
             );
         }
     }
-    // What converged is also what is on disk.
+    // What converged is also what is on disk, byte for byte.
     let survivor = replicas.len() - 1;
     let before: Vec<_> = entities
         .iter()
-        .map(|entity| replicas[survivor].store().get(entity).unwrap())
+        .map(|entity| {
+            let store = replicas[survivor].store();
+            (store.get(entity).unwrap(), store.save(entity).unwrap())
+        })
         .collect();
     replicas[survivor].reopen();
-    for (entity, expected) in entities.iter().zip(&before) {
-        prop_assert_eq!(&replicas[survivor].store().get(entity).unwrap(), expected);
+    for (entity, (current, saved)) in entities.iter().zip(&before) {
+        let store = replicas[survivor].store();
+        prop_assert_eq!(&store.get(entity).unwrap(), current);
+        prop_assert_eq!(&store.save(entity).unwrap(), saved);
     }
     Ok(())
 }

@@ -74,7 +74,15 @@ proptest! {
                     prop_assert_eq!(deleted.is_some(), model != Json::Object(Map::new()));
                     model = Json::Object(Map::new());
                 }
-                Write::Reopen => harness.reopen(),
+                Write::Reopen => {
+                    // A reopen restores the entity byte for byte: same version, same saved bytes.
+                    let saved = store.save(&entity).unwrap();
+                    let version = store.get(&entity).unwrap().map(|entity| entity.version);
+                    harness.reopen();
+                    let store = harness.store();
+                    prop_assert_eq!(store.save(&entity).unwrap(), saved);
+                    prop_assert_eq!(store.get(&entity).unwrap().map(|entity| entity.version), version);
+                }
             }
             let read = harness.store().get(&entity).unwrap();
             match &model {
