@@ -8,6 +8,18 @@
 //! Nested maps are created as shared maps (see `nested`), so a nested object created on both
 //! sides at once merges field by field too. Lists are replaced whole: two lists written
 //! concurrently at one field conflict, and [`conflicts`] lists them like any other conflict.
+//!
+//! The JSON rules, which `tests/store/model.rs` checks against plain RFC 7386:
+//! - a merge patch is applied as RFC 7386 says: `null` deletes, objects merge, anything else
+//!   (arrays included, with every element verbatim, `null` too) replaces the field;
+//! - an empty object `{}` is a value like any other and is kept, at any depth except the root:
+//!   an entity whose root has no fields reads as absent, and a write that would create an entity
+//!   with no fields changes nothing;
+//! - a replace is the merge patch of its fields onto an empty object, so `null` fields are dropped;
+//! - numbers keep their flavour: integers that fit `i64` read back as `i64`, larger ones as `u64`,
+//!   and floats as floats (`1.0` stays `1.0`);
+//! - field names are not empty and values nest at most [`MAX_DEPTH`] levels.
+//!
 //! Which document to edit and how it is persisted is `store`'s business, not this module's.
 
 use std::collections::{BTreeSet, HashMap};
