@@ -9,6 +9,10 @@
 //! and its message is [`STRUCTURE_MESSAGE`]. Every replica that creates that map builds the
 //! byte-identical change, so after a merge both sides wrote into one shared map.
 //!
+//! A structural change overwrites nothing and its operation has a low counter, so when another
+//! replica concurrently wrote something else at the same place (a string where this one made a
+//! map), that value wins the merge on every replica; the map stays visible as a conflict.
+//!
 //! A map that was created and then deleted cannot be brought back by its change, so the next
 //! creation at the same place uses the next generation. Replicas that recreate a map concurrently
 //! after the same history agree on the generation too. The change bytes are part of the storage
