@@ -9,6 +9,7 @@
 //! | `s` kind `\0` id | the compacted snapshot (Automerge `save()` bytes) |
 //! | `c` kind `\0` id `\0` n (u32 BE) | an incremental chunk of changes after the snapshot |
 //! | `f` seq (u64 BE) | a feed row (`FeedRow`, JSON) |
+//! | `r` space `\0` part `\0` ... | a side record of another crate (`records`) |
 //!
 //! Kinds and ids never contain `\0` (see `key`), so prefixes never overlap.
 
@@ -21,6 +22,7 @@ pub(crate) const ENTITY: u8 = b'e';
 pub(crate) const SNAPSHOT: u8 = b's';
 pub(crate) const CHUNK: u8 = b'c';
 pub(crate) const FEED: u8 = b'f';
+pub(crate) const RECORD: u8 = b'r';
 
 /// What the store keeps about an entity besides its document.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

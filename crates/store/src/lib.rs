@@ -9,7 +9,7 @@
 //! document heads into an opaque string, `document` translates JSON to and from Automerge,
 //! `nested` creates nested maps that every replica creates identically,
 //! `layout` is the sled key scheme, `durability` runs group commit, `cache` bounds loaded
-//! documents, `feed` defines feed rows, and `store` ties them together.
+//! documents, `feed` defines feed rows, `records` keeps other crates' side records, and `store` ties them together.
 //!
 //! # Example
 //! ```
@@ -36,6 +36,7 @@ mod key;
 mod layout;
 mod nested;
 mod origin;
+mod records;
 mod store;
 mod version;
 
@@ -45,6 +46,7 @@ pub use error::{Error, Result};
 pub use feed::{FeedRow, Seq};
 pub use key::{EntityId, EntityKey, Kind};
 pub use origin::Origin;
+pub use records::{CommitView, RecordKey, RecordWrite};
 pub use store::{
     Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, WriteOptions, Written,
 };

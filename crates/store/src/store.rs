@@ -29,6 +29,7 @@ use crate::key::{EntityId, EntityKey, Kind};
 use crate::layout::{self, EntityRecord};
 use crate::nested;
 use crate::origin::Origin;
+use crate::records::{CommitView, RecordKey, RecordWrite};
 use crate::version::Version;
 
 /// How a store is opened.
@@ -216,11 +217,86 @@ impl Store {
     /// [`Error::UnwritableValue`] when the patch is not an object or would create an entity with no
     /// fields, [`Error::VersionMismatch`] when `if_match` is stale, storage errors otherwise.
     pub fn patch(&self, key: &EntityKey, patch: &Json, options: &WriteOptions) -> Result<Written> {
+        self.patch_with(key, patch, options, |_| Vec::new())
+    }
+
+    /// Like [`Store::patch`], and writes the side records `records` returns in the same atomic
+    /// batch as the change (or, when the patch changes nothing, in a batch of their own).
+    ///
+    /// `records` is called once, with the entity lock held, after the patch is applied in memory
+    /// and before anything is written.
+    ///
+    /// # Errors
+    /// As [`Store::patch`]; on error no record is written.
+    pub fn patch_with(
+        &self,
+        key: &EntityKey,
+        patch: &Json,
+        options: &WriteOptions,
+        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
+    ) -> Result<Written> {
         let patch = as_object(patch, "a merge patch")?;
         document::check_writable(&Json::Object(patch.clone()), 0)?;
-        self.write(key, options, |doc, stamp| {
-            document::merge_patch(doc, patch, stamp)
-        })
+        self.write(
+            key,
+            options,
+            |doc, stamp| document::merge_patch(doc, patch, stamp),
+            records,
+        )
+    }
+
+    /// The entity's version, also when it is deleted; `None` when it never existed.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn version(&self, key: &EntityKey) -> Result<Option<String>> {
+        Ok(self.record(key)?.map(|record| record.version))
+    }
+
+    /// One side record.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn read_record(&self, key: &RecordKey) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .inner
+            .db
+            .get(key.as_bytes())?
+            .map(|value| value.to_vec()))
+    }
+
+    /// Every side record under `prefix` (its children, not `prefix` itself), in key order.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn scan_records(&self, prefix: &RecordKey) -> Result<Vec<(RecordKey, Vec<u8>)>> {
+        self.inner
+            .db
+            .scan_prefix(prefix.child_prefix())
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((RecordKey::from_bytes(&key), value.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Writes side records in one atomic batch and returns once it is durable.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] after [`Store::close`], storage errors otherwise.
+    pub fn write_records(&self, writes: Vec<RecordWrite>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        if !self.inner.durability.is_open() {
+            return Err(Error::Closed);
+        }
+        let mut batch = sled::Batch::default();
+        for write in &writes {
+            write.add_to(&mut batch);
+        }
+        self.inner.db.apply_batch(batch)?;
+        self.inner.durability.wait()
     }
 
     /// Replaces all fields of the entity with `fields`, creating it if it does not exist.
@@ -240,9 +316,12 @@ impl Store {
                 "an entity needs at least one field; use DELETE to remove it".into(),
             ));
         }
-        self.write(key, options, |doc, stamp| {
-            document::replace(doc, fields, stamp)
-        })
+        self.write(
+            key,
+            options,
+            |doc, stamp| document::replace(doc, fields, stamp),
+            |_| Vec::new(),
+        )
     }
 
     /// Removes every field, so the entity reads as absent; its history is kept.
@@ -255,9 +334,12 @@ impl Store {
         if self.get(key)?.is_none() && options.if_match.is_none() {
             return Ok(None);
         }
-        let written = self.write(key, options, |doc, stamp| {
-            document::replace(doc, &Map::new(), stamp)
-        });
+        let written = self.write(
+            key,
+            options,
+            |doc, stamp| document::replace(doc, &Map::new(), stamp),
+            |_| Vec::new(),
+        );
         match written {
             Ok(written) if written.seq.is_none() && written.entity.is_none() => Ok(None),
             other => other.map(Some),
@@ -304,7 +386,7 @@ impl Store {
             // sends them again with their dependencies.
             doc = without_orphans(&doc, &self.inner.actor)?;
         }
-        self.persist(key, doc, &before, existed, origin, _guard)
+        self.persist(key, doc, &before, existed, origin, _guard, |_| Vec::new())
     }
 
     /// The entity as it is now, or `None` when it does not exist.
@@ -625,6 +707,7 @@ impl Store {
         key: &EntityKey,
         options: &WriteOptions,
         edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<()>,
+        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
         let guard = self.lock(key);
         let mut doc = self.load(key)?;
@@ -660,10 +743,15 @@ impl Store {
                 "the entity does not exist and the write gives it no fields".into(),
             ));
         }
-        self.persist(key, doc, &before, existed, &options.origin, guard)
+        self.persist(key, doc, &before, existed, &options.origin, guard, records)
     }
 
-    /// Writes whatever the document gained since `before`, with its feed row, then waits for the flush.
+    /// Writes whatever the document gained since `before`, with its feed row and the side records
+    /// `records` returns, then waits for the flush.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the private tail of write and merge"
+    )]
     fn persist(
         &self,
         key: &EntityKey,
@@ -672,11 +760,28 @@ impl Store {
         existed: bool,
         origin: &Origin,
         guard: MutexGuard<'_, ()>,
+        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
         let after = doc.get_heads();
         let entity = entity_from(key, &doc, None);
         let version = Version::from_heads(after.clone()).to_string();
+        let no_fields = Map::new();
+        let side_records = records(&CommitView {
+            version: &version,
+            data: entity.as_ref().map_or(&no_fields, |entity| &entity.data),
+            changed: after != before,
+        });
         if after == before {
+            if !side_records.is_empty() {
+                if !self.inner.durability.is_open() {
+                    return Err(Error::Closed);
+                }
+                let mut batch = sled::Batch::default();
+                for write in &side_records {
+                    write.add_to(&mut batch);
+                }
+                self.inner.db.apply_batch(batch)?;
+            }
             if !doc.is_empty() {
                 self.inner.cache.put(key.clone(), doc);
             }
@@ -715,6 +820,9 @@ impl Store {
             layout::entity_key(layout::ENTITY, key),
             encode_record(&record),
         );
+        for write in &side_records {
+            write.add_to(&mut batch);
+        }
         let seq = {
             let mut last_seq = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
             let seq = last_seq.next();
