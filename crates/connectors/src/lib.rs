@@ -6,8 +6,11 @@
 //! to have. HTTP routing is `server`'s business; durable state lives in `store`.
 //!
 //! # Layout
-//! `signature` signs and verifies Standard Webhooks messages; `mapping` translates between
-//! entity fields and external fields in both directions.
+//! `config` validates `[[connectors]]` tables; `signature` signs and verifies Standard Webhooks
+//! messages; `mapping` translates between entity fields and external fields in both directions;
+//! `state` is the typed view of the connector records kept in the store (state, shadow, outbox,
+//! inbox); `inbound` handles webhooks; `delivery` is the outbound worker; `registry` holds the
+//! running connectors and the admin operations.
 //!
 //! # Example
 //! ```
@@ -26,8 +29,24 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod config;
+mod delivery;
+mod error;
+mod inbound;
 mod mapping;
+mod registry;
 mod signature;
+mod state;
 
+pub use config::{
+    validate_all, ConfigError, Connector, ConnectorConfig, DeliveryMethod, RetryConfig,
+    SecretString, TextDuration,
+};
+pub use error::{Error, Result};
+pub use inbound::{WebhookOutcome, WebhookRequest};
 pub use mapping::{DetailedField, FieldSpec, Inbound, Mapping, MappingError, ValueType};
+pub use registry::{
+    ConnectorHandle, ConnectorStatus, Connectors, Counter, Counters, DeadLetter, Preview, Replay,
+};
 pub use signature::{SignatureError, WebhookSecret};
+pub use state::{Attempt, ConnectorState, InboxRecord, Shadow};

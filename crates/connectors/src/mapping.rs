@@ -365,6 +365,9 @@ fn cast(
     from_format: Option<&str>,
     to_format: Option<&str>,
 ) -> Result<Json, String> {
+    if value.is_null() {
+        return Ok(Json::Null);
+    }
     let matches = |value: &Json, expected: ValueType| match expected {
         ValueType::String => value.is_string(),
         ValueType::Number => value.is_number(),

@@ -1,0 +1,609 @@
+//! Outbound delivery: one worker per connector turns feed rows into deltas and delivers them.
+//!
+//! The delta for an entity is derived, never queued: `mapped(entity) - shadow`. The worker reads
+//! the feed after its cursor, writes an attempt to the outbox for each entity whose delta is not
+//! empty (in the same atomic write as the new cursor), and delivers attempts that are due, one per
+//! entity at a time and at most `concurrency` at once. An acknowledged attempt is deleted and the
+//! shadow advanced in one write; then the entity is planned again, so edits made meanwhile go out
+//! as one coalesced delta. A crash at any point leaves either the attempt (resent under the same
+//! key) or the advanced shadow (nothing to resend).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{Map, Value as Json};
+use store::{EntityKey, RecordWrite};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::inbound::now_ms;
+use crate::registry::{ConnectorHandle, Preview};
+use crate::state::{sha256_hex, Attempt, Shadow};
+
+/// Feed rows read per step.
+const FEED_BATCH: usize = 512;
+/// How often expired inbound ids are forgotten.
+const INBOX_GC_EVERY: Duration = Duration::from_secs(3600);
+/// The longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// The idempotency key of the delta that brings `entity` to `version` for `connector`.
+fn idempotency_key(connector: &str, entity: &EntityKey, version: &str) -> String {
+    let digest =
+        sha256_hex(format!("{connector}\0{}\0{}\0{version}", entity.kind, entity.id).as_bytes());
+    format!("lsk_{}", &digest[..40])
+}
+
+/// The delta the external system needs for `entity`, given its shadow; `None` when up to date.
+fn compute(
+    handle: &ConnectorHandle,
+    entity: &EntityKey,
+    shadow: &Shadow,
+) -> Result<Option<(Map<String, Json>, String)>> {
+    let store = handle.records.store();
+    let Some(version) = store.version(entity)? else {
+        return Ok(None);
+    };
+    let data = store.get(entity)?.map(|e| e.data).unwrap_or_default();
+    let mapped = handle.connector.mapping.to_external(&data)?;
+    let mut delta = Map::new();
+    for (field, value) in &mapped {
+        if shadow.fields.get(field) != Some(value) {
+            delta.insert(field.clone(), value.clone());
+        }
+    }
+    for field in shadow.fields.keys() {
+        if !mapped.contains_key(field) {
+            delta.insert(field.clone(), Json::Null);
+        }
+    }
+    if delta.is_empty() {
+        return Ok(None);
+    }
+    delta.insert(
+        handle.connector.mapping.id_field().to_string(),
+        Json::String(entity.id.to_string()),
+    );
+    Ok(Some((delta, version)))
+}
+
+/// The outbox writes that bring `entity`'s pending delta up to date (empty when nothing to do).
+///
+/// Called, with the entity's lock held, for entities that are not being delivered right now. A waiting attempt whose delta is
+/// still right is left alone, so its retries keep their key; one whose delta is out of date (the
+/// entity changed again while it waited) is replaced by the coalesced delta under a new key,
+/// keeping its retry schedule. That is safe because it was never acknowledged.
+pub(crate) fn plan(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Vec<RecordWrite>> {
+    let existing = handle.records.attempt(entity)?;
+    let shadow = handle.records.shadow(entity)?;
+    plan_with(handle, entity, existing, &shadow)
+}
+
+/// [`plan`] against a given outbox entry and shadow (those about to be written, when a delivery
+/// outcome and the next plan go to disk in one write).
+fn plan_with(
+    handle: &ConnectorHandle,
+    entity: &EntityKey,
+    existing: Option<Attempt>,
+    shadow: &Shadow,
+) -> Result<Vec<RecordWrite>> {
+    let records = &handle.records;
+    let now = now_ms();
+    let computed = match compute(handle, entity, shadow) {
+        Ok(computed) => computed,
+        Err(crate::error::Error::Mapping(error)) => {
+            let version = records.store().version(entity)?.unwrap_or_default();
+            if existing
+                .as_ref()
+                .is_some_and(|a| a.dead.is_some() && a.version == version)
+            {
+                return Ok(Vec::new());
+            }
+            // The entity holds a value the mapping cannot send: park it, keep the others flowing.
+            let attempt = Attempt {
+                key: idempotency_key(&handle.connector.name, entity, &version),
+                delta: Map::new(),
+                version,
+                previous_version: shadow.version.clone(),
+                attempts: 0,
+                next_at_ms: now,
+                created_at_ms: now,
+                last_error: Some(error.to_string()),
+                dead: Some(format!("cannot map the entity: {error}")),
+            };
+            handle.counters.dead_lettered.inc();
+            return Ok(vec![records.put_attempt(entity, &attempt)]);
+        }
+        Err(error) => return Err(error),
+    };
+    let Some((delta, version)) = computed else {
+        // Nothing to send (the system already has it all): drop whatever was waiting.
+        return Ok(match existing {
+            Some(_) => vec![records.delete_attempt(entity)],
+            None => Vec::new(),
+        });
+    };
+    let mut attempt = Attempt {
+        key: idempotency_key(&handle.connector.name, entity, &version),
+        delta,
+        version,
+        previous_version: shadow.version.clone(),
+        attempts: 0,
+        next_at_ms: now,
+        created_at_ms: now,
+        last_error: None,
+        dead: None,
+    };
+    match existing {
+        // Still dead at the same version: only a later change or an operator retries it.
+        Some(dead) if dead.dead.is_some() && dead.version == attempt.version => {
+            return Ok(Vec::new())
+        }
+        Some(dead) if dead.dead.is_some() => {}
+        // The same delta keeps its key and schedule.
+        Some(waiting) if waiting.delta == attempt.delta => return Ok(Vec::new()),
+        Some(waiting) => {
+            attempt.attempts = waiting.attempts;
+            attempt.next_at_ms = waiting.next_at_ms;
+            attempt.created_at_ms = waiting.created_at_ms;
+            attempt.last_error = waiting.last_error;
+        }
+        None => {}
+    }
+    Ok(vec![records.put_attempt(entity, &attempt)])
+}
+
+pub(crate) fn preview(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Preview> {
+    let records = &handle.records;
+    let shadow = records.shadow(entity)?;
+    let computed = compute(handle, entity, &shadow)?;
+    let (delta, version) = match computed {
+        Some((delta, version)) => (Some(delta), Some(version)),
+        None => (None, records.store().version(entity)?),
+    };
+    Ok(Preview {
+        idempotency_key: delta
+            .as_ref()
+            .and(version.as_ref())
+            .map(|version| idempotency_key(&handle.connector.name, entity, version)),
+        delta,
+        version,
+        previous_version: shadow.version,
+        pending: records.attempt(entity)?,
+    })
+}
+
+/// How one attempt ended.
+enum Outcome {
+    Acknowledged,
+    Retry {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    Dead(String),
+    Gone(String),
+}
+
+async fn send(
+    handle: &ConnectorHandle,
+    client: &reqwest::Client,
+    url: &str,
+    attempt: &Attempt,
+) -> Outcome {
+    let connector = &handle.connector;
+    let body = serde_json::to_vec(&attempt.delta).expect("a delta always serializes");
+    let method = reqwest::Method::from_bytes(connector.method.as_str().as_bytes())
+        .expect("POST, PUT and PATCH are valid methods");
+    let mut request = client
+        .request(method, url)
+        .timeout(connector.timeout)
+        .header("content-type", "application/json")
+        .header("idempotency-key", &attempt.key)
+        .header("lockstep-version", &attempt.version);
+    if let Some(previous) = &attempt.previous_version {
+        request = request.header("lockstep-previous-version", previous);
+    }
+    for (name, value) in &connector.headers {
+        request = request.header(name.as_str(), value.0.as_str());
+    }
+    if let Some(secret) = &connector.signing_secret {
+        let timestamp = (now_ms() / 1000) as i64;
+        request = request
+            .header("webhook-id", &attempt.key)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                secret.sign(&attempt.key, timestamp, &body),
+            );
+    }
+    let response = match request.body(body).send().await {
+        Ok(response) => response,
+        Err(error) => {
+            let kind = if error.is_timeout() {
+                "timed out"
+            } else {
+                "could not connect"
+            };
+            return Outcome::Retry {
+                error: format!("{url} {kind}: {error}"),
+                retry_after: None,
+            };
+        }
+    };
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .map(|seconds| Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
+    let detail = format!("{url} answered {status}");
+    if status.is_success() {
+        Outcome::Acknowledged
+    } else if status == reqwest::StatusCode::GONE {
+        Outcome::Gone(detail)
+    } else if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        Outcome::Retry {
+            error: detail,
+            retry_after,
+        }
+    } else {
+        // 3xx (redirects are not followed) and every other 4xx: the receiver refuses this delta.
+        Outcome::Dead(detail)
+    }
+}
+
+/// Where an entity stands in the outbox: absent, due at a time, or dead (`Some(None)`).
+type Due = Option<Option<u64>>;
+
+fn due_of(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Due> {
+    Ok(handle
+        .records
+        .attempt(entity)?
+        .map(|attempt| attempt.dead.is_none().then_some(attempt.next_at_ms)))
+}
+
+/// Delivers the entity's pending attempt once, records the outcome, and returns where the entity
+/// stands afterwards.
+async fn deliver(
+    handle: Arc<ConnectorHandle>,
+    client: reqwest::Client,
+    entity: EntityKey,
+) -> Result<Due> {
+    let Some(url) = handle.connector.url.clone() else {
+        return Ok(None);
+    };
+    // Plan again right before sending: a webhook may have told us since that the system already
+    // has some of these values. A changed delta gets a new key; it was never acknowledged.
+    let loader = handle.clone();
+    let loaded_entity = entity.clone();
+    let attempt = tokio::task::spawn_blocking(move || {
+        let _locked = loader.lock_entity(&loaded_entity);
+        let writes = plan(&loader, &loaded_entity)?;
+        loader.records.write(writes)?;
+        loader.records.attempt(&loaded_entity)
+    })
+    .await??;
+    let Some(attempt) = attempt.filter(|attempt| attempt.dead.is_none()) else {
+        let reader = handle.clone();
+        return tokio::task::spawn_blocking(move || due_of(&reader, &entity)).await?;
+    };
+    let outcome = send(&handle, &client, &url, &attempt).await;
+    let recorder = handle.clone();
+    tokio::task::spawn_blocking(move || {
+        record(&recorder, &entity, attempt, outcome)?;
+        due_of(&recorder, &entity)
+    })
+    .await?
+}
+
+fn record(
+    handle: &ConnectorHandle,
+    entity: &EntityKey,
+    mut attempt: Attempt,
+    outcome: Outcome,
+) -> Result<()> {
+    let _locked = handle.lock_entity(entity);
+    let records = &handle.records;
+    let connector = &handle.connector;
+    // The outcome and the next plan (edits made while the request was in flight, coalesced) are
+    // written together, so a crash between them cannot leave a change that is never delivered.
+    let mut shadow = records.shadow(entity)?;
+    let remaining = match outcome {
+        Outcome::Acknowledged => {
+            for (field, value) in &attempt.delta {
+                if field == connector.mapping.id_field() {
+                    continue;
+                }
+                if value.is_null() {
+                    shadow.fields.remove(field);
+                } else {
+                    shadow.fields.insert(field.clone(), value.clone());
+                }
+            }
+            shadow.version = Some(attempt.version.clone());
+            handle.counters.deliveries.inc();
+            handle.note_error(None);
+            tracing::debug!(connector = %connector.name, %entity, version = %attempt.version, "delta acknowledged");
+            None
+        }
+        Outcome::Retry { error, retry_after } => {
+            handle.counters.delivery_failures.inc();
+            let schedule = &connector.retry_schedule;
+            let index = (attempt.attempts as usize + 1).min(schedule.len() - 1);
+            let jitter = connector.retry_jitter;
+            let factor = if jitter > 0.0 {
+                rand::thread_rng().gen_range(1.0 - jitter..=1.0 + jitter)
+            } else {
+                1.0
+            };
+            let wait = schedule[index]
+                .mul_f64(factor)
+                .max(retry_after.unwrap_or_default());
+            attempt.attempts += 1;
+            attempt.next_at_ms = now_ms() + wait.as_millis() as u64;
+            tracing::warn!(connector = %connector.name, %entity, attempts = attempt.attempts, retry_in = ?wait, error = %error, "delivery failed; will retry");
+            attempt.last_error = Some(error.clone());
+            handle.note_error(Some(error));
+            Some(attempt)
+        }
+        Outcome::Dead(reason) => {
+            handle.counters.delivery_failures.inc();
+            handle.counters.dead_lettered.inc();
+            tracing::warn!(connector = %connector.name, %entity, reason = %reason, "delta dead-lettered");
+            attempt.attempts += 1;
+            attempt.last_error = Some(reason.clone());
+            attempt.dead = Some(reason.clone());
+            handle.note_error(Some(reason));
+            Some(attempt)
+        }
+        Outcome::Gone(reason) => {
+            handle.counters.delivery_failures.inc();
+            tracing::error!(connector = %connector.name, %entity, reason = %reason, "external system answered 410 Gone; connector disabled");
+            let mut state = records.state()?;
+            state.disabled = Some(reason.clone());
+            attempt.attempts += 1;
+            attempt.last_error = Some(reason.clone());
+            handle.note_error(Some(reason));
+            records.write(vec![
+                records.put_attempt(entity, &attempt),
+                records.put_state(&state),
+            ])?;
+            handle.rescan.store(true, Ordering::Release);
+            return Ok(());
+        }
+    };
+    let mut writes = vec![
+        match &remaining {
+            Some(attempt) => records.put_attempt(entity, attempt),
+            None => records.delete_attempt(entity),
+        },
+        records.put_shadow(entity, &shadow),
+    ];
+    // A later write to the same key wins within one batch.
+    writes.extend(plan_with(handle, entity, remaining, &shadow)?);
+    records.write(writes)
+}
+
+/// The worker's view of the outbox: when each entity's attempt is due (`None` = dead).
+type DueIndex = BTreeMap<EntityKey, Option<u64>>;
+
+fn load_index(handle: &ConnectorHandle) -> Result<DueIndex> {
+    Ok(handle
+        .records
+        .attempts()?
+        .into_iter()
+        .map(|(entity, attempt)| (entity, attempt.dead.is_none().then_some(attempt.next_at_ms)))
+        .collect())
+}
+
+/// Reads feed rows after the cursor and plans their entities; returns whether more rows remain
+/// and where each planned entity stands now.
+fn advance(
+    handle: &ConnectorHandle,
+    in_flight: &HashSet<EntityKey>,
+) -> Result<(bool, Vec<(EntityKey, Due)>)> {
+    let records = &handle.records;
+    let mut state = records.state()?;
+    // Read before the feed: every row up to here that is of our kind is in `rows`, so skipping to
+    // it is safe. Read after, a row written in between would be skipped unseen.
+    let last_seq = records.store().last_seq();
+    let rows = records
+        .store()
+        .feed(state.cursor, Some(&handle.connector.kind), FEED_BATCH)?;
+    let Some(last) = rows.last() else {
+        // Skip past rows of other kinds so the lag shown is real.
+        if last_seq > state.cursor {
+            state.cursor = last_seq;
+            records.write(vec![records.put_state(&state)])?;
+        }
+        return Ok((false, Vec::new()));
+    };
+    let more = rows.len() == FEED_BATCH;
+    state.cursor = last.seq;
+    let mut entities: Vec<EntityKey> = rows
+        .into_iter()
+        .map(|row| EntityKey {
+            kind: row.kind,
+            id: row.id,
+        })
+        .collect();
+    entities.sort();
+    entities.dedup();
+    // Entities in flight are planned again when their delivery ends.
+    entities.retain(|entity| !in_flight.contains(entity));
+    // Held until the attempts are written, so no webhook changes a shadow in between.
+    let locked = handle.lock_entities(&entities);
+    let mut writes = Vec::new();
+    let mut planned = Vec::new();
+    for entity in entities {
+        let entity_writes = plan(handle, &entity)?;
+        if !entity_writes.is_empty() {
+            planned.push(entity);
+        }
+        writes.extend(entity_writes);
+    }
+    writes.push(records.put_state(&state));
+    records.write(writes)?;
+    drop(locked);
+    let planned = planned
+        .into_iter()
+        .map(|entity| due_of(handle, &entity).map(|due| (entity, due)))
+        .collect::<Result<_>>()?;
+    Ok((more, planned))
+}
+
+/// The worker: runs until `shutdown` is cancelled. In-flight deliveries are abandoned at
+/// shutdown; their attempts stay in the outbox and are resent under the same key after restart.
+pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToken) {
+    let client = match reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(handle.connector.timeout)
+        .build()
+    {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(connector = %handle.connector.name, error = %error, "cannot build an HTTP client; connector stopped");
+            return;
+        }
+    };
+    let mut feed = handle.records.store().subscribe();
+    let mut in_flight: HashSet<EntityKey> = HashSet::new();
+    let mut deliveries: JoinSet<(EntityKey, Result<Due>)> = JoinSet::new();
+    let mut index = DueIndex::new();
+    let mut reload = true;
+    let mut last_gc: Option<tokio::time::Instant> = None;
+    loop {
+        let outcome = step(
+            &handle,
+            &client,
+            &mut index,
+            &mut reload,
+            &mut in_flight,
+            &mut deliveries,
+            &mut last_gc,
+        )
+        .await;
+        let (more, next_due) = match outcome {
+            Ok(result) => result,
+            Err(error) => {
+                tracing::error!(connector = %handle.connector.name, error = %error, "connector step failed; retrying in 1 s");
+                handle.note_error(Some(error.to_string()));
+                reload = true;
+                (false, Some(now_ms() + 1000))
+            }
+        };
+        if more {
+            continue;
+        }
+        let sleep_for = next_due.map_or(Duration::from_secs(3600), |due| {
+            Duration::from_millis(due.saturating_sub(now_ms()))
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            changed = feed.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            () = handle.wake.notified() => {}
+            Some(joined) = deliveries.join_next(), if !deliveries.is_empty() => {
+                if let Ok((entity, result)) = joined {
+                    in_flight.remove(&entity);
+                    match result {
+                        Ok(due) => set_due(&mut index, entity, due),
+                        Err(error) => {
+                            tracing::error!(connector = %handle.connector.name, %entity, error = %error, "recording a delivery failed");
+                            reload = true;
+                        }
+                    }
+                }
+            }
+            () = tokio::time::sleep(sleep_for) => {}
+        }
+    }
+    deliveries.abort_all();
+}
+
+fn set_due(index: &mut DueIndex, entity: EntityKey, due: Due) {
+    match due {
+        Some(due) => {
+            index.insert(entity, due);
+        }
+        None => {
+            index.remove(&entity);
+        }
+    }
+}
+
+/// One pass: reread what changed, plan new feed rows, start due deliveries.
+/// Returns whether more feed rows are waiting and when the next attempt is due.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the worker's state, split out of run() for error handling"
+)]
+async fn step(
+    handle: &Arc<ConnectorHandle>,
+    client: &reqwest::Client,
+    index: &mut DueIndex,
+    reload: &mut bool,
+    in_flight: &mut HashSet<EntityKey>,
+    deliveries: &mut JoinSet<(EntityKey, Result<Due>)>,
+    last_gc: &mut Option<tokio::time::Instant>,
+) -> Result<(bool, Option<u64>)> {
+    if last_gc.is_none_or(|at| at.elapsed() >= INBOX_GC_EVERY) {
+        *last_gc = Some(tokio::time::Instant::now());
+        let gc = handle.clone();
+        tokio::task::spawn_blocking(move || {
+            let cutoff = now_ms().saturating_sub(gc.connector.dedupe_retention.as_millis() as u64);
+            let expired = gc.records.expired_inbox(cutoff)?;
+            gc.records.write(expired)
+        })
+        .await??;
+    }
+    if handle.connector.url.is_none() {
+        return Ok((false, None));
+    }
+    let reader = handle.clone();
+    let state = tokio::task::spawn_blocking(move || reader.records.state()).await??;
+    if state.paused || state.disabled.is_some() {
+        handle.rescan.store(false, Ordering::Release);
+        return Ok((false, None));
+    }
+    if *reload || handle.rescan.swap(false, Ordering::AcqRel) {
+        let loader = handle.clone();
+        *index = tokio::task::spawn_blocking(move || load_index(&loader)).await??;
+        *reload = false;
+    }
+    let planner = handle.clone();
+    let flying = in_flight.clone();
+    let (more, planned) = tokio::task::spawn_blocking(move || advance(&planner, &flying)).await??;
+    for (entity, due) in planned {
+        set_due(index, entity, due);
+    }
+    let now = now_ms();
+    let mut next_due: Option<u64> = None;
+    for (entity, due) in index.iter() {
+        let Some(due) = *due else { continue };
+        if in_flight.contains(entity) {
+            continue;
+        }
+        if due <= now && in_flight.len() < handle.connector.concurrency {
+            in_flight.insert(entity.clone());
+            let entity = entity.clone();
+            let task_handle = handle.clone();
+            let task_client = client.clone();
+            deliveries.spawn(async move {
+                let result = deliver(task_handle, task_client, entity.clone()).await;
+                (entity, result)
+            });
+        } else {
+            next_due = Some(next_due.map_or(due.max(now), |next: u64| next.min(due.max(now))));
+        }
+    }
+    Ok((more, next_due))
+}

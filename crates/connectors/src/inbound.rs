@@ -1,0 +1,224 @@
+//! Inbound webhooks: verify, deduplicate by webhook id, drop stale deltas, map, and commit with
+//! origin `connector:<name>`, writing the idempotency record and the connector's shadow in the
+//! same atomic batch as the change.
+//!
+//! Concurrent deliveries of one webhook id are serialized by a striped lock on the id, so a
+//! webhook posted many times at once makes exactly one change. HTTP framing is `server`'s job.
+
+use std::cmp::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Map, Value as Json};
+use store::{EntityKey, Origin, RecordWrite, WriteOptions};
+
+use crate::error::{Error, Result};
+use crate::registry::{ConnectorHandle, Connectors};
+use crate::signature::SignatureError;
+use crate::state::{sha256_hex, InboxRecord};
+
+/// The parts of an inbound request the connector needs.
+#[derive(Clone, Copy, Debug)]
+pub struct WebhookRequest<'a> {
+    /// The `webhook-id` header.
+    pub id: Option<&'a str>,
+    /// The `webhook-timestamp` header.
+    pub timestamp: Option<&'a str>,
+    /// The `webhook-signature` header.
+    pub signature: Option<&'a str>,
+    /// The raw body, exactly as received.
+    pub body: &'a [u8],
+}
+
+/// What a webhook did; every outcome is a success for the sender.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookOutcome {
+    /// The response body: `status` is `applied`, `unchanged` or `stale`, with the entity and version.
+    pub response: Json,
+    /// Whether this is a repeat of an id already processed (the original response is returned).
+    pub replayed: bool,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Orders two `version_field` values: numbers numerically, strings lexically (ISO 8601 timestamps
+/// sort that way); values of different types are not comparable, and never make a delta stale.
+fn compare_marks(a: &Json, b: &Json) -> Option<Ordering> {
+    match (a, b) {
+        (Json::Number(a), Json::Number(b)) => a.as_f64()?.partial_cmp(&b.as_f64()?),
+        (Json::String(a), Json::String(b)) => Some(a.cmp(b)),
+        _ => None,
+    }
+}
+
+impl Connectors {
+    /// Handles one inbound webhook for the connector `name`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownConnector`], [`Error::InboundDisabled`], [`Error::Signature`] (bad or stale
+    /// signature, missing headers), [`Error::InvalidJson`] / [`Error::NotAnObject`] /
+    /// [`Error::Mapping`] / [`store::Error::Invalid`] for a body that cannot be applied,
+    /// [`Error::IdReused`] for a known id with a different body. On every error nothing changes.
+    pub async fn receive_webhook(
+        &self,
+        name: &str,
+        request: WebhookRequest<'_>,
+    ) -> Result<WebhookOutcome> {
+        let handle = self.handle(name)?;
+        let secret = handle
+            .connector
+            .webhook_secret
+            .as_ref()
+            .ok_or_else(|| Error::InboundDisabled(name.to_string()))?;
+        let id = request
+            .id
+            .filter(|id| !id.is_empty())
+            .ok_or(SignatureError::MissingHeader("webhook-id"))?;
+        let timestamp = request
+            .timestamp
+            .ok_or(SignatureError::MissingHeader("webhook-timestamp"))?;
+        let signature = request
+            .signature
+            .ok_or(SignatureError::MissingHeader("webhook-signature"))?;
+        let now_seconds = (now_ms() / 1000) as i64;
+        let verified = secret.verify(
+            id,
+            timestamp,
+            signature,
+            request.body,
+            now_seconds,
+            handle.connector.timestamp_tolerance.as_secs(),
+        );
+        if let Err(error) = verified {
+            handle.counters.webhooks_rejected.inc();
+            return Err(error.into());
+        }
+        let body: Json = serde_json::from_slice(request.body).map_err(|error| {
+            handle.counters.webhooks_rejected.inc();
+            Error::InvalidJson(error.to_string())
+        })?;
+        let Json::Object(body) = body else {
+            handle.counters.webhooks_rejected.inc();
+            return Err(Error::NotAnObject);
+        };
+        let body_sha256 = sha256_hex(request.body);
+        let _serialized = self.inbound_lock(id).lock().await;
+        let handle_for_task = handle.clone();
+        let id_owned = id.to_string();
+        let outcome = tokio::task::spawn_blocking(move || {
+            apply(&handle_for_task, &id_owned, &body, body_sha256)
+        })
+        .await?;
+        match &outcome {
+            Ok(outcome) if outcome.replayed => handle.counters.webhooks_duplicate.inc(),
+            Ok(outcome) if outcome.response["status"] == "stale" => {
+                handle.counters.webhooks_stale.inc()
+            }
+            Ok(_) => handle.counters.webhooks_applied.inc(),
+            Err(_) => handle.counters.webhooks_rejected.inc(),
+        }
+        if matches!(&outcome, Ok(outcome) if !outcome.replayed) {
+            handle.wake();
+        }
+        outcome
+    }
+}
+
+/// The blocking part: runs with the webhook id's lock held.
+fn apply(
+    handle: &ConnectorHandle,
+    webhook_id: &str,
+    body: &Map<String, Json>,
+    body_sha256: String,
+) -> Result<WebhookOutcome> {
+    let records = &handle.records;
+    if let Some(previous) = records.inbox(webhook_id)? {
+        if previous.body_sha256 != body_sha256 {
+            return Err(Error::IdReused {
+                id: webhook_id.to_string(),
+            });
+        }
+        return Ok(WebhookOutcome {
+            response: previous.response,
+            replayed: true,
+        });
+    }
+    let connector = &handle.connector;
+    let inbound = connector.mapping.to_entity(body)?;
+    let key = EntityKey {
+        kind: connector.kind.clone(),
+        id: store::EntityId::new(inbound.id.clone())?,
+    };
+    let _locked = handle.lock_entity(&key);
+    let mut shadow = records.shadow(&key)?;
+    let mark = connector
+        .version_field
+        .as_ref()
+        .and_then(|field| body.get(field))
+        .filter(|value| !value.is_null())
+        .cloned();
+    let inbox = |response: &Json| InboxRecord {
+        body_sha256: body_sha256.clone(),
+        response: response.clone(),
+        at_ms: now_ms(),
+    };
+    if let (Some(mark), Some(applied)) = (&mark, &shadow.inbound_mark) {
+        if compare_marks(mark, applied) == Some(Ordering::Less) {
+            let response = json!({
+                "status": "stale",
+                "kind": key.kind, "id": key.id,
+                "detail": format!("{} {mark} is older than {applied}, already applied; ignored",
+                    connector.version_field.as_deref().unwrap_or_default()),
+            });
+            records.write(vec![records.put_inbox(webhook_id, &inbox(&response))])?;
+            return Ok(WebhookOutcome {
+                response,
+                replayed: false,
+            });
+        }
+    }
+    // What the system sent us, in its own representation after a round trip through the
+    // mapping, so the no-echo comparison sees exactly what delivery would send.
+    let patch_fields = inbound.patch.as_object().cloned().unwrap_or_default();
+    let normalized = connector.mapping.to_external(&patch_fields)?;
+    for (field, value) in normalized {
+        if value.is_null() {
+            shadow.fields.remove(&field);
+        } else {
+            shadow.fields.insert(field, value);
+        }
+    }
+    if mark.is_some() {
+        shadow.inbound_mark = mark;
+    }
+    let origin = Origin::parse(&format!("connector:{}", connector.name))?;
+    let unknown = inbound.unknown.clone();
+    let mut response_out = Json::Null;
+    records
+        .store()
+        .patch_with(&key, &inbound.patch, &WriteOptions::new(origin), |view| {
+            let response = json!({
+                "status": if view.changed { "applied" } else { "unchanged" },
+                "kind": key.kind, "id": key.id,
+                "version": view.version,
+                "unknown_fields": unknown,
+            });
+            let writes: Vec<RecordWrite> = vec![
+                records.put_inbox(webhook_id, &inbox(&response)),
+                records.put_shadow(&key, &shadow),
+            ];
+            response_out = response;
+            writes
+        })?;
+    if !inbound.unknown.is_empty() {
+        tracing::warn!(connector = %connector.name, entity = %key, unknown = ?inbound.unknown, "webhook carried unmapped fields; they were not applied");
+    }
+    Ok(WebhookOutcome {
+        response: response_out,
+        replayed: false,
+    })
+}

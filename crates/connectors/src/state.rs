@@ -1,0 +1,238 @@
+//! What the store keeps for each connector, as typed side records:
+//!
+//! | space | parts | value |
+//! |---|---|---|
+//! | `connector.state` | connector | [`ConnectorState`]: feed cursor, paused, disabled |
+//! | `connector.shadow` | connector, kind, id | [`Shadow`]: the mapped fields the external system has |
+//! | `connector.outbox` | connector, kind, id | [`Attempt`]: the one delta in flight for the entity |
+//! | `connector.inbox` | connector, hash of the webhook id | [`InboxRecord`]: the first response to that id |
+//!
+//! The shadow and the outbox are what make delivery crash-safe: the delta to send is always
+//! `mapped(entity) - shadow`, and an attempt, once written, is retried under the same key until
+//! it is acknowledged, when it is deleted and the shadow advanced in one atomic write.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+use sha2::{Digest, Sha256};
+use store::{EntityKey, RecordKey, RecordWrite, Seq, Store};
+
+use crate::error::{Error, Result};
+
+const STATE: &str = "connector.state";
+const SHADOW: &str = "connector.shadow";
+const OUTBOX: &str = "connector.outbox";
+const INBOX: &str = "connector.inbox";
+
+/// A connector's persisted run state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectorState {
+    /// The feed position up to which every change has been turned into an attempt (or needed none).
+    pub cursor: Seq,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// Disabled because the external system answered 410 Gone; the reason.
+    pub disabled: Option<String>,
+}
+
+/// What an external system is known to have for one entity.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shadow {
+    /// Mapped fields by external name, in the external system's representation.
+    pub fields: BTreeMap<String, Json>,
+    /// The entity version the system was last brought to by a delivery.
+    pub version: Option<String>,
+    /// The highest `version_field` value applied from this system's webhooks.
+    pub inbound_mark: Option<Json>,
+}
+
+/// One outbound delta for one entity, retried under the same key until acknowledged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The idempotency key: derived from connector, entity and target version.
+    pub key: String,
+    /// The request body: the changed mapped fields, removed ones as `null`, plus the id field.
+    pub delta: Map<String, Json>,
+    /// The entity version this delta brings the system to.
+    pub version: String,
+    /// The version the system was at before, if known.
+    pub previous_version: Option<String>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due, in Unix milliseconds.
+    pub next_at_ms: u64,
+    /// When the attempt was created, in Unix milliseconds.
+    pub created_at_ms: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Set when the delta was dead-lettered; the reason.
+    pub dead: Option<String>,
+}
+
+/// The first response given to an inbound webhook id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InboxRecord {
+    /// SHA-256 of the body, hex, to tell a repeat from a different body under the same id.
+    pub body_sha256: String,
+    /// The response body given (always with a 2xx status).
+    pub response: Json,
+    /// When it was received, in Unix milliseconds (for retention).
+    pub at_ms: u64,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("connector records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(key: &RecordKey, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|error| Error::CorruptRecord {
+        key: format!("{key:?}"),
+        detail: error.to_string(),
+    })
+}
+
+fn read<T: DeserializeOwned>(store: &Store, key: &RecordKey) -> Result<Option<T>> {
+    store
+        .read_record(key)?
+        .map(|bytes| decode(key, &bytes))
+        .transpose()
+}
+
+/// Hex SHA-256 of some bytes.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Typed access to one connector's records.
+#[derive(Clone)]
+pub(crate) struct Records {
+    store: Store,
+    connector: String,
+}
+
+impl Records {
+    pub(crate) fn new(store: Store, connector: &str) -> Self {
+        Self {
+            store,
+            connector: connector.to_string(),
+        }
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn entity_key(&self, space: &str, entity: &EntityKey) -> RecordKey {
+        RecordKey::new(
+            space,
+            &[&self.connector, entity.kind.as_str(), entity.id.as_str()],
+        )
+    }
+
+    pub(crate) fn state(&self) -> Result<ConnectorState> {
+        Ok(read(&self.store, &RecordKey::new(STATE, &[&self.connector]))?.unwrap_or_default())
+    }
+
+    pub(crate) fn put_state(&self, state: &ConnectorState) -> RecordWrite {
+        RecordWrite::put(RecordKey::new(STATE, &[&self.connector]), encode(state))
+    }
+
+    pub(crate) fn shadow(&self, entity: &EntityKey) -> Result<Shadow> {
+        Ok(read(&self.store, &self.entity_key(SHADOW, entity))?.unwrap_or_default())
+    }
+
+    pub(crate) fn put_shadow(&self, entity: &EntityKey, shadow: &Shadow) -> RecordWrite {
+        RecordWrite::put(self.entity_key(SHADOW, entity), encode(shadow))
+    }
+
+    pub(crate) fn delete_shadow(&self, entity: &EntityKey) -> RecordWrite {
+        RecordWrite::delete(self.entity_key(SHADOW, entity))
+    }
+
+    /// Every shadow of this connector, as entity keys.
+    pub(crate) fn shadowed_entities(&self) -> Result<Vec<EntityKey>> {
+        self.scan_entities(SHADOW)
+    }
+
+    pub(crate) fn attempt(&self, entity: &EntityKey) -> Result<Option<Attempt>> {
+        read(&self.store, &self.entity_key(OUTBOX, entity))
+    }
+
+    pub(crate) fn put_attempt(&self, entity: &EntityKey, attempt: &Attempt) -> RecordWrite {
+        RecordWrite::put(self.entity_key(OUTBOX, entity), encode(attempt))
+    }
+
+    pub(crate) fn delete_attempt(&self, entity: &EntityKey) -> RecordWrite {
+        RecordWrite::delete(self.entity_key(OUTBOX, entity))
+    }
+
+    /// Every attempt in this connector's outbox.
+    pub(crate) fn attempts(&self) -> Result<Vec<(EntityKey, Attempt)>> {
+        let prefix = RecordKey::new(OUTBOX, &[&self.connector]);
+        let mut found = Vec::new();
+        for (key, bytes) in self.store.scan_records(&prefix)? {
+            if let Some(entity) = entity_of(&key) {
+                found.push((entity, decode(&key, &bytes)?));
+            }
+        }
+        Ok(found)
+    }
+
+    fn scan_entities(&self, space: &str) -> Result<Vec<EntityKey>> {
+        let prefix = RecordKey::new(space, &[&self.connector]);
+        Ok(self
+            .store
+            .scan_records(&prefix)?
+            .into_iter()
+            .filter_map(|(key, _)| entity_of(&key))
+            .collect())
+    }
+
+    fn inbox_key(&self, webhook_id: &str) -> RecordKey {
+        RecordKey::new(
+            INBOX,
+            &[&self.connector, &sha256_hex(webhook_id.as_bytes())],
+        )
+    }
+
+    pub(crate) fn inbox(&self, webhook_id: &str) -> Result<Option<InboxRecord>> {
+        read(&self.store, &self.inbox_key(webhook_id))
+    }
+
+    pub(crate) fn put_inbox(&self, webhook_id: &str, record: &InboxRecord) -> RecordWrite {
+        RecordWrite::put(self.inbox_key(webhook_id), encode(record))
+    }
+
+    /// Inbox records older than `cutoff_ms`, as deletions.
+    pub(crate) fn expired_inbox(&self, cutoff_ms: u64) -> Result<Vec<RecordWrite>> {
+        let prefix = RecordKey::new(INBOX, &[&self.connector]);
+        let mut expired = Vec::new();
+        for (key, bytes) in self.store.scan_records(&prefix)? {
+            let record: InboxRecord = decode(&key, &bytes)?;
+            if record.at_ms < cutoff_ms {
+                expired.push(RecordWrite::delete(key));
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Writes records atomically and durably.
+    pub(crate) fn write(&self, writes: Vec<RecordWrite>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.store.write_records(writes)?;
+        Ok(())
+    }
+}
+
+fn entity_of(key: &RecordKey) -> Option<EntityKey> {
+    let parts = key.parts();
+    match parts.as_slice() {
+        [_, kind, id] => EntityKey::new(kind.clone(), id.clone()).ok(),
+        _ => None,
+    }
+}
