@@ -10,6 +10,8 @@ mod api;
 mod auth;
 mod bad_input;
 mod changes;
+mod connector_model;
+mod connectors;
 mod crash;
 mod limits;
 mod shutdown;

@@ -23,6 +23,8 @@
 //! # }
 //! ```
 
+pub mod fake_api;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -19,6 +19,9 @@ use serde::Serialize;
 pub(crate) enum ApiError {
     /// The store refused or failed the operation.
     Store(store::Error),
+    /// A connector refused or failed the operation (never `connectors::Error::Store`: `From`
+    /// unwraps that into `Store`).
+    Connector(connectors::Error),
     /// The request is malformed: a bad query, path, header or body.
     BadRequest { code: &'static str, detail: String },
     /// There is nothing at this path (an entity, or a route).
@@ -105,6 +108,43 @@ impl ApiError {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), None)
                 }
             },
+            Self::Connector(error) => {
+                use connectors::{Error as C, MappingError as M, SignatureError as S};
+                let detail = error.to_string();
+                match error {
+                    C::UnknownConnector(_) => {
+                        client(StatusCode::NOT_FOUND, "unknown_connector", detail)
+                    }
+                    C::InboundDisabled(_) => {
+                        client(StatusCode::NOT_FOUND, "inbound_disabled", detail)
+                    }
+                    C::OutboundDisabled(_) => {
+                        client(StatusCode::CONFLICT, "outbound_disabled", detail)
+                    }
+                    C::Signature(S::StaleTimestamp { .. }) => {
+                        client(StatusCode::UNAUTHORIZED, "stale_timestamp", detail)
+                    }
+                    C::Signature(_) => {
+                        client(StatusCode::UNAUTHORIZED, "invalid_signature", detail)
+                    }
+                    C::InvalidJson(_) => client(StatusCode::BAD_REQUEST, "invalid_json", detail),
+                    C::NotAnObject => {
+                        client(StatusCode::UNPROCESSABLE_ENTITY, "not_an_object", detail)
+                    }
+                    C::Mapping(M::MissingId(_)) => {
+                        client(StatusCode::UNPROCESSABLE_ENTITY, "missing_id", detail)
+                    }
+                    C::Mapping(_) => {
+                        client(StatusCode::UNPROCESSABLE_ENTITY, "uncastable_value", detail)
+                    }
+                    C::IdReused { .. } => client(StatusCode::CONFLICT, "webhook_id_reused", detail),
+                    C::NoDeadLetter(_) => client(StatusCode::NOT_FOUND, "no_dead_letter", detail),
+                    // `From` turns a wrapped store error into `Self::Store`.
+                    C::Store(_) | C::CorruptRecord { .. } | C::Task(_) => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), None)
+                    }
+                }
+            }
             Self::BadRequest { code, detail } => {
                 client(StatusCode::BAD_REQUEST, code, detail.clone())
             }
@@ -150,6 +190,15 @@ impl ApiError {
                 "the server is shutting down".into(),
             ),
             Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), None),
+        }
+    }
+}
+
+impl From<connectors::Error> for ApiError {
+    fn from(error: connectors::Error) -> Self {
+        match error {
+            connectors::Error::Store(error) => Self::Store(error),
+            other => Self::Connector(other),
         }
     }
 }
@@ -201,6 +250,7 @@ impl fmt::Display for CauseChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let first: &(dyn StdError + 'static) = match self.0 {
             ApiError::Store(error) => error,
+            ApiError::Connector(error) => error,
             ApiError::Internal { what, source } => {
                 write!(f, "{what}")?;
                 f.write_str(": ")?;

@@ -104,6 +104,12 @@ pub struct Config {
     pub limits: Limits,
     /// Who may call the API.
     pub auth: AuthSettings,
+    /// Connectors to external systems (`[[connectors]]`), as written.
+    #[serde(default)]
+    pub connectors: Vec<connectors::ConnectorConfig>,
+    /// The same connectors, validated (secrets parsed, `${NAME}` in headers resolved).
+    #[serde(skip)]
+    pub validated_connectors: Vec<connectors::Connector>,
 }
 
 /// The `[store]` section.
@@ -332,6 +338,9 @@ impl Config {
             })?;
             merge(&mut table, parse_toml(&text, &path.display().to_string())?);
         }
+        // Connector headers may name any environment variable as `${NAME}`.
+        let env_map: std::collections::BTreeMap<String, String> =
+            sources.env.iter().cloned().collect();
         apply_env(&mut table, sources.env)?;
         let mut config: Config =
             serde_path_to_error::deserialize(Value::Table(table)).map_err(|error| {
@@ -359,6 +368,11 @@ impl Config {
             config.store.data_dir = data_dir;
         }
         config.validate()?;
+        config.validated_connectors = connectors::validate_all(&config.connectors, &env_map)
+            .map_err(|error| ConfigError::Invalid {
+                key: format!("connectors[{}].{}", error.name, error.key),
+                detail: error.detail,
+            })?;
         Ok(config)
     }
 

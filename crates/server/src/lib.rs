@@ -10,6 +10,7 @@
 //! `config` is the configuration tree and its loader; `routes` composes the resource routers
 //! (`entities`, `changes`, `health`, `metrics`) with the middleware in `telemetry`, `limits` and
 //! `auth`; `extract` holds our extractors, so rejections come back in our error shape;
+//! `connectors` serves webhooks and the connector admin API;
 //! `api_error` turns every failure into `{"code", "detail"}`; `state` is what handlers share;
 //! `connection` accepts and serves connections with a header-read timeout and graceful shutdown.
 //!
@@ -41,6 +42,7 @@ mod auth;
 mod changes;
 mod config;
 mod connection;
+mod connectors;
 mod entities;
 mod error;
 mod extract;
@@ -58,6 +60,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 pub use config::{
     AuthSettings, Config, ConfigError, ConfigSources, Limits, Role, Secret, StoreSettings,
@@ -106,7 +109,13 @@ pub async fn run_with_store(
 ) -> Result<()> {
     let tasks = TaskTracker::new();
     let force = CancellationToken::new();
+    let connectors =
+        ::connectors::Connectors::new(store.clone(), config.validated_connectors.clone());
+    for (name, worker) in connectors.workers(shutdown.child_token()) {
+        tasks.spawn(worker.instrument(tracing::info_span!("delivery", connector = %name)));
+    }
     let state = AppState {
+        connectors,
         store: store.clone(),
         tokens: Arc::new(Tokens::new(&config.auth).map_err(Error::Auth)?),
         metrics: Arc::new(Metrics::default()),

@@ -193,7 +193,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .limits
         .max_concurrent_requests
         .saturating_sub(state.admission.available_permits());
-    let text = state.metrics.render(state.store.stats(), in_flight);
+    let mut text = state.metrics.render(state.store.stats(), in_flight);
+    crate::connectors::render_metrics(&state, &mut text);
     (
         [(
             header::CONTENT_TYPE,

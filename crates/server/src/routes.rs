@@ -1,7 +1,8 @@
 //! The whole route table: each resource's `router()`, with the middleware that applies to it.
 //!
 //! Layers, outermost first: `telemetry` (every request, answered or refused, is logged and counted),
-//! the body limit, then for `/v1` only the concurrency cap, the request timeout and authentication.
+//! the body limit, then for `/v1` only the concurrency cap, the request timeout and authentication
+//! (connector webhooks are signed instead, so they skip authentication).
 //! `/healthz`, `/readyz` and `/metrics` sit outside the `/v1` limits and auth, so probes and scrapes
 //! still work while the API is saturated. A path no route matches gets 404 JSON, and a known path
 //! with the wrong method 405 JSON (with `Allow`).
@@ -12,18 +13,24 @@ use axum::Router;
 
 use crate::api_error::ApiError;
 use crate::state::AppState;
-use crate::{auth, changes, entities, health, limits, metrics, telemetry};
+use crate::{auth, changes, connectors, entities, health, limits, metrics, telemetry};
 
 /// Every route, with its middleware, ready to serve.
 pub(crate) fn app(state: AppState) -> Router {
     let api = Router::new()
         .merge(entities::router())
         .merge(changes::router())
+        .merge(connectors::router())
         .layer(from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(from_fn_with_state(state.clone(), limits::time_limit))
+        .layer(from_fn_with_state(state.clone(), limits::admit));
+    // Webhooks prove who sent them with a signature, not a bearer token; limits still apply.
+    let webhooks = connectors::webhook_router()
         .layer(from_fn_with_state(state.clone(), limits::time_limit))
         .layer(from_fn_with_state(state.clone(), limits::admit));
     Router::new()
         .merge(api)
+        .merge(webhooks)
         .merge(health::router())
         .merge(metrics::router())
         .fallback(no_route)

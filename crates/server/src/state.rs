@@ -20,6 +20,8 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) store: Store,
+    /// The configured connectors (webhooks in, deliveries out, admin).
+    pub(crate) connectors: connectors::Connectors,
     pub(crate) config: Arc<Config>,
     pub(crate) tokens: Arc<Tokens>,
     pub(crate) metrics: Arc<Metrics>,

@@ -25,8 +25,10 @@ fn state(dir: &std::path::Path) -> AppState {
         ..ConfigSources::default()
     })
     .expect("the defaults are valid");
+    let store = Store::open(config.store.store_config()).expect("a fresh directory opens");
     AppState {
-        store: Store::open(config.store.store_config()).expect("a fresh directory opens"),
+        connectors: ::connectors::Connectors::new(store.clone(), Vec::new()),
+        store,
         tokens: Arc::new(Tokens::new(&config.auth).expect("no tokens are configured")),
         metrics: Arc::new(Metrics::default()),
         admission: Arc::new(Semaphore::new(1)),

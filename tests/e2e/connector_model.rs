@@ -1,0 +1,329 @@
+//! The connector model test: random sequences of local edits, webhooks (including duplicates and
+//! stale ones), external failures and restarts, against a `FakeApi` that keeps its own records.
+//!
+//! Invariants at the end: the external system holds exactly the mapped fields of every entity,
+//! and it was never sent a value it already held (no echo).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use connectors::{validate_all, ConnectorConfig, Connectors, WebhookRequest, WebhookSecret};
+use lockstep_tests::fake_api::{Behavior, FakeApi};
+use proptest::prelude::*;
+use serde_json::{json, Map, Value};
+use store::{EntityKey, Origin, Store, StoreConfig, WriteOptions};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const IDS: [&str; 3] = ["1", "2", "3"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A local edit of one entity field (`None` removes it).
+    Local {
+        id: usize,
+        field: usize,
+        value: Option<u8>,
+    },
+    /// The external system changes a field and sends the webhook.
+    Webhook {
+        id: usize,
+        field: usize,
+        value: Option<u8>,
+    },
+    /// The last webhook is sent again (same id, same body).
+    Duplicate,
+    /// A webhook whose `updatedAt` is older than the last one applied.
+    Stale { id: usize, field: usize, value: u8 },
+    /// The external system answers 500 until `Recover`.
+    Fail,
+    /// The external system answers 200 again.
+    Recover,
+    /// Stop the workers, close the store, reopen both.
+    Restart,
+}
+
+/// (entity path, external name) of the mapped fields.
+const FIELDS: [(&str, &str); 3] = [
+    ("date", "scheduledDate"),
+    ("site.code", "officeCode"),
+    ("slot", "slot"),
+];
+
+fn op() -> impl Strategy<Value = Op> {
+    let value = proptest::option::weighted(0.8, 0u8..6);
+    prop_oneof![
+        4 => (0..IDS.len(), 0..FIELDS.len(), value.clone()).prop_map(|(id, field, value)| Op::Local { id, field, value }),
+        4 => (0..IDS.len(), 0..FIELDS.len(), value).prop_map(|(id, field, value)| Op::Webhook { id, field, value }),
+        1 => Just(Op::Duplicate),
+        1 => (0..IDS.len(), 0..FIELDS.len(), 0u8..6).prop_map(|(id, field, value)| Op::Stale { id, field, value }),
+        1 => Just(Op::Fail),
+        1 => Just(Op::Recover),
+        1 => Just(Op::Restart),
+    ]
+}
+
+fn entity_value(field: usize, value: u8) -> Value {
+    match field {
+        0 => json!(format!("2026-12-0{}", value + 1)),
+        1 => json!(format!("N{value}")),
+        _ => json!(i64::from(value)),
+    }
+}
+
+fn external_value(field: usize, value: u8) -> Value {
+    match field {
+        2 => json!(value.to_string()),
+        _ => entity_value(field, value),
+    }
+}
+
+fn config(url: &str) -> Result<ConnectorConfig> {
+    let text = format!(
+        r#"
+        name = "scheduler"
+        kind = "appointment"
+        id_field = "apptId"
+        url = "{url}/sync"
+        signing_secret = "{SECRET}"
+        webhook_secret = "{SECRET}"
+        version_field = "updatedAt"
+        timeout = "2s"
+        [fields]
+        scheduledDate = "date"
+        officeCode = "site.code"
+        slot = {{ field = "slot", entity = "number", external = "string" }}
+        [retry]
+        schedule = ["0s", "20ms", "50ms"]
+        jitter = 0.0
+        "#
+    );
+    Ok(toml::from_str(&text)?)
+}
+
+struct Running {
+    store: Store,
+    connectors: Connectors,
+    shutdown: CancellationToken,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn start(dir: &std::path::Path, config: &ConnectorConfig) -> Result<Running> {
+    let store = Store::open(StoreConfig::new(dir))?;
+    let connectors = Connectors::new(
+        store.clone(),
+        validate_all(std::slice::from_ref(config), &BTreeMap::new())?,
+    );
+    let shutdown = CancellationToken::new();
+    let workers = connectors
+        .workers(shutdown.clone())
+        .into_iter()
+        .map(|(_, worker)| tokio::spawn(worker))
+        .collect();
+    Ok(Running {
+        store,
+        connectors,
+        shutdown,
+        workers,
+    })
+}
+
+async fn stop(running: Running) -> Result<()> {
+    running.shutdown.cancel();
+    for worker in running.workers {
+        tokio::time::timeout(Duration::from_secs(10), worker)
+            .await
+            .context("a worker did not stop")??;
+    }
+    let Running {
+        store, connectors, ..
+    } = running;
+    drop(connectors);
+    tokio::task::spawn_blocking(move || store.close()).await??;
+    Ok(())
+}
+
+async fn send_webhook(running: &Running, webhook_id: &str, body: &[u8]) -> Result<Value> {
+    let secret = WebhookSecret::parse(SECRET)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let signature = secret.sign(webhook_id, now, body);
+    let timestamp = now.to_string();
+    let outcome = running
+        .connectors
+        .receive_webhook(
+            "scheduler",
+            WebhookRequest {
+                id: Some(webhook_id),
+                timestamp: Some(&timestamp),
+                signature: Some(&signature),
+                body,
+            },
+        )
+        .await
+        .with_context(|| format!("webhook {webhook_id} was refused"))?;
+    Ok(outcome.response)
+}
+
+/// Waits until the connector has nothing pending and has read the whole feed.
+async fn quiesce(running: &Running) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = running.connectors.status("scheduler").await?;
+        if status.entities_pending == 0 && status.cursor == running.store.last_seq() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the connector did not settle: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn run_case(ops: Vec<Op>) -> Result<()> {
+    let fake = FakeApi::start().await?;
+    fake.keep_state("apptId");
+    let config = config(&fake.base)?;
+    let dir = tempfile::tempdir()?;
+    let mut running = Some(start(dir.path(), &config).await?);
+    let origin = WriteOptions::new(Origin::local("model")?);
+    let mut last_webhook: Option<(String, Vec<u8>)> = None;
+    let mut counter = 0u64;
+    let mut failing = false;
+    for op in ops {
+        let current = running.as_ref().context("running")?;
+        counter += 1;
+        match op {
+            Op::Local { id, field, value } => {
+                let (path, _) = FIELDS[field];
+                let mut patch = Map::new();
+                let leaf = value.map_or(Value::Null, |value| entity_value(field, value));
+                match path.split_once('.') {
+                    Some((outer, inner)) => {
+                        patch.insert(outer.into(), json!({ inner: leaf }));
+                    }
+                    None => {
+                        patch.insert(path.into(), leaf);
+                    }
+                }
+                let key = EntityKey::new("appointment", IDS[id])?;
+                let store = current.store.clone();
+                let options = origin.clone();
+                // A patch that would create an entity with no fields is refused; that is fine here.
+                let _ = tokio::task::spawn_blocking(move || {
+                    store.patch(&key, &Value::Object(patch), &options)
+                })
+                .await?;
+            }
+            Op::Webhook { id, field, value } => {
+                let (_, external) = FIELDS[field];
+                let external_value =
+                    value.map_or(Value::Null, |value| external_value(field, value));
+                // The system only sends webhooks for records it has, or creates with a value.
+                fake.change_own(IDS[id], external, external_value.clone());
+                let body = json!({ "apptId": IDS[id], external: external_value, "updatedAt": 1_000_000 + counter });
+                let body = serde_json::to_vec(&body)?;
+                let webhook_id = format!("msg_{counter}");
+                let _ = send_webhook(current, &webhook_id, &body).await;
+                last_webhook = Some((webhook_id, body));
+            }
+            Op::Duplicate => {
+                if let Some((webhook_id, body)) = &last_webhook {
+                    let before = current.store.last_seq();
+                    let _ = send_webhook(current, webhook_id, body).await;
+                    if current.store.last_seq() != before {
+                        bail!("a duplicate webhook made a change");
+                    }
+                }
+            }
+            Op::Stale { id, field, value } => {
+                let (_, external) = FIELDS[field];
+                let body = serde_json::to_vec(
+                    &json!({ "apptId": IDS[id], external: external_value(field, value), "updatedAt": 1 }),
+                )?;
+                let before = current.store.last_seq();
+                let response = send_webhook(current, &format!("stale_{counter}"), &body).await;
+                if let Ok(response) = response {
+                    // Stale only once something newer was applied for this entity.
+                    if response["status"] == "stale" && current.store.last_seq() != before {
+                        bail!("a stale webhook made a change");
+                    }
+                    if response["status"] != "stale" {
+                        fake.change_own(IDS[id], external, external_value(field, value));
+                    }
+                }
+            }
+            Op::Fail => {
+                failing = true;
+                fake.set(Behavior::Status(500));
+            }
+            Op::Recover => {
+                failing = false;
+                fake.set(Behavior::Status(200));
+            }
+            Op::Restart => {
+                stop(running.take().context("running")?).await?;
+                running = Some(start(dir.path(), &config).await?);
+            }
+        }
+        if !failing {
+            quiesce(running.as_ref().context("running")?).await?;
+        }
+    }
+    fake.set(Behavior::Status(200));
+    let current = running.as_ref().context("running")?;
+    quiesce(current).await?;
+    // The system's records equal the mapped entities.
+    let mapping = validate_all(std::slice::from_ref(&config), &BTreeMap::new())?
+        .remove(0)
+        .mapping;
+    let system = fake.state();
+    for id in IDS {
+        let key = EntityKey::new("appointment", id)?;
+        let data = current
+            .store
+            .get(&key)?
+            .map(|entity| entity.data)
+            .unwrap_or_default();
+        let expected: BTreeMap<String, Value> = mapping.to_external(&data)?.into_iter().collect();
+        let held = system.get(id).cloned().unwrap_or_default();
+        if held != expected {
+            bail!("system holds {held:?} for {id}, entity maps to {expected:?}");
+        }
+    }
+    for request in fake.acknowledged() {
+        if !request.redundant_fields.is_empty() {
+            bail!(
+                "the system was sent values it already held: {:?} in {}",
+                request.redundant_fields,
+                request.json()
+            );
+        }
+    }
+    stop(running.take().context("running")?).await?;
+    Ok(())
+}
+
+fn cases() -> u32 {
+    // Each case runs real HTTP and sled; a tenth of the store tests' count is plenty in CI.
+    std::env::var_os("LOCKSTEP_PROPTEST_CASES")
+        .and_then(|value| value.to_str()?.parse::<u32>().ok())
+        .map_or(16, |cases| (cases / 10).max(8))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn issue_3_connector_converges_without_echo(ops in proptest::collection::vec(op(), 1..25)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
+        let result = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(120), run_case(ops)).await });
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(TestCaseError::fail(format!("{error:#}"))),
+            Err(_) => return Err(TestCaseError::fail("the case took longer than 120 s")),
+        }
+    }
+}

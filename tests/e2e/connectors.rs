@@ -1,0 +1,708 @@
+//! Connectors end to end: the real server with `[[connectors]]`, a `FakeApi` as the external
+//! system, signed webhooks over HTTP.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use connectors::WebhookSecret;
+use lockstep_tests::fake_api::{Behavior, FakeApi, Received};
+use lockstep_tests::{expect_error, poll_until, within, TestServer};
+use serde_json::{json, Value};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A connector table for the appointment example, pointing at `url`.
+fn connector(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[connectors]]
+name = "{name}"
+kind = "appointment"
+id_field = "apptId"
+url = "{url}/appointments/sync"
+signing_secret = "{SECRET}"
+webhook_secret = "{SECRET}"
+timeout = "500ms"
+{extra}
+[connectors.fields]
+scheduledDate = "date"
+officeCode = "site.code"
+[connectors.retry]
+schedule = ["0s", "50ms", "100ms"]
+jitter = 0.0
+"#
+    )
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// Posts a webhook signed at `timestamp` (`now()` when `None`).
+async fn post_webhook(
+    server: &TestServer,
+    name: &str,
+    id: &str,
+    body: &Value,
+    timestamp: Option<i64>,
+) -> Result<reqwest::Response> {
+    let body = serde_json::to_vec(body)?;
+    let timestamp = timestamp.unwrap_or_else(now);
+    let signature = WebhookSecret::parse(SECRET)?.sign(id, timestamp, &body);
+    server
+        .send(
+            server
+                .client()
+                .post(server.url(&format!("/v1/connectors/{name}/webhook")))
+                .header("content-type", "application/json")
+                .header("webhook-id", id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", signature)
+                .body(body),
+        )
+        .await
+}
+
+/// Waits until the connector has nothing pending and has read the whole feed.
+async fn settle(server: &TestServer, name: &str) -> Result<Value> {
+    poll_until(&format!("connector {name} to settle"), || async {
+        let (_, status) = server.get(&format!("/v1/connectors/{name}")).await?;
+        let settled = status["entities_pending"] == 0 && status["cursor"] == server.feed_len();
+        Ok(settled.then_some(status))
+    })
+    .await
+}
+
+fn bodies_by_key(received: &[Received]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut by_key: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for request in received {
+        by_key
+            .entry(
+                request
+                    .header("idempotency-key")
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+            .or_default()
+            .insert(String::from_utf8_lossy(&request.body).into_owned());
+    }
+    by_key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_booking_reaches_the_scheduler_and_its_reschedule_is_not_echoed() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    fake.keep_state("apptId");
+    let server = TestServer::start_with(&connector("state-scheduler", &fake.base, "")).await?;
+
+    let (status, _) = server
+        .patch(
+            "/v1/entities/appointment/123",
+            &json!({"date": "2026-12-01", "site": {"code": "N1"}, "notes": "internal"}),
+        )
+        .await?;
+    assert_eq!(status, 201);
+    let received = fake
+        .wait_for(Duration::from_secs(10), "the first delta", |r| {
+            !r.is_empty()
+        })
+        .await?;
+    let first = &received[0];
+    assert_eq!(first.method, "POST");
+    assert_eq!(first.path, "/appointments/sync");
+    assert_eq!(
+        first.json(),
+        json!({"apptId": "123", "scheduledDate": "2026-12-01", "officeCode": "N1"})
+    );
+    let key = first
+        .header("idempotency-key")
+        .context("an idempotency key")?;
+    assert!(first.header("lockstep-version").is_some());
+    assert_eq!(first.header("webhook-id"), Some(key));
+    // The request is signed per Standard Webhooks with the signing secret.
+    WebhookSecret::parse(SECRET)?.verify(
+        key,
+        first.header("webhook-timestamp").context("a timestamp")?,
+        first.header("webhook-signature").context("a signature")?,
+        &first.body,
+        now(),
+        300,
+    )?;
+
+    // The scheduler reschedules and tells us.
+    fake.change_own("123", "scheduledDate", json!("2026-12-02"));
+    let response = post_webhook(
+        &server,
+        "state-scheduler",
+        "msg_1",
+        &json!({"apptId": "123", "scheduledDate": "2026-12-02"}),
+        None,
+    )
+    .await?;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await?;
+    assert_eq!(answer["status"], "applied", "{answer}");
+    let (_, entity) = server.get("/v1/entities/appointment/123").await?;
+    assert_eq!(entity["data"]["date"], "2026-12-02");
+    let (_, history) = server.get("/v1/entities/appointment/123/history").await?;
+    assert!(
+        history.to_string().contains("connector:state-scheduler"),
+        "{history}"
+    );
+
+    settle(&server, "state-scheduler").await?;
+    assert_eq!(
+        fake.received().len(),
+        1,
+        "the scheduler was sent its own date back: {:#?}",
+        fake.received()
+    );
+
+    // A later local edit sends only what changed.
+    server
+        .patch(
+            "/v1/entities/appointment/123",
+            &json!({"site": {"code": "S2"}}),
+        )
+        .await?;
+    let received = fake
+        .wait_for(Duration::from_secs(10), "the second delta", |r| {
+            r.len() == 2
+        })
+        .await?;
+    assert_eq!(
+        received[1].json(),
+        json!({"apptId": "123", "officeCode": "S2"})
+    );
+    assert_eq!(
+        received[1].header("lockstep-previous-version"),
+        first.header("lockstep-version"),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_an_outage_ends_with_the_current_fields_and_stable_keys() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    fake.keep_state("apptId");
+    fake.set(Behavior::Status(500));
+    let server = TestServer::start_with(&connector("scheduler", &fake.base, "")).await?;
+    for round in 0..4 {
+        for id in 0..5 {
+            server
+                .patch(
+                    &format!("/v1/entities/appointment/a{id}"),
+                    &json!({"date": format!("2026-12-{:02}", round + 1), "site": {"code": format!("R{round}")}}),
+                )
+                .await?;
+        }
+        if round == 1 {
+            fake.set(Behavior::Stall(Duration::from_millis(800)));
+        }
+        fake.wait_for(Duration::from_secs(10), "failed attempts", |r| {
+            r.len() >= 5 * (round + 1)
+        })
+        .await?;
+    }
+    let (_, status) = server.get("/v1/connectors/scheduler").await?;
+    assert!(status["failures"].as_u64() > Some(0), "{status}");
+    assert!(status["last_error"].is_string(), "{status}");
+    fake.set(Behavior::Status(200));
+    settle(&server, "scheduler").await?;
+    let state = fake.state();
+    for id in 0..5 {
+        assert_eq!(
+            state.get(&format!("a{id}")).cloned().unwrap_or_default(),
+            BTreeMap::from([
+                ("officeCode".to_string(), json!("R3")),
+                ("scheduledDate".to_string(), json!("2026-12-04")),
+            ]),
+        );
+    }
+    for (key, bodies) in bodies_by_key(&fake.received()) {
+        assert_eq!(
+            bodies.len(),
+            1,
+            "key {key} carried different deltas: {bodies:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_a_webhook_from_one_connector_reaches_the_other_only() -> Result<()> {
+    let a = FakeApi::start().await?;
+    let b = FakeApi::start().await?;
+    let config = format!(
+        "{}{}",
+        connector("a", &a.base, ""),
+        connector("b", &b.base, "")
+    );
+    let server = TestServer::start_with(&config).await?;
+    let response = post_webhook(
+        &server,
+        "a",
+        "msg_a1",
+        &json!({"apptId": "7", "scheduledDate": "2027-01-05"}),
+        None,
+    )
+    .await?;
+    assert_eq!(response.status(), 200);
+    let to_b = b
+        .wait_for(Duration::from_secs(10), "b's delta", |r| !r.is_empty())
+        .await?;
+    assert_eq!(
+        to_b[0].json(),
+        json!({"apptId": "7", "scheduledDate": "2027-01-05"})
+    );
+    settle(&server, "a").await?;
+    settle(&server, "b").await?;
+    assert!(
+        a.received().is_empty(),
+        "a was sent its own change: {:#?}",
+        a.received()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_after_a_concurrent_edit_the_system_gets_the_winner() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    fake.keep_state("apptId");
+    let server = TestServer::start_with(&connector("scheduler", &fake.base, "")).await?;
+    server
+        .patch("/v1/entities/appointment/9", &json!({"date": "2026-12-01"}))
+        .await?;
+    settle(&server, "scheduler").await?;
+    // A replica edits the date while the scheduler reschedules it here.
+    let replica_dir = tempfile::tempdir()?;
+    let replica = store::Store::open(store::StoreConfig::new(replica_dir.path()))?;
+    let key = store::EntityKey::new("appointment", "9")?;
+    let saved = server.store().save(&key)?.context("saved")?;
+    let peer = store::Origin::parse("peer:replica")?;
+    replica.merge(&key, &saved, &peer)?;
+    replica.patch(
+        &key,
+        &json!({"date": "2026-12-24"}),
+        &store::WriteOptions::new(store::Origin::local("clerk")?),
+    )?;
+    fake.change_own("9", "scheduledDate", json!("2026-12-31"));
+    let response = post_webhook(
+        &server,
+        "scheduler",
+        "msg_9",
+        &json!({"apptId": "9", "scheduledDate": "2026-12-31"}),
+        None,
+    )
+    .await?;
+    assert_eq!(response.status(), 200);
+    let replica_bytes = replica.save(&key)?.context("replica doc")?;
+    let store = server.store().clone();
+    within(
+        "merging the replica",
+        tokio::task::spawn_blocking(move || store.merge(&key, &replica_bytes, &peer)),
+    )
+    .await???;
+    settle(&server, "scheduler").await?;
+    let (_, entity) = server.get("/v1/entities/appointment/9").await?;
+    let (_, conflicts) = server.get("/v1/entities/appointment/9/conflicts").await?;
+    assert_eq!(conflicts["conflicts"][0]["field"], "date", "{conflicts}");
+    let winner = entity["data"]["date"].clone();
+    assert_eq!(
+        fake.state()["9"]["scheduledDate"],
+        winner,
+        "the system holds the loser"
+    );
+    for request in fake.acknowledged() {
+        assert!(
+            request.redundant_fields.is_empty(),
+            "echo: {}",
+            request.json()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue_3_one_webhook_id_posted_at_once_makes_one_change() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    let server = TestServer::start_with(&connector("scheduler", &fake.base, "")).await?;
+    let body = json!({"apptId": "5", "scheduledDate": "2027-02-02"});
+    let before = server.feed_len();
+    let posts: Vec<_> = (0..24)
+        .map(|_| post_webhook(&server, "scheduler", "msg_same", &body, None))
+        .collect();
+    let mut answers = BTreeSet::new();
+    for response in futures::future::join_all(posts).await {
+        let response = response?;
+        assert_eq!(response.status(), 200);
+        answers.insert(response.text().await?);
+    }
+    assert_eq!(
+        answers.len(),
+        1,
+        "every repeat gets the original answer: {answers:?}"
+    );
+    assert_eq!(server.feed_len(), before + 1);
+    let other = post_webhook(
+        &server,
+        "scheduler",
+        "msg_same",
+        &json!({"apptId": "5", "scheduledDate": "2027-03-03"}),
+        None,
+    )
+    .await?;
+    expect_error(other, 409, "webhook_id_reused").await?;
+    assert_eq!(server.feed_len(), before + 1);
+    let (_, status) = server.get("/v1/connectors/scheduler").await?;
+    assert_eq!(status["webhooks_duplicate"], 23, "{status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    let config = format!(
+        "{}{}",
+        connector("scheduler", &fake.base, ""),
+        "[[connectors]]\nname = \"outbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nurl = \"http://127.0.0.1:9/x\"\n[connectors.fields]\nscheduledDate = \"date\"\n"
+    );
+    let server = TestServer::start_with(&config).await?;
+    let before = server.feed_len();
+    let good = json!({"apptId": "1", "scheduledDate": "2027-01-01"});
+    let url = server.url("/v1/connectors/scheduler/webhook");
+    let raw = |id: &str, ts: String, signature: String, body: &str| {
+        server
+            .client()
+            .post(&url)
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts)
+            .header("webhook-signature", signature)
+            .body(body.to_string())
+    };
+    let secret = WebhookSecret::parse(SECRET)?;
+    let body = good.to_string();
+    let ts = now();
+    // Signed for another body, id or timestamp; a bad signature; a missing header.
+    expect_error(
+        server
+            .send(raw(
+                "m1",
+                ts.to_string(),
+                secret.sign("m1", ts, b"{}"),
+                &body,
+            ))
+            .await?,
+        401,
+        "invalid_signature",
+    )
+    .await?;
+    expect_error(
+        server
+            .send(raw(
+                "m2",
+                ts.to_string(),
+                secret.sign("other", ts, body.as_bytes()),
+                &body,
+            ))
+            .await?,
+        401,
+        "invalid_signature",
+    )
+    .await?;
+    expect_error(
+        server
+            .send(raw(
+                "m3",
+                ts.to_string(),
+                secret.sign("m3", ts + 1, body.as_bytes()),
+                &body,
+            ))
+            .await?,
+        401,
+        "invalid_signature",
+    )
+    .await?;
+    expect_error(
+        server
+            .send(raw("m4", ts.to_string(), "v1,AAAA".into(), &body))
+            .await?,
+        401,
+        "invalid_signature",
+    )
+    .await?;
+    expect_error(
+        server
+            .send(server.client().post(&url).body(body.clone()))
+            .await?,
+        401,
+        "invalid_signature",
+    )
+    .await?;
+    // Timestamps: 299 s either way is fine, 301 s is not.
+    for skew in [-301, 301] {
+        let response = post_webhook(
+            &server,
+            "scheduler",
+            &format!("skew{skew}"),
+            &good,
+            Some(now() + skew),
+        )
+        .await?;
+        expect_error(response, 401, "stale_timestamp").await?;
+    }
+    // Bodies that verify but cannot be applied.
+    let signed = |id: &str, body: &str| {
+        let ts = now();
+        raw(
+            id,
+            ts.to_string(),
+            secret.sign(id, ts, body.as_bytes()),
+            body,
+        )
+    };
+    expect_error(
+        server.send(signed("b1", "{not json")).await?,
+        400,
+        "invalid_json",
+    )
+    .await?;
+    expect_error(
+        server.send(signed("b2", "[1,2]")).await?,
+        422,
+        "not_an_object",
+    )
+    .await?;
+    expect_error(
+        server
+            .send(signed("b3", r#"{"scheduledDate": "x"}"#))
+            .await?,
+        422,
+        "missing_id",
+    )
+    .await?;
+    expect_error(
+        server
+            .send(signed("b4", r#"{"apptId": "bad id!"}"#))
+            .await?,
+        400,
+        "invalid_id",
+    )
+    .await?;
+    // Unknown connector, and one that takes no webhooks.
+    expect_error(
+        post_webhook(&server, "nobody", "x", &good, None).await?,
+        404,
+        "unknown_connector",
+    )
+    .await?;
+    expect_error(
+        post_webhook(&server, "outbound-only", "x", &good, None).await?,
+        404,
+        "inbound_disabled",
+    )
+    .await?;
+    assert_eq!(
+        server.feed_len(),
+        before,
+        "a refused webhook changed something"
+    );
+    for skew in [-299, 299] {
+        let response = post_webhook(
+            &server,
+            "scheduler",
+            &format!("ok{skew}"),
+            &good,
+            Some(now() + skew),
+        )
+        .await?;
+        assert_eq!(response.status(), 200);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_an_older_version_field_is_acknowledged_and_ignored() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    let server = TestServer::start_with(&connector(
+        "scheduler",
+        &fake.base,
+        "version_field = \"updatedAt\"",
+    ))
+    .await?;
+    let newer =
+        json!({"apptId": "4", "scheduledDate": "2027-04-04", "updatedAt": "2026-11-23T10:00:00Z"});
+    let older =
+        json!({"apptId": "4", "scheduledDate": "2027-01-01", "updatedAt": "2026-11-23T09:00:00Z"});
+    assert_eq!(
+        post_webhook(&server, "scheduler", "n", &newer, None)
+            .await?
+            .status(),
+        200
+    );
+    let before = server.feed_len();
+    let response = post_webhook(&server, "scheduler", "o", &older, None).await?;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await?;
+    assert_eq!(answer["status"], "stale", "{answer}");
+    assert_eq!(server.feed_len(), before);
+    let (_, entity) = server.get("/v1/entities/appointment/4").await?;
+    assert_eq!(entity["data"]["date"], "2027-04-04");
+    let metrics = server
+        .send(server.client().get(server.url("/metrics")))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains(
+            "lockstep_connector_webhooks_total{connector=\"scheduler\",result=\"stale\"} 1"
+        ),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_admin_pause_dead_letters_gone_replay_and_preview() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    fake.keep_state("apptId");
+    let server = TestServer::start_with(&connector("scheduler", &fake.base, "")).await?;
+    let path = "/v1/connectors/scheduler";
+    let post = |suffix: &str, body: Value| {
+        server
+            .client()
+            .post(server.url(&format!("{path}{suffix}")))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    };
+
+    // Pause: edits wait; resume: they go.
+    let (status, paused) = server.json(post("/pause", json!({}))).await?;
+    assert_eq!(
+        (status.as_u16(), paused["state"].clone()),
+        (200, json!("paused"))
+    );
+    server
+        .patch(
+            "/v1/entities/appointment/p1",
+            &json!({"date": "2027-05-01"}),
+        )
+        .await?;
+    let (_, preview) = server
+        .get(&format!("{path}/preview/appointment/p1"))
+        .await?;
+    assert_eq!(
+        preview["delta"],
+        json!({"apptId": "p1", "scheduledDate": "2027-05-01"}),
+        "{preview}"
+    );
+    assert!(fake.received().is_empty());
+    server.json(post("/resume", json!({}))).await?;
+    fake.wait_for(Duration::from_secs(10), "the delta after resume", |r| {
+        r.len() == 1
+    })
+    .await?;
+    let (_, preview) = server
+        .get(&format!("{path}/preview/appointment/p1"))
+        .await?;
+    assert_eq!(preview["delta"], Value::Null, "{preview}");
+
+    // A 400 dead-letters that entity; another entity still flows.
+    fake.set(Behavior::Status(400));
+    server
+        .patch(
+            "/v1/entities/appointment/p2",
+            &json!({"date": "2027-05-02"}),
+        )
+        .await?;
+    poll_until("a dead letter", || async {
+        let (_, dead) = server.get(&format!("{path}/dead-letters")).await?;
+        Ok((dead["dead_letters"].as_array().map(Vec::len) == Some(1)).then_some(()))
+    })
+    .await?;
+    fake.set(Behavior::Status(200));
+    server
+        .patch(
+            "/v1/entities/appointment/p3",
+            &json!({"date": "2027-05-03"}),
+        )
+        .await?;
+    fake.wait_for(Duration::from_secs(10), "p3 while p2 is dead", |r| {
+        r.iter()
+            .any(|q| q.json()["apptId"] == "p3" && q.status == 200)
+    })
+    .await?;
+    let (status, _) = server
+        .json(post("/dead-letters/appointment/p2/retry", json!({})))
+        .await?;
+    assert_eq!(status, 200);
+    fake.wait_for(Duration::from_secs(10), "p2 after retry", |r| {
+        r.iter()
+            .any(|q| q.json()["apptId"] == "p2" && q.status == 200)
+    })
+    .await?;
+    let missing = server
+        .send(post("/dead-letters/appointment/p2/retry", json!({})))
+        .await?;
+    expect_error(missing, 404, "no_dead_letter").await?;
+
+    // 410 disables the connector until resumed.
+    fake.set(Behavior::Status(410));
+    server
+        .patch(
+            "/v1/entities/appointment/p4",
+            &json!({"date": "2027-05-04"}),
+        )
+        .await?;
+    poll_until("the connector to be disabled", || async {
+        let (_, status) = server.get(path).await?;
+        Ok((status["state"] == "disabled").then_some(()))
+    })
+    .await?;
+    fake.set(Behavior::Status(200));
+    server.json(post("/resume", json!({}))).await?;
+    settle(&server, "scheduler").await?;
+
+    // Replay resends what the system already has.
+    let before = fake.received().len();
+    let (status, replayed) = server
+        .json(post(
+            "/replay",
+            json!({"entity": {"kind": "appointment", "id": "p1"}}),
+        ))
+        .await?;
+    assert_eq!(
+        (status.as_u16(), replayed["entities"].clone()),
+        (200, json!(1))
+    );
+    fake.wait_for(Duration::from_secs(10), "the replayed entity", |r| {
+        r.len() == before + 1
+    })
+    .await?;
+    settle(&server, "scheduler").await?;
+    let before = fake.received().len();
+    server.json(post("/replay", json!({"all": true}))).await?;
+    fake.wait_for(Duration::from_secs(10), "every entity again", |r| {
+        r.len() >= before + 4
+    })
+    .await?;
+    expect_error(
+        server.send(post("/replay", json!({"bogus": 1}))).await?,
+        400,
+        "invalid_replay",
+    )
+    .await?;
+    let (_, list) = server.get("/v1/connectors").await?;
+    assert_eq!(list["connectors"][0]["name"], "scheduler");
+    expect_error(
+        server.get_response("/v1/connectors/nobody").await?,
+        404,
+        "unknown_connector",
+    )
+    .await?;
+    Ok(())
+}
