@@ -9,7 +9,7 @@
 //! document heads into an opaque string, `document` translates JSON to and from Automerge,
 //! `nested` creates nested maps that every replica creates identically,
 //! `layout` is the sled key scheme, `durability` runs group commit, `cache` bounds loaded
-//! documents, `feed` defines feed rows, `records` keeps other crates' side records, and `store` ties them together.
+//! documents, `feed` defines feed rows, `records` keeps other crates' side records, `replica` speaks Automerge's sync protocol per entity, and `store` ties them together.
 //!
 //! # Example
 //! ```
@@ -37,6 +37,7 @@ mod layout;
 mod nested;
 mod origin;
 mod records;
+mod replica;
 mod store;
 mod version;
 
@@ -47,6 +48,7 @@ pub use feed::{FeedRow, Seq};
 pub use key::{EntityId, EntityKey, Kind};
 pub use origin::Origin;
 pub use records::{CommitView, RecordKey, RecordWrite};
+pub use replica::SyncState;
 pub use store::{
     Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, WriteOptions, Written,
 };

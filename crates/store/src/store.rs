@@ -371,9 +371,19 @@ impl Store {
             Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
             Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
         }
+        let doc = self.vet_incoming(doc, &before)?;
+        self.persist(key, doc, &before, existed, origin, _guard, |_| Vec::new())
+    }
+
+    /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
+    /// returns the document to persist.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] when the data nests objects deeper than [`crate::MAX_DEPTH`].
+    pub(crate) fn vet_incoming(&self, doc: Automerge, before: &[ChangeHash]) -> Result<Automerge> {
         // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make reads of the
         // entity recurse that deep and its history cost the square of the depth.
-        if document::creates_deeper_than(&doc, &before, document::MAX_DEPTH) {
+        if document::creates_deeper_than(&doc, before, document::MAX_DEPTH) {
             return Err(Error::Decode(format!(
                 "objects are nested more than {} levels deep",
                 document::MAX_DEPTH
@@ -384,9 +394,9 @@ impl Store {
             // their columns are only decoded once the dependencies arrive, maybe in a local write
             // outside `catch_unwind`. They are not persisted, so they are not kept either; a peer
             // sends them again with their dependencies.
-            doc = without_orphans(&doc, &self.inner.actor)?;
+            return without_orphans(&doc, &self.inner.actor);
         }
-        self.persist(key, doc, &before, existed, origin, _guard, |_| Vec::new())
+        Ok(doc)
     }
 
     /// The entity as it is now, or `None` when it does not exist.
@@ -617,7 +627,7 @@ impl Store {
         self.inner.durability.close()
     }
 
-    fn lock(&self, key: &EntityKey) -> MutexGuard<'_, ()> {
+    pub(crate) fn lock(&self, key: &EntityKey) -> MutexGuard<'_, ()> {
         let mut hasher = DefaultHasher::new();
         key.hash(&mut hasher);
         let stripe = (hasher.finish() as usize) % STRIPES;
@@ -628,7 +638,7 @@ impl Store {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, key: &EntityKey) -> Result<Option<EntityRecord>> {
+    pub(crate) fn record(&self, key: &EntityKey) -> Result<Option<EntityRecord>> {
         let raw_key = layout::entity_key(layout::ENTITY, key);
         self.inner
             .db
@@ -639,7 +649,7 @@ impl Store {
 
     /// The entity's document from the cache or disk; a new empty one when it never existed.
     /// The caller holds the entity's stripe lock.
-    fn load(&self, key: &EntityKey) -> Result<Automerge> {
+    pub(crate) fn load(&self, key: &EntityKey) -> Result<Automerge> {
         if let Some(doc) = self.inner.cache.take(key) {
             return Ok(doc);
         }
@@ -692,7 +702,11 @@ impl Store {
         Ok(doc.with_actor(self.inner.actor.clone()))
     }
 
-    fn read<T>(&self, key: &EntityKey, f: impl FnOnce(&Automerge) -> Result<T>) -> Result<T> {
+    pub(crate) fn read<T>(
+        &self,
+        key: &EntityKey,
+        f: impl FnOnce(&Automerge) -> Result<T>,
+    ) -> Result<T> {
         let _guard = self.lock(key);
         let doc = self.load(key)?;
         let result = f(&doc);
@@ -752,7 +766,7 @@ impl Store {
         clippy::too_many_arguments,
         reason = "the private tail of write and merge"
     )]
-    fn persist(
+    pub(crate) fn persist(
         &self,
         key: &EntityKey,
         doc: Automerge,

@@ -1,0 +1,106 @@
+//! The store's side of Automerge's sync protocol with another replica, one entity at a time.
+//!
+//! A [`SyncState`] is what one side knows about what the other has, for one entity and one
+//! peer; it lives only as long as a connection: after a reconnect, a lost message or a timeout,
+//! both sides start again from [`SyncState::default`], because a sync session that resumes from
+//! a state the other side no longer shares can loop forever. Which entities to sync, with whom,
+//! and over which transport is the `replication` crate's business.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use automerge::sync::{self, SyncDoc};
+use automerge::ReadDoc;
+
+use crate::document;
+use crate::error::{Error, Result};
+use crate::key::EntityKey;
+use crate::origin::Origin;
+use crate::store::{Store, Written};
+use crate::version::Version;
+
+/// What this replica knows about a peer's copy of one entity, during one connection.
+#[derive(Debug, Default)]
+pub struct SyncState(sync::State);
+
+impl Store {
+    /// Whether the entity already contains every change of `version` (so there is nothing to fetch).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] when `version` is not a version string; storage errors.
+    pub fn has_version(&self, key: &EntityKey, version: &str) -> Result<bool> {
+        if self.version(key)?.as_deref() == Some(version) {
+            return Ok(true);
+        }
+        let version = Version::parse(version)?;
+        self.read(key, |doc| {
+            Ok(version
+                .heads()
+                .iter()
+                .all(|head| doc.get_change_by_hash(head).is_some()))
+        })
+    }
+
+    /// The next sync message to send the peer for this entity, or `None` when there is nothing to
+    /// say (the peer is up to date, or a reply is awaited).
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn generate_sync_message(
+        &self,
+        key: &EntityKey,
+        state: &mut SyncState,
+    ) -> Result<Option<Vec<u8>>> {
+        self.read(key, |doc| {
+            Ok(doc
+                .generate_sync_message(&mut state.0)
+                .map(sync::Message::encode))
+        })
+    }
+
+    /// Applies a sync message from a peer, recording new changes with `origin` in the feed.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] when the message is not a valid sync message or carries invalid data,
+    /// including inputs on which Automerge panics; the entity is left as it was and `state`
+    /// should be reset by the caller.
+    pub fn receive_sync_message(
+        &self,
+        key: &EntityKey,
+        state: &mut SyncState,
+        message: &[u8],
+        origin: &Origin,
+    ) -> Result<Written> {
+        let decoded = catch_unwind(|| sync::Message::decode(message));
+        let message = match decoded {
+            Ok(Ok(message)) => message,
+            Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
+            Err(_) => {
+                return Err(Error::Decode(
+                    "automerge panicked decoding the sync message".into(),
+                ))
+            }
+        };
+        let guard = self.lock(key);
+        let mut doc = self.load(key)?;
+        let before = doc.get_heads();
+        let existed = !document::fields(&doc, None).is_empty();
+        let received = catch_unwind(AssertUnwindSafe(|| {
+            doc.receive_sync_message(&mut state.0, message)
+        }));
+        match received {
+            Ok(Ok(())) => {}
+            // The document may be half-updated: drop it, so the next reader reloads it from disk.
+            Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
+            Err(_) => {
+                return Err(Error::Decode(
+                    "automerge panicked applying the sync message".into(),
+                ))
+            }
+        }
+        let doc = self.vet_incoming(doc, &before)?;
+        self.persist(key, doc, &before, existed, origin, guard, |_| Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests;

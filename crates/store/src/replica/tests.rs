@@ -1,0 +1,104 @@
+//! Two stores syncing an entity through the sync protocol, and hostile sync messages.
+
+use serde_json::json;
+
+use super::*;
+use crate::{StoreConfig, WriteOptions};
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(StoreConfig::new(dir.path())).expect("a fresh store opens")
+}
+
+/// Runs the protocol between `a` and `b` for `key` until both are quiet; returns the rounds taken.
+fn sync_until_quiet(a: &Store, b: &Store, key: &EntityKey) -> usize {
+    let (mut a_state, mut b_state) = (SyncState::default(), SyncState::default());
+    let from_a = Origin::parse("peer:a").expect("valid");
+    let from_b = Origin::parse("peer:b").expect("valid");
+    for round in 1..=20 {
+        let to_b = a
+            .generate_sync_message(key, &mut a_state)
+            .expect("generate");
+        if let Some(message) = &to_b {
+            b.receive_sync_message(key, &mut b_state, message, &from_a)
+                .expect("receive");
+        }
+        let to_a = b
+            .generate_sync_message(key, &mut b_state)
+            .expect("generate");
+        if let Some(message) = &to_a {
+            a.receive_sync_message(key, &mut a_state, message, &from_b)
+                .expect("receive");
+        }
+        if to_b.is_none() && to_a.is_none() {
+            return round;
+        }
+    }
+    panic!("sync did not go quiet in 20 rounds");
+}
+
+#[test]
+fn two_stores_converge_through_the_sync_protocol() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (a, b) = (open(&dir_a), open(&dir_b));
+    let key = EntityKey::new("appointment", "1").expect("valid");
+    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
+    a.patch(&key, &json!({"date": "2026-12-01"}), &options)
+        .expect("write a");
+    b.patch(&key, &json!({"room": "4"}), &options)
+        .expect("write b");
+    let rounds = sync_until_quiet(&a, &b, &key);
+    assert!(rounds <= 4, "took {rounds} rounds");
+    let (on_a, on_b) = (a.get(&key).expect("read"), b.get(&key).expect("read"));
+    assert_eq!(on_a, on_b);
+    assert_eq!(
+        on_a.expect("exists").data,
+        json!({"date": "2026-12-01", "room": "4"})
+            .as_object()
+            .cloned()
+            .expect("object")
+    );
+    let version = a.version(&key).expect("read").expect("exists");
+    assert!(b.has_version(&key, &version).expect("check"));
+    // The change from the other side is recorded with the peer as its origin.
+    let feed = a.feed(crate::Seq::ZERO, None, 10).expect("feed");
+    assert_eq!(feed.last().expect("a row").origin.as_str(), "peer:b");
+    // An entity only the peer has is created by syncing.
+    let only_b = EntityKey::new("appointment", "2").expect("valid");
+    b.patch(&only_b, &json!({"date": "2027-01-01"}), &options)
+        .expect("write");
+    sync_until_quiet(&a, &b, &only_b);
+    assert_eq!(a.get(&only_b).expect("read"), b.get(&only_b).expect("read"));
+}
+
+#[test]
+fn hostile_sync_messages_are_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let key = EntityKey::new("appointment", "1").expect("valid");
+    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
+    store
+        .patch(&key, &json!({"date": "2026-12-01"}), &options)
+        .expect("write");
+    let before = store.get(&key).expect("read");
+    let peer = Origin::parse("peer:evil").expect("valid");
+    let fixture = include_bytes!("../../tests/fuzz-crashers/automerge-0.12.0-load-panic.bin");
+    let mut garbage: Vec<Vec<u8>> = vec![Vec::new(), vec![0x42], vec![0x42; 64], fixture.to_vec()];
+    let mut prefixed = vec![0x42];
+    prefixed.extend_from_slice(fixture);
+    garbage.push(prefixed);
+    for bytes in garbage {
+        let mut state = SyncState::default();
+        let result = store.receive_sync_message(&key, &mut state, &bytes, &peer);
+        assert!(
+            matches!(result, Err(Error::Decode(_))),
+            "{bytes:?} gave {result:?}"
+        );
+    }
+    assert_eq!(store.get(&key).expect("read"), before);
+    store
+        .patch(&key, &json!({"room": "1"}), &options)
+        .expect("still writable");
+}
