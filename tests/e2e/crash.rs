@@ -1,6 +1,9 @@
 //! Crash safety: the release binary is killed with SIGKILL at random moments while concurrent
 //! writers run; after every restart each write that got a 2xx is present and has a feed row.
 //!
+//! `issue_3_kill_9_during_delivery_loses_and_rekeys_nothing` does the same with a connector
+//! delivering to a `FakeApi`.
+//!
 //! The binary is `target/release/lockstep`, which `.ci/run` builds before the tests
 //! (`cargo build --release -p lockstep-cli`).
 
@@ -45,9 +48,14 @@ struct Process {
 }
 
 async fn start(binary: &Path, data_dir: &Path) -> Result<Process> {
+    start_with(binary, data_dir, &[]).await
+}
+
+async fn start_with(binary: &Path, data_dir: &Path, extra: &[&str]) -> Result<Process> {
     let mut child = Command::new(binary)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -254,5 +262,178 @@ async fn crash_cycles() -> Result<()> {
         "only {} writes were acknowledged",
         acks.len()
     );
+    Ok(())
+}
+
+/// Writes increasing values to a few entities until the process dies; returns the last value
+/// acknowledged per entity.
+async fn connector_writer(
+    client: reqwest::Client,
+    base: String,
+    writer_index: usize,
+    start: u64,
+) -> BTreeMap<String, u64> {
+    let mut acknowledged = BTreeMap::new();
+    let mut value = start;
+    loop {
+        value += 1;
+        let id = format!("c{writer_index}-{}", value % 3);
+        let response = client
+            .patch(format!("{base}/v1/entities/appointment/{id}"))
+            .header("content-type", "application/merge-patch+json")
+            .body(json!({ "date": format!("v{value}") }).to_string())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        match response {
+            Ok(response) if response.status().is_success() => {
+                acknowledged.insert(id, value);
+            }
+            _ => return acknowledged,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue_3_kill_9_during_delivery_loses_and_rekeys_nothing() -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(240), connector_crash_cycles())
+        .await
+        .context("the connector crash test took longer than 240 s")?
+}
+
+async fn connector_crash_cycles() -> Result<()> {
+    use lockstep_tests::fake_api::{Behavior, FakeApi};
+    let binary = release_binary()?;
+    let data = tempfile::tempdir()?;
+    let fake = FakeApi::start().await?;
+    fake.keep_state("apptId");
+    // Slow answers keep deliveries in flight when the kill comes.
+    fake.set(Behavior::Stall(Duration::from_millis(150)));
+    let config = data.path().join("lockstep.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[connectors]]
+name = "scheduler"
+kind = "appointment"
+id_field = "apptId"
+url = "{}/sync"
+timeout = "2s"
+[connectors.fields]
+scheduledDate = "date"
+[connectors.retry]
+schedule = ["0s", "50ms", "100ms"]
+jitter = 0.0
+"#,
+            fake.base
+        ),
+    )?;
+    let config_arg = config.to_str().context("a UTF-8 path")?.to_string();
+    let extra = ["--config", config_arg.as_str()];
+    let client = reqwest::Client::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x00c0_ffee);
+    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut next_value = 0u64;
+    for _ in 0..3 {
+        let mut process = start_with(&binary, &data.path().join("data"), &extra).await?;
+        let writers: Vec<_> = (0..4)
+            .map(|index| {
+                tokio::spawn(connector_writer(
+                    client.clone(),
+                    process.base.clone(),
+                    index,
+                    next_value,
+                ))
+            })
+            .collect();
+        let run_for = Duration::from_millis(rng.gen_range(300..1200));
+        tokio::time::sleep(run_for).await;
+        process.child.start_kill().context("sending SIGKILL")?;
+        process.child.wait().await?;
+        for writer in writers {
+            let acknowledged = tokio::time::timeout(Duration::from_secs(30), writer).await??;
+            for (id, value) in acknowledged {
+                let entry = expected.entry(id).or_default();
+                *entry = (*entry).max(value);
+            }
+        }
+        // Values never repeat, so equal bodies can only be the same delta.
+        next_value += 1_000_000;
+    }
+    assert!(
+        !fake.received().is_empty(),
+        "no delivery was under way during the kills"
+    );
+    fake.set(Behavior::Status(200));
+    let process = start_with(&binary, &data.path().join("data"), &extra).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // Every entity ends with its current value; an in-flight write may have landed after the
+        // last acknowledged one, so compare with the server rather than with `expected`.
+        let mut settled = true;
+        let state = fake.state();
+        for (id, value) in &expected {
+            let body: Value = client
+                .get(format!("{}/v1/entities/appointment/{id}", process.base))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let current = body["data"]["date"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let number: u64 = current.trim_start_matches('v').parse().unwrap_or(0);
+            assert!(
+                number >= *value,
+                "appointment/{id} lost an acknowledged write: {current} < v{value}"
+            );
+            if state.get(id).and_then(|record| record.get("scheduledDate")) != Some(&json!(current))
+            {
+                settled = false;
+            }
+        }
+        if settled {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the scheduler did not converge: {state:?}, expected {expected:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut keys_by_body: BTreeMap<Vec<u8>, HashSet<String>> = BTreeMap::new();
+    for request in fake.acknowledged() {
+        keys_by_body
+            .entry(request.body.clone())
+            .or_default()
+            .insert(
+                request
+                    .header("idempotency-key")
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+    }
+    for (body, keys) in keys_by_body {
+        assert_eq!(
+            keys.len(),
+            1,
+            "{} was acknowledged under several keys: {keys:?}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    // The CLI reports the connector over the admin API.
+    let output = tokio::process::Command::new(&binary)
+        .args(["connectors", "--url", &process.base, "status", "scheduler"])
+        .output()
+        .await?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(status["name"], "scheduler");
+    assert_eq!(status["entities_pending"], 0, "{status}");
     Ok(())
 }

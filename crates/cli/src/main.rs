@@ -12,7 +12,10 @@
 //! ```
 //!
 //! Scripts and tests find the address by that `listening on ` text; keep it stable.
+//! `lockstep connectors ...` calls the connector admin API of a running server (`admin`).
 //! Everything else is the server's business (`crates/server`).
+
+mod admin;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -41,6 +44,13 @@ enum Command {
     /// Print the built-in configuration, with a comment on every setting, as a starting point
     /// for a `--config` file.
     DefaultConfig,
+    /// Watch and steer connectors on a running server (see docs/connectors.md).
+    Connectors {
+        #[command(flatten)]
+        remote: admin::Remote,
+        #[command(subcommand)]
+        command: admin::ConnectorCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -67,6 +77,10 @@ fn main() -> Result<()> {
         Command::DefaultConfig => {
             print!("{}", server::DEFAULT_TOML);
             Ok(())
+        }
+        Command::Connectors { remote, command } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            runtime.block_on(admin::run(remote, command))
         }
     }
 }
