@@ -7,158 +7,14 @@
 //! throughput phase's length (default 5), `LOCKSTEP_BENCH_ENTITIES` the memory phase's entity
 //! count (default 100,000).
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var_os(name)
-        .and_then(|value| value.to_str()?.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Throughput and latency of one phase.
-struct Figures {
-    ops_per_sec: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Figures {
-    latencies.sort();
-    let at = |quantile: f64| {
-        latencies
-            .get(
-                ((latencies.len() as f64 * quantile) as usize)
-                    .min(latencies.len().saturating_sub(1)),
-            )
-            .copied()
-            .unwrap_or_default()
-    };
-    Figures {
-        ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: at(0.50),
-        p99: at(0.99),
-    }
-}
-
-/// The baseline: 8 threads, each inserting a 200-byte value and calling `flush()` per insert.
-fn sled_baseline(seconds: u64) -> Result<Figures> {
-    let dir = tempfile::tempdir()?;
-    let db = sled::Config::new()
-        .path(dir.path())
-        .cache_capacity(64 * 1024 * 1024)
-        .open()?;
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let threads: Vec<_> = (0..8)
-        .map(|thread| {
-            let db = db.clone();
-            std::thread::spawn(move || -> Result<Vec<Duration>> {
-                let mut latencies = Vec::new();
-                let value = vec![7u8; 200];
-                let mut counter = 0u64;
-                while Instant::now() < deadline {
-                    let begun = Instant::now();
-                    db.insert(format!("t{thread}-{counter}"), value.as_slice())?;
-                    db.flush()?;
-                    latencies.push(begun.elapsed());
-                    counter += 1;
-                }
-                Ok(latencies)
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for thread in threads {
-        latencies.extend(thread.join().expect("a baseline thread panicked")?);
-    }
-    Ok(summarize(latencies, started.elapsed()))
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the workspace root")
-        .to_path_buf()
-}
-
-fn release_binary() -> Result<PathBuf> {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "lockstep-cli"])
-        .current_dir(workspace_root())
-        .status()
-        .context("building the release binary")?;
-    if !status.success() {
-        bail!("cargo build --release -p lockstep-cli failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join("release").join("lockstep"))
-}
-
-struct Server {
-    child: Child,
-    base: String,
-    _data: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start(binary: &Path) -> Result<Self> {
-        let data = tempfile::tempdir()?;
-        let mut child = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
-            .env("RUST_LOG", "warn,lockstep=info,server=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-        let base = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if line.contains("listening") {
-                    if let Some(start) = line.find("127.0.0.1:") {
-                        let port: String = line[start + 10..]
-                            .chars()
-                            .take_while(char::is_ascii_digit)
-                            .collect();
-                        return Ok(format!("http://127.0.0.1:{port}"));
-                    }
-                }
-            }
-            bail!("the server exited before listening")
-        })
-        .await??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self {
-            child,
-            base,
-            _data: data,
-        })
-    }
-
-    fn rss_mib(&self) -> Result<f64> {
-        let pid = self.child.id().context("the server has exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|number| number.parse().ok())
-            .context("VmRSS in /proc/<pid>/status")?;
-        Ok(kib / 1024.0)
-    }
-}
 
 fn ten_fields(index: u64, round: u64) -> Value {
     let mut fields = Map::new();
@@ -327,9 +183,9 @@ fn disk_usage(entities: u64) -> Result<(f64, f64, f64)> {
     Ok((per(stored), per(saved), per(on_disk)))
 }
 
-fn ms(duration: Duration) -> String {
-    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
-}
+use lockstep_tests::bench::{
+    env_number, ms, release_binary, sled_baseline, summarize, Figures, Server,
+};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -341,7 +197,7 @@ async fn main() -> Result<()> {
     println!("measuring: raw sled insert+flush baseline ({seconds} s, 8 threads)");
     let baseline = tokio::task::spawn_blocking(move || sled_baseline(seconds)).await??;
 
-    let server = Server::start(&binary).await?;
+    let server = Server::start(&binary, "").await?;
     // Warm up: connections, the page cache, the first entities.
     patch_load(&server.base, 8, 1).await?;
     println!("measuring: durable PATCH, 1 connection ({seconds} s)");
@@ -351,7 +207,7 @@ async fn main() -> Result<()> {
     drop(server);
 
     println!("measuring: memory with {entities} entities");
-    let server = Server::start(&binary).await?;
+    let server = Server::start(&binary, "").await?;
     let mut memory = vec![("RSS at start".to_string(), server.rss_mib()?)];
     fill(&server, entities, &mut memory).await?;
     random_reads(&server, entities, 10_000).await?;

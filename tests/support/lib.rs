@@ -23,6 +23,7 @@
 //! # }
 //! ```
 
+pub mod bench;
 pub mod fake_api;
 
 use std::future::Future;

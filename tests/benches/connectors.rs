@@ -1,0 +1,238 @@
+//! The issue-3 benchmark: durable signed-webhook ingest at 1 and 64 connections against the raw
+//! sled insert+flush baseline, and outbound latency from a local edit to the receiver getting
+//! its delta at 1,000 edits/s.
+//!
+//! Run with `cargo bench -p lockstep-tests --bench connectors` (it builds the release `lockstep`
+//! binary first). `LOCKSTEP_BENCH_SECONDS` sets each phase's length (default 5).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Result};
+use axum::body::Bytes;
+use axum::extract::State;
+use connectors::WebhookSecret;
+use lockstep_tests::bench::{
+    env_number, ms, release_binary, sled_baseline, summarize, Figures, Server,
+};
+use serde_json::{json, Value};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn connector(url: Option<&str>) -> String {
+    let url = url.map_or(String::new(), |url| format!("url = \"{url}\"\n"));
+    format!(
+        r#"
+[[connectors]]
+name = "scheduler"
+kind = "appointment"
+id_field = "apptId"
+webhook_secret = "{SECRET}"
+{url}concurrency = 64
+[connectors.fields]
+scheduledDate = "date"
+officeCode = "site.code"
+"#
+    )
+}
+
+/// `connections` tasks posting signed webhooks, each with a fresh id, for `seconds`.
+async fn webhook_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {
+    let secret = WebhookSecret::parse(SECRET)?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let failures = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..connections)
+        .map(|connection| {
+            let (base, secret, failures) = (base.to_string(), secret.clone(), failures.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut latencies = Vec::new();
+                let mut round = 0u64;
+                while Instant::now() < deadline {
+                    let body = json!({
+                        "apptId": format!("w{connection}-{}", round % 500),
+                        "scheduledDate": format!("2027-01-{:02}", 1 + round % 28),
+                        "officeCode": format!("N{round}"),
+                    })
+                    .to_string();
+                    let id = format!("msg_{connection}_{round}");
+                    let timestamp = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    let signature = secret.sign(&id, timestamp, body.as_bytes());
+                    let begun = Instant::now();
+                    let response = client
+                        .post(format!("{base}/v1/connectors/scheduler/webhook"))
+                        .header("content-type", "application/json")
+                        .header("webhook-id", &id)
+                        .header("webhook-timestamp", timestamp.to_string())
+                        .header("webhook-signature", signature)
+                        .body(body)
+                        .send()
+                        .await;
+                    match response {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.bytes().await;
+                            latencies.push(begun.elapsed());
+                        }
+                        _ => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    round += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await?);
+    }
+    let failed = failures.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} webhooks failed");
+    }
+    Ok(summarize(latencies, started.elapsed()))
+}
+
+/// When each edit was sent, and when its delta arrived, keyed by the unique date value.
+#[derive(Default)]
+struct Timings {
+    sent: HashMap<String, Instant>,
+    received: HashMap<String, Instant>,
+}
+
+async fn receive(State(timings): State<Arc<Mutex<Timings>>>, body: Bytes) -> &'static str {
+    let arrived = Instant::now();
+    if let Ok(delta) = serde_json::from_slice::<Value>(&body) {
+        if let Some(value) = delta["scheduledDate"].as_str() {
+            let mut timings = timings.lock().expect("timings lock");
+            timings.received.entry(value.to_string()).or_insert(arrived);
+        }
+    }
+    "{}"
+}
+
+/// PATCHes at `rate` per second over 200 entities for `seconds`; the latency of each edit is
+/// from sending its PATCH to its delta arriving at the receiver.
+async fn outbound_latency(
+    binary: &std::path::Path,
+    rate: u64,
+    seconds: u64,
+) -> Result<(Figures, usize)> {
+    let timings = Arc::new(Mutex::new(Timings::default()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/sync", listener.local_addr()?);
+    let app = axum::Router::new()
+        .fallback(receive)
+        .with_state(timings.clone());
+    let receiver = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = Server::start(binary, &connector(Some(&url))).await?;
+    let client = reqwest::Client::new();
+    let total = rate * seconds;
+    let interval = Duration::from_secs(1) / rate as u32;
+    let started = Instant::now();
+    let mut edits = Vec::new();
+    for index in 0..total {
+        let due = started + interval * index as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let value = format!("v{index}");
+        timings
+            .lock()
+            .expect("timings lock")
+            .sent
+            .insert(value.clone(), Instant::now());
+        let request = client
+            .patch(format!(
+                "{}/v1/entities/appointment/e{}",
+                server.base,
+                index % 200
+            ))
+            .header("content-type", "application/merge-patch+json")
+            .body(json!({ "date": value }).to_string())
+            .send();
+        edits.push(tokio::spawn(request));
+    }
+    for edit in edits {
+        edit.await??.error_for_status()?;
+    }
+    // Deltas coalesce: an edit overtaken by a later one to the same entity is never sent alone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let last = format!("v{}", total - 1);
+    while !timings
+        .lock()
+        .expect("timings lock")
+        .received
+        .contains_key(&last)
+    {
+        if Instant::now() > deadline {
+            bail!("the last delta never arrived");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let timings = timings.lock().expect("timings lock");
+    let latencies: Vec<Duration> = timings
+        .received
+        .iter()
+        .filter_map(|(value, arrived)| Some(arrived.duration_since(*timings.sent.get(value)?)))
+        .collect();
+    let delivered = latencies.len();
+    receiver.abort();
+    Ok((summarize(latencies, elapsed), delivered))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let seconds = env_number("LOCKSTEP_BENCH_SECONDS", 5);
+    let binary = release_binary()?;
+
+    println!("measuring: raw sled insert+flush baseline ({seconds} s, 8 threads)");
+    let baseline = tokio::task::spawn_blocking(move || sled_baseline(seconds)).await??;
+    let server = Server::start(&binary, &connector(None)).await?;
+    webhook_load(&server.base, 8, 1).await?;
+    println!("measuring: signed webhooks, 1 connection ({seconds} s)");
+    let single = webhook_load(&server.base, 1, seconds).await?;
+    println!("measuring: signed webhooks, 64 connections ({seconds} s)");
+    let many = webhook_load(&server.base, 64, seconds).await?;
+    drop(server);
+    println!("measuring: outbound latency at 1,000 edits/s ({seconds} s)");
+    let (outbound, delivered) = outbound_latency(&binary, 1000, seconds).await?;
+
+    println!();
+    println!("| measurement | ops/s | p50 | p99 | vs baseline |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| baseline: raw sled insert+flush, 8 threads | {:.0} | {} | {} | 1.00x |",
+        baseline.ops_per_sec,
+        ms(baseline.p50),
+        ms(baseline.p99)
+    );
+    for (name, figures) in [
+        ("signed webhook ingest, 1 connection", &single),
+        ("signed webhook ingest, 64 connections", &many),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | {} | {:.2}x |",
+            figures.ops_per_sec,
+            ms(figures.p50),
+            ms(figures.p99),
+            figures.ops_per_sec / baseline.ops_per_sec
+        );
+    }
+    println!();
+    println!("| outbound, local edit to receiver | edits | deltas received | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| 1,000 edits/s over 200 entities | {} | {delivered} | {} | {} |",
+        1000 * seconds,
+        ms(outbound.p50),
+        ms(outbound.p99)
+    );
+    println!("(edits overtaken by a later edit of the same entity are coalesced and have no delta of their own)");
+    Ok(())
+}

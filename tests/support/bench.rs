@@ -1,0 +1,184 @@
+//! Shared pieces of the benchmarks in `tests/benches`: the raw sled baseline every figure is
+//! compared with, latency summaries, and a release `lockstep serve` process to measure.
+//!
+//! Only the benchmarks use this module; tests do not.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A whole-number setting from the environment, or `default`.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var_os(name)
+        .and_then(|value| value.to_str()?.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Throughput and latency of one phase.
+pub struct Figures {
+    /// Operations per second.
+    pub ops_per_sec: f64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+}
+
+/// Throughput and percentiles of `latencies` measured over `elapsed`.
+pub fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Figures {
+    latencies.sort();
+    let at = |quantile: f64| {
+        latencies
+            .get(
+                ((latencies.len() as f64 * quantile) as usize)
+                    .min(latencies.len().saturating_sub(1)),
+            )
+            .copied()
+            .unwrap_or_default()
+    };
+    Figures {
+        ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+/// The baseline: 8 threads, each inserting a 200-byte value and calling `flush()` per insert.
+/// # Errors
+/// When sled fails.
+pub fn sled_baseline(seconds: u64) -> Result<Figures> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new()
+        .path(dir.path())
+        .cache_capacity(64 * 1024 * 1024)
+        .open()?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|thread| {
+            let db = db.clone();
+            std::thread::spawn(move || -> Result<Vec<Duration>> {
+                let mut latencies = Vec::new();
+                let value = vec![7u8; 200];
+                let mut counter = 0u64;
+                while Instant::now() < deadline {
+                    let begun = Instant::now();
+                    db.insert(format!("t{thread}-{counter}"), value.as_slice())?;
+                    db.flush()?;
+                    latencies.push(begun.elapsed());
+                    counter += 1;
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for thread in threads {
+        latencies.extend(thread.join().expect("a baseline thread panicked")?);
+    }
+    Ok(summarize(latencies, started.elapsed()))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace root")
+        .to_path_buf()
+}
+
+/// Builds and locates the release `lockstep` binary.
+///
+/// # Errors
+/// When the build fails.
+pub fn release_binary() -> Result<PathBuf> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "-p", "lockstep-cli"])
+        .current_dir(workspace_root())
+        .status()
+        .context("building the release binary")?;
+    if !status.success() {
+        bail!("cargo build --release -p lockstep-cli failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join("release").join("lockstep"))
+}
+
+/// A release `lockstep serve` on 127.0.0.1:0 over a fresh data directory; killed on drop.
+pub struct Server {
+    /// The process.
+    pub child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts the server with a configuration file holding `config`.
+    ///
+    /// # Errors
+    /// When it does not start listening within 30 s.
+    pub async fn start(binary: &Path, config: &str) -> Result<Self> {
+        let data = tempfile::tempdir()?;
+        let config_file = data.path().join("lockstep.toml");
+        std::fs::write(&config_file, config)?;
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path().join("data"))
+            .arg("--config")
+            .arg(&config_file)
+            .env("RUST_LOG", "warn,lockstep=info,server=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+        let base = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if line.contains("listening") {
+                    if let Some(start) = line.find("127.0.0.1:") {
+                        let port: String = line[start + 10..]
+                            .chars()
+                            .take_while(char::is_ascii_digit)
+                            .collect();
+                        return Ok(format!("http://127.0.0.1:{port}"));
+                    }
+                }
+            }
+            bail!("the server exited before listening")
+        })
+        .await??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            base,
+            _data: data,
+        })
+    }
+
+    /// The server's resident memory, in MiB.
+    ///
+    /// # Errors
+    /// When /proc cannot be read.
+    pub fn rss_mib(&self) -> Result<f64> {
+        let pid = self.child.id().context("the server has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .context("VmRSS in /proc/<pid>/status")?;
+        Ok(kib / 1024.0)
+    }
+}
+
+/// A duration in milliseconds, for tables.
+pub fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
