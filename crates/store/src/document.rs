@@ -177,6 +177,12 @@ fn current_json<T: Transactable>(tx: &T, obj: &ObjId, key: &str) -> Result<Optio
     }))
 }
 
+/// Whether writing `value` at `key` changes anything: the value differs, or the field holds
+/// concurrent values, so that writing the current winner again settles the conflict.
+fn needs_write<T: Transactable>(tx: &T, obj: &ObjId, key: &str, value: &Json) -> Result<bool> {
+    Ok(current_json(tx, obj, key)?.as_ref() != Some(value) || tx.get_all(obj, key)?.len() > 1)
+}
+
 fn apply_merge_patch<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
@@ -198,7 +204,7 @@ fn apply_merge_patch<T: Transactable>(
                 apply_merge_patch(tx, &child, child_patch)?;
             }
             value => {
-                if current_json(tx, obj, key)?.as_ref() != Some(value) {
+                if needs_write(tx, obj, key, value)? {
                     put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
                 }
             }
@@ -231,7 +237,7 @@ fn replace_fields<T: Transactable>(
                 _ => put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?,
             },
             value => {
-                if current_json(tx, obj, key)?.as_ref() != Some(value) {
+                if needs_write(tx, obj, key, value)? {
                     put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
                 }
             }

@@ -102,3 +102,31 @@ fn hostile_sync_messages_are_errors_and_change_nothing() {
         .patch(&key, &json!({"room": "1"}), &options)
         .expect("still writable");
 }
+
+#[test]
+fn issue_2_writing_the_winning_value_settles_a_conflict() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (a, b) = (open(&dir_a), open(&dir_b));
+    let key = EntityKey::new("appointment", "1").expect("valid");
+    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
+    a.patch(&key, &json!({"date": "2026-12-01"}), &options)
+        .expect("write a");
+    b.patch(&key, &json!({"date": "2026-12-02"}), &options)
+        .expect("write b");
+    sync_until_quiet(&a, &b, &key);
+    assert_eq!(a.conflicts(&key).expect("read").expect("exists").len(), 1);
+    let winner = a.get(&key).expect("read").expect("exists").data["date"].clone();
+    let written = a
+        .patch(&key, &json!({ "date": winner }), &options)
+        .expect("resolve");
+    assert!(
+        written.seq.is_some(),
+        "writing the winner again must be a change"
+    );
+    assert!(a.conflicts(&key).expect("read").expect("exists").is_empty());
+    sync_until_quiet(&a, &b, &key);
+    assert!(b.conflicts(&key).expect("read").expect("exists").is_empty());
+}
