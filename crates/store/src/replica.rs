@@ -70,6 +70,19 @@ impl Store {
         message: &[u8],
         origin: &Origin,
     ) -> Result<Written> {
+        let written = self.receive_unflushed(key, state, message, origin)?;
+        self.wait_durable()?;
+        Ok(written)
+    }
+
+    /// [`Store::receive_sync_message`] without waiting for the flush.
+    fn receive_unflushed(
+        &self,
+        key: &EntityKey,
+        state: &mut SyncState,
+        message: &[u8],
+        origin: &Origin,
+    ) -> Result<Written> {
         let decoded = catch_unwind(|| sync::Message::decode(message));
         let message = match decoded {
             Ok(Ok(message)) => message,
@@ -98,7 +111,32 @@ impl Store {
             }
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.persist(key, doc, &before, existed, origin, guard, |_| Vec::new())
+        self.persist_unflushed(key, doc, &before, existed, origin, guard, |_| Vec::new())
+    }
+}
+
+/// Batched forms for replication, which brings many entities up to date per round trip.
+impl Store {
+    /// Applies one sync message per entity, as [`Store::receive_sync_message`] does, and returns
+    /// once one flush covers all of them (rather than one flush each).
+    ///
+    /// Each entity's outcome is separate: a message that fails to decode leaves its entity as it
+    /// was and does not stop the others.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the final flush fails; per-entity errors are in the returned list,
+    /// in the order of `messages`.
+    pub fn receive_sync_messages<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a EntityKey, &'a mut SyncState, &'a [u8])>,
+        origin: &Origin,
+    ) -> Result<Vec<Result<Written>>> {
+        let outcomes: Vec<Result<Written>> = messages
+            .into_iter()
+            .map(|(key, state, message)| self.receive_unflushed(key, state, message, origin))
+            .collect();
+        self.wait_durable()?;
+        Ok(outcomes)
     }
 }
 

@@ -607,6 +607,11 @@ impl Store {
         Ok(total)
     }
 
+    /// Whether the store accepts writes: false after [`Store::close`] or a failed flush.
+    pub fn is_open(&self) -> bool {
+        self.inner.durability.is_open()
+    }
+
     /// Counters for metrics.
     pub fn stats(&self) -> StoreStats {
         StoreStats {
@@ -776,6 +781,35 @@ impl Store {
         guard: MutexGuard<'_, ()>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
+        let written = self.persist_unflushed(key, doc, before, existed, origin, guard, records)?;
+        self.inner.durability.wait()?;
+        Ok(written)
+    }
+
+    /// Blocks until everything applied to sled before this call is flushed (see `durability`).
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the store is closed or a flush failed.
+    pub(crate) fn wait_durable(&self) -> Result<()> {
+        self.inner.durability.wait()
+    }
+
+    /// [`Store::persist`] without the wait for the flush: the caller calls
+    /// [`Store::wait_durable`] before it acknowledges anything this wrote.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the private tail of write and merge"
+    )]
+    pub(crate) fn persist_unflushed(
+        &self,
+        key: &EntityKey,
+        doc: Automerge,
+        before: &[ChangeHash],
+        existed: bool,
+        origin: &Origin,
+        guard: MutexGuard<'_, ()>,
+        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
+    ) -> Result<Written> {
         let after = doc.get_heads();
         let entity = entity_from(key, &doc, None);
         let version = Version::from_heads(after.clone()).to_string();
@@ -800,8 +834,8 @@ impl Store {
                 self.inner.cache.put(key.clone(), doc);
             }
             drop(guard);
-            // Nothing new, but what the caller sees may still be in a group that is not flushed.
-            self.inner.durability.wait()?;
+            // Nothing new, but what the caller sees may still be in a group that is not flushed:
+            // the caller waits for the flush.
             return Ok(Written {
                 entity,
                 version,
@@ -861,7 +895,6 @@ impl Store {
         self.inner.writes.fetch_add(1, Ordering::Relaxed);
         self.inner.cache.put(key.clone(), doc);
         drop(guard);
-        self.inner.durability.wait()?;
         Ok(Written {
             created: !existed && entity.is_some(),
             entity,
