@@ -196,7 +196,13 @@ fn apply(
         shadow.inbound_mark = mark;
     }
     let origin = Origin::parse(&format!("connector:{}", connector.name))?;
-    let unknown = inbound.unknown.clone();
+    // The version field orders deltas; it is expected, not unknown.
+    let unknown: Vec<String> = inbound
+        .unknown
+        .iter()
+        .filter(|field| connector.version_field.as_ref() != Some(*field))
+        .cloned()
+        .collect();
     let mut response_out = Json::Null;
     records
         .store()
@@ -214,8 +220,8 @@ fn apply(
             response_out = response;
             writes
         })?;
-    if !inbound.unknown.is_empty() {
-        tracing::warn!(connector = %connector.name, entity = %key, unknown = ?inbound.unknown, "webhook carried unmapped fields; they were not applied");
+    if !unknown.is_empty() {
+        tracing::warn!(connector = %connector.name, entity = %key, unknown = ?unknown, "webhook carried unmapped fields; they were not applied");
     }
     Ok(WebhookOutcome {
         response: response_out,
