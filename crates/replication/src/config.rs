@@ -1,0 +1,270 @@
+//! Replication settings: the `[replication]` section and the `[[peers]]` tables, as written in
+//! the server's configuration, and their validation.
+//!
+//! `server` composes these structs into its `Config` tree and calls [`validate`] once at
+//! startup; the rest of the crate works with the validated values only.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+use store::Origin;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The path of the replication endpoint on every site.
+pub const ENDPOINT_PATH: &str = "/v1/replication";
+
+/// The `[replication]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReplicationSettings {
+    /// This site's name, sent to peers in the hello; empty means one derived from the address
+    /// the server listens on.
+    pub site: String,
+    /// The tokens peers present when they connect here, each naming the peer that holds it.
+    pub tokens: Vec<PeerToken>,
+    /// How many entities one batch brings up to date at most.
+    pub batch_entities: usize,
+    /// How many round trips one entity's sync session may take before it is reset.
+    pub max_rounds: u32,
+    /// The first pause before reconnecting to a peer that is down.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// The longest pause between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// A link that hears nothing from its peer for this long (pings are sent meanwhile) is dropped.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How many peers may be connected here (accepted links) at once.
+    pub max_connections: usize,
+}
+
+/// One `[[replication.tokens]]` entry: a token a peer presents, and that peer's name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PeerToken {
+    /// The peer's name here: its changes are recorded as `peer:<name>`.
+    pub name: String,
+    /// The secret.
+    pub token: Token,
+}
+
+/// One `[[peers]]` table: a site this one connects to.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PeerConfig {
+    /// The peer's name here: its changes are recorded as `peer:<name>`.
+    pub name: String,
+    /// The peer's base URL, e.g. `http://north.example:7878` (`ws://` works too).
+    pub url: String,
+    /// The bearer token to present, one of the peer's `[[replication.tokens]]`.
+    pub token: Token,
+}
+
+/// A secret token: its `Debug` prints `***`, so it never reaches a log by accident.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A configuration mistake, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration key `{key}`: {detail}")]
+pub struct ConfigError {
+    /// The dotted key, e.g. `peers[north].url`.
+    pub key: String,
+    /// What is wrong with it.
+    pub detail: String,
+}
+
+/// A peer this site dials, validated.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// Its name here.
+    pub name: String,
+    /// The base URL as configured.
+    pub url: String,
+    /// The websocket URL of its replication endpoint.
+    pub endpoint: String,
+    /// The token to present.
+    pub token: Token,
+}
+
+/// Checks the settings and the peers, and derives each peer's endpoint URL.
+///
+/// # Errors
+/// [`ConfigError`] naming the first invalid key: a bad or repeated name, a URL that is not
+/// `http://` or `ws://`, an empty token, or a limit of zero.
+pub fn validate(
+    settings: &ReplicationSettings,
+    peers: &[PeerConfig],
+) -> Result<Vec<Peer>, ConfigError> {
+    let invalid = |key: String, detail: String| Err(ConfigError { key, detail });
+    if !settings.site.is_empty() && !is_name(&settings.site) {
+        return invalid(
+            "replication.site".into(),
+            format!(
+                "{:?} must be 1 to 128 characters of [A-Za-z0-9_.@-]",
+                settings.site
+            ),
+        );
+    }
+    for (key, value) in [
+        ("replication.batch_entities", settings.batch_entities),
+        ("replication.max_rounds", settings.max_rounds as usize),
+        ("replication.max_connections", settings.max_connections),
+    ] {
+        if value == 0 {
+            return invalid(key.into(), "must be at least 1".into());
+        }
+    }
+    if settings.batch_entities > 10_000 {
+        return invalid(
+            "replication.batch_entities".into(),
+            "must be at most 10000".into(),
+        );
+    }
+    for (key, value) in [
+        ("replication.reconnect_min", settings.reconnect_min),
+        ("replication.idle_timeout", settings.idle_timeout),
+    ] {
+        if value.is_zero() {
+            return invalid(key.into(), "must be longer than zero".into());
+        }
+    }
+    if settings.reconnect_max < settings.reconnect_min {
+        return invalid(
+            "replication.reconnect_max".into(),
+            "must not be shorter than replication.reconnect_min".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut secrets = HashSet::new();
+    for token in &settings.tokens {
+        if !is_name(&token.name) {
+            return invalid(
+                "replication.tokens.name".into(),
+                format!(
+                    "{:?} must be 1 to 128 characters of [A-Za-z0-9_.@-]",
+                    token.name
+                ),
+            );
+        }
+        if !names.insert(token.name.as_str()) {
+            return invalid(
+                "replication.tokens.name".into(),
+                format!("{:?} is used twice", token.name),
+            );
+        }
+        if !is_secret(token.token.expose()) {
+            return invalid(
+                "replication.tokens.token".into(),
+                format!(
+                    "the token of {:?} must be non-empty, without spaces or control characters",
+                    token.name
+                ),
+            );
+        }
+        if !secrets.insert(token.token.expose()) {
+            return invalid(
+                "replication.tokens.token".into(),
+                format!("the token of {:?} is also another peer's token", token.name),
+            );
+        }
+    }
+    let mut peer_names = HashSet::new();
+    let mut validated = Vec::with_capacity(peers.len());
+    for peer in peers {
+        if !is_name(&peer.name) {
+            return invalid(
+                "peers.name".into(),
+                format!(
+                    "{:?} must be 1 to 128 characters of [A-Za-z0-9_.@-]",
+                    peer.name
+                ),
+            );
+        }
+        if !peer_names.insert(peer.name.as_str()) {
+            return invalid(
+                "peers.name".into(),
+                format!("{:?} is used twice", peer.name),
+            );
+        }
+        if !is_secret(peer.token.expose()) {
+            return invalid(
+                format!("peers[{}].token", peer.name),
+                "must be non-empty, without spaces or control characters".into(),
+            );
+        }
+        let endpoint = endpoint_of(&peer.url).map_err(|detail| ConfigError {
+            key: format!("peers[{}].url", peer.name),
+            detail,
+        })?;
+        validated.push(Peer {
+            name: peer.name.clone(),
+            url: peer.url.clone(),
+            endpoint,
+            token: peer.token.clone(),
+        });
+    }
+    Ok(validated)
+}
+
+/// The websocket URL of the replication endpoint under `base`.
+fn endpoint_of(base: &str) -> Result<String, String> {
+    let base = base.trim().trim_end_matches('/');
+    let rest = if let Some(rest) = base.strip_prefix("http://") {
+        rest
+    } else if let Some(rest) = base.strip_prefix("ws://") {
+        rest
+    } else if base.starts_with("https://") || base.starts_with("wss://") {
+        return Err(format!(
+            "{base:?}: TLS is not built in; use http:// through a TLS tunnel or proxy (see docs/replication.md)"
+        ));
+    } else {
+        return Err(format!("{base:?} must start with http:// or ws://"));
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("{base:?} has no host"));
+    }
+    let endpoint = format!("ws://{rest}{ENDPOINT_PATH}");
+    endpoint
+        .as_str()
+        .into_client_request()
+        .map_err(|error| format!("{base:?} is not a valid URL: {error}"))?;
+    Ok(endpoint)
+}
+
+/// Whether `name` can follow `peer:` in an origin.
+pub(crate) fn is_name(name: &str) -> bool {
+    Origin::parse(&format!("peer:{name}")).is_ok()
+}
+
+fn is_secret(secret: &str) -> bool {
+    !secret.is_empty() && !secret.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+#[cfg(test)]
+mod tests;

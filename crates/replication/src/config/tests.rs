@@ -1,0 +1,116 @@
+//! Validation names the key at fault and derives the endpoint URL.
+
+use std::time::Duration;
+
+use super::*;
+
+fn settings() -> ReplicationSettings {
+    ReplicationSettings {
+        site: "north".into(),
+        tokens: vec![PeerToken {
+            name: "south".into(),
+            token: Token::new("s3cret"),
+        }],
+        batch_entities: 256,
+        max_rounds: 32,
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(30),
+        max_connections: 64,
+    }
+}
+
+fn peer(name: &str, url: &str) -> PeerConfig {
+    PeerConfig {
+        name: name.into(),
+        url: url.into(),
+        token: Token::new("t0ken"),
+    }
+}
+
+#[test]
+fn valid_peers_get_their_websocket_endpoint() {
+    let peers = validate(
+        &settings(),
+        &[
+            peer("south", "http://127.0.0.1:7878"),
+            peer("east", "ws://east.example:80/"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(peers[0].endpoint, "ws://127.0.0.1:7878/v1/replication");
+    assert_eq!(peers[1].endpoint, "ws://east.example:80/v1/replication");
+    assert_eq!(format!("{:?}", peers[0].token), "***");
+}
+
+#[test]
+fn each_mistake_names_its_key() {
+    let cases: Vec<(ReplicationSettings, Vec<PeerConfig>, &str)> = vec![
+        (
+            settings(),
+            vec![peer("bad name", "http://a:1")],
+            "peers.name",
+        ),
+        (
+            settings(),
+            vec![peer("a", "http://a:1"), peer("a", "http://b:1")],
+            "peers.name",
+        ),
+        (settings(), vec![peer("a", "ftp://a:1")], "peers[a].url"),
+        (settings(), vec![peer("a", "https://a:1")], "peers[a].url"),
+        (settings(), vec![peer("a", "http://")], "peers[a].url"),
+        (
+            ReplicationSettings {
+                batch_entities: 0,
+                ..settings()
+            },
+            vec![],
+            "replication.batch_entities",
+        ),
+        (
+            ReplicationSettings {
+                site: "no spaces".into(),
+                ..settings()
+            },
+            vec![],
+            "replication.site",
+        ),
+        (
+            ReplicationSettings {
+                reconnect_max: Duration::from_millis(1),
+                ..settings()
+            },
+            vec![],
+            "replication.reconnect_max",
+        ),
+        (
+            ReplicationSettings {
+                tokens: vec![
+                    PeerToken {
+                        name: "a".into(),
+                        token: Token::new("same"),
+                    },
+                    PeerToken {
+                        name: "b".into(),
+                        token: Token::new("same"),
+                    },
+                ],
+                ..settings()
+            },
+            vec![],
+            "replication.tokens.token",
+        ),
+    ];
+    for (settings, peers, key) in cases {
+        let error = validate(&settings, &peers).expect_err(key);
+        assert_eq!(error.key, key, "{error}");
+    }
+    let mut empty_token = peer("a", "http://a:1");
+    empty_token.token = Token::new("");
+    assert_eq!(
+        validate(&settings(), &[empty_token])
+            .expect_err("empty")
+            .key,
+        "peers[a].token"
+    );
+}

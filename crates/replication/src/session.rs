@@ -1,0 +1,237 @@
+//! The replication protocol between two sites, as a state machine without IO: frames in, frames
+//! out, given a `Store`.
+//!
+//! One [`Session`] lives as long as one connection, on each side, and runs both directions at
+//! once. As a *puller* it consumes the peer's feed: the peer announces changed entities in
+//! batches ([`Frame::Rows`]); entities whose announced version the store already has are
+//! skipped, the others are brought up to date with Automerge's sync protocol, many entities per
+//! round trip ([`Frame::Sync`] and [`Frame::Reply`]); once every entity of the batch has the
+//! announced version, the cursor is written to disk and the batch acknowledged
+//! ([`Frame::Done`]). As an *announcer* it does the same for the local feed, for the peer.
+//!
+//! Sync states exist only inside a session, and only for the entities of the batch in flight,
+//! so memory is bounded by the batch size, and a reconnect always starts both sides afresh, as
+//! Automerge's sync protocol needs after a lost message. An entity whose session does not reach
+//! the announced version within `max_rounds` round trips is reset (fresh states on both sides)
+//! and, if that fails too, sent as a whole document; after that the session fails with
+//! [`Error::Stuck`]. Anything unexpected from the peer is an error that ends the session.
+//! Moving frames over a websocket, timeouts and reconnecting are `link`'s business.
+
+mod pull;
+mod serve;
+
+use store::{Origin, RecordKey, RecordWrite, Seq, Store};
+
+use crate::error::{Error, Result};
+use crate::frame::{Frame, PROTOCOL_VERSION};
+
+/// How a session batches and bounds its work.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionSettings {
+    /// How many entities one batch brings up to date at most.
+    pub batch_entities: usize,
+    /// How many round trips one entity's sync session may take before it is reset.
+    pub max_rounds: u32,
+}
+
+impl Default for SessionSettings {
+    /// 256 entities per batch and 32 rounds per entity.
+    fn default() -> Self {
+        Self {
+            batch_entities: 256,
+            max_rounds: 32,
+        }
+    }
+}
+
+/// Where a session stands, for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The peer's site name, once its hello has arrived.
+    pub remote_site: Option<String>,
+    /// How far this site has consumed the peer's feed (on disk).
+    pub cursor: Seq,
+    /// The peer's last feed row, as it last said.
+    pub their_head: Option<Seq>,
+    /// How far the peer has consumed this site's feed, as it last said.
+    pub their_cursor: Option<Seq>,
+    /// Feed rows received from the peer in this session.
+    pub rows_received: u64,
+    /// Entities this session brought up to date (rows whose version was already here excluded).
+    pub entities_synced: u64,
+}
+
+/// One side of one connection between two sites.
+pub struct Session {
+    store: Store,
+    /// The peer's name here, and the origin its changes are recorded with.
+    peer: String,
+    origin: Origin,
+    site: String,
+    settings: SessionSettings,
+    remote_site: Option<String>,
+    pull: pull::Pull,
+    serve: serve::Serve,
+    rows_received: u64,
+    entities_synced: u64,
+}
+
+/// The record space of the cursors: `replication.cursor/<peer>` holds how far this site has
+/// consumed that peer's feed, as a decimal number.
+const CURSOR_SPACE: &str = "replication.cursor";
+
+/// How far this site has consumed `peer`'s feed, as last written to disk.
+///
+/// # Errors
+/// Storage errors, or [`store::Error::Corrupt`] when the record is not a number.
+pub fn stored_cursor(store: &Store, peer: &str) -> store::Result<Seq> {
+    let Some(raw) = store.read_record(&cursor_key(peer))? else {
+        return Ok(Seq::ZERO);
+    };
+    std::str::from_utf8(&raw)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| store::Error::Corrupt {
+            what: format!("the replication cursor of {peer}"),
+            detail: "not a number".into(),
+        })
+}
+
+fn cursor_key(peer: &str) -> RecordKey {
+    RecordKey::new(CURSOR_SPACE, &[peer])
+}
+
+impl Session {
+    /// A session with `peer` (its name here), reading the cursor from the store.
+    ///
+    /// # Errors
+    /// [`Error::Protocol`] when `peer` cannot be an origin name; storage errors.
+    pub fn open(
+        store: Store,
+        peer: &str,
+        site: &str,
+        settings: SessionSettings,
+    ) -> Result<Session> {
+        let origin = Origin::parse(&format!("peer:{peer}"))
+            .map_err(|error| Error::Protocol(format!("peer name {peer:?}: {error}")))?;
+        let cursor = stored_cursor(&store, peer)?;
+        Ok(Session {
+            store,
+            peer: peer.to_string(),
+            origin,
+            site: site.to_string(),
+            settings: SessionSettings {
+                batch_entities: settings.batch_entities.max(1),
+                max_rounds: settings.max_rounds.max(1),
+            },
+            remote_site: None,
+            pull: pull::Pull::starting_at(cursor),
+            serve: serve::Serve::default(),
+            rows_received: 0,
+            entities_synced: 0,
+        })
+    }
+
+    /// The first frame to send.
+    pub fn hello(&self) -> Frame {
+        Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            site: self.site.clone(),
+            cursor: self.pull.cursor,
+        }
+    }
+
+    /// Handles one frame from the peer and returns the frames to send back, in order.
+    ///
+    /// # Errors
+    /// Any error ends the session: [`Error::Protocol`] for a frame the protocol does not allow
+    /// now, [`Error::Rejected`] for Automerge data the store refused, [`Error::Stuck`] for an
+    /// entity that does not converge, and storage errors.
+    pub fn receive(&mut self, frame: Frame) -> Result<Vec<Frame>> {
+        if self.remote_site.is_none() && !matches!(frame, Frame::Hello { .. }) {
+            return Err(Error::Protocol(format!(
+                "a {} frame before the hello",
+                frame.name()
+            )));
+        }
+        match frame {
+            Frame::Hello {
+                protocol,
+                site,
+                cursor,
+            } => {
+                if self.remote_site.is_some() {
+                    return Err(Error::Protocol("a second hello".into()));
+                }
+                if protocol != PROTOCOL_VERSION {
+                    return Err(Error::Protocol(format!(
+                        "protocol version {protocol}; this site speaks {PROTOCOL_VERSION}"
+                    )));
+                }
+                self.remote_site = Some(site);
+                self.serve.start_at(&self.store, cursor, &self.peer);
+                self.announce()
+            }
+            Frame::Rows {
+                batch,
+                rows,
+                through,
+                head,
+            } => self.receive_rows(batch, rows, through, head),
+            Frame::Sync { batch, entries } => self.answer_sync(batch, entries),
+            Frame::Reply { batch, entries } => self.receive_reply(batch, entries),
+            Frame::Done { batch, cursor } => self.receive_done(batch, cursor),
+        }
+    }
+
+    /// Called when the local feed has grown: announces new rows if the peer is ready for them.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn poll_feed(&mut self) -> Result<Vec<Frame>> {
+        if self.remote_site.is_none() {
+            return Ok(Vec::new());
+        }
+        self.announce()
+    }
+
+    /// Where the session stands.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            remote_site: self.remote_site.clone(),
+            cursor: self.pull.cursor,
+            their_head: self.pull.their_head,
+            their_cursor: self.serve.their_cursor,
+            rows_received: self.rows_received,
+            entities_synced: self.entities_synced,
+        }
+    }
+
+    /// Whether neither direction has a batch in flight.
+    pub fn is_idle(&self) -> bool {
+        self.pull.batch.is_none() && !self.serve.has_outstanding()
+    }
+
+    /// Writes the cursor to disk; returns once it is durable.
+    fn save_cursor(&self, cursor: Seq) -> Result<()> {
+        self.store.write_records(vec![RecordWrite::put(
+            cursor_key(&self.peer),
+            cursor.to_string(),
+        )])?;
+        Ok(())
+    }
+}
+
+/// Maps a store error about data from the peer to [`Error::Rejected`], keeping others as they are.
+fn rejected(key: &store::EntityKey, error: store::Error) -> Error {
+    match error {
+        store::Error::Decode(_) | store::Error::Invalid { .. } => Error::Rejected {
+            key: key.clone(),
+            source: Box::new(error),
+        },
+        other => Error::from(other),
+    }
+}
+
+#[cfg(test)]
+mod tests;

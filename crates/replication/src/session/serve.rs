@@ -1,0 +1,207 @@
+//! The announcer's half of a session: offering the local feed to the peer, and answering its
+//! sync requests for the announced entities.
+//!
+//! One batch is in flight at a time: rows after the peer's cursor, at most one per entity and
+//! at most `batch_entities`, leaving out rows whose change came from this very peer (it has
+//! them; an optimisation only, since the peer skips entities it is up to date on anyway). The
+//! sync states for the peer's requests live until it acknowledges the batch. Deciding which
+//! entities to ask for is `pull`'s business.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use store::{EntityKey, Seq, Store, SyncState};
+
+use super::{rejected, Session};
+use crate::error::{Error, Result};
+use crate::frame::{Frame, Mode, ReplyEntry, Row, SyncEntry};
+
+/// The announcer's state.
+#[derive(Default)]
+pub(super) struct Serve {
+    /// How far the peer has consumed the local feed, as it last said; `None` before its hello.
+    pub(super) their_cursor: Option<Seq>,
+    /// The last local feed row announced.
+    announced: Seq,
+    next_batch: u64,
+    outstanding: Option<Outstanding>,
+}
+
+/// The batch the peer is working on.
+struct Outstanding {
+    id: u64,
+    keys: HashSet<EntityKey>,
+    /// The responder's sync state per entity the peer has asked about.
+    states: HashMap<EntityKey, SyncState>,
+}
+
+impl Serve {
+    /// Starts announcing after `cursor`, or from the beginning when the cursor is past the end
+    /// of the local feed (the peer remembers a store that this one replaced).
+    pub(super) fn start_at(&mut self, store: &Store, cursor: Seq, peer: &str) {
+        let last = store.last_seq();
+        self.their_cursor = Some(cursor);
+        self.announced = if cursor > last {
+            tracing::warn!(%peer, %cursor, %last, "the peer's cursor is past the end of the feed; announcing from the start");
+            Seq::ZERO
+        } else {
+            cursor
+        };
+    }
+
+    pub(super) fn has_outstanding(&self) -> bool {
+        self.outstanding.is_some()
+    }
+}
+
+impl Session {
+    /// Announces the next batch of the local feed, unless one is in flight or nothing is new.
+    pub(super) fn announce(&mut self) -> Result<Vec<Frame>> {
+        let batch_entities = self.settings.batch_entities;
+        if self.serve.outstanding.is_some() || self.serve.their_cursor.is_none() {
+            return Ok(Vec::new());
+        }
+        let head = self.store.last_seq();
+        if self.serve.announced >= head {
+            return Ok(Vec::new());
+        }
+        let mut rows: BTreeMap<EntityKey, Row> = BTreeMap::new();
+        let mut through = self.serve.announced;
+        'scan: while through < head {
+            let feed = self.store.feed(through, None, batch_entities)?;
+            if feed.is_empty() {
+                break;
+            }
+            for feed_row in feed {
+                let key = EntityKey {
+                    kind: feed_row.kind,
+                    id: feed_row.id,
+                };
+                if rows.len() >= batch_entities && !rows.contains_key(&key) {
+                    break 'scan;
+                }
+                through = feed_row.seq;
+                if feed_row.origin == self.origin {
+                    continue;
+                }
+                rows.insert(
+                    key.clone(),
+                    Row {
+                        key,
+                        version: feed_row.version,
+                        seq: feed_row.seq,
+                    },
+                );
+            }
+        }
+        if through == self.serve.announced {
+            return Ok(Vec::new());
+        }
+        let batch = self.serve.next_batch;
+        self.serve.next_batch += 1;
+        self.serve.announced = through;
+        self.serve.outstanding = Some(Outstanding {
+            id: batch,
+            keys: rows.keys().cloned().collect(),
+            states: HashMap::new(),
+        });
+        Ok(vec![Frame::Rows {
+            batch,
+            rows: rows.into_values().collect(),
+            through,
+            head,
+        }])
+    }
+
+    pub(super) fn answer_sync(
+        &mut self,
+        batch: u64,
+        entries: Vec<SyncEntry>,
+    ) -> Result<Vec<Frame>> {
+        let store = self.store.clone();
+        let origin = self.origin.clone();
+        let Some(outstanding) = self.serve.outstanding.as_mut() else {
+            return Err(Error::Protocol(
+                "a sync request with no batch announced".into(),
+            ));
+        };
+        if outstanding.id != batch {
+            return Err(Error::Protocol(format!(
+                "a sync request for batch {batch} during batch {}",
+                outstanding.id
+            )));
+        }
+        let mut seen = HashSet::with_capacity(entries.len());
+        for entry in &entries {
+            if !outstanding.keys.contains(&entry.key) || !seen.insert(&entry.key) {
+                return Err(Error::Protocol(format!(
+                    "a sync request for {}, which batch {batch} did not announce (or twice)",
+                    entry.key
+                )));
+            }
+        }
+        // Take the states out of the map, so one store call can apply every message.
+        let mut work: Vec<(EntityKey, Mode, SyncState, Option<Vec<u8>>)> = entries
+            .into_iter()
+            .map(|entry| {
+                let state = match entry.mode {
+                    Mode::Sync => outstanding.states.remove(&entry.key).unwrap_or_default(),
+                    Mode::Reset | Mode::Whole => {
+                        outstanding.states.remove(&entry.key);
+                        SyncState::default()
+                    }
+                };
+                (entry.key, entry.mode, state, entry.message)
+            })
+            .collect();
+        let incoming: Vec<(&EntityKey, &mut SyncState, &[u8])> = work
+            .iter_mut()
+            .filter(|(_, mode, _, _)| *mode != Mode::Whole)
+            .filter_map(|(key, _, state, message)| {
+                message.as_deref().map(|message| (&*key, state, message))
+            })
+            .collect();
+        if !incoming.is_empty() {
+            let keys: Vec<EntityKey> = incoming.iter().map(|(key, _, _)| (*key).clone()).collect();
+            let outcomes = store.receive_sync_messages(incoming, &origin)?;
+            for (key, outcome) in keys.iter().zip(outcomes) {
+                outcome.map_err(|error| rejected(key, error))?;
+            }
+        }
+        let mut replies = Vec::with_capacity(work.len());
+        for (key, mode, mut state, _) in work {
+            let message = match mode {
+                Mode::Whole => store.save(&key)?,
+                Mode::Sync | Mode::Reset => {
+                    let message = store.generate_sync_message(&key, &mut state)?;
+                    outstanding.states.insert(key.clone(), state);
+                    message
+                }
+            };
+            replies.push(ReplyEntry { key, message });
+        }
+        Ok(vec![Frame::Reply {
+            batch,
+            entries: replies,
+        }])
+    }
+
+    pub(super) fn receive_done(&mut self, batch: u64, cursor: Seq) -> Result<Vec<Frame>> {
+        match &self.serve.outstanding {
+            Some(outstanding) if outstanding.id == batch => {}
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "done for batch {batch}, which is not in flight"
+                )))
+            }
+        }
+        if cursor > self.serve.announced {
+            return Err(Error::Protocol(format!(
+                "done up to {cursor}, beyond the {} announced",
+                self.serve.announced
+            )));
+        }
+        self.serve.outstanding = None;
+        self.serve.their_cursor = Some(cursor);
+        self.announce()
+    }
+}
