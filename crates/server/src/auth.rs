@@ -56,7 +56,7 @@ impl Tokens {
     }
 
     /// The caller a request's headers identify.
-    fn identify(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    pub(crate) fn identify(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         if self.entries.is_empty() {
             return Ok(Caller {
                 origin: Origin::local("anonymous")?,

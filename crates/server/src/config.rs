@@ -72,6 +72,7 @@ const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
         &["limits", "shutdown_grace"],
         EnvValue::Text,
     ),
+    ("LOCKSTEP_SITE", &["replication", "site"], EnvValue::Text),
     (
         "LOCKSTEP_AUTH_TOKENS",
         &["auth", "tokens"],
@@ -110,6 +111,14 @@ pub struct Config {
     /// The same connectors, validated (secrets parsed, `${NAME}` in headers resolved).
     #[serde(skip)]
     pub validated_connectors: Vec<connectors::Connector>,
+    /// This site's name, the tokens peers present, and how replication batches and reconnects.
+    pub replication: replication::ReplicationSettings,
+    /// Sites this one connects to (`[[peers]]`), as written.
+    #[serde(default)]
+    pub peers: Vec<replication::PeerConfig>,
+    /// The same peers, validated (with their websocket endpoints).
+    #[serde(skip)]
+    pub validated_peers: Vec<replication::Peer>,
 }
 
 /// The `[store]` section.
@@ -368,6 +377,11 @@ impl Config {
             config.store.data_dir = data_dir;
         }
         config.validate()?;
+        config.validated_peers = replication::validate(&config.replication, &config.peers)
+            .map_err(|error| ConfigError::Invalid {
+                key: error.key,
+                detail: error.detail,
+            })?;
         config.validated_connectors = connectors::validate_all(&config.connectors, &env_map)
             .map_err(|error| ConfigError::Invalid {
                 key: format!("connectors[{}].{}", error.name, error.key),

@@ -10,7 +10,8 @@
 //! `config` is the configuration tree and its loader; `routes` composes the resource routers
 //! (`entities`, `changes`, `health`, `metrics`) with the middleware in `telemetry`, `limits` and
 //! `auth`; `extract` holds our extractors, so rejections come back in our error shape;
-//! `connectors` serves webhooks and the connector admin API;
+//! `connectors` serves webhooks and the connector admin API; `replication` accepts peers' websockets
+//! and serves peer status;
 //! `api_error` turns every failure into `{"code", "detail"}`; `state` is what handlers share;
 //! `connection` accepts and serves connections with a header-read timeout and graceful shutdown.
 //!
@@ -49,6 +50,7 @@ mod extract;
 mod health;
 mod limits;
 mod metrics;
+mod replication;
 mod routes;
 mod state;
 mod telemetry;
@@ -71,6 +73,14 @@ pub use error::{Error, Result};
 use crate::auth::Tokens;
 use crate::metrics::Metrics;
 use crate::state::AppState;
+
+/// The site name when `replication.site` is empty: the bound address, e.g. `127.0.0.1_7878`.
+fn default_site(listener: &TcpListener) -> String {
+    match listener.local_addr() {
+        Ok(address) => address.to_string().replace([':', '[', ']'], "_"),
+        Err(_) => "lockstep".into(),
+    }
+}
 
 /// Opens the store in `config.store.data_dir`, then serves on `listener` as [`run_with_store`] does.
 ///
@@ -114,8 +124,27 @@ pub async fn run_with_store(
     for (name, worker) in connectors.workers(shutdown.child_token()) {
         tasks.spawn(worker.instrument(tracing::info_span!("delivery", connector = %name)));
     }
+    let site = match config.replication.site.as_str() {
+        "" => default_site(&listener),
+        site => site.to_string(),
+    };
+    let replication = ::replication::Replication::new(
+        store.clone(),
+        &site,
+        config.replication.clone(),
+        config.validated_peers.clone(),
+    )
+    .map_err(|source| Error::OpenStore {
+        path: config.store.data_dir.clone(),
+        source,
+    })?;
+    for (name, worker) in replication.dialers(&shutdown) {
+        tasks.spawn(worker.instrument(tracing::info_span!("ws", peer = %name)));
+    }
+    tracing::info!(%site, peers = config.validated_peers.len(), "replication ready");
     let state = AppState {
         connectors,
+        replication,
         store: store.clone(),
         tokens: Arc::new(Tokens::new(&config.auth).map_err(Error::Auth)?),
         metrics: Arc::new(Metrics::default()),

@@ -195,6 +195,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .saturating_sub(state.admission.available_permits());
     let mut text = state.metrics.render(state.store.stats(), in_flight);
     crate::connectors::render_metrics(&state, &mut text);
+    crate::replication::render_metrics(&state, &mut text);
     (
         [(
             header::CONTENT_TYPE,

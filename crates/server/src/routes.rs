@@ -2,7 +2,8 @@
 //!
 //! Layers, outermost first: `telemetry` (every request, answered or refused, is logged and counted),
 //! the body limit, then for `/v1` only the concurrency cap, the request timeout and authentication
-//! (connector webhooks are signed instead, so they skip authentication).
+//! (connector webhooks are signed instead, so they skip authentication; the replication websocket
+//! checks its own tokens and is exempt from the time limit and the concurrency cap).
 //! `/healthz`, `/readyz` and `/metrics` sit outside the `/v1` limits and auth, so probes and scrapes
 //! still work while the API is saturated. A path no route matches gets 404 JSON, and a known path
 //! with the wrong method 405 JSON (with `Allow`).
@@ -13,7 +14,7 @@ use axum::Router;
 
 use crate::api_error::ApiError;
 use crate::state::AppState;
-use crate::{auth, changes, connectors, entities, health, limits, metrics, telemetry};
+use crate::{auth, changes, connectors, entities, health, limits, metrics, replication, telemetry};
 
 /// Every route, with its middleware, ready to serve.
 pub(crate) fn app(state: AppState) -> Router {
@@ -21,6 +22,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .merge(entities::router())
         .merge(changes::router())
         .merge(connectors::router())
+        .merge(replication::router())
         .layer(from_fn_with_state(state.clone(), auth::authenticate))
         .layer(from_fn_with_state(state.clone(), limits::time_limit))
         .layer(from_fn_with_state(state.clone(), limits::admit));
@@ -31,6 +33,8 @@ pub(crate) fn app(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(webhooks)
+        // Peers authenticate with replication tokens, and the socket outlives any time limit.
+        .merge(replication::endpoint_router())
         .merge(health::router())
         .merge(metrics::router())
         .fallback(no_route)

@@ -22,6 +22,8 @@ pub(crate) struct AppState {
     pub(crate) store: Store,
     /// The configured connectors (webhooks in, deliveries out, admin).
     pub(crate) connectors: connectors::Connectors,
+    /// Replication with other sites (`[[peers]]`, `[replication]`).
+    pub(crate) replication: replication::Replication,
     pub(crate) config: Arc<Config>,
     pub(crate) tokens: Arc<Tokens>,
     pub(crate) metrics: Arc<Metrics>,

@@ -28,6 +28,13 @@ fn state(dir: &std::path::Path) -> AppState {
     let store = Store::open(config.store.store_config()).expect("a fresh directory opens");
     AppState {
         connectors: ::connectors::Connectors::new(store.clone(), Vec::new()),
+        replication: ::replication::Replication::new(
+            store.clone(),
+            "test",
+            config.replication.clone(),
+            Vec::new(),
+        )
+        .expect("no cursors to read"),
         store,
         tokens: Arc::new(Tokens::new(&config.auth).expect("no tokens are configured")),
         metrics: Arc::new(Metrics::default()),
