@@ -4,7 +4,8 @@
 //! `api` covers the entity endpoints, `changes` the change feed, `auth` tokens and roles,
 //! `limits` body size, timeouts and the concurrency cap, `bad_input` every malformed request
 //! (each must change nothing and leave the server serving), `shutdown` graceful shutdown with
-//! writes in flight, and `crash` kill -9 of the release binary.
+//! writes in flight, `crash` kill -9 of the release binary, and `replication` sites peered with
+//! each other (in process, and three release-binary processes with one killed and restarted).
 
 mod api;
 mod auth;
@@ -14,4 +15,5 @@ mod connector_model;
 mod connectors;
 mod crash;
 mod limits;
+mod replication;
 mod shutdown;

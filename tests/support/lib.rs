@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! `TestServer` (start, requests, stop), the error-shape assertion `expect_error`, the SSE reader
-//! `EventReader`, and the timing helpers `within` and `poll_until`.
+//! `EventReader`, and the timing helpers `within` and `poll_until`. `sites` peers servers for
+//! replication tests and runs release-binary processes.
 //!
 //! # Example
 //! ```
@@ -25,6 +26,7 @@
 
 pub mod bench;
 pub mod fake_api;
+pub mod sites;
 
 use std::future::Future;
 use std::net::SocketAddr;
