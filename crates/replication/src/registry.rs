@@ -155,7 +155,7 @@ impl Replication {
         let socket =
             WebSocketStream::from_raw_socket(io, Role::Server, Some(link::websocket_config()))
                 .await;
-        let span = tracing::info_span!("replication", %peer, direction = "accepted");
+        let span = tracing::info_span!("link", direction = "accepted");
         async {
             tracing::info!("peer connected");
             let outcome = self.run_link(socket, &state, &shutdown).await;
@@ -189,7 +189,7 @@ impl Replication {
         };
         let settings = &self.inner.settings;
         let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
-        let span = tracing::info_span!("replication", peer = %peer.name, direction = "dialed");
+        let span = tracing::info_span!("link", direction = "dialed");
         async {
             loop {
                 let started = Instant::now();
