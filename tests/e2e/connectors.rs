@@ -679,10 +679,21 @@ async fn issue_3_admin_pause_dead_letters_gone_replay_and_preview() -> Result<()
         (status.as_u16(), replayed["entities"].clone()),
         (200, json!(1))
     );
-    fake.wait_for(Duration::from_secs(10), "the replayed entity", |r| {
-        r.len() == before + 1
-    })
-    .await?;
+    let received = fake
+        .wait_for(Duration::from_secs(10), "the replayed entity", |r| {
+            r.len() == before + 1
+        })
+        .await?;
+    let keys_for_p1: BTreeSet<&str> = received
+        .iter()
+        .filter(|request| request.json()["apptId"] == "p1" && request.status == 200)
+        .filter_map(|request| request.header("idempotency-key"))
+        .collect();
+    assert_eq!(
+        keys_for_p1.len(),
+        2,
+        "a replay must not reuse an acknowledged key"
+    );
     settle(&server, "scheduler").await?;
     let before = fake.received().len();
     server.json(post("/replay", json!({"all": true}))).await?;

@@ -31,10 +31,17 @@ const INBOX_GC_EVERY: Duration = Duration::from_secs(3600);
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
-/// The idempotency key of the delta that brings `entity` to `version` for `connector`.
-fn idempotency_key(connector: &str, entity: &EntityKey, version: &str) -> String {
-    let digest =
-        sha256_hex(format!("{connector}\0{}\0{}\0{version}", entity.kind, entity.id).as_bytes());
+/// The idempotency key of the delta that brings `entity` to `version` for `connector`, after
+/// `replays` operator replays of the entity (a replay is new, so it must not reuse the key a
+/// receiver already acknowledged).
+fn idempotency_key(connector: &str, entity: &EntityKey, version: &str, replays: u64) -> String {
+    let digest = sha256_hex(
+        format!(
+            "{connector}\0{}\0{}\0{version}\0{replays}",
+            entity.kind, entity.id
+        )
+        .as_bytes(),
+    );
     format!("lsk_{}", &digest[..40])
 }
 
@@ -105,7 +112,7 @@ fn plan_with(
             }
             // The entity holds a value the mapping cannot send: park it, keep the others flowing.
             let attempt = Attempt {
-                key: idempotency_key(&handle.connector.name, entity, &version),
+                key: idempotency_key(&handle.connector.name, entity, &version, shadow.replays),
                 delta: Map::new(),
                 version,
                 previous_version: shadow.version.clone(),
@@ -128,7 +135,7 @@ fn plan_with(
         });
     };
     let mut attempt = Attempt {
-        key: idempotency_key(&handle.connector.name, entity, &version),
+        key: idempotency_key(&handle.connector.name, entity, &version, shadow.replays),
         delta,
         version,
         previous_version: shadow.version.clone(),
@@ -166,10 +173,9 @@ pub(crate) fn preview(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Pr
         None => (None, records.store().version(entity)?),
     };
     Ok(Preview {
-        idempotency_key: delta
-            .as_ref()
-            .and(version.as_ref())
-            .map(|version| idempotency_key(&handle.connector.name, entity, version)),
+        idempotency_key: delta.as_ref().and(version.as_ref()).map(|version| {
+            idempotency_key(&handle.connector.name, entity, version, shadow.replays)
+        }),
         delta,
         version,
         previous_version: shadow.version,

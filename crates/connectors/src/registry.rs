@@ -498,7 +498,7 @@ impl Connectors {
                 }
             };
             for entity in &entities {
-                writes.push(records.delete_shadow(entity));
+                writes.push(records.forget_shadow(entity)?);
             }
             writes.push(records.put_state(&state));
             records.write(writes)?;

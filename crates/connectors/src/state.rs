@@ -46,6 +46,9 @@ pub struct Shadow {
     pub version: Option<String>,
     /// The highest `version_field` value applied from this system's webhooks.
     pub inbound_mark: Option<Json>,
+    /// How often an operator replayed this entity; part of its deltas' idempotency keys.
+    #[serde(default)]
+    pub replays: u64,
 }
 
 /// One outbound delta for one entity, retried under the same key until acknowledged.
@@ -148,8 +151,18 @@ impl Records {
         RecordWrite::put(self.entity_key(SHADOW, entity), encode(shadow))
     }
 
-    pub(crate) fn delete_shadow(&self, entity: &EntityKey) -> RecordWrite {
-        RecordWrite::delete(self.entity_key(SHADOW, entity))
+    /// Forgets what the system has for `entity` (its fields and version), counting a replay.
+    pub(crate) fn forget_shadow(&self, entity: &EntityKey) -> Result<RecordWrite> {
+        let shadow = self.shadow(entity)?;
+        Ok(self.put_shadow(
+            entity,
+            &Shadow {
+                fields: BTreeMap::new(),
+                version: None,
+                inbound_mark: shadow.inbound_mark,
+                replays: shadow.replays + 1,
+            },
+        ))
     }
 
     /// Every shadow of this connector, as entity keys.
