@@ -511,6 +511,13 @@ fn apply_env(table: &mut Table, env: Vec<(String, String)>) -> Result<(), Config
                 .parse::<i64>()
                 .map(Value::Integer)
                 .map_err(|_| bad(format!("{raw:?} is not a whole number")))?,
+            // An empty list would silently open an API the file protects: refuse it.
+            EnvValue::Tokens if raw.trim().is_empty() => {
+                return Err(bad(
+                    "is empty; unset it to keep the file's tokens (an empty list would turn authentication off)"
+                        .into(),
+                ))
+            }
             EnvValue::Tokens => parse_env_tokens(&raw).map_err(bad)?,
         };
         set_path(table, path, value);

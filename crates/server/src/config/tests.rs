@@ -221,3 +221,16 @@ fn a_token_of_the_wrong_type_is_refused_without_echoing_it() {
     assert!(message.contains("auth.tokens"), "{message}");
     assert!(!message.contains("987654321"), "{message}");
 }
+
+#[test]
+fn an_empty_token_variable_is_refused_rather_than_opening_the_api() {
+    let error = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_AUTH_TOKENS", "  ")]),
+        ..ConfigSources::default()
+    })
+    .expect_err("an empty token list from the environment");
+    assert!(
+        error.to_string().contains("LOCKSTEP_AUTH_TOKENS"),
+        "{error}"
+    );
+}
