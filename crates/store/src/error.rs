@@ -17,7 +17,7 @@ pub enum Error {
     #[error("{0}")]
     UnwritableValue(String),
     /// A conditional write named a version the entity is no longer at.
-    #[error("{key} is at version {current}, not {expected}")]
+    #[error("{}", version_mismatch(key, expected, current))]
     VersionMismatch {
         /// The entity.
         key: EntityKey,
@@ -61,3 +61,11 @@ pub enum Error {
 
 /// The store's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn version_mismatch(key: &EntityKey, expected: &str, current: &str) -> String {
+    if current.is_empty() {
+        format!("{key} does not exist, so it is not at version {expected}")
+    } else {
+        format!("{key} is at version {current}, not {expected}")
+    }
+}
