@@ -142,8 +142,17 @@ pub(crate) async fn run(remote: Remote, command: ConnectorCommand) -> Result<()>
     let text = response.text().await.context("reading the answer")?;
     let answer: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if status.is_success() {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
-        Ok(())
+        use std::io::Write;
+        let printed = writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&answer)?
+        );
+        match printed {
+            // A reader that stops early (`| head`) is not an error.
+            Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("writing the answer"),
+        }
     } else {
         bail!(
             "{url} answered {status}: {} ({})",
