@@ -1,7 +1,8 @@
 //! `/healthz` and `/readyz`: whether the process is alive, and whether it is taking requests.
 //!
 //! `/healthz` answers 200 for as long as the process serves HTTP at all. `/readyz` answers 200
-//! while the store is open and the server accepts requests, and 503 once shutdown has begun, so a
+//! while the store is open and the server accepts requests, and 503 once shutdown has begun or
+//! after a failed flush closed the store, so a
 //! load balancer stops sending traffic before the listener closes.
 
 use axum::extract::State;
@@ -29,6 +30,10 @@ async fn healthz() -> Json<Value> {
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::ShuttingDown);
+    }
+    if !state.store.is_open() {
+        // A flush failed: the store refuses writes until the process is restarted.
+        return Err(ApiError::Store(store::Error::Closed));
     }
     Ok(Json(
         json!({ "status": "ready", "feed_seq": state.store.last_seq().0 }),
