@@ -6,7 +6,6 @@
 //! binary first). `LOCKSTEP_BENCH_SECONDS` sets each phase's length (default 5).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use connectors::WebhookSecret;
 use lockstep_tests::bench::{
-    env_number, ms, release_binary, sled_baseline, summarize, Figures, Server,
+    closed_loop, env_number, ms, release_binary, sled_baseline, summarize, Figures, Server,
 };
 use serde_json::{json, Value};
 
@@ -41,62 +40,33 @@ officeCode = "site.code"
 /// `connections` tasks posting signed webhooks, each with a fresh id, for `seconds`.
 async fn webhook_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {
     let secret = WebhookSecret::parse(SECRET)?;
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let failures = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..connections)
-        .map(|connection| {
-            let (base, secret, failures) = (base.to_string(), secret.clone(), failures.clone());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut latencies = Vec::new();
-                let mut round = 0u64;
-                while Instant::now() < deadline {
-                    let body = json!({
-                        "apptId": format!("w{connection}-{}", round % 500),
-                        "scheduledDate": format!("2027-01-{:02}", 1 + round % 28),
-                        "officeCode": format!("N{round}"),
-                    })
-                    .to_string();
-                    let id = format!("msg_{connection}_{round}");
-                    let timestamp = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64);
-                    let signature = secret.sign(&id, timestamp, body.as_bytes());
-                    let begun = Instant::now();
-                    let response = client
-                        .post(format!("{base}/v1/connectors/scheduler/webhook"))
-                        .header("content-type", "application/json")
-                        .header("webhook-id", &id)
-                        .header("webhook-timestamp", timestamp.to_string())
-                        .header("webhook-signature", signature)
-                        .body(body)
-                        .send()
-                        .await;
-                    match response {
-                        Ok(response) if response.status().is_success() => {
-                            let _ = response.bytes().await;
-                            latencies.push(begun.elapsed());
-                        }
-                        _ => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    round += 1;
-                }
-                latencies
+    let base = base.to_string();
+    closed_loop(
+        "webhooks",
+        connections,
+        seconds,
+        move |client, connection, round| {
+            let body = json!({
+                "apptId": format!("w{connection}-{}", round % 500),
+                "scheduledDate": format!("2027-01-{:02}", 1 + round % 28),
+                "officeCode": format!("N{round}"),
             })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await?);
-    }
-    let failed = failures.load(Ordering::Relaxed);
-    if failed > 0 {
-        bail!("{failed} webhooks failed");
-    }
-    Ok(summarize(latencies, started.elapsed()))
+            .to_string();
+            let id = format!("msg_{connection}_{round}");
+            let timestamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_secs() as i64);
+            let signature = secret.sign(&id, timestamp, body.as_bytes());
+            client
+                .post(format!("{base}/v1/connectors/scheduler/webhook"))
+                .header("content-type", "application/json")
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", signature)
+                .body(body)
+        },
+    )
+    .await
 }
 
 /// When each edit was sent, and when its delta arrived, keyed by the unique date value.

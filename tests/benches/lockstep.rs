@@ -10,9 +10,11 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use lockstep_tests::bench::{
+    closed_loop, env_number, ms, release_binary, sled_baseline, Figures, Server,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 
@@ -39,50 +41,20 @@ fn ten_fields(index: u64, round: u64) -> Value {
 
 /// `connections` tasks PATCHing for `seconds`; each writes its own entities, cycling over 1,000.
 async fn patch_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let failures = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..connections)
-        .map(|connection| {
-            let base = base.to_string();
-            let failures = failures.clone();
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut latencies = Vec::new();
-                let mut round = 0u64;
-                while Instant::now() < deadline {
-                    let index = connection * 1000 + round % 1000;
-                    let begun = Instant::now();
-                    let response = client
-                        .patch(format!("{base}/v1/entities/bench/e{index}"))
-                        .header("content-type", "application/merge-patch+json")
-                        .body(ten_fields(index, round).to_string())
-                        .send()
-                        .await;
-                    match response {
-                        Ok(response) if response.status().is_success() => {
-                            let _ = response.bytes().await;
-                            latencies.push(begun.elapsed());
-                        }
-                        _ => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    round += 1;
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await?);
-    }
-    let failed = failures.load(Ordering::Relaxed);
-    if failed > 0 {
-        bail!("{failed} PATCH requests failed");
-    }
-    Ok(summarize(latencies, started.elapsed()))
+    let base = base.to_string();
+    closed_loop(
+        "PATCH requests",
+        connections,
+        seconds,
+        move |client, connection, round| {
+            let index = connection * 1000 + round % 1000;
+            client
+                .patch(format!("{base}/v1/entities/bench/e{index}"))
+                .header("content-type", "application/merge-patch+json")
+                .body(ten_fields(index, round).to_string())
+        },
+    )
+    .await
 }
 
 /// Writes `count` entities with 64 connections, reporting RSS at each quarter.
@@ -182,10 +154,6 @@ fn disk_usage(entities: u64) -> Result<(f64, f64, f64)> {
     let per = |total: u64| total as f64 / entities as f64;
     Ok((per(stored), per(saved), per(on_disk)))
 }
-
-use lockstep_tests::bench::{
-    env_number, ms, release_binary, sled_baseline, summarize, Figures, Server,
-};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {

@@ -182,3 +182,55 @@ impl Server {
 pub fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
 }
+
+/// A closed-loop load: `connections` tasks, each with its own HTTP client, sending the request
+/// `request(client, connection, round)` builds, one after another, for `seconds`.
+///
+/// # Errors
+/// When any request fails or answers other than 2xx (`what` names them in the error).
+pub async fn closed_loop<F>(
+    what: &str,
+    connections: u64,
+    seconds: u64,
+    request: F,
+) -> Result<Figures>
+where
+    F: Fn(&reqwest::Client, u64, u64) -> reqwest::RequestBuilder + Clone + Send + 'static,
+{
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|connection| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut latencies = Vec::new();
+                let mut failures = 0u64;
+                let mut round = 0u64;
+                while Instant::now() < deadline {
+                    let begun = Instant::now();
+                    match request(&client, connection, round).send().await {
+                        Ok(response) if response.status().is_success() => {
+                            let _ = response.bytes().await;
+                            latencies.push(begun.elapsed());
+                        }
+                        _ => failures += 1,
+                    }
+                    round += 1;
+                }
+                (latencies, failures)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut failures = 0;
+    for task in tasks {
+        let (task_latencies, task_failures) = task.await?;
+        latencies.extend(task_latencies);
+        failures += task_failures;
+    }
+    if failures > 0 {
+        bail!("{failures} {what} failed");
+    }
+    Ok(summarize(latencies, started.elapsed()))
+}
