@@ -131,12 +131,72 @@ impl Store {
         messages: impl IntoIterator<Item = (&'a EntityKey, &'a mut SyncState, &'a [u8])>,
         origin: &Origin,
     ) -> Result<Vec<Result<Written>>> {
-        let outcomes: Vec<Result<Written>> = messages
-            .into_iter()
-            .map(|(key, state, message)| self.receive_unflushed(key, state, message, origin))
-            .collect();
+        let outcomes = self
+            .apply_in_parallel(messages.into_iter().collect(), |(key, state, message)| {
+                self.receive_unflushed(key, state, message, origin)
+            });
         self.wait_durable()?;
         Ok(outcomes)
+    }
+
+    /// Merges Automerge data (a saved document, or changes) into each entity, as
+    /// [`Store::merge`] does, and returns once one flush covers all of them.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the final flush fails; per-entity errors are in the returned list,
+    /// in the order of `items`.
+    pub fn merge_many<'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a EntityKey, &'a [u8])>,
+        origin: &Origin,
+    ) -> Result<Vec<Result<Written>>> {
+        let outcomes = self.apply_in_parallel(items.into_iter().collect(), |(key, bytes)| {
+            self.merge_unflushed(key, bytes, origin)
+        });
+        self.wait_durable()?;
+        Ok(outcomes)
+    }
+
+    /// Runs `apply` on every item, spread over one thread per core, and returns the outcomes
+    /// in the order of `items`. Entities are independent (each write takes its own stripe lock
+    /// and the commit lock only to number its feed row), so a batch uses every core.
+    fn apply_in_parallel<T: Send>(
+        &self,
+        mut items: Vec<T>,
+        apply: impl Fn(T) -> Result<Written> + Sync,
+    ) -> Vec<Result<Written>> {
+        // Below this many items per thread, starting threads costs more than it saves.
+        const MIN_PER_THREAD: usize = 16;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(items.len() / MIN_PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            return items.into_iter().map(apply).collect();
+        }
+        let per_thread = items.len().div_ceil(threads);
+        let mut chunks = Vec::with_capacity(threads);
+        while items.len() > per_thread {
+            let rest = items.split_off(per_thread);
+            chunks.push(std::mem::replace(&mut items, rest));
+        }
+        chunks.push(items);
+        let apply = &apply;
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| scope.spawn(move || chunk.into_iter().map(apply).collect::<Vec<_>>()))
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| {
+                    // A panic here is a bug in the store (bad input is an `Err`): pass it on.
+                    worker
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        })
     }
 }
 

@@ -360,6 +360,18 @@ impl Store {
     /// ignored: `Ok` with `seq: None`, nothing merged. A document nested deeper than
     /// [`crate::MAX_DEPTH`] is refused with [`Error::Decode`] too.
     pub fn merge(&self, key: &EntityKey, bytes: &[u8], origin: &Origin) -> Result<Written> {
+        let written = self.merge_unflushed(key, bytes, origin)?;
+        self.wait_durable()?;
+        Ok(written)
+    }
+
+    /// [`Store::merge`] without waiting for the flush.
+    pub(crate) fn merge_unflushed(
+        &self,
+        key: &EntityKey,
+        bytes: &[u8],
+        origin: &Origin,
+    ) -> Result<Written> {
         let _guard = self.lock(key);
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
@@ -372,7 +384,7 @@ impl Store {
             Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.persist(key, doc, &before, existed, origin, _guard, |_| Vec::new())
+        self.persist_unflushed(key, doc, &before, existed, origin, _guard, |_| Vec::new())
     }
 
     /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
@@ -588,6 +600,38 @@ impl Store {
         }
         self.inner.durability.wait()?;
         Ok(compacted)
+    }
+
+    /// The entity's Automerge data as stored (its snapshot, if any, followed by its incremental
+    /// chunks), without loading the document; `None` when it never existed. The bytes are a
+    /// valid input to [`Store::merge`] and to Automerge's `load`, and cost a read, not a decode,
+    /// which makes them the cheap way to hand a whole entity to a replica.
+    ///
+    /// # Errors
+    /// Storage errors only.
+    pub fn stored_document(&self, key: &EntityKey) -> Result<Option<Vec<u8>>> {
+        // Under the entity's lock, so a compaction cannot swap the snapshot between the reads.
+        let _guard = self.lock(key);
+        if self.record(key)?.is_none() {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        if let Some(snapshot) = self
+            .inner
+            .db
+            .get(layout::entity_key(layout::SNAPSHOT, key))?
+        {
+            bytes.extend_from_slice(&snapshot);
+        }
+        for chunk in self
+            .inner
+            .db
+            .scan_prefix(layout::chunk_prefix(key))
+            .values()
+        {
+            bytes.extend_from_slice(&chunk?);
+        }
+        Ok(Some(bytes))
     }
 
     /// The bytes the store keeps for one entity (record, snapshot and chunks), for measurements.

@@ -130,3 +130,34 @@ fn issue_2_writing_the_winning_value_settles_a_conflict() {
     sync_until_quiet(&a, &b, &key);
     assert!(b.conflicts(&key).expect("read").expect("exists").is_empty());
 }
+
+#[test]
+fn stored_documents_merge_into_an_empty_replica_at_the_same_version() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut config = StoreConfig::new(dir_a.path());
+    config.compact_after_chunks = 3;
+    let a = Store::open(config).expect("opens");
+    let b = open(&dir_b);
+    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
+    let from_a = Origin::parse("peer:a").expect("valid");
+    // Chunks only, then a snapshot followed by chunks.
+    for (id, edits) in [("chunks", 2), ("snapshot", 5)] {
+        let key = EntityKey::new("appointment", id).expect("valid");
+        for edit in 0..edits {
+            a.patch(&key, &json!({"n": edit, "site": {"code": edit}}), &options)
+                .expect("write");
+        }
+        let bytes = a.stored_document(&key).expect("read").expect("exists");
+        b.merge(&key, &bytes, &from_a).expect("merge");
+        assert_eq!(
+            a.version(&key).expect("read"),
+            b.version(&key).expect("read")
+        );
+        assert_eq!(a.get(&key).expect("read"), b.get(&key).expect("read"));
+    }
+    let missing = EntityKey::new("appointment", "missing").expect("valid");
+    assert_eq!(a.stored_document(&missing).expect("read"), None);
+}
