@@ -135,19 +135,11 @@ where
     let mut ping = tokio::time::interval(idle_timeout / 3);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Biased: what the peer sent is read before the idle deadline is judged, so a long step
+        // of our own never makes a waiting message look like silence.
         let outputs = tokio::select! {
+            biased;
             () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep_until(silent_until) => return Err(Error::Idle(idle_timeout)),
-            _ = ping.tick() => {
-                send(sink, Message::Ping(Vec::new().into()), idle_timeout).await?;
-                continue;
-            }
-            changed = feed.changed() => {
-                if changed.is_err() {
-                    return Err(Error::from(store::Error::Closed));
-                }
-                step(&mut session, Session::poll_feed).await?
-            }
             message = stream.next() => {
                 silent_until = Instant::now() + idle_timeout;
                 match message {
@@ -168,6 +160,17 @@ where
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 }
             }
+            changed = feed.changed() => {
+                if changed.is_err() {
+                    return Err(Error::from(store::Error::Closed));
+                }
+                step(&mut session, Session::poll_feed).await?
+            }
+            _ = ping.tick() => {
+                send(sink, Message::Ping(Vec::new().into()), idle_timeout).await?;
+                continue;
+            }
+            () = tokio::time::sleep_until(silent_until) => return Err(Error::Idle(idle_timeout)),
         };
         for frame in outputs {
             send(sink, Message::binary(frame.encode()), idle_timeout).await?;

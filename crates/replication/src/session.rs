@@ -4,8 +4,9 @@
 //! One [`Session`] lives as long as one connection, on each side, and runs both directions at
 //! once. As a *puller* it consumes the peer's feed: the peer announces changed entities in
 //! batches ([`Frame::Rows`]); entities whose announced version the store already has are
-//! skipped, the others are brought up to date with Automerge's sync protocol, many entities per
-//! round trip ([`Frame::Sync`] and [`Frame::Reply`]); once every entity of the batch has the
+//! skipped, entities it has never had are fetched whole (the sync protocol would send all their
+//! changes anyway), and the others are brought up to date with Automerge's sync protocol, many
+//! entities per round trip ([`Frame::Sync`] and [`Frame::Reply`]); once every entity of the batch has the
 //! announced version, the cursor is written to disk and the batch acknowledged
 //! ([`Frame::Done`]). As an *announcer* it does the same for the local feed, for the peer.
 //!

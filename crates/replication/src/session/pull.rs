@@ -1,8 +1,9 @@
 //! The puller's half of a session: consuming the peer's feed.
 //!
-//! For each announced batch: skip the entities whose version is already here, run Automerge's
-//! sync protocol for the others until each has the announced version (many entities per round
-//! trip), then write the cursor and acknowledge the batch. An entity that needs too many rounds
+//! For each announced batch: skip the entities whose version is already here, fetch whole the
+//! ones never seen here, run Automerge's sync protocol for the others until each has the
+//! announced version (many entities per round trip), then write the cursor and acknowledge the
+//! batch. An entity that needs too many rounds
 //! is reset, then fetched whole; what the peer does with its side of the sync is `serve`'s
 //! business.
 
@@ -93,18 +94,27 @@ impl Session {
             if entities.contains_key(&row.key) {
                 return Err(Error::Protocol(format!("{} twice in one batch", row.key)));
             }
-            let held = self
-                .store
-                .has_version(&row.key, &row.version)
-                .map_err(|error| rejected(&row.key, error))?;
-            if held {
+            let exists = self.store.version(&row.key)?.is_some();
+            if exists
+                && self
+                    .store
+                    .has_version(&row.key, &row.version)
+                    .map_err(|error| rejected(&row.key, error))?
+            {
                 continue;
             }
+            // An entity never seen here is fetched whole in one round trip: the sync protocol
+            // would send every change of it anyway, after a round trip to find that out.
             let mut state = SyncState::default();
-            let message = self.store.generate_sync_message(&row.key, &mut state)?;
+            let (mode, stage, message) = if exists {
+                let message = self.store.generate_sync_message(&row.key, &mut state)?;
+                (Mode::Sync, Stage::First, message)
+            } else {
+                (Mode::Whole, Stage::Whole, None)
+            };
             entries.push(SyncEntry {
                 key: row.key.clone(),
-                mode: Mode::Sync,
+                mode,
                 message,
             });
             entities.insert(
@@ -113,7 +123,7 @@ impl Session {
                     target: row.version,
                     state,
                     rounds: 0,
-                    stage: Stage::First,
+                    stage,
                     awaiting: true,
                 },
             );
@@ -168,6 +178,7 @@ impl Session {
             }
         }
         let mut messages: HashMap<EntityKey, Vec<u8>> = HashMap::new();
+        let mut documents: Vec<(EntityKey, Vec<u8>)> = Vec::new();
         let mut empty: HashSet<EntityKey> = HashSet::new();
         for reply in replies {
             let pending = current
@@ -176,17 +187,24 @@ impl Session {
                 .expect("every reply was checked to name an awaited entity");
             pending.awaiting = false;
             match (reply.message, pending.stage) {
-                (Some(document), Stage::Whole) => {
-                    store
-                        .merge(&reply.key, &document, &origin)
-                        .map_err(|error| rejected(&reply.key, error))?;
-                }
+                (Some(document), Stage::Whole) => documents.push((reply.key, document)),
                 (Some(message), _) => {
                     messages.insert(reply.key, message);
                 }
                 (None, _) => {
                     empty.insert(reply.key);
                 }
+            }
+        }
+        if !documents.is_empty() {
+            let outcomes = store.merge_many(
+                documents
+                    .iter()
+                    .map(|(key, document)| (key, document.as_slice())),
+                &origin,
+            )?;
+            for ((key, _), outcome) in documents.iter().zip(outcomes) {
+                outcome.map_err(|error| rejected(key, error))?;
             }
         }
         if !messages.is_empty() {

@@ -170,7 +170,7 @@ impl Session {
         let mut replies = Vec::with_capacity(work.len());
         for (key, mode, mut state, _) in work {
             let message = match mode {
-                Mode::Whole => store.save(&key)?,
+                Mode::Whole => store.stored_document(&key)?,
                 Mode::Sync | Mode::Reset => {
                     let message = store.generate_sync_message(&key, &mut state)?;
                     outstanding.states.insert(key.clone(), state);

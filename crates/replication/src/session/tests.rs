@@ -79,6 +79,8 @@ fn entities_already_at_the_announced_version_are_skipped() {
 #[test]
 fn an_entity_that_never_converges_is_reset_then_fetched_whole_then_reported() {
     let (_dir, store) = open();
+    // The entity exists here, so it is synced rather than fetched whole.
+    write(&store, "1", json!({"room": "4"}));
     let (other_dir, other) = open();
     let version = write(&other, "1", json!({"date": "2026-12-01"}));
     drop(other_dir);
@@ -129,6 +131,53 @@ fn an_entity_that_never_converges_is_reset_then_fetched_whole_then_reported() {
         }
     }
     panic!("the session did not give up: {modes:?}");
+}
+
+#[test]
+fn an_entity_never_seen_here_is_fetched_whole_in_one_round_trip() {
+    let (_dir, store) = open();
+    let (_other_dir, other) = open();
+    let version = write(&other, "1", json!({"date": "2026-12-01"}));
+    let (mut session, _) = session(&store, SessionSettings::default());
+    let out = session
+        .receive(Frame::Rows {
+            batch: 0,
+            rows: vec![Row {
+                key: key("1"),
+                version: version.clone(),
+                seq: Seq(1),
+            }],
+            through: Seq(1),
+            head: Seq(1),
+        })
+        .expect("rows are accepted");
+    let Some(Frame::Sync { entries, .. }) = out.first() else {
+        panic!("expected a request: {out:?}");
+    };
+    assert_eq!(entries[0].mode, Mode::Whole);
+    let out = session
+        .receive(Frame::Reply {
+            batch: 0,
+            entries: vec![ReplyEntry {
+                key: key("1"),
+                message: other.save(&key("1")).expect("save"),
+            }],
+        })
+        .expect("the document is applied");
+    assert_eq!(
+        out,
+        vec![Frame::Done {
+            batch: 0,
+            cursor: Seq(1)
+        }]
+    );
+    assert_eq!(store.version(&key("1")).expect("read"), Some(version));
+    assert_eq!(
+        store.feed(Seq::ZERO, None, 1).expect("feed")[0]
+            .origin
+            .as_str(),
+        "peer:remote"
+    );
 }
 
 #[test]
