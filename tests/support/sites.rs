@@ -131,6 +131,11 @@ impl Process {
         })
     }
 
+    /// The process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL and waits for it to be gone.
     ///
     /// # Errors
