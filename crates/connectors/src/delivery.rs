@@ -440,11 +440,17 @@ fn advance(
         .collect();
     entities.sort();
     entities.dedup();
-    // Entities in flight are planned again when their delivery ends.
-    entities.retain(|entity| !in_flight.contains(entity));
+    // An entity in flight is marked, in the same write as the cursor, and planned when its
+    // delivery ends (see `replan_marked`), so its change is never skipped, not even by a crash.
+    let (flying, entities): (Vec<EntityKey>, Vec<EntityKey>) = entities
+        .into_iter()
+        .partition(|entity| in_flight.contains(entity));
     // Held until the attempts are written, so no webhook changes a shadow in between.
     let locked = handle.lock_entities(&entities);
-    let mut writes = Vec::new();
+    let mut writes: Vec<RecordWrite> = flying
+        .iter()
+        .map(|entity| records.put_replan(entity))
+        .collect();
     let mut planned = Vec::new();
     for entity in entities {
         let entity_writes = plan(handle, &entity)?;
@@ -461,6 +467,25 @@ fn advance(
         .map(|entity| due_of(handle, &entity).map(|due| (entity, due)))
         .collect::<Result<_>>()?;
     Ok((more, planned))
+}
+
+/// Plans `entity` if it was marked while in flight, and removes the mark; returns where it stands.
+fn replan_marked(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Due> {
+    let _locked = handle.lock_entity(entity);
+    if handle.records.has_replan(entity)? {
+        let mut writes = plan(handle, entity)?;
+        writes.push(handle.records.delete_replan(entity));
+        handle.records.write(writes)?;
+    }
+    due_of(handle, entity)
+}
+
+/// Plans every marked entity (after a restart nothing is in flight).
+fn replan_all_marked(handle: &ConnectorHandle) -> Result<()> {
+    for entity in handle.records.replans()? {
+        replan_marked(handle, &entity)?;
+    }
+    Ok(())
 }
 
 /// The worker: runs until `shutdown` is cancelled. In-flight deliveries are abandoned at
@@ -520,6 +545,14 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
             Some(joined) = deliveries.join_next(), if !deliveries.is_empty() => {
                 if let Ok((entity, result)) = joined {
                     in_flight.remove(&entity);
+                    let marked = handle.clone();
+                    let marked_entity = entity.clone();
+                    let result = match result {
+                        Ok(_) => tokio::task::spawn_blocking(move || replan_marked(&marked, &marked_entity))
+                            .await
+                            .unwrap_or_else(|error| Err(error.into())),
+                        Err(error) => Err(error),
+                    };
                     match result {
                         Ok(due) => set_due(&mut index, entity, due),
                         Err(error) => {
@@ -582,7 +615,14 @@ async fn step(
     }
     if *reload || handle.rescan.swap(false, Ordering::AcqRel) {
         let loader = handle.clone();
-        *index = tokio::task::spawn_blocking(move || load_index(&loader)).await??;
+        let flying = in_flight.clone();
+        *index = tokio::task::spawn_blocking(move || {
+            if flying.is_empty() {
+                replan_all_marked(&loader)?;
+            }
+            load_index(&loader)
+        })
+        .await??;
         *reload = false;
     }
     let planner = handle.clone();

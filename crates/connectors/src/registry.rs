@@ -323,6 +323,9 @@ impl Connectors {
         self.blocking(name, move |handle| {
             let state = handle.records.state()?;
             let attempts = handle.records.attempts()?;
+            // Entities changed while being delivered, whose next delta is not planned yet.
+            let marked: std::collections::BTreeSet<EntityKey> =
+                handle.records.replans()?.into_iter().collect();
             let now = now_ms();
             let pending: Vec<&Attempt> = attempts
                 .iter()
@@ -346,7 +349,11 @@ impl Connectors {
                 inbound: handle.connector.webhook_secret.is_some(),
                 cursor: state.cursor,
                 feed_lag: last_seq.0.saturating_sub(state.cursor.0),
-                entities_pending: pending.len(),
+                entities_pending: attempts
+                    .iter()
+                    .filter(|(entity, attempt)| attempt.dead.is_none() && !marked.contains(entity))
+                    .count()
+                    + marked.len(),
                 dead_letters: attempts.len() - pending.len(),
                 oldest_pending_age_seconds: pending
                     .iter()

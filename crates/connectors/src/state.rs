@@ -6,6 +6,7 @@
 //! | `connector.shadow` | connector, kind, id | [`Shadow`]: the mapped fields the external system has |
 //! | `connector.outbox` | connector, kind, id | [`Attempt`]: the one delta in flight for the entity |
 //! | `connector.inbox` | connector, hash of the webhook id | [`InboxRecord`]: the first response to that id |
+//! | `connector.replan` | connector, kind, id | empty: the entity changed while it was being delivered |
 //!
 //! The shadow and the outbox are what make delivery crash-safe: the delta to send is always
 //! `mapped(entity) - shadow`, and an attempt, once written, is retried under the same key until
@@ -25,6 +26,7 @@ const STATE: &str = "connector.state";
 const SHADOW: &str = "connector.shadow";
 const OUTBOX: &str = "connector.outbox";
 const INBOX: &str = "connector.inbox";
+const REPLAN: &str = "connector.replan";
 
 /// A connector's persisted run state.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -180,6 +182,28 @@ impl Records {
 
     pub(crate) fn delete_attempt(&self, entity: &EntityKey) -> RecordWrite {
         RecordWrite::delete(self.entity_key(OUTBOX, entity))
+    }
+
+    /// Marks `entity` as changed while a delivery of it was in flight, so it is planned once
+    /// the delivery ends (or after a restart), whatever that delivery's outcome.
+    pub(crate) fn put_replan(&self, entity: &EntityKey) -> RecordWrite {
+        RecordWrite::put(self.entity_key(REPLAN, entity), Vec::new())
+    }
+
+    pub(crate) fn delete_replan(&self, entity: &EntityKey) -> RecordWrite {
+        RecordWrite::delete(self.entity_key(REPLAN, entity))
+    }
+
+    pub(crate) fn has_replan(&self, entity: &EntityKey) -> Result<bool> {
+        Ok(self
+            .store
+            .read_record(&self.entity_key(REPLAN, entity))?
+            .is_some())
+    }
+
+    /// Every entity marked by [`Records::put_replan`].
+    pub(crate) fn replans(&self) -> Result<Vec<EntityKey>> {
+        self.scan_entities(REPLAN)
     }
 
     /// Every attempt in this connector's outbox.
