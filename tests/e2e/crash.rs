@@ -8,12 +8,13 @@
 //! (`cargo build --release -p lockstep-cli`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use lockstep_tests::sites::release_binary;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -21,25 +22,6 @@ use tokio::process::{Child, Command};
 
 const CYCLES: usize = 5;
 const WRITERS: usize = 16;
-
-fn release_binary() -> Result<PathBuf> {
-    // The test executable lives in target/<profile>/deps/; the binary in target/release/.
-    let exe = std::env::current_exe().context("locating the test executable")?;
-    let target = exe
-        .ancestors()
-        .find(|dir| dir.file_name().is_some_and(|name| name == "target"))
-        .map(Path::to_path_buf)
-        .or_else(|| exe.ancestors().nth(3).map(Path::to_path_buf))
-        .context("finding the target directory")?;
-    let binary = target.join("release").join("lockstep");
-    if !binary.exists() {
-        bail!(
-            "{} is missing: run `cargo build --release -p lockstep-cli` first (.ci/run does)",
-            binary.display()
-        );
-    }
-    Ok(binary)
-}
 
 /// A running `lockstep serve` process and the address it listens on.
 struct Process {

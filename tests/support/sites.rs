@@ -59,9 +59,12 @@ pub fn site_toml(
 pub fn release_binary() -> Result<PathBuf> {
     // The test executable lives in target/<profile>/deps/; the binary in target/release/.
     let exe = std::env::current_exe().context("locating the test executable")?;
+    // `target/<profile>/deps/<exe>`: the target directory is three levels up, also when
+    // CARGO_TARGET_DIR names a directory that is not called `target`.
     let target = exe
         .ancestors()
         .find(|dir| dir.file_name().is_some_and(|name| name == "target"))
+        .or_else(|| exe.ancestors().nth(3))
         .map(Path::to_path_buf)
         .context("finding the target directory")?;
     let binary = target.join("release").join("lockstep");
