@@ -469,6 +469,12 @@ fn existing_depth(doc: &Automerge, object: &legacy::OpId) -> usize {
         .unwrap_or(1)
 }
 
+/// Whether the entity has any field now: the cheap form of `!fields(doc, None).is_empty()`,
+/// which would turn the whole document into JSON.
+pub(crate) fn has_fields(doc: &Automerge) -> bool {
+    doc.length(ROOT) > 0
+}
+
 /// The entity's fields (at `heads`, or now).
 pub(crate) fn fields(doc: &Automerge, heads: Option<&[ChangeHash]>) -> Map<String, Json> {
     match object_to_json(doc, &ROOT, heads) {

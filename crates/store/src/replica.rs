@@ -96,7 +96,7 @@ impl Store {
         let guard = self.lock(key);
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
-        let existed = !document::fields(&doc, None).is_empty();
+        let existed = document::has_fields(&doc);
         let received = catch_unwind(AssertUnwindSafe(|| {
             doc.receive_sync_message(&mut state.0, message)
         }));

@@ -375,7 +375,7 @@ impl Store {
         let _guard = self.lock(key);
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
-        let existed = !document::fields(&doc, None).is_empty();
+        let existed = document::has_fields(&doc);
         let loaded = catch_unwind(AssertUnwindSafe(|| doc.load_incremental(bytes)));
         match loaded {
             Ok(Ok(_)) => {}
@@ -473,7 +473,7 @@ impl Store {
     /// Storage errors only.
     pub fn conflicts(&self, key: &EntityKey) -> Result<Option<Vec<FieldConflict>>> {
         self.read(key, |doc| {
-            if document::fields(doc, None).is_empty() {
+            if !document::has_fields(doc) {
                 return Ok(None);
             }
             Ok(Some(document::conflicts(doc)))
@@ -775,7 +775,7 @@ impl Store {
         let guard = self.lock(key);
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
-        let existed = !document::fields(&doc, None).is_empty();
+        let existed = document::has_fields(&doc);
         if let Some(expected) = &options.if_match {
             if expected.heads() != Version::from_heads(before.clone()).heads() || !existed {
                 let current = if existed {
@@ -800,7 +800,7 @@ impl Store {
         // On failure the document may hold part of the write: it is dropped, not cached, so the
         // next reader loads what is on disk.
         edit(&mut doc, &stamp)?;
-        if !existed && document::fields(&doc, None).is_empty() && doc.get_heads() != before {
+        if !existed && !document::has_fields(&doc) && doc.get_heads() != before {
             // Creating an entity with no fields would make a change nobody can read; refuse it.
             return Err(Error::UnwritableValue(
                 "the entity does not exist and the write gives it no fields".into(),
