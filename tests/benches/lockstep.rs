@@ -13,31 +13,9 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use lockstep_tests::bench::{
-    closed_loop, env_number, ms, release_binary, sled_baseline, Figures, Server,
+    closed_loop, env_number, ms, release_binary, sled_baseline, ten_fields, Figures, Server,
 };
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Map, Value};
-
-fn ten_fields(index: u64, round: u64) -> Value {
-    let mut fields = Map::new();
-    fields.insert(
-        "date".into(),
-        json!(format!("2026-12-{:02}", 1 + (index + round) % 28)),
-    );
-    fields.insert("slot".into(), json!((index * 7 + round) % 96));
-    fields.insert(
-        "status".into(),
-        json!(["booked", "moved", "done"][(round % 3) as usize]),
-    );
-    fields.insert("office".into(), json!(format!("office-{}", index % 50)));
-    fields.insert("applicant".into(), json!(format!("applicant {index}")));
-    fields.insert("permit".into(), json!(format!("P-{index:08}")));
-    fields.insert("priority".into(), json!(index % 5));
-    fields.insert("confirmed".into(), json!(round.is_multiple_of(2)));
-    fields.insert("notes".into(), json!(format!("round {round} for {index}")));
-    fields.insert("updated".into(), json!(1_790_000_000 + round));
-    Value::Object(fields)
-}
 
 /// `connections` tasks PATCHing for `seconds`; each writes its own entities, cycling over 1,000.
 async fn patch_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {

@@ -15,30 +15,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
-use lockstep_tests::bench::{env_number, release_binary};
+use lockstep_tests::bench::{env_number, release_binary, ten_fields};
 use lockstep_tests::sites::{converged, free_port, site_toml, Dial, Process};
 use serde_json::{json, Map, Value};
 
-/// The fields of entity `index`, as both the servers and the baseline write them.
 fn fields(index: u64) -> Map<String, Value> {
-    let mut fields = Map::new();
-    fields.insert(
-        "date".into(),
-        json!(format!("2026-12-{:02}", 1 + index % 28)),
-    );
-    fields.insert("slot".into(), json!(index * 7 % 96));
-    fields.insert(
-        "status".into(),
-        json!(["booked", "moved", "done"][(index % 3) as usize]),
-    );
-    fields.insert("office".into(), json!(format!("office-{}", index % 50)));
-    fields.insert("applicant".into(), json!(format!("applicant {index}")));
-    fields.insert("permit".into(), json!(format!("P-{index:08}")));
-    fields.insert("priority".into(), json!(index % 5));
-    fields.insert("confirmed".into(), json!(index.is_multiple_of(2)));
-    fields.insert("notes".into(), json!(format!("first booking of {index}")));
-    fields.insert("updated".into(), json!(1_790_000_000 + index));
-    fields
+    match ten_fields(index, 0) {
+        Value::Object(fields) => fields,
+        _ => unreachable!("ten_fields builds an object"),
+    }
 }
 
 /// The baseline: the documents built in memory, then each merged into an empty document

@@ -234,3 +234,37 @@ where
     }
     Ok(summarize(latencies, started.elapsed()))
 }
+
+/// The ten fields of benchmark entity `index` as written in round `round` (fixed, no randomness).
+pub fn ten_fields(index: u64, round: u64) -> serde_json::Value {
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        "date".into(),
+        serde_json::json!(format!("2026-12-{:02}", 1 + (index + round) % 28)),
+    );
+    fields.insert("slot".into(), serde_json::json!((index * 7 + round) % 96));
+    fields.insert(
+        "status".into(),
+        serde_json::json!(["booked", "moved", "done"][(round % 3) as usize]),
+    );
+    fields.insert(
+        "office".into(),
+        serde_json::json!(format!("office-{}", index % 50)),
+    );
+    fields.insert(
+        "applicant".into(),
+        serde_json::json!(format!("applicant {index}")),
+    );
+    fields.insert("permit".into(), serde_json::json!(format!("P-{index:08}")));
+    fields.insert("priority".into(), serde_json::json!(index % 5));
+    fields.insert(
+        "confirmed".into(),
+        serde_json::json!(round.is_multiple_of(2)),
+    );
+    fields.insert(
+        "notes".into(),
+        serde_json::json!(format!("round {round} for {index}")),
+    );
+    fields.insert("updated".into(), serde_json::json!(1_790_000_000 + round));
+    serde_json::Value::Object(fields)
+}
