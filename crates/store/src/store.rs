@@ -288,15 +288,21 @@ impl Store {
         if writes.is_empty() {
             return Ok(());
         }
+        self.apply_records(&writes)?;
+        self.inner.durability.wait()
+    }
+
+    /// Applies side records in one atomic batch, without waiting for the flush.
+    fn apply_records(&self, writes: &[RecordWrite]) -> Result<()> {
         if !self.inner.durability.is_open() {
             return Err(Error::Closed);
         }
         let mut batch = sled::Batch::default();
-        for write in &writes {
+        for write in writes {
             write.add_to(&mut batch);
         }
         self.inner.db.apply_batch(batch)?;
-        self.inner.durability.wait()
+        Ok(())
     }
 
     /// Replaces all fields of the entity with `fields`, creating it if it does not exist.
@@ -865,14 +871,7 @@ impl Store {
         });
         if after == before {
             if !side_records.is_empty() {
-                if !self.inner.durability.is_open() {
-                    return Err(Error::Closed);
-                }
-                let mut batch = sled::Batch::default();
-                for write in &side_records {
-                    write.add_to(&mut batch);
-                }
-                self.inner.db.apply_batch(batch)?;
+                self.apply_records(&side_records)?;
             }
             if !doc.is_empty() {
                 self.inner.cache.put(key.clone(), doc);
