@@ -369,7 +369,7 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
     let config = format!(
         "{}{}",
         connector("scheduler", &fake.base, ""),
-        "[[connectors]]\nname = \"outbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nurl = \"http://127.0.0.1:9/x\"\n[connectors.fields]\nscheduledDate = \"date\"\n"
+        "[[connectors]]\nname = \"outbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nurl = \"http://127.0.0.1:9/x\"\n[connectors.fields]\nscheduledDate = \"date\"\n[[connectors]]\nname = \"inbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n[connectors.fields]\nscheduledDate = \"date\"\n"
     );
     let server = TestServer::start_with(&config).await?;
     let before = server.feed_len();
@@ -522,6 +522,21 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
         .await?;
         assert_eq!(response.status(), 200);
     }
+    // A connector without a url accepts webhooks but has nothing to replay.
+    let inbound_only = post_webhook(&server, "inbound-only", "in1", &good, None).await?;
+    assert_eq!(inbound_only.status(), 200);
+    let (_, status) = server.get("/v1/connectors/inbound-only").await?;
+    assert_eq!(status["state"], "inbound_only", "{status}");
+    let replay = server
+        .send(
+            server
+                .client()
+                .post(server.url("/v1/connectors/inbound-only/replay"))
+                .header("content-type", "application/json")
+                .body(r#"{"all": true}"#),
+        )
+        .await?;
+    expect_error(replay, 409, "outbound_disabled").await?;
     Ok(())
 }
 
