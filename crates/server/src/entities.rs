@@ -14,7 +14,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use store::{
-    Entity, EntityId, EntityKey, FieldConflict, HistoryEntry, Kind, Store, Version, WriteOptions,
+    Edit, Entity, EntityId, EntityKey, FieldConflict, HistoryEntry, Kind, Version, WriteOptions,
+    WriteRequest,
 };
 
 use crate::api_error::ApiError;
@@ -70,20 +71,25 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
     Ok(Some(Precondition::At(Version::parse(value)?)))
 }
 
-/// Runs a write under the request's precondition, with the caller's origin.
-fn write_under<T>(
-    store: &Store,
+/// Runs a write under the request's precondition, with the caller's origin, through the store's
+/// writer queue (so that concurrent requests share sled batches and flushes).
+async fn write_under(
+    state: &AppState,
     key: &EntityKey,
     precondition: Option<Precondition>,
     caller: Caller,
-    write: impl Fn(&Store, &WriteOptions) -> store::Result<T>,
-) -> store::Result<T> {
-    let mut options = WriteOptions::new(caller.origin);
+    edit: Edit,
+) -> Result<store::Written, ApiError> {
+    let mut request = WriteRequest {
+        key: key.clone(),
+        edit,
+        options: WriteOptions::new(caller.origin),
+    };
     match precondition {
-        None => write(store, &options),
+        None => Ok(state.store.submit(request).await?),
         Some(Precondition::At(version)) => {
-            options.if_match = Some(version);
-            write(store, &options)
+            request.options.if_match = Some(version);
+            Ok(state.store.submit(request).await?)
         }
         Some(Precondition::Exists) => {
             // The store takes an exact version, so `*` reads the current one and writes at it,
@@ -91,21 +97,24 @@ fn write_under<T>(
             let mut attempts = 0;
             loop {
                 attempts += 1;
-                let Some(current) = store.get(key)? else {
+                let lookup_key = key.clone();
+                let Some(current) = state.blocking(move |store| store.get(&lookup_key)).await?
+                else {
                     return Err(store::Error::VersionMismatch {
                         key: key.clone(),
                         expected: "*".into(),
                         current: String::new(),
-                    });
+                    }
+                    .into());
                 };
-                options.if_match = Some(Version::parse(&current.version)?);
-                match write(store, &options) {
+                request.options.if_match = Some(Version::parse(&current.version)?);
+                match state.store.submit(request.clone()).await {
                     Err(store::Error::VersionMismatch { current, .. })
                         if !current.is_empty() && attempts < ANY_VERSION_ATTEMPTS =>
                     {
                         continue
                     }
-                    outcome => return outcome,
+                    outcome => return Ok(outcome?),
                 }
             }
         }
@@ -218,21 +227,11 @@ async fn write_body(
     how: BodyWrite,
 ) -> Result<Response, ApiError> {
     let precondition = precondition(headers)?;
-    let write_key = key.clone();
-    let written = state
-        .blocking(move |store| {
-            write_under(
-                store,
-                &write_key,
-                precondition,
-                caller,
-                |store, options| match how {
-                    BodyWrite::Replace => store.replace(&write_key, &body, options),
-                    BodyWrite::MergePatch => store.patch(&write_key, &body, options),
-                },
-            )
-        })
-        .await?;
+    let edit = match how {
+        BodyWrite::Replace => Edit::Replace(body),
+        BodyWrite::MergePatch => Edit::MergePatch(body),
+    };
+    let written = write_under(&state, &key, precondition, caller, edit).await?;
     written_response(key, written)
 }
 
@@ -243,14 +242,9 @@ async fn delete(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let precondition = precondition(&headers)?;
-    let write_key = key.clone();
-    let deleted = state
-        .blocking(move |store| {
-            write_under(store, &write_key, precondition, caller, |store, options| {
-                store.delete(&write_key, options)
-            })
-        })
-        .await?;
+    let written = write_under(&state, &key, precondition, caller, Edit::Delete).await?;
+    // A delete of an entity that does not exist writes nothing and leaves it without fields.
+    let deleted = (written.seq.is_some() || written.entity.is_some()).then_some(written);
     match deleted {
         Some(_) => Ok(StatusCode::NO_CONTENT),
         None => Err(ApiError::not_found(format!("{key} does not exist"))),

@@ -1,17 +1,19 @@
 //! Group commit: many writers, one `flush()` at a time, and an optional fdatasync.
 //!
-//! A writer applies its batch to sled, then asks for a flush and blocks until a flush that
+//! A writer applies its batch to sled, then asks for a flush and waits until a flush that
 //! started after its batch has finished. One dedicated thread runs the flushes, so writers that
 //! arrive while a flush is running all share the next one: durability costs one flush per group,
-//! not per request. The thread is a plain OS thread rather than a tokio task because sled's
-//! `flush()` blocks, and `flush_async()` was seen to hang with many concurrent callers.
+//! not per request. A finished flush wakes only the writers it covers, and writers on an async
+//! runtime can wait without holding a thread ([`Durability::wait_for_async`]). The thread is a
+//! plain OS thread rather than a tokio task because sled's `flush()` blocks, and
+//! `flush_async()` was seen to hang with many concurrent callers.
 //!
 //! After each flush the thread publishes the highest feed sequence number that it covered, so
 //! readers of the feed only ever see rows that are on disk.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use tokio::sync::watch;
@@ -32,24 +34,46 @@ pub enum SyncMode {
     Fsync,
 }
 
-#[derive(Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct FlushState {
-    /// Flush requests handed out so far.
-    requested: u64,
-    /// The highest request covered by a finished flush.
+    /// Flushes started so far; while one runs, it is number `started`.
+    started: u64,
+    /// Flushes finished so far.
     completed: u64,
+    /// Whether a writer asked for a flush that has not started yet.
+    pending: bool,
     /// Set when a flush failed: every waiter from then on gets an error, because sled's state
     /// after a failed flush is unknown.
     failed: bool,
     closed: bool,
 }
 
+impl FlushState {
+    /// Whether flush `ticket` has finished, or an error if it never will.
+    fn reached(&self, ticket: FlushTicket) -> Result<bool> {
+        if self.completed >= ticket.0 {
+            Ok(true)
+        } else if self.failed || self.closed {
+            Err(Error::Closed)
+        } else {
+            Ok(false)
+        }
+    }
+}
+
+/// The number of the flush that covers a write: once that flush has finished, the write is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FlushTicket(u64);
+
 struct Shared {
     state: Mutex<FlushState>,
     /// Wakes the flusher when there is a request.
     work: Condvar,
-    /// Wakes writers when a flush has completed.
-    done: Condvar,
+    /// Wakes the writers waiting for a flush, by the flush number's parity: a finished flush wakes
+    /// only its own waiters, not those already queued for the next one.
+    done: [Condvar; 2],
+    /// The state after every flush, for writers that wait without holding a thread.
+    progress: watch::Sender<FlushState>,
     /// The highest feed row applied to sled (not necessarily flushed).
     applied_seq: AtomicU64,
     durable_seq: watch::Sender<Seq>,
@@ -71,10 +95,12 @@ impl Durability {
         last_seq: Seq,
     ) -> Self {
         let (durable_seq, _) = watch::channel(last_seq);
+        let (progress, _) = watch::channel(FlushState::default());
         let shared = Arc::new(Shared {
             state: Mutex::new(FlushState::default()),
             work: Condvar::new(),
-            done: Condvar::new(),
+            done: [Condvar::new(), Condvar::new()],
+            progress,
             applied_seq: AtomicU64::new(last_seq.0),
             durable_seq,
             flushes: AtomicU64::new(0),
@@ -95,31 +121,58 @@ impl Durability {
         self.shared.applied_seq.fetch_max(seq.0, Ordering::AcqRel);
     }
 
-    /// Blocks until everything applied to sled before this call is flushed.
-    pub(crate) fn wait(&self) -> Result<()> {
-        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    /// Asks for a flush that covers everything applied to sled before this call, and returns
+    /// its number for [`Durability::wait_for`] or [`Durability::wait_for_async`].
+    pub(crate) fn request(&self) -> Result<FlushTicket> {
+        let mut state = self.lock();
         if state.failed || state.closed {
             return Err(Error::Closed);
         }
-        state.requested += 1;
-        let ticket = state.requested;
+        state.pending = true;
+        // A flush that is running may have started before the caller's batch was applied: only
+        // the next one is sure to cover it.
+        let ticket = FlushTicket(state.started + 1);
         self.shared.work.notify_one();
-        while state.completed < ticket {
-            if state.failed || state.closed {
-                return Err(Error::Closed);
-            }
-            state = self
-                .shared
-                .done
+        Ok(ticket)
+    }
+
+    /// Blocks until flush `ticket` has finished.
+    pub(crate) fn wait_for(&self, ticket: FlushTicket) -> Result<()> {
+        let mut state = self.lock();
+        while !state.reached(ticket)? {
+            state = self.shared.done[(ticket.0 % 2) as usize]
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
         }
         Ok(())
     }
 
+    /// Waits, without blocking a thread, until flush `ticket` has finished.
+    pub(crate) async fn wait_for_async(&self, ticket: FlushTicket) -> Result<()> {
+        let mut progress = self.shared.progress.subscribe();
+        let mut outcome = Ok(false);
+        // The sender lives as long as `self`, so `wait_for` cannot fail with a closed channel.
+        let _ = progress
+            .wait_for(|state| {
+                outcome = state.reached(ticket);
+                !matches!(outcome, Ok(false))
+            })
+            .await;
+        outcome.map(|_| ())
+    }
+
+    /// Blocks until everything applied to sled before this call is flushed.
+    pub(crate) fn wait(&self) -> Result<()> {
+        self.wait_for(self.request()?)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FlushState> {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether writes are still accepted: the store is not closed and no flush has failed.
     pub(crate) fn is_open(&self) -> bool {
-        let state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.lock();
         !state.failed && !state.closed
     }
 
@@ -140,10 +193,11 @@ impl Durability {
     pub(crate) fn close(&self) -> Result<()> {
         let result = self.wait();
         {
-            let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.lock();
             state.closed = true;
             self.shared.work.notify_all();
-            self.shared.done.notify_all();
+            self.shared.done.iter().for_each(Condvar::notify_all);
+            self.shared.progress.send_replace(*state);
         }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
@@ -155,17 +209,19 @@ impl Durability {
 
 fn run_flusher(shared: Arc<Shared>, db: sled::Db, data_file: Option<File>, mode: SyncMode) {
     loop {
-        let target = {
+        let number = {
             let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            while state.requested == state.completed && !state.closed {
+            while !state.pending && !state.closed {
                 state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
             }
-            if state.closed && state.requested == state.completed {
+            if state.closed && !state.pending {
                 return;
             }
-            state.requested
+            state.pending = false;
+            state.started += 1;
+            state.started
         };
-        // Every writer holding a ticket up to `target` applied its batch before taking it,
+        // Every writer holding a ticket for this flush applied its batch before taking it,
         // so reading `applied_seq` now and flushing afterwards covers all of them.
         let covered = Seq(shared.applied_seq.load(Ordering::Acquire));
         let outcome =
@@ -180,7 +236,7 @@ fn run_flusher(shared: Arc<Shared>, db: sled::Db, data_file: Option<File>, mode:
         let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
             Ok(()) => {
-                state.completed = target;
+                state.completed = number;
                 shared.durable_seq.send_if_modified(|seq| {
                     if covered > *seq {
                         *seq = covered;
@@ -189,12 +245,14 @@ fn run_flusher(shared: Arc<Shared>, db: sled::Db, data_file: Option<File>, mode:
                         false
                     }
                 });
+                shared.done[(number % 2) as usize].notify_all();
             }
             Err(error) => {
                 tracing::error!(error = %error, "flush failed; refusing further writes");
                 state.failed = true;
+                shared.done.iter().for_each(Condvar::notify_all);
             }
         }
-        shared.done.notify_all();
+        shared.progress.send_replace(*state);
     }
 }

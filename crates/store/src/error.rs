@@ -69,3 +69,20 @@ fn version_mismatch(key: &EntityKey, expected: &str, current: &str) -> String {
         format!("{key} is at version {current}, not {expected}")
     }
 }
+
+impl Error {
+    /// The same error again, for each of the writes a shared failure (a batch that could not be
+    /// applied, a store that closed) applies to. Only the variants such failures produce are
+    /// copied exactly; anything else keeps its message.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Closed => Error::Closed,
+            Error::Storage(error) => Error::Storage(error.clone()),
+            Error::Sync(error) => Error::Sync(std::io::Error::new(error.kind(), error.to_string())),
+            other => Error::Corrupt {
+                what: "a batch of writes".into(),
+                detail: other.to_string(),
+            },
+        }
+    }
+}

@@ -27,6 +27,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod batch;
 mod cache;
 mod document;
 mod durability;
@@ -41,6 +42,7 @@ mod replica;
 mod store;
 mod version;
 
+pub use batch::{Edit, WriteRequest};
 pub use document::{ConflictValue, FieldConflict, MAX_DEPTH};
 pub use durability::SyncMode;
 pub use error::{Error, Result};
@@ -50,6 +52,6 @@ pub use origin::Origin;
 pub use records::{CommitView, RecordKey, RecordWrite};
 pub use replica::SyncState;
 pub use store::{
-    Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, WriteOptions, Written,
+    Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, Unflushed, WriteOptions, Written,
 };
 pub use version::Version;

@@ -20,9 +20,10 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
+use crate::batch::{self, Edit, WriteRequest};
 use crate::cache::DocCache;
 use crate::document::{self, FieldConflict};
-use crate::durability::{Durability, SyncMode};
+use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
 use crate::feed::{FeedRow, Seq};
 use crate::key::{EntityId, EntityKey, Kind};
@@ -87,6 +88,52 @@ pub struct Written {
     pub seq: Option<Seq>,
 }
 
+/// A write that is applied, and visible to readers of this store, but not yet known to be
+/// durable: acknowledge it only after [`Unflushed::wait`] or [`Unflushed::wait_async`].
+#[must_use = "a write may be acknowledged only after waiting for its flush"]
+pub struct Unflushed<T> {
+    value: T,
+    ticket: FlushTicket,
+    durability: Durability,
+}
+
+impl<T> Unflushed<T> {
+    /// Blocks until the write is durable and returns what it did.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the flush failed or the store was closed first; the write may
+    /// then be lost.
+    pub fn wait(self) -> Result<T> {
+        self.durability.wait_for(self.ticket)?;
+        Ok(self.value)
+    }
+
+    /// Waits, without blocking a thread, until the write is durable, and returns what it did.
+    ///
+    /// # Errors
+    /// As [`Unflushed::wait`].
+    pub async fn wait_async(self) -> Result<T> {
+        self.durability.wait_for_async(self.ticket).await?;
+        Ok(self.value)
+    }
+}
+
+impl<T> Unflushed<Vec<T>> {
+    /// One [`Unflushed`] per item, each waiting for the same flush.
+    pub(crate) fn split(self) -> impl Iterator<Item = Unflushed<T>> {
+        let Self {
+            value,
+            ticket,
+            durability,
+        } = self;
+        value.into_iter().map(move |value| Unflushed {
+            value,
+            ticket,
+            durability: durability.clone(),
+        })
+    }
+}
+
 /// Who is writing and under which condition.
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
@@ -148,8 +195,10 @@ pub struct StoreStats {
 /// The number of per-entity lock stripes; a power of two well above the number of concurrent writers.
 const STRIPES: usize = 1024;
 
-struct Inner {
+pub(crate) struct Inner {
     db: sled::Db,
+    /// The writer thread's queue (see `batch`).
+    queue: batch::Queue,
     durability: Durability,
     cache: DocCache,
     stripes: Vec<Mutex<()>>,
@@ -193,20 +242,34 @@ impl Store {
         let data_file = File::open(config.path.join("db")).ok();
         let durability = Durability::start(db.clone(), data_file, config.sync_mode, last_seq);
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
+        let (queue, jobs) = batch::queue();
         Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                durability,
-                cache: DocCache::new(config.cache_entries),
-                stripes,
-                commit: Mutex::new(last_seq),
-                // A fresh actor per opening: a change that was applied but never flushed before a
-                // crash can then never collide with a different change under the same actor and seq.
-                actor: ActorId::random(),
-                config,
-                writes: AtomicU64::new(0),
+            inner: Arc::new_cyclic(|inner| {
+                batch::start_writer(inner.clone(), jobs);
+                Inner {
+                    db,
+                    queue,
+                    durability,
+                    cache: DocCache::new(config.cache_entries),
+                    stripes,
+                    commit: Mutex::new(last_seq),
+                    // A fresh actor per opening: a change that was applied but never flushed before a
+                    // crash can then never collide with a different change under the same actor and seq.
+                    actor: ActorId::random(),
+                    config,
+                    writes: AtomicU64::new(0),
+                }
             }),
         })
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+
+    /// The writer thread's queue.
+    pub(crate) fn queue(&self) -> &batch::Queue {
+        &self.inner.queue
     }
 
     /// Applies an RFC 7386 JSON merge patch, creating the entity if it does not exist.
@@ -237,12 +300,22 @@ impl Store {
     ) -> Result<Written> {
         let patch = as_object(patch, "a merge patch")?;
         document::check_writable(&Json::Object(patch.clone()), 0)?;
-        self.write(
+        let written = self.write(
             key,
             options,
             |doc, stamp| document::merge_patch(doc, patch, stamp),
             records,
-        )
+        )?;
+        self.unflushed(written)?.wait()
+    }
+
+    /// Wraps what a write returned with the flush that makes it durable.
+    pub(crate) fn unflushed<T>(&self, value: T) -> Result<Unflushed<T>> {
+        Ok(Unflushed {
+            value,
+            ticket: self.inner.durability.request()?,
+            durability: self.inner.durability.clone(),
+        })
     }
 
     /// The entity's version, also when it is deleted; `None` when it never existed.
@@ -315,19 +388,7 @@ impl Store {
         fields: &Json,
         options: &WriteOptions,
     ) -> Result<Written> {
-        let fields = as_object(fields, "the entity's fields")?;
-        document::check_writable(&Json::Object(fields.clone()), 0)?;
-        if fields.values().all(Json::is_null) {
-            return Err(Error::UnwritableValue(
-                "an entity needs at least one field; use DELETE to remove it".into(),
-            ));
-        }
-        self.write(
-            key,
-            options,
-            |doc, stamp| document::replace(doc, fields, stamp),
-            |_| Vec::new(),
-        )
+        self.write_one(key, Edit::Replace(fields.clone()), options)
     }
 
     /// Removes every field, so the entity reads as absent; its history is kept.
@@ -337,19 +398,19 @@ impl Store {
     /// # Errors
     /// [`Error::VersionMismatch`] when `if_match` is stale, storage errors otherwise.
     pub fn delete(&self, key: &EntityKey, options: &WriteOptions) -> Result<Option<Written>> {
-        if self.get(key)?.is_none() && options.if_match.is_none() {
-            return Ok(None);
-        }
-        let written = self.write(
-            key,
-            options,
-            |doc, stamp| document::replace(doc, &Map::new(), stamp),
-            |_| Vec::new(),
-        );
-        match written {
-            Ok(written) if written.seq.is_none() && written.entity.is_none() => Ok(None),
-            other => other.map(Some),
-        }
+        let written = self.write_one(key, Edit::Delete, options)?;
+        Ok((written.seq.is_some() || written.entity.is_some()).then_some(written))
+    }
+
+    /// One write through [`Store::write_many`], waiting for its flush.
+    fn write_one(&self, key: &EntityKey, edit: Edit, options: &WriteOptions) -> Result<Written> {
+        let request = WriteRequest {
+            key: key.clone(),
+            edit,
+            options: options.clone(),
+        };
+        let mut outcomes = self.write_many(std::slice::from_ref(&request))?.wait()?;
+        outcomes.pop().expect("one outcome per request")
     }
 
     /// Merges Automerge data from elsewhere (a saved document, or one or more encoded changes)
@@ -592,9 +653,16 @@ impl Store {
             }
             let guard = self.lock(&key);
             let doc = self.load(&key)?;
-            let mut batch = sled::Batch::default();
+            let mut writes = Vec::new();
             let mut record = self.record(&key)?.unwrap_or(record);
-            write_snapshot(&self.inner.db, &key, &doc, &mut record, &mut batch)?;
+            write_snapshot(&self.inner.db, &key, &doc, &mut record, &mut writes)?;
+            let mut batch = sled::Batch::default();
+            for (raw_key, value) in writes {
+                match value {
+                    Some(value) => batch.insert(raw_key, value),
+                    None => batch.remove(raw_key),
+                }
+            }
             batch.insert(
                 layout::entity_key(layout::ENTITY, &key),
                 encode_record(&record),
@@ -683,14 +751,22 @@ impl Store {
     }
 
     pub(crate) fn lock(&self, key: &EntityKey) -> MutexGuard<'_, ()> {
-        let mut hasher = DefaultHasher::new();
-        key.hash(&mut hasher);
-        let stripe = (hasher.finish() as usize) % STRIPES;
         // A poisoned stripe only means another thread panicked while holding it; the document it
         // was editing was never put back in the cache, so the data behind the lock is sound.
-        self.inner.stripes[stripe]
+        self.stripe(self.stripe_of(key))
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The number of the stripe lock that guards `key`.
+    pub(crate) fn stripe_of(&self, key: &EntityKey) -> usize {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        (hasher.finish() as usize) % STRIPES
+    }
+
+    pub(crate) fn stripe(&self, stripe: usize) -> &Mutex<()> {
+        &self.inner.stripes[stripe]
     }
 
     pub(crate) fn record(&self, key: &EntityKey) -> Result<Option<EntityRecord>> {
@@ -765,9 +841,7 @@ impl Store {
         let _guard = self.lock(key);
         let doc = self.load(key)?;
         let result = f(&doc);
-        if !doc.is_empty() {
-            self.inner.cache.put(key.clone(), doc);
-        }
+        self.put_back(key, doc);
         result
     }
 
@@ -779,6 +853,21 @@ impl Store {
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
         let guard = self.lock(key);
+        let staged = self.stage_write(key, options, edit, records)?;
+        let written = self.commit_one(staged);
+        drop(guard);
+        written
+    }
+
+    /// Loads the entity, checks `options.if_match`, applies `edit` and stages the result (see
+    /// [`Store::stage`]). The caller holds the entity's stripe lock until the stage is committed.
+    pub(crate) fn stage_write(
+        &self,
+        key: &EntityKey,
+        options: &WriteOptions,
+        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<()>,
+        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
+    ) -> Result<Staged> {
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
@@ -789,9 +878,7 @@ impl Store {
                 } else {
                     String::new()
                 };
-                if !doc.is_empty() {
-                    self.inner.cache.put(key.clone(), doc);
-                }
+                self.put_back(key, doc);
                 return Err(Error::VersionMismatch {
                     key: key.clone(),
                     expected: expected.to_string(),
@@ -812,28 +899,14 @@ impl Store {
                 "the entity does not exist and the write gives it no fields".into(),
             ));
         }
-        self.persist(key, doc, &before, existed, &options.origin, guard, records)
+        self.stage(key, doc, &before, existed, &options.origin, records)
     }
 
-    /// Writes whatever the document gained since `before`, with its feed row and the side records
-    /// `records` returns, then waits for the flush.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the private tail of write and merge"
-    )]
-    pub(crate) fn persist(
-        &self,
-        key: &EntityKey,
-        doc: Automerge,
-        before: &[ChangeHash],
-        existed: bool,
-        origin: &Origin,
-        guard: MutexGuard<'_, ()>,
-        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
-    ) -> Result<Written> {
-        let written = self.persist_unflushed(key, doc, before, existed, origin, guard, records)?;
-        self.inner.durability.wait()?;
-        Ok(written)
+    /// Returns a document that a write left unchanged to the cache (unless it never existed).
+    pub(crate) fn put_back(&self, key: &EntityKey, doc: Automerge) {
+        if !doc.is_empty() {
+            self.inner.cache.put(key.clone(), doc);
+        }
     }
 
     /// Blocks until everything applied to sled before this call is flushed (see `durability`).
@@ -844,7 +917,8 @@ impl Store {
         self.inner.durability.wait()
     }
 
-    /// [`Store::persist`] without the wait for the flush: the caller calls
+    /// Writes whatever the document gained since `before`, with its feed row and the side records
+    /// `records` returns, without waiting for the flush: the caller calls
     /// [`Store::wait_durable`] before it acknowledges anything this wrote.
     #[allow(
         clippy::too_many_arguments,
@@ -860,6 +934,25 @@ impl Store {
         guard: MutexGuard<'_, ()>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
+        let staged = self.stage(key, doc, before, existed, origin, records)?;
+        let written = self.commit_one(staged);
+        drop(guard);
+        written
+    }
+
+    /// Works out what persisting `doc` takes (its new chunk or a snapshot, its entity record, the
+    /// side records `records` returns) without touching sled; [`Store::commit`] writes it with its
+    /// feed row. The caller holds the entity's stripe lock until then, and stages an entity at
+    /// most once per commit, because the entity record read here must still be the one on disk.
+    pub(crate) fn stage(
+        &self,
+        key: &EntityKey,
+        doc: Automerge,
+        before: &[ChangeHash],
+        existed: bool,
+        origin: &Origin,
+        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
+    ) -> Result<Staged> {
         let after = doc.get_heads();
         let entity = entity_from(key, &doc, None);
         let version = Version::from_heads(after.clone()).to_string();
@@ -869,82 +962,145 @@ impl Store {
             data: entity.as_ref().map_or(&no_fields, |entity| &entity.data),
             changed: after != before,
         });
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = side_records
+            .into_iter()
+            .map(|write| (write.key.as_bytes().to_vec(), write.value))
+            .collect();
         if after == before {
-            if !side_records.is_empty() {
-                self.apply_records(&side_records)?;
-            }
-            if !doc.is_empty() {
-                self.inner.cache.put(key.clone(), doc);
-            }
-            drop(guard);
             // Nothing new, but what the caller sees may still be in a group that is not flushed:
-            // the caller waits for the flush.
-            return Ok(Written {
-                entity,
-                version,
-                created: false,
-                seq: None,
+            // the caller waits for the flush all the same.
+            return Ok(Staged {
+                key: key.clone(),
+                doc,
+                writes,
+                row: None,
+                written: Written {
+                    entity,
+                    version,
+                    created: false,
+                    seq: None,
+                },
             });
-        }
-        if !self.inner.durability.is_open() {
-            // Refuse before touching sled: a write that reports `Closed` must not show up later.
-            // The edited document is dropped, so the next reader loads what is on disk.
-            return Err(Error::Closed);
         }
         let fields = document::changed_fields(&doc.diff(before, &after));
         let mut record = self.record(key)?.unwrap_or_default();
-        let mut batch = sled::Batch::default();
         let chunk = doc.save_after(before);
         if record.chunks + 1 >= self.inner.config.compact_after_chunks
             || record.chunk_bytes + chunk.len() as u64 > record.snapshot_bytes.max(4096)
         {
-            write_snapshot(&self.inner.db, key, &doc, &mut record, &mut batch)?;
+            write_snapshot(&self.inner.db, key, &doc, &mut record, &mut writes)?;
         } else {
-            batch.insert(layout::chunk_key(key, record.next_chunk), chunk.as_slice());
+            record.chunk_bytes += chunk.len() as u64;
+            writes.push((layout::chunk_key(key, record.next_chunk), Some(chunk)));
             record.next_chunk += 1;
             record.chunks += 1;
-            record.chunk_bytes += chunk.len() as u64;
         }
         record.version = version.clone();
         record.exists = entity.is_some();
-        batch.insert(
+        writes.push((
             layout::entity_key(layout::ENTITY, key),
-            encode_record(&record),
-        );
-        for write in &side_records {
-            write.add_to(&mut batch);
-        }
-        let seq = {
-            let mut last_seq = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
-            let seq = last_seq.next();
-            let row = FeedRow {
-                seq,
-                kind: key.kind.clone(),
-                id: key.id.clone(),
-                version: version.clone(),
+            Some(encode_record(&record)),
+        ));
+        Ok(Staged {
+            key: key.clone(),
+            doc,
+            writes,
+            row: Some(StagedRow {
                 origin: origin.clone(),
                 fields,
                 exists: record.exists,
-                at_ms: now_ms(),
-            };
-            let encoded = serde_json::to_vec(&row).expect("a feed row always serializes");
-            batch.insert(&layout::feed_key(seq)[..], encoded);
-            // On failure the document in hand no longer matches the disk: it is dropped, not cached.
+            }),
+            written: Written {
+                created: !existed && entity.is_some(),
+                entity,
+                version,
+                seq: None,
+            },
+        })
+    }
+
+    /// [`Store::commit`] of one staged write.
+    fn commit_one(&self, staged: Staged) -> Result<Written> {
+        let mut written = self.commit(vec![staged])?;
+        Ok(written
+            .pop()
+            .expect("commit returns one result per staged write"))
+    }
+
+    /// Numbers the feed rows of `staged` and applies them with everything staged in one atomic
+    /// sled batch, then puts the documents in the cache. Returns once applied, not flushed.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] after [`Store::close`], storage errors otherwise; then nothing of
+    /// `staged` is written and its documents are dropped, so readers load what is on disk.
+    pub(crate) fn commit(&self, staged: Vec<Staged>) -> Result<Vec<Written>> {
+        let rows = staged.iter().filter(|staged| staged.row.is_some()).count();
+        let touches_sled = staged.iter().any(|staged| !staged.writes.is_empty());
+        if touches_sled && !self.inner.durability.is_open() {
+            // Refuse before touching sled: a write that reports `Closed` must not show up later.
+            return Err(Error::Closed);
+        }
+        let mut staged = staged;
+        if touches_sled {
+            let mut batch = sled::Batch::default();
+            for item in &mut staged {
+                for (key, value) in item.writes.drain(..) {
+                    match value {
+                        Some(value) => batch.insert(key, value),
+                        None => batch.remove(key),
+                    }
+                }
+            }
+            let mut last_seq = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seq = *last_seq;
+            let at_ms = now_ms();
+            for item in &mut staged {
+                let Some(row) = &item.row else { continue };
+                seq = seq.next();
+                let row = FeedRow {
+                    seq,
+                    kind: item.key.kind.clone(),
+                    id: item.key.id.clone(),
+                    version: item.written.version.clone(),
+                    origin: row.origin.clone(),
+                    fields: row.fields.clone(),
+                    exists: row.exists,
+                    at_ms,
+                };
+                let encoded = serde_json::to_vec(&row).expect("a feed row always serializes");
+                batch.insert(&layout::feed_key(seq)[..], encoded);
+                item.written.seq = Some(seq);
+            }
             self.inner.db.apply_batch(batch)?;
             *last_seq = seq;
             self.inner.durability.applied(seq);
-            seq
-        };
-        self.inner.writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.cache.put(key.clone(), doc);
-        drop(guard);
-        Ok(Written {
-            created: !existed && entity.is_some(),
-            entity,
-            version,
-            seq: Some(seq),
-        })
+        }
+        self.inner.writes.fetch_add(rows as u64, Ordering::Relaxed);
+        Ok(staged
+            .into_iter()
+            .map(|item| {
+                self.put_back(&item.key, item.doc);
+                item.written
+            })
+            .collect())
     }
+}
+
+/// A write worked out by [`Store::stage`] and not yet applied to sled.
+pub(crate) struct Staged {
+    key: EntityKey,
+    doc: Automerge,
+    /// The sled keys to set (`Some`) or remove (`None`), feed row aside.
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The feed row's content, when the write changed the document.
+    row: Option<StagedRow>,
+    written: Written,
+}
+
+struct StagedRow {
+    origin: Origin,
+    fields: Vec<String>,
+    exists: bool,
 }
 
 /// How long `open` waits for a lock that the last handle of the same directory still holds.
@@ -1025,22 +1181,22 @@ fn without_orphans(doc: &Automerge, actor: &ActorId) -> Result<Automerge> {
     Ok(reloaded.with_actor(actor.clone()))
 }
 
-/// Adds a snapshot of `doc` to `batch` and removes the chunks it replaces.
+/// Adds a snapshot of `doc` to `writes` and removes the chunks it replaces.
 fn write_snapshot(
     db: &sled::Db,
     key: &EntityKey,
     doc: &Automerge,
     record: &mut EntityRecord,
-    batch: &mut sled::Batch,
+    writes: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
 ) -> Result<()> {
     let snapshot = save_document(doc);
     for entry in db.scan_prefix(layout::chunk_prefix(key)).keys() {
-        batch.remove(entry?);
+        writes.push((entry?.to_vec(), None));
     }
     record.snapshot_bytes = snapshot.len() as u64;
     record.chunks = 0;
     record.chunk_bytes = 0;
-    batch.insert(layout::entity_key(layout::SNAPSHOT, key), snapshot);
+    writes.push((layout::entity_key(layout::SNAPSHOT, key), Some(snapshot)));
     Ok(())
 }
 

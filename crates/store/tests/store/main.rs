@@ -1,6 +1,7 @@
 //! The store's integration tests: every test opens real sled directories in temp dirs and goes
 //! through the public `Store` API, as `server` and `replication` do.
 
+mod batch;
 mod concurrency;
 mod convergence;
 mod entity;

@@ -1,0 +1,274 @@
+//! Many writes in one sled batch, and the writer thread that gathers them.
+//!
+//! A write on its own costs a sled batch (which takes sled's global write lock), a trip through
+//! the commit lock and a wake-up of the flush thread. Under load those costs, and the thread
+//! switches between the callers that pay them, outweigh the Automerge work itself.
+//! [`Store::write_many`] stages any number of writes and applies them as one batch, and
+//! [`Store::submit`] queues a write for the store's writer thread, which takes every write
+//! waiting in the queue, applies them with `write_many`, and asks for one flush for all of them:
+//! concurrent callers then share the batch as well as the flush.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, MutexGuard, TryLockError, Weak};
+
+use serde_json::{Map, Value as Json};
+use tokio::sync::oneshot;
+
+use crate::document;
+use crate::error::{Error, Result};
+use crate::key::EntityKey;
+use crate::store::{Inner, Staged, Store, Unflushed, WriteOptions, Written};
+
+/// What a write does to an entity.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Edit {
+    /// Apply an RFC 7386 JSON merge patch, creating the entity if needed (as [`Store::patch`]).
+    MergePatch(Json),
+    /// Replace all fields, creating the entity if needed (as [`Store::replace`]).
+    Replace(Json),
+    /// Remove every field (as [`Store::delete`]).
+    Delete,
+}
+
+/// One write: which entity, what it does, and who makes it under which condition.
+#[derive(Clone, Debug)]
+pub struct WriteRequest {
+    /// The entity written.
+    pub key: EntityKey,
+    /// What the write does.
+    pub edit: Edit,
+    /// Its origin and precondition.
+    pub options: WriteOptions,
+}
+
+/// The most writes the writer thread applies in one batch.
+const MAX_BATCH: usize = 256;
+
+/// A queued write and where its outcome goes.
+pub(crate) struct Job {
+    request: WriteRequest,
+    reply: oneshot::Sender<Result<Unflushed<Result<Written>>>>,
+}
+
+/// The sending end of the writer thread's queue; the thread stops when it is dropped.
+pub(crate) type Queue = Sender<Job>;
+
+impl Store {
+    /// Applies `requests` in order, as few sled batches as possible, and returns every outcome
+    /// (in the order of `requests`) once all are applied; they are durable once the returned
+    /// [`Unflushed`] is waited for. Each write succeeds or fails on its own, as the single-write
+    /// methods would: a stale `if_match` fails that write only.
+    ///
+    /// A delete of an entity that does not exist changes nothing: its outcome has no entity and
+    /// no feed row (`entity` and `seq` are `None`).
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the store is closed before the flush can be asked for; per-write
+    /// errors are in the returned list.
+    pub fn write_many(&self, requests: &[WriteRequest]) -> Result<Unflushed<Vec<Result<Written>>>> {
+        let mut outcomes: Vec<Option<Result<Written>>> = requests.iter().map(|_| None).collect();
+        let mut pending = Pending::default();
+        for (index, request) in requests.iter().enumerate() {
+            if pending.keys.contains(&request.key) {
+                // The entity record read while staging must be the one on disk: an entity is
+                // staged once per batch.
+                self.commit_pending(&mut pending, &mut outcomes);
+            }
+            self.hold_stripe(&request.key, &mut pending, &mut outcomes);
+            match self.stage_request(request) {
+                Ok(staged) => {
+                    pending.keys.insert(request.key.clone());
+                    pending.staged.push((index, staged));
+                }
+                Err(error) => outcomes[index] = Some(Err(error)),
+            }
+        }
+        self.commit_pending(&mut pending, &mut outcomes);
+        let outcomes = outcomes
+            .into_iter()
+            .map(|outcome| outcome.expect("every request is staged or failed"))
+            .collect();
+        self.unflushed(outcomes)
+    }
+
+    /// Queues `request` for the store's writer thread and waits, without blocking a thread,
+    /// until it is durable. Concurrent submissions share sled batches and flushes, which makes
+    /// this the fastest way to write from many tasks at once.
+    ///
+    /// # Errors
+    /// As the single-write methods; [`Error::Closed`] when the store is closed.
+    pub async fn submit(&self, request: WriteRequest) -> Result<Written> {
+        let (reply, outcome) = oneshot::channel();
+        self.queue()
+            .send(Job { request, reply })
+            .map_err(|_| Error::Closed)?;
+        let unflushed = outcome.await.map_err(|_| Error::Closed)??;
+        unflushed.wait_async().await?
+    }
+
+    /// Checks and stages one request; the caller holds the entity's stripe lock.
+    fn stage_request(&self, request: &WriteRequest) -> Result<Staged> {
+        let WriteRequest { key, edit, options } = request;
+        match edit {
+            Edit::MergePatch(patch) => {
+                let patch = writable_object(patch, "a merge patch")?;
+                self.stage_write(
+                    key,
+                    options,
+                    |doc, stamp| document::merge_patch(doc, patch, stamp),
+                    |_| Vec::new(),
+                )
+            }
+            Edit::Replace(fields) => {
+                let fields = writable_object(fields, "the entity's fields")?;
+                if fields.values().all(Json::is_null) {
+                    return Err(Error::UnwritableValue(
+                        "an entity needs at least one field; use DELETE to remove it".into(),
+                    ));
+                }
+                self.stage_write(
+                    key,
+                    options,
+                    |doc, stamp| document::replace(doc, fields, stamp),
+                    |_| Vec::new(),
+                )
+            }
+            Edit::Delete if options.if_match.is_none() => {
+                let doc = self.load(key)?;
+                if document::has_fields(&doc) {
+                    self.put_back(key, doc);
+                    self.stage_write(key, options, delete_fields, |_| Vec::new())
+                } else {
+                    // Nothing to delete: staged as it is, which writes nothing.
+                    let heads = doc.get_heads();
+                    self.stage(key, doc, &heads, false, &options.origin, |_| Vec::new())
+                }
+            }
+            Edit::Delete => self.stage_write(key, options, delete_fields, |_| Vec::new()),
+        }
+    }
+
+    /// Takes the stripe lock of `key` unless `pending` holds it already. It never waits for a
+    /// lock while holding others: when the lock is busy, what is staged is committed and every
+    /// lock let go first, so two batches cannot wait for each other.
+    fn hold_stripe<'a>(
+        &'a self,
+        key: &EntityKey,
+        pending: &mut Pending<'a>,
+        outcomes: &mut [Option<Result<Written>>],
+    ) {
+        let stripe = self.stripe_of(key);
+        if pending.locks.contains_key(&stripe) {
+            return;
+        }
+        let guard = match self.stripe(stripe).try_lock() {
+            Ok(guard) => guard,
+            // See `Store::lock`: a poisoned stripe guards nothing unsound.
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                self.commit_pending(pending, outcomes);
+                pending.locks.clear();
+                self.stripe(stripe)
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+            }
+        };
+        pending.locks.insert(stripe, guard);
+    }
+
+    /// Commits what `pending` has staged and records the outcomes; the locks stay held.
+    fn commit_pending(&self, pending: &mut Pending<'_>, outcomes: &mut [Option<Result<Written>>]) {
+        pending.keys.clear();
+        if pending.staged.is_empty() {
+            return;
+        }
+        let (indices, staged): (Vec<usize>, Vec<Staged>) = pending.staged.drain(..).unzip();
+        match self.commit(staged) {
+            Ok(written) => {
+                for (index, written) in indices.into_iter().zip(written) {
+                    outcomes[index] = Some(Ok(written));
+                }
+            }
+            Err(error) => {
+                for index in indices {
+                    outcomes[index] = Some(Err(error.duplicate()));
+                }
+            }
+        }
+    }
+}
+
+/// What `write_many` has staged and not yet committed, and the stripe locks it holds.
+#[derive(Default)]
+struct Pending<'a> {
+    staged: Vec<(usize, Staged)>,
+    keys: HashSet<EntityKey>,
+    locks: HashMap<usize, MutexGuard<'a, ()>>,
+}
+
+fn delete_fields(doc: &mut automerge::Automerge, stamp: &document::Stamp) -> Result<()> {
+    document::replace(doc, &Map::new(), stamp)
+}
+
+/// `value` as a JSON object that may be written, or why not.
+fn writable_object<'a>(value: &'a Json, what: &str) -> Result<&'a Map<String, Json>> {
+    let object = value
+        .as_object()
+        .ok_or_else(|| Error::UnwritableValue(format!("{what} must be a JSON object")))?;
+    document::check_writable(value, 0)?;
+    Ok(object)
+}
+
+/// Starts the writer thread for the store behind `inner`, and returns its queue.
+///
+/// The thread holds the store weakly, so it never keeps a dropped store open: once the last
+/// handle is gone the queue's sender goes with it, and the thread ends.
+pub(crate) fn start_writer(inner: Weak<Inner>, jobs: Receiver<Job>) {
+    std::thread::Builder::new()
+        .name("lockstep-writer".into())
+        .spawn(move || run_writer(&inner, &jobs))
+        .expect("spawning the writer thread only fails when the OS is out of threads");
+}
+
+/// A queue and its receiving end, for [`start_writer`].
+pub(crate) fn queue() -> (Queue, Receiver<Job>) {
+    mpsc::channel()
+}
+
+fn run_writer(inner: &Weak<Inner>, jobs: &Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let (requests, replies): (Vec<WriteRequest>, Vec<_>) = batch
+            .into_iter()
+            .map(|job| (job.request, job.reply))
+            .unzip();
+        let Some(inner) = inner.upgrade() else {
+            for reply in replies {
+                // The caller may have given up waiting; then nobody needs the answer.
+                let _ = reply.send(Err(Error::Closed));
+            }
+            return;
+        };
+        let store = Store::from_inner(Arc::clone(&inner));
+        drop(inner);
+        match store.write_many(&requests) {
+            Ok(unflushed) => {
+                for (reply, outcome) in replies.into_iter().zip(unflushed.split()) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                for reply in replies {
+                    let _ = reply.send(Err(error.duplicate()));
+                }
+            }
+        }
+    }
+}
