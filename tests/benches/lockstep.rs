@@ -25,7 +25,8 @@ async fn patch_load(base: &str, connections: u64, seconds: u64) -> Result<Figure
         connections,
         seconds,
         move |client, connection, round| {
-            let index = connection * 1000 + round % 1000;
+            let cycle = lockstep_tests::bench::env_number("LOCKSTEP_BENCH_CYCLE", 1000);
+            let index = connection * 1000 + round % cycle;
             client
                 .patch(format!("{base}/v1/entities/bench/e{index}"))
                 .header("content-type", "application/merge-patch+json")

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, MutexGuard, TryLockError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use serde_json::{Map, Value as Json};
 use tokio::sync::oneshot;
@@ -220,31 +220,44 @@ fn writable_object<'a>(value: &'a Json, what: &str) -> Result<&'a Map<String, Js
     Ok(object)
 }
 
-/// Starts the writer thread for the store behind `inner`, and returns its queue.
+/// Starts the writer threads for the store behind `inner`; they share the queue's receiving end.
 ///
-/// The thread holds the store weakly, so it never keeps a dropped store open: once the last
-/// handle is gone the queue's sender goes with it, and the thread ends.
-pub(crate) fn start_writer(inner: Weak<Inner>, jobs: Receiver<Job>) {
-    std::thread::Builder::new()
-        .name("lockstep-writer".into())
-        .spawn(move || run_writer(&inner, &jobs))
-        .expect("spawning the writer thread only fails when the OS is out of threads");
+/// The threads hold the store weakly, so they never keep a dropped store open: once the last
+/// handle is gone the queue's sender goes with it, and the threads end.
+pub(crate) fn start_writers(inner: &Weak<Inner>, jobs: Receiver<Job>, threads: usize) {
+    let jobs = Arc::new(Mutex::new(jobs));
+    for _ in 0..threads.max(1) {
+        let inner = inner.clone();
+        let jobs = jobs.clone();
+        std::thread::Builder::new()
+            .name("lockstep-writer".into())
+            .spawn(move || run_writer(&inner, &jobs))
+            .expect("spawning a writer thread only fails when the OS is out of threads");
+    }
 }
 
-/// A queue and its receiving end, for [`start_writer`].
+/// A queue and its receiving end, for [`start_writers`].
 pub(crate) fn queue() -> (Queue, Receiver<Job>) {
     mpsc::channel()
 }
 
-fn run_writer(inner: &Weak<Inner>, jobs: &Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
+/// The next batch of jobs: the first to arrive and whatever else is waiting, up to [`MAX_BATCH`];
+/// `None` once the queue is closed.
+fn next_batch(jobs: &Mutex<Receiver<Job>>) -> Option<Vec<Job>> {
+    // The lock only guards the receiving end; a thread that panicked holding it left it sound.
+    let jobs = jobs.lock().unwrap_or_else(|p| p.into_inner());
+    let mut batch = vec![jobs.recv().ok()?];
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
         }
+    }
+    Some(batch)
+}
+
+fn run_writer(inner: &Weak<Inner>, jobs: &Mutex<Receiver<Job>>) {
+    while let Some(batch) = next_batch(jobs) {
         let (requests, replies): (Vec<WriteRequest>, Vec<_>) = batch
             .into_iter()
             .map(|job| (job.request, job.reply))

@@ -46,6 +46,8 @@ pub struct StoreConfig {
     pub compact_after_chunks: u32,
     /// sled's own page cache, in bytes.
     pub sled_cache_bytes: u64,
+    /// How many threads apply the writes queued with [`Store::submit`].
+    pub writer_threads: usize,
 }
 
 impl StoreConfig {
@@ -58,6 +60,7 @@ impl StoreConfig {
             sync_mode: SyncMode::default(),
             compact_after_chunks: 32,
             sled_cache_bytes: 64 * 1024 * 1024,
+            writer_threads: 2,
         }
     }
 }
@@ -245,7 +248,7 @@ impl Store {
         let (queue, jobs) = batch::queue();
         Ok(Self {
             inner: Arc::new_cyclic(|inner| {
-                batch::start_writer(inner.clone(), jobs);
+                batch::start_writers(inner, jobs, config.writer_threads);
                 Inner {
                     db,
                     queue,
