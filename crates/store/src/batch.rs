@@ -67,29 +67,46 @@ impl Store {
     /// [`Error::Closed`] when the store is closed before the flush can be asked for; per-write
     /// errors are in the returned list.
     pub fn write_many(&self, requests: &[WriteRequest]) -> Result<Unflushed<Vec<Result<Written>>>> {
-        let mut outcomes: Vec<Option<Result<Written>>> = requests.iter().map(|_| None).collect();
+        let outcomes = self.stage_and_commit(
+            requests.iter().collect(),
+            |request| request.key.clone(),
+            |request| self.stage_request(request),
+        );
+        self.unflushed(outcomes)
+    }
+
+    /// Stages every item with `stage` (under its entity's stripe lock) and commits them in as
+    /// few sled batches as possible, returning each outcome in the order of `items`. Nothing is
+    /// flushed: the caller waits for that.
+    pub(crate) fn stage_and_commit<T>(
+        &self,
+        items: Vec<T>,
+        key_of: impl Fn(&T) -> EntityKey,
+        mut stage: impl FnMut(T) -> Result<Staged>,
+    ) -> Vec<Result<Written>> {
+        let mut outcomes: Vec<Option<Result<Written>>> = items.iter().map(|_| None).collect();
         let mut pending = Pending::default();
-        for (index, request) in requests.iter().enumerate() {
-            if pending.keys.contains(&request.key) {
+        for (index, item) in items.into_iter().enumerate() {
+            let key = key_of(&item);
+            if pending.keys.contains(&key) {
                 // The entity record read while staging must be the one on disk: an entity is
                 // staged once per batch.
                 self.commit_pending(&mut pending, &mut outcomes);
             }
-            self.hold_stripe(&request.key, &mut pending, &mut outcomes);
-            match self.stage_request(request) {
+            self.hold_stripe(&key, &mut pending, &mut outcomes);
+            match stage(item) {
                 Ok(staged) => {
-                    pending.keys.insert(request.key.clone());
+                    pending.keys.insert(key);
                     pending.staged.push((index, staged));
                 }
                 Err(error) => outcomes[index] = Some(Err(error)),
             }
         }
         self.commit_pending(&mut pending, &mut outcomes);
-        let outcomes = outcomes
+        outcomes
             .into_iter()
-            .map(|outcome| outcome.expect("every request is staged or failed"))
-            .collect();
-        self.unflushed(outcomes)
+            .map(|outcome| outcome.expect("every item is staged or failed"))
+            .collect()
     }
 
     /// Queues `request` for the store's writer thread and waits, without blocking a thread,

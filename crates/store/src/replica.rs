@@ -15,7 +15,7 @@ use crate::document;
 use crate::error::{Error, Result};
 use crate::key::EntityKey;
 use crate::origin::Origin;
-use crate::store::{Store, Written};
+use crate::store::{Staged, Store, Written};
 use crate::version::Version;
 
 /// What this replica knows about a peer's copy of one entity, during one connection.
@@ -83,6 +83,22 @@ impl Store {
         message: &[u8],
         origin: &Origin,
     ) -> Result<Written> {
+        let guard = self.lock(key);
+        let staged = self.stage_receive(key, state, message, origin)?;
+        let written = self.commit_one(staged);
+        drop(guard);
+        written
+    }
+
+    /// Applies a sync message to the entity's document and stages the result (see
+    /// [`Store::stage`]); the caller holds the entity's stripe lock until it is committed.
+    fn stage_receive(
+        &self,
+        key: &EntityKey,
+        state: &mut SyncState,
+        message: &[u8],
+        origin: &Origin,
+    ) -> Result<Staged> {
         let decoded = catch_unwind(|| sync::Message::decode(message));
         let message = match decoded {
             Ok(Ok(message)) => message,
@@ -93,7 +109,6 @@ impl Store {
                 ))
             }
         };
-        let guard = self.lock(key);
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
@@ -111,7 +126,7 @@ impl Store {
             }
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.persist_unflushed(key, doc, &before, existed, origin, guard, |_| Vec::new())
+        self.stage(key, doc, &before, existed, origin, |_| Vec::new())
     }
 }
 
@@ -131,10 +146,13 @@ impl Store {
         messages: impl IntoIterator<Item = (&'a EntityKey, &'a mut SyncState, &'a [u8])>,
         origin: &Origin,
     ) -> Result<Vec<Result<Written>>> {
-        let outcomes = self
-            .apply_in_parallel(messages.into_iter().collect(), |(key, state, message)| {
-                self.receive_unflushed(key, state, message, origin)
-            });
+        let outcomes = self.apply_in_parallel(messages.into_iter().collect(), |chunk| {
+            self.stage_and_commit(
+                chunk,
+                |(key, _, _)| (*key).clone(),
+                |(key, state, message)| self.stage_receive(key, state, message, origin),
+            )
+        });
         self.wait_durable()?;
         Ok(outcomes)
     }
@@ -150,20 +168,24 @@ impl Store {
         items: impl IntoIterator<Item = (&'a EntityKey, &'a [u8])>,
         origin: &Origin,
     ) -> Result<Vec<Result<Written>>> {
-        let outcomes = self.apply_in_parallel(items.into_iter().collect(), |(key, bytes)| {
-            self.merge_unflushed(key, bytes, origin)
+        let outcomes = self.apply_in_parallel(items.into_iter().collect(), |chunk| {
+            self.stage_and_commit(
+                chunk,
+                |(key, _)| (*key).clone(),
+                |(key, bytes)| self.stage_merge(key, bytes, origin),
+            )
         });
         self.wait_durable()?;
         Ok(outcomes)
     }
 
-    /// Runs `apply` on every item, spread over one thread per core, and returns the outcomes
-    /// in the order of `items`. Entities are independent (each write takes its own stripe lock
-    /// and the commit lock only to number its feed row), so a batch uses every core.
+    /// Runs `apply` on the items in chunks, spread over one thread per core, and returns the
+    /// outcomes in the order of `items`. Entities are independent (each chunk takes its own
+    /// stripe locks, never waiting for one while it holds others), so a batch uses every core.
     fn apply_in_parallel<T: Send>(
         &self,
         mut items: Vec<T>,
-        apply: impl Fn(T) -> Result<Written> + Sync,
+        apply: impl Fn(Vec<T>) -> Vec<Result<Written>> + Sync,
     ) -> Vec<Result<Written>> {
         // Below this many items per thread, starting threads costs more than it saves.
         const MIN_PER_THREAD: usize = 16;
@@ -172,7 +194,7 @@ impl Store {
             .min(items.len() / MIN_PER_THREAD)
             .max(1);
         if threads == 1 {
-            return items.into_iter().map(apply).collect();
+            return apply(items);
         }
         let per_thread = items.len().div_ceil(threads);
         let mut chunks = Vec::with_capacity(threads);
@@ -185,7 +207,7 @@ impl Store {
         std::thread::scope(|scope| {
             let workers: Vec<_> = chunks
                 .into_iter()
-                .map(|chunk| scope.spawn(move || chunk.into_iter().map(apply).collect::<Vec<_>>()))
+                .map(|chunk| scope.spawn(move || apply(chunk)))
                 .collect();
             workers
                 .into_iter()

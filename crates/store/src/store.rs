@@ -442,7 +442,21 @@ impl Store {
         bytes: &[u8],
         origin: &Origin,
     ) -> Result<Written> {
-        let _guard = self.lock(key);
+        let guard = self.lock(key);
+        let staged = self.stage_merge(key, bytes, origin)?;
+        let written = self.commit_one(staged);
+        drop(guard);
+        written
+    }
+
+    /// Merges `bytes` into the entity's document and stages the result (see [`Store::stage`]);
+    /// the caller holds the entity's stripe lock until the stage is committed.
+    pub(crate) fn stage_merge(
+        &self,
+        key: &EntityKey,
+        bytes: &[u8],
+        origin: &Origin,
+    ) -> Result<Staged> {
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
@@ -454,7 +468,7 @@ impl Store {
             Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.persist_unflushed(key, doc, &before, existed, origin, _guard, |_| Vec::new())
+        self.stage(key, doc, &before, existed, origin, |_| Vec::new())
     }
 
     /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
@@ -920,29 +934,6 @@ impl Store {
         self.inner.durability.wait()
     }
 
-    /// Writes whatever the document gained since `before`, with its feed row and the side records
-    /// `records` returns, without waiting for the flush: the caller calls
-    /// [`Store::wait_durable`] before it acknowledges anything this wrote.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the private tail of write and merge"
-    )]
-    pub(crate) fn persist_unflushed(
-        &self,
-        key: &EntityKey,
-        doc: Automerge,
-        before: &[ChangeHash],
-        existed: bool,
-        origin: &Origin,
-        guard: MutexGuard<'_, ()>,
-        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
-    ) -> Result<Written> {
-        let staged = self.stage(key, doc, before, existed, origin, records)?;
-        let written = self.commit_one(staged);
-        drop(guard);
-        written
-    }
-
     /// Works out what persisting `doc` takes (its new chunk or a snapshot, its entity record, the
     /// side records `records` returns) without touching sled; [`Store::commit`] writes it with its
     /// feed row. The caller holds the entity's stripe lock until then, and stages an entity at
@@ -1023,7 +1014,7 @@ impl Store {
     }
 
     /// [`Store::commit`] of one staged write.
-    fn commit_one(&self, staged: Staged) -> Result<Written> {
+    pub(crate) fn commit_one(&self, staged: Staged) -> Result<Written> {
         let mut written = self.commit(vec![staged])?;
         Ok(written
             .pop()
