@@ -801,18 +801,26 @@ impl Store {
         if let Some(doc) = self.inner.cache.take(key) {
             return Ok(doc);
         }
-        let snapshot = self
-            .inner
-            .db
-            .get(layout::entity_key(layout::SNAPSHOT, key))?;
-        let chunks = self
-            .inner
-            .db
-            .scan_prefix(layout::chunk_prefix(key))
-            .values()
-            .collect::<Result<Vec<_>, _>>()?;
+        // The record says what there is to read: nothing at all for an entity that never
+        // existed, which is every creation, and no chunk scan right after a compaction.
         let Some(record) = self.record(key)? else {
             return Ok(Automerge::new().with_actor(self.inner.actor.clone()));
+        };
+        let snapshot = if record.snapshot_bytes > 0 {
+            self.inner
+                .db
+                .get(layout::entity_key(layout::SNAPSHOT, key))?
+        } else {
+            None
+        };
+        let chunks = if record.chunks > 0 {
+            self.inner
+                .db
+                .scan_prefix(layout::chunk_prefix(key))
+                .values()
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
         };
         // Every change is loaded on its own, in the order it was written. Automerge sorts the
         // changes of one load topologically, which can apply them in another order than the
