@@ -9,7 +9,7 @@ use std::cmp::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value as Json};
-use store::{EntityKey, Origin, RecordWrite, WriteOptions};
+use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
 
 use crate::error::{Error, Result};
 use crate::registry::{ConnectorHandle, Connectors};
@@ -161,7 +161,7 @@ fn apply(
         .and_then(|field| body.get(field))
         .filter(|value| !value.is_null())
         .cloned();
-    let inbox = |response: &Json| InboxRecord {
+    let inbox = move |response: &Json| InboxRecord {
         body_sha256: body_sha256.clone(),
         response: response.clone(),
         at_ms: now_ms(),
@@ -203,28 +203,45 @@ fn apply(
         .filter(|field| connector.version_field.as_ref() != Some(*field))
         .cloned()
         .collect();
-    let mut response_out = Json::Null;
-    records
-        .store()
-        .patch_with(&key, &inbound.patch, &WriteOptions::new(origin), |view| {
-            let response = json!({
-                "status": if view.changed { "applied" } else { "unchanged" },
-                "kind": key.kind, "id": key.id,
-                "version": view.version,
-                "unknown_fields": unknown,
-            });
-            let writes: Vec<RecordWrite> = vec![
-                records.put_inbox(webhook_id, &inbox(&response)),
-                records.put_shadow(&key, &shadow),
-            ];
-            response_out = response;
-            writes
-        })?;
+    let request = WriteRequest {
+        key: key.clone(),
+        edit: Edit::MergePatch(inbound.patch),
+        options: WriteOptions::new(origin),
+    };
+    // The change, its feed row, the inbox record and the new shadow go through the store's
+    // writer queue, so concurrent webhooks share a sled batch and a flush. This thread keeps the
+    // entity's connector lock until the write is durable, as the shadow it wrote is then the
+    // one on disk.
+    let records_for_batch = records.clone();
+    let inbox_id = webhook_id.to_string();
+    let (inbox_key, inbox_unknown) = (key.clone(), unknown.clone());
+    let written = tokio::runtime::Handle::current().block_on(records.store().submit_with(
+        request,
+        Box::new(move |view| {
+            let response = applied(&inbox_key, view.changed, view.version, &inbox_unknown);
+            vec![
+                records_for_batch.put_inbox(&inbox_id, &inbox(&response)),
+                records_for_batch.put_shadow(&inbox_key, &shadow),
+            ]
+        }),
+    ))?;
+    let response_out = applied(&key, written.seq.is_some(), &written.version, &unknown);
     if !unknown.is_empty() {
         tracing::warn!(connector = %connector.name, entity = %key, unknown = ?unknown, "webhook carried unmapped fields; they were not applied");
     }
     Ok(WebhookOutcome {
         response: response_out,
         replayed: false,
+    })
+}
+
+/// The answer to a webhook that was applied: the same whether it is sent now or replayed later
+/// from the inbox record.
+fn applied(key: &EntityKey, changed: bool, version: &str, unknown: &[String]) -> Json {
+    json!({
+        "status": if changed { "applied" } else { "unchanged" },
+        "kind": key.kind, "id": key.id,
+        "version": version,
+        "unknown_fields": unknown,
     })
 }

@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use crate::document;
 use crate::error::{Error, Result};
 use crate::key::EntityKey;
+use crate::records::{CommitView, RecordWrite};
 use crate::store::{Inner, Staged, Store, Unflushed, WriteOptions, Written};
 
 /// What a write does to an entity.
@@ -45,9 +46,14 @@ pub struct WriteRequest {
 /// The most writes the writer thread applies in one batch.
 const MAX_BATCH: usize = 256;
 
+/// Side records to write in the same batch as a change, worked out from what the change did
+/// (see [`Store::patch_with`]); runs on the writer thread, with the entity locked.
+pub type Records = Box<dyn FnOnce(&CommitView<'_>) -> Vec<RecordWrite> + Send>;
+
 /// A queued write and where its outcome goes.
 pub(crate) struct Job {
     request: WriteRequest,
+    records: Option<Records>,
     reply: oneshot::Sender<Result<Unflushed<Result<Written>>>>,
 }
 
@@ -70,7 +76,7 @@ impl Store {
         let outcomes = self.stage_and_commit(
             requests.iter().collect(),
             |request| request.key.clone(),
-            |request| self.stage_request(request),
+            |request| self.stage_request(request, None),
         );
         self.unflushed(outcomes)
     }
@@ -116,17 +122,37 @@ impl Store {
     /// # Errors
     /// As the single-write methods; [`Error::Closed`] when the store is closed.
     pub async fn submit(&self, request: WriteRequest) -> Result<Written> {
+        self.submit_job(request, None).await
+    }
+
+    /// [`Store::submit`] with side records written in the same atomic batch as the change (or,
+    /// when it changes nothing, in the same batch as the writes it is applied with), as
+    /// [`Store::patch_with`] does. `records` runs on the writer thread with the entity locked.
+    ///
+    /// # Errors
+    /// As [`Store::submit`]; on error no record is written.
+    pub async fn submit_with(&self, request: WriteRequest, records: Records) -> Result<Written> {
+        self.submit_job(request, Some(records)).await
+    }
+
+    async fn submit_job(&self, request: WriteRequest, records: Option<Records>) -> Result<Written> {
         let (reply, outcome) = oneshot::channel();
         self.queue()
-            .send(Job { request, reply })
+            .send(Job {
+                request,
+                records,
+                reply,
+            })
             .map_err(|_| Error::Closed)?;
         let unflushed = outcome.await.map_err(|_| Error::Closed)??;
         unflushed.wait_async().await?
     }
 
     /// Checks and stages one request; the caller holds the entity's stripe lock.
-    fn stage_request(&self, request: &WriteRequest) -> Result<Staged> {
+    fn stage_request(&self, request: &WriteRequest, records: Option<Records>) -> Result<Staged> {
         let WriteRequest { key, edit, options } = request;
+        let records =
+            |view: &CommitView<'_>| records.map_or_else(Vec::new, |records| records(view));
         match edit {
             Edit::MergePatch(patch) => {
                 let patch = writable_object(patch, "a merge patch")?;
@@ -134,7 +160,7 @@ impl Store {
                     key,
                     options,
                     |doc, stamp| document::merge_patch(doc, patch, stamp),
-                    |_| Vec::new(),
+                    records,
                 )
             }
             Edit::Replace(fields) => {
@@ -148,21 +174,21 @@ impl Store {
                     key,
                     options,
                     |doc, stamp| document::replace(doc, fields, stamp),
-                    |_| Vec::new(),
+                    records,
                 )
             }
             Edit::Delete if options.if_match.is_none() => {
                 let doc = self.load(key)?;
                 if document::has_fields(&doc) {
                     self.put_back(key, doc);
-                    self.stage_write(key, options, delete_fields, |_| Vec::new())
+                    self.stage_write(key, options, delete_fields, records)
                 } else {
-                    // Nothing to delete: staged as it is, which writes nothing.
+                    // Nothing to delete: staged as it is, which writes nothing but `records`.
                     let heads = doc.get_heads();
-                    self.stage(key, doc, &heads, false, &options.origin, |_| Vec::new())
+                    self.stage(key, doc, &heads, false, &options.origin, records)
                 }
             }
-            Edit::Delete => self.stage_write(key, options, delete_fields, |_| Vec::new()),
+            Edit::Delete => self.stage_write(key, options, delete_fields, records),
         }
     }
 
@@ -275,9 +301,9 @@ fn next_batch(jobs: &Mutex<Receiver<Job>>) -> Option<Vec<Job>> {
 
 fn run_writer(inner: &Weak<Inner>, jobs: &Mutex<Receiver<Job>>) {
     while let Some(batch) = next_batch(jobs) {
-        let (requests, replies): (Vec<WriteRequest>, Vec<_>) = batch
+        let (items, replies): (Vec<_>, Vec<_>) = batch
             .into_iter()
-            .map(|job| (job.request, job.reply))
+            .map(|job| ((job.request, job.records), job.reply))
             .unzip();
         let Some(inner) = inner.upgrade() else {
             for reply in replies {
@@ -288,7 +314,12 @@ fn run_writer(inner: &Weak<Inner>, jobs: &Mutex<Receiver<Job>>) {
         };
         let store = Store::from_inner(Arc::clone(&inner));
         drop(inner);
-        match store.write_many(&requests) {
+        let outcomes = store.stage_and_commit(
+            items,
+            |(request, _)| request.key.clone(),
+            |(request, records)| store.stage_request(&request, records),
+        );
+        match store.unflushed(outcomes) {
             Ok(unflushed) => {
                 for (reply, outcome) in replies.into_iter().zip(unflushed.split()) {
                     let _ = reply.send(Ok(outcome));

@@ -42,7 +42,7 @@ mod replica;
 mod store;
 mod version;
 
-pub use batch::{Edit, WriteRequest};
+pub use batch::{Edit, Records, WriteRequest};
 pub use document::{ConflictValue, FieldConflict, MAX_DEPTH};
 pub use durability::SyncMode;
 pub use error::{Error, Result};
