@@ -122,3 +122,43 @@ fn save_and_merge(bencher: divan::Bencher) {
             .expect("the merge works")
     });
 }
+
+/// What a replica catching up does per batch: 256 new entities' stored bytes merged at once.
+#[divan::bench(sample_count = 20)]
+fn merge_many_new_entities(bencher: divan::Bencher) {
+    let source = Fixture::open(4096);
+    let target = Fixture::open(4096);
+    let origin = Origin::parse("peer:bench").expect("a valid origin");
+    let inputs = patches(256);
+    let documents: Vec<Vec<u8>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(id, patch)| {
+            source
+                .store
+                .patch(&key(id), patch, &options())
+                .expect("the patch applies");
+            source
+                .store
+                .stored_document(&key(id))
+                .expect("the read works")
+                .expect("the entity exists")
+        })
+        .collect();
+    let mut round = 0;
+    bencher.bench_local(|| {
+        round += 1;
+        let keys: Vec<EntityKey> = (0..documents.len())
+            .map(|id| key(round * 1000 + id))
+            .collect();
+        target
+            .store
+            .merge_many(
+                keys.iter()
+                    .zip(&documents)
+                    .map(|(key, bytes)| (key, bytes.as_slice())),
+                &origin,
+            )
+            .expect("the batch merges")
+    });
+}

@@ -556,6 +556,28 @@ pub(crate) fn changed_fields(patches: &[Patch]) -> Vec<String> {
     fields.into_iter().collect()
 }
 
+/// The dotted paths of every field of `fields`, nested maps and their own fields included, as
+/// [`changed_fields`] reports a change that creates them all: what a document that had no changes
+/// before gained. Much cheaper than diffing the document against nothing.
+pub(crate) fn all_fields(fields: &Map<String, Json>) -> Vec<String> {
+    fn walk(fields: &Map<String, Json>, prefix: &str, found: &mut BTreeSet<String>) {
+        for (key, value) in fields {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            if let Json::Object(children) = value {
+                walk(children, &path, found);
+            }
+            found.insert(path);
+        }
+    }
+    let mut found = BTreeSet::new();
+    walk(fields, "", &mut found);
+    found.into_iter().collect()
+}
+
 /// One field whose value differs between replicas that wrote it concurrently.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FieldConflict {

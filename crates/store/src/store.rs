@@ -984,7 +984,15 @@ impl Store {
                 },
             });
         }
-        let fields = document::changed_fields(&doc.diff(before, &after));
+        let fields = match &entity {
+            // A document that had nothing gained every field it has now.
+            Some(entity) if before.is_empty() => {
+                let fields = document::all_fields(&entity.data);
+                debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
+                fields
+            }
+            _ => document::changed_fields(&doc.diff(before, &after)),
+        };
         let mut record = self.record(key)?.unwrap_or_default();
         let chunk = doc.save_after(before);
         if record.chunks + 1 >= self.inner.config.compact_after_chunks
