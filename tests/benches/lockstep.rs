@@ -17,18 +17,25 @@ use lockstep_tests::bench::{
 };
 use rand::{Rng, SeedableRng};
 
-/// `connections` tasks PATCHing for `seconds`; each writes its own entities, cycling over 1,000.
-async fn patch_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {
+/// `connections` tasks PATCHing for `seconds`; each writes its own entities of the phase `phase`,
+/// cycling over `cycle` of them: a cycle longer than the rounds a connection gets through makes
+/// every write a creation, a short one makes nearly every write an update of a cached entity.
+async fn patch_load(
+    base: &str,
+    phase: &'static str,
+    connections: u64,
+    seconds: u64,
+    cycle: u64,
+) -> Result<Figures> {
     let base = base.to_string();
     closed_loop(
         "PATCH requests",
         connections,
         seconds,
         move |client, connection, round| {
-            let cycle = lockstep_tests::bench::env_number("LOCKSTEP_BENCH_CYCLE", 1000);
-            let index = connection * 1000 + round % cycle;
+            let index = connection * 100_000 + round % cycle;
             client
-                .patch(format!("{base}/v1/entities/bench/e{index}"))
+                .patch(format!("{base}/v1/entities/bench/{phase}{index}"))
                 .header("content-type", "application/merge-patch+json")
                 .body(ten_fields(index, round).to_string())
         },
@@ -146,11 +153,13 @@ async fn main() -> Result<()> {
 
     let server = Server::start(&binary, "").await?;
     // Warm up: connections, the page cache, the first entities.
-    patch_load(&server.base, 8, 1).await?;
+    patch_load(&server.base, "warm", 8, 1, 100).await?;
     println!("measuring: durable PATCH, 1 connection ({seconds} s)");
-    let single = patch_load(&server.base, 1, seconds).await?;
-    println!("measuring: durable PATCH, 64 connections ({seconds} s)");
-    let many = patch_load(&server.base, 64, seconds).await?;
+    let single = patch_load(&server.base, "one", 1, seconds, 1000).await?;
+    println!("measuring: durable PATCH, 64 connections, new entities ({seconds} s)");
+    let many = patch_load(&server.base, "new", 64, seconds, 100_000).await?;
+    println!("measuring: durable PATCH, 64 connections, updates ({seconds} s)");
+    let updates = patch_load(&server.base, "upd", 64, seconds, 16).await?;
     drop(server);
 
     println!("measuring: memory with {entities} entities");
@@ -177,8 +186,18 @@ async fn main() -> Result<()> {
         ms(baseline.p99)
     );
     for (name, figures) in [
-        ("durable PATCH, 1 connection", &single),
-        ("durable PATCH, 64 connections", &many),
+        (
+            "durable PATCH, 1 connection (updates of 1,000 entities)",
+            &single,
+        ),
+        (
+            "durable PATCH, 64 connections, each creating new entities",
+            &many,
+        ),
+        (
+            "durable PATCH, 64 connections, each updating 16 entities",
+            &updates,
+        ),
     ] {
         println!(
             "| {name} | {:.0} | {} | {} | {:.2}x |",

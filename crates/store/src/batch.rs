@@ -185,7 +185,7 @@ impl Store {
                 } else {
                     // Nothing to delete: staged as it is, which writes nothing but `records`.
                     let heads = doc.get_heads();
-                    self.stage(key, doc, &heads, false, &options.origin, records)
+                    self.stage(key, doc, &heads, false, &options.origin, records, None)
                 }
             }
             Edit::Delete => self.stage_write(key, options, delete_fields, records),
@@ -250,7 +250,10 @@ struct Pending<'a> {
     locks: HashMap<usize, MutexGuard<'a, ()>>,
 }
 
-fn delete_fields(doc: &mut automerge::Automerge, stamp: &document::Stamp) -> Result<()> {
+fn delete_fields(
+    doc: &mut automerge::Automerge,
+    stamp: &document::Stamp,
+) -> Result<document::Touched> {
     document::replace(doc, &Map::new(), stamp)
 }
 

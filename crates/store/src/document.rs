@@ -92,12 +92,67 @@ pub(crate) fn merge_patch(
     doc: &mut Automerge,
     patch: &Map<String, Json>,
     stamp: &Stamp,
-) -> Result<()> {
-    create_maps(doc, &ROOT, patch, stamp)?;
+) -> Result<Touched> {
+    let mut touched = Touched::default();
+    create_maps(doc, &ROOT, patch, stamp, "", &mut touched)?;
     if let Some(root) = new_root(doc, patch) {
-        return transact(doc, stamp, |tx| Ok(tx.init_root_from_hydrate(&root)?));
+        transact(doc, stamp, |tx| Ok(tx.init_root_from_hydrate(&root)?))?;
+        return Ok(Touched::unknown());
     }
-    transact(doc, stamp, |tx| apply_merge_patch(tx, &ROOT, patch))
+    transact(doc, stamp, |tx| {
+        apply_merge_patch(tx, &ROOT, patch, "", &mut touched)
+    })?;
+    Ok(touched)
+}
+
+/// The fields a local edit wrote, as [`changed_fields`] reports them from a diff of the edit;
+/// knowing them saves the diff. Unknown when the edit settled a conflict by writing the winning
+/// value again (whether a diff shows that depends on Automerge's internals), or wrote a new
+/// document in one batch (whose fields are all of its fields anyway).
+#[derive(Debug, Default)]
+pub(crate) struct Touched {
+    paths: BTreeSet<String>,
+    unknown: bool,
+}
+
+impl Touched {
+    fn unknown() -> Self {
+        Self {
+            paths: BTreeSet::new(),
+            unknown: true,
+        }
+    }
+
+    fn add(&mut self, prefix: &str, key: &str) -> String {
+        let path = join(prefix, key);
+        self.paths.insert(path.clone());
+        path
+    }
+
+    /// Adds `key` and, when `value` is an object written whole, every field in it.
+    fn add_value(&mut self, prefix: &str, key: &str, value: &Json) {
+        let path = self.add(prefix, key);
+        if let Json::Object(fields) = value {
+            for (child, child_value) in fields {
+                if !child_value.is_null() {
+                    self.add_value(&path, child, child_value);
+                }
+            }
+        }
+    }
+
+    /// The dotted paths, when known.
+    pub(crate) fn fields(self) -> Option<Vec<String>> {
+        (!self.unknown).then(|| self.paths.into_iter().collect())
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
 }
 
 /// Makes the entity's fields exactly `fields`, nested objects included: a merge patch that also
@@ -107,12 +162,17 @@ pub(crate) fn replace(
     doc: &mut Automerge,
     fields: &Map<String, Json>,
     stamp: &Stamp,
-) -> Result<()> {
-    create_maps(doc, &ROOT, fields, stamp)?;
+) -> Result<Touched> {
+    let mut touched = Touched::default();
+    create_maps(doc, &ROOT, fields, stamp, "", &mut touched)?;
     if let Some(root) = new_root(doc, fields) {
-        return transact(doc, stamp, |tx| Ok(tx.init_root_from_hydrate(&root)?));
+        transact(doc, stamp, |tx| Ok(tx.init_root_from_hydrate(&root)?))?;
+        return Ok(Touched::unknown());
     }
-    transact(doc, stamp, |tx| replace_fields(tx, &ROOT, fields))
+    transact(doc, stamp, |tx| {
+        replace_fields(tx, &ROOT, fields, "", &mut touched)
+    })?;
+    Ok(touched)
 }
 
 /// The fields of a write that creates a document from nothing, as one value that Automerge
@@ -176,6 +236,8 @@ fn create_maps(
     obj: &ObjId,
     fields: &Map<String, Json>,
     stamp: &Stamp,
+    prefix: &str,
+    touched: &mut Touched,
 ) -> Result<()> {
     let mut missing = Vec::new();
     for (key, value) in fields {
@@ -196,15 +258,18 @@ fn create_maps(
             Ok(())
         })?;
     }
-    for (key, _) in &missing {
+    for (key, occupied) in &missing {
         // `None` leaves the place empty; the edit then creates an ordinary map there.
-        nested::create_shared_map(doc, obj, key)?;
+        if nested::create_shared_map(doc, obj, key)?.is_some() || *occupied {
+            touched.add(prefix, key);
+        }
     }
     for (key, value) in fields {
         if let Json::Object(child_fields) = value {
             if let Some((current, child)) = doc.get(obj, key.as_str())? {
                 if is_map(&current) {
-                    create_maps(doc, &child, child_fields, stamp)?;
+                    let path = join(prefix, key);
+                    create_maps(doc, &child, child_fields, stamp, &path, touched)?;
                 }
             }
         }
@@ -214,12 +279,22 @@ fn create_maps(
 
 /// Whether writing `value` at `key` changes anything: the value differs, or the field holds
 /// concurrent values, so that writing the current winner again settles the conflict.
-fn needs_write<T: Transactable>(tx: &T, obj: &ObjId, key: &str, value: &Json) -> Result<bool> {
+fn needs_write<T: Transactable>(
+    tx: &T,
+    obj: &ObjId,
+    key: &str,
+    value: &Json,
+    touched: &mut Touched,
+) -> Result<bool> {
     // One lookup: a single current value is compared, none or several always need the write.
     Ok(match tx.get_all(obj, key)?.as_slice() {
         [(Value::Scalar(scalar), _)] => scalar_to_json(scalar) != *value,
         [(Value::Object(_), id)] => object_to_json(tx, id, None) != *value,
-        _ => true,
+        [] => true,
+        _ => {
+            touched.unknown = true;
+            true
+        }
     })
 }
 
@@ -227,25 +302,32 @@ fn apply_merge_patch<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     patch: &Map<String, Json>,
+    prefix: &str,
+    touched: &mut Touched,
 ) -> Result<()> {
     for (key, patch_value) in patch {
         match patch_value {
             Json::Null => {
                 if tx.get(obj, key.as_str())?.is_some() {
                     tx.delete(obj, key.as_str())?;
+                    touched.add(prefix, key);
                 }
             }
             Json::Object(child_patch) => {
                 let child = match tx.get(obj, key.as_str())? {
                     Some((current, child)) if is_map(&current) => child,
                     // Only when no shared map could be made (see `create_maps`).
-                    _ => tx.put_object(obj, key.as_str(), ObjType::Map)?,
+                    _ => {
+                        touched.add(prefix, key);
+                        tx.put_object(obj, key.as_str(), ObjType::Map)?
+                    }
                 };
-                apply_merge_patch(tx, &child, child_patch)?;
+                apply_merge_patch(tx, &child, child_patch, &join(prefix, key), touched)?;
             }
             value => {
-                if needs_write(tx, obj, key, value)? {
+                if needs_write(tx, obj, key, value, touched)? {
                     put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
+                    touched.add_value(prefix, key, value);
                 }
             }
         }
@@ -257,12 +339,15 @@ fn replace_fields<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     fields: &Map<String, Json>,
+    prefix: &str,
+    touched: &mut Touched,
 ) -> Result<()> {
     // A field that is missing or `null` is removed: `null` never reads back as a value.
     let existing: Vec<String> = tx.keys(obj).collect();
     for key in existing {
         if fields.get(&key).is_none_or(Json::is_null) {
             tx.delete(obj, key.as_str())?;
+            touched.add(prefix, &key);
         }
     }
     for (key, value) in fields {
@@ -272,13 +357,17 @@ fn replace_fields<T: Transactable>(
             // write does not touch survives the merge.
             Json::Object(child_fields) => match tx.get(obj, key.as_str())? {
                 Some((current, child)) if is_map(&current) => {
-                    replace_fields(tx, &child, child_fields)?;
+                    replace_fields(tx, &child, child_fields, &join(prefix, key), touched)?;
                 }
-                _ => put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?,
+                _ => {
+                    put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
+                    touched.add_value(prefix, key, value);
+                }
             },
             value => {
-                if needs_write(tx, obj, key, value)? {
+                if needs_write(tx, obj, key, value, touched)? {
                     put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
+                    touched.add_value(prefix, key, value);
                 }
             }
         }

@@ -126,7 +126,7 @@ impl Store {
             }
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.stage(key, doc, &before, existed, origin, |_| Vec::new())
+        self.stage(key, doc, &before, existed, origin, |_| Vec::new(), None)
     }
 }
 

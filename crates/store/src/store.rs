@@ -468,7 +468,7 @@ impl Store {
             Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.stage(key, doc, &before, existed, origin, |_| Vec::new())
+        self.stage(key, doc, &before, existed, origin, |_| Vec::new(), None)
     }
 
     /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
@@ -874,7 +874,7 @@ impl Store {
         &self,
         key: &EntityKey,
         options: &WriteOptions,
-        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<()>,
+        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<document::Touched>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
         let guard = self.lock(key);
@@ -890,7 +890,7 @@ impl Store {
         &self,
         key: &EntityKey,
         options: &WriteOptions,
-        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<()>,
+        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<document::Touched>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Staged> {
         let mut doc = self.load(key)?;
@@ -917,14 +917,22 @@ impl Store {
         };
         // On failure the document may hold part of the write: it is dropped, not cached, so the
         // next reader loads what is on disk.
-        edit(&mut doc, &stamp)?;
+        let touched = edit(&mut doc, &stamp)?;
         if !existed && !document::has_fields(&doc) && doc.get_heads() != before {
             // Creating an entity with no fields would make a change nobody can read; refuse it.
             return Err(Error::UnwritableValue(
                 "the entity does not exist and the write gives it no fields".into(),
             ));
         }
-        self.stage(key, doc, &before, existed, &options.origin, records)
+        self.stage(
+            key,
+            doc,
+            &before,
+            existed,
+            &options.origin,
+            records,
+            touched.fields(),
+        )
     }
 
     /// Returns a document that a write left unchanged to the cache (unless it never existed).
@@ -946,6 +954,12 @@ impl Store {
     /// side records `records` returns) without touching sled; [`Store::commit`] writes it with its
     /// feed row. The caller holds the entity's stripe lock until then, and stages an entity at
     /// most once per commit, because the entity record read here must still be the one on disk.
+    /// `known_fields` are the fields the change wrote, when the caller knows them (see
+    /// [`document::Touched`]); otherwise they come from a diff.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the one place every kind of change is staged"
+    )]
     pub(crate) fn stage(
         &self,
         key: &EntityKey,
@@ -954,6 +968,7 @@ impl Store {
         existed: bool,
         origin: &Origin,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
+        known_fields: Option<Vec<String>>,
     ) -> Result<Staged> {
         let after = doc.get_heads();
         let entity = entity_from(key, &doc, None);
@@ -991,7 +1006,13 @@ impl Store {
                 debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
                 fields
             }
-            _ => document::changed_fields(&doc.diff(before, &after)),
+            _ => match known_fields {
+                Some(fields) => {
+                    debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
+                    fields
+                }
+                None => document::changed_fields(&doc.diff(before, &after)),
+            },
         };
         let mut record = self.record(key)?.unwrap_or_default();
         let chunk = doc.save_after(before);
