@@ -159,6 +159,7 @@ impl Store {
                 self.stage_write(
                     key,
                     options,
+                    document::JsonEdit::MergePatch(patch),
                     |doc, stamp| document::merge_patch(doc, patch, stamp),
                     records,
                 )
@@ -173,6 +174,7 @@ impl Store {
                 self.stage_write(
                     key,
                     options,
+                    document::JsonEdit::Replace(fields),
                     |doc, stamp| document::replace(doc, fields, stamp),
                     records,
                 )
@@ -181,14 +183,35 @@ impl Store {
                 let doc = self.load(key)?;
                 if document::has_fields(&doc) {
                     self.put_back(key, doc);
-                    self.stage_write(key, options, delete_fields, records)
+                    self.stage_write(
+                        key,
+                        options,
+                        document::JsonEdit::Replace(&Map::new()),
+                        delete_fields,
+                        records,
+                    )
                 } else {
                     // Nothing to delete: staged as it is, which writes nothing but `records`.
                     let heads = doc.get_heads();
-                    self.stage(key, doc, &heads, false, &options.origin, records, None)
+                    self.stage(
+                        key,
+                        doc,
+                        &heads,
+                        false,
+                        &options.origin,
+                        records,
+                        None,
+                        None,
+                    )
                 }
             }
-            Edit::Delete => self.stage_write(key, options, delete_fields, records),
+            Edit::Delete => self.stage_write(
+                key,
+                options,
+                document::JsonEdit::Replace(&Map::new()),
+                delete_fields,
+                records,
+            ),
         }
     }
 

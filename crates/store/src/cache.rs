@@ -9,6 +9,7 @@ use std::sync::Mutex;
 
 use automerge::Automerge;
 use lru::LruCache;
+use serde_json::{Map, Value as Json};
 
 use crate::key::EntityKey;
 
@@ -61,5 +62,45 @@ impl DocCache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+}
+
+/// The fields of recently written entities as JSON, each with the version it is of, so that a
+/// local write can work out the entity it leaves by applying its patch to them instead of
+/// reading the whole document back. An entry only ever serves the exact version it was made
+/// for; anything else is a miss, and the caller reads the document.
+pub(crate) struct JsonCache {
+    // A std Mutex: it is held only for a map operation.
+    entries: Mutex<LruCache<EntityKey, VersionedFields>>,
+}
+
+/// An entity's version and its fields at that version.
+type VersionedFields = (String, Map<String, Json>);
+
+impl JsonCache {
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
+        Self {
+            entries: Mutex::new(LruCache::new(capacity)),
+        }
+    }
+
+    /// Takes out the fields of `key` at `version`, if they are here.
+    pub(crate) fn take(&self, key: &EntityKey, version: &str) -> Option<Map<String, Json>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.pop(key) {
+            Some((cached, fields)) if cached == version => Some(fields),
+            _ => None,
+        }
+    }
+
+    /// Remembers the fields of `key` at `version`.
+    pub(crate) fn put(&self, key: EntityKey, version: String, fields: Map<String, Json>) {
+        let evicted = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(key, (version, fields));
+        drop(evicted);
     }
 }

@@ -175,6 +175,84 @@ pub(crate) fn replace(
     Ok(touched)
 }
 
+/// What a merge patch or a replace makes of an entity's fields as JSON: RFC 7386 applied to
+/// `fields` (for a replace, to no fields), which is what the document reads as after the write,
+/// because a local write's values win over every value it has seen.
+pub(crate) enum JsonEdit<'a> {
+    /// A merge patch onto the current fields.
+    MergePatch(&'a Map<String, Json>),
+    /// Fields replacing all current ones.
+    Replace(&'a Map<String, Json>),
+}
+
+impl JsonEdit<'_> {
+    /// Whether the result depends on the current fields.
+    pub(crate) fn needs_current(&self) -> bool {
+        matches!(self, JsonEdit::MergePatch(_))
+    }
+
+    /// The fields after the edit; `current` is ignored by a replace.
+    pub(crate) fn apply(&self, current: Map<String, Json>) -> Map<String, Json> {
+        match self {
+            JsonEdit::MergePatch(patch) => {
+                let mut fields = current;
+                merge_json(&mut fields, patch);
+                fields
+            }
+            JsonEdit::Replace(fields) => {
+                let mut replaced = Map::new();
+                merge_json(&mut replaced, fields);
+                replaced
+            }
+        }
+    }
+}
+
+/// RFC 7386 on plain JSON: `null` removes, an object merges into an object (or replaces
+/// anything else, with its own `null`s dropped), any other value replaces.
+///
+/// Keys end up sorted at every level, as a document reads them (see [`fields`]).
+fn merge_json(target: &mut Map<String, Json>, patch: &Map<String, Json>) {
+    for (key, value) in patch {
+        match value {
+            Json::Null => {
+                target.shift_remove(key);
+            }
+            Json::Object(child_patch) => {
+                let child = target
+                    .entry(key.clone())
+                    .and_modify(|current| {
+                        if !current.is_object() {
+                            *current = Json::Object(Map::new());
+                        }
+                    })
+                    .or_insert_with(|| Json::Object(Map::new()));
+                if let Json::Object(child) = child {
+                    merge_json(child, child_patch);
+                }
+            }
+            value => {
+                let mut value = value.clone();
+                sort_keys(&mut value);
+                target.insert(key.clone(), value);
+            }
+        }
+    }
+    target.sort_keys();
+}
+
+/// Sorts the keys of every object in `value`, at any depth.
+fn sort_keys(value: &mut Json) {
+    match value {
+        Json::Object(fields) => {
+            fields.sort_keys();
+            fields.values_mut().for_each(sort_keys);
+        }
+        Json::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
+}
+
 /// The fields of a write that creates a document from nothing, as one value that Automerge
 /// writes in a single batch: a put per field costs a splice of its columnar op set each, which
 /// made creating a ten-field entity several times dearer than it needs to be.

@@ -126,7 +126,16 @@ impl Store {
             }
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.stage(key, doc, &before, existed, origin, |_| Vec::new(), None)
+        self.stage(
+            key,
+            doc,
+            &before,
+            existed,
+            origin,
+            |_| Vec::new(),
+            None,
+            None,
+        )
     }
 }
 

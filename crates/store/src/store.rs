@@ -21,7 +21,7 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
 use crate::batch::{self, Edit, WriteRequest};
-use crate::cache::DocCache;
+use crate::cache::{DocCache, JsonCache};
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
@@ -204,6 +204,8 @@ pub(crate) struct Inner {
     queue: batch::Queue,
     durability: Durability,
     cache: DocCache,
+    /// The JSON of recently written entities (see `JsonCache`).
+    json: JsonCache,
     stripes: Vec<Mutex<()>>,
     /// The last feed sequence number handed out; held while numbering and applying one batch.
     commit: Mutex<Seq>,
@@ -254,6 +256,7 @@ impl Store {
                     queue,
                     durability,
                     cache: DocCache::new(config.cache_entries),
+                    json: JsonCache::new(config.cache_entries),
                     stripes,
                     commit: Mutex::new(last_seq),
                     // A fresh actor per opening: a change that was applied but never flushed before a
@@ -306,6 +309,7 @@ impl Store {
         let written = self.write(
             key,
             options,
+            document::JsonEdit::MergePatch(patch),
             |doc, stamp| document::merge_patch(doc, patch, stamp),
             records,
         )?;
@@ -468,7 +472,16 @@ impl Store {
             Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.stage(key, doc, &before, existed, origin, |_| Vec::new(), None)
+        self.stage(
+            key,
+            doc,
+            &before,
+            existed,
+            origin,
+            |_| Vec::new(),
+            None,
+            None,
+        )
     }
 
     /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
@@ -874,11 +887,12 @@ impl Store {
         &self,
         key: &EntityKey,
         options: &WriteOptions,
+        json_edit: document::JsonEdit<'_>,
         edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<document::Touched>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
         let guard = self.lock(key);
-        let staged = self.stage_write(key, options, edit, records)?;
+        let staged = self.stage_write(key, options, json_edit, edit, records)?;
         let written = self.commit_one(staged);
         drop(guard);
         written
@@ -890,6 +904,7 @@ impl Store {
         &self,
         key: &EntityKey,
         options: &WriteOptions,
+        json_edit: document::JsonEdit<'_>,
         edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<document::Touched>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Staged> {
@@ -911,6 +926,15 @@ impl Store {
                 });
             }
         }
+        // The entity's JSON before the write, when the write's result depends on it and it is
+        // cached for exactly this version.
+        let current_json = if !json_edit.needs_current() || before.is_empty() {
+            Some(Map::new())
+        } else {
+            self.inner
+                .json
+                .take(key, &Version::from_heads(before.clone()).to_string())
+        };
         let stamp = document::Stamp {
             message: options.origin.to_string(),
             time: (now_ms() / 1000) as i64,
@@ -918,6 +942,7 @@ impl Store {
         // On failure the document may hold part of the write: it is dropped, not cached, so the
         // next reader loads what is on disk.
         let touched = edit(&mut doc, &stamp)?;
+        let json_after = current_json.map(|current| json_edit.apply(current));
         if !existed && !document::has_fields(&doc) && doc.get_heads() != before {
             // Creating an entity with no fields would make a change nobody can read; refuse it.
             return Err(Error::UnwritableValue(
@@ -932,6 +957,7 @@ impl Store {
             &options.origin,
             records,
             touched.fields(),
+            json_after,
         )
     }
 
@@ -955,7 +981,8 @@ impl Store {
     /// feed row. The caller holds the entity's stripe lock until then, and stages an entity at
     /// most once per commit, because the entity record read here must still be the one on disk.
     /// `known_fields` are the fields the change wrote, when the caller knows them (see
-    /// [`document::Touched`]); otherwise they come from a diff.
+    /// [`document::Touched`]); otherwise they come from a diff. `known_json` is the entity's
+    /// fields after the change, when the caller knows them; otherwise they are read from `doc`.
     #[allow(
         clippy::too_many_arguments,
         reason = "the one place every kind of change is staged"
@@ -969,10 +996,27 @@ impl Store {
         origin: &Origin,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
         known_fields: Option<Vec<String>>,
+        known_json: Option<Map<String, Json>>,
     ) -> Result<Staged> {
         let after = doc.get_heads();
-        let entity = entity_from(key, &doc, None);
         let version = Version::from_heads(after.clone()).to_string();
+        let entity = match known_json {
+            Some(data) => {
+                let entity = (!data.is_empty()).then(|| Entity {
+                    kind: key.kind.clone(),
+                    id: key.id.clone(),
+                    version: version.clone(),
+                    data,
+                });
+                debug_assert_eq!(
+                    serde_json::to_string(&entity).ok(),
+                    serde_json::to_string(&entity_from(key, &doc, None)).ok(),
+                    "the JSON worked out for a write differs from the document's"
+                );
+                entity
+            }
+            None => entity_from(key, &doc, None),
+        };
         let no_fields = Map::new();
         let side_records = records(&CommitView {
             version: &version,
@@ -1110,6 +1154,12 @@ impl Store {
         Ok(staged
             .into_iter()
             .map(|item| {
+                if let Some(entity) = &item.written.entity {
+                    let version = item.written.version.clone();
+                    self.inner
+                        .json
+                        .put(item.key.clone(), version, entity.data.clone());
+                }
                 self.put_back(&item.key, item.doc);
                 item.written
             })
