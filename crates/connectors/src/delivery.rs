@@ -543,22 +543,43 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
             }
             () = handle.wake.notified() => {}
             Some(joined) = deliveries.join_next(), if !deliveries.is_empty() => {
-                if let Ok((entity, result)) = joined {
+                // Every delivery that has ended is recorded in this one pass: one pass per
+                // delivery fell behind at 1,000 edits a second, as each pass waits for flushes.
+                let mut ended = Vec::new();
+                let finished = std::iter::once(joined)
+                    .chain(std::iter::from_fn(|| deliveries.try_join_next()))
+                    .flatten();
+                for (entity, result) in finished {
                     in_flight.remove(&entity);
-                    let marked = handle.clone();
-                    let marked_entity = entity.clone();
-                    let result = match result {
-                        Ok(_) => tokio::task::spawn_blocking(move || replan_marked(&marked, &marked_entity))
-                            .await
-                            .unwrap_or_else(|error| Err(error.into())),
-                        Err(error) => Err(error),
-                    };
-                    match result {
-                        Ok(due) => set_due(&mut index, entity, due),
-                        Err(error) => {
-                            tracing::error!(connector = %handle.connector.name, %entity, error = %error, "recording a delivery failed");
-                            reload = true;
+                    ended.push((entity, result));
+                }
+                let marked = handle.clone();
+                let entities: Vec<EntityKey> = ended.iter().map(|(entity, _)| entity.clone()).collect();
+                let recorded = tokio::task::spawn_blocking(move || {
+                    ended
+                        .into_iter()
+                        .map(|(entity, result)| {
+                            let due = result.and_then(|_| replan_marked(&marked, &entity));
+                            (entity, due)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                match recorded {
+                    Ok(recorded) => {
+                        for (entity, due) in recorded {
+                            match due {
+                                Ok(due) => set_due(&mut index, entity, due),
+                                Err(error) => {
+                                    tracing::error!(connector = %handle.connector.name, %entity, error = %error, "recording a delivery failed");
+                                    reload = true;
+                                }
+                            }
                         }
+                    }
+                    Err(error) => {
+                        tracing::error!(connector = %handle.connector.name, entities = entities.len(), error = %error, "recording deliveries failed");
+                        reload = true;
                     }
                 }
             }
