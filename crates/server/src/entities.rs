@@ -243,11 +243,10 @@ async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let precondition = precondition(&headers)?;
     let written = write_under(&state, &key, precondition, caller, Edit::Delete).await?;
-    // A delete of an entity that does not exist writes nothing and leaves it without fields.
-    let deleted = (written.seq.is_some() || written.entity.is_some()).then_some(written);
-    match deleted {
-        Some(_) => Ok(StatusCode::NO_CONTENT),
-        None => Err(ApiError::not_found(format!("{key} does not exist"))),
+    if written.found() {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("{key} does not exist")))
     }
 }
 

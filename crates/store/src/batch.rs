@@ -179,39 +179,33 @@ impl Store {
                     records,
                 )
             }
-            Edit::Delete if options.if_match.is_none() => {
-                let doc = self.load(key)?;
-                if document::has_fields(&doc) {
+            Edit::Delete => {
+                if options.if_match.is_none() {
+                    let doc = self.load(key)?;
+                    if !document::has_fields(&doc) {
+                        // Nothing to delete: staged as it is, which writes nothing but `records`.
+                        let heads = doc.get_heads();
+                        return self.stage(
+                            key,
+                            doc,
+                            &heads,
+                            false,
+                            &options.origin,
+                            records,
+                            None,
+                            None,
+                        );
+                    }
                     self.put_back(key, doc);
-                    self.stage_write(
-                        key,
-                        options,
-                        document::JsonEdit::Replace(&Map::new()),
-                        delete_fields,
-                        records,
-                    )
-                } else {
-                    // Nothing to delete: staged as it is, which writes nothing but `records`.
-                    let heads = doc.get_heads();
-                    self.stage(
-                        key,
-                        doc,
-                        &heads,
-                        false,
-                        &options.origin,
-                        records,
-                        None,
-                        None,
-                    )
                 }
+                self.stage_write(
+                    key,
+                    options,
+                    document::JsonEdit::Replace(&Map::new()),
+                    delete_fields,
+                    records,
+                )
             }
-            Edit::Delete => self.stage_write(
-                key,
-                options,
-                document::JsonEdit::Replace(&Map::new()),
-                delete_fields,
-                records,
-            ),
         }
     }
 

@@ -6,12 +6,11 @@
 //! a state the other side no longer shares can loop forever. Which entities to sync, with whom,
 //! and over which transport is the `replication` crate's business.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 
 use automerge::sync::{self, SyncDoc};
 use automerge::ReadDoc;
 
-use crate::document;
 use crate::error::{Error, Result};
 use crate::key::EntityKey;
 use crate::origin::Origin;
@@ -109,33 +108,9 @@ impl Store {
                 ))
             }
         };
-        let mut doc = self.load(key)?;
-        let before = doc.get_heads();
-        let existed = document::has_fields(&doc);
-        let received = catch_unwind(AssertUnwindSafe(|| {
+        self.stage_incoming(key, origin, "applying the sync message", |doc| {
             doc.receive_sync_message(&mut state.0, message)
-        }));
-        match received {
-            Ok(Ok(())) => {}
-            // The document may be half-updated: drop it, so the next reader reloads it from disk.
-            Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
-            Err(_) => {
-                return Err(Error::Decode(
-                    "automerge panicked applying the sync message".into(),
-                ))
-            }
-        }
-        let doc = self.vet_incoming(doc, &before)?;
-        self.stage(
-            key,
-            doc,
-            &before,
-            existed,
-            origin,
-            |_| Vec::new(),
-            None,
-            None,
-        )
+        })
     }
 }
 

@@ -137,6 +137,14 @@ impl<T> Unflushed<Vec<T>> {
     }
 }
 
+impl Written {
+    /// Whether the write found the entity or left it with fields: false only for a delete of
+    /// an entity that did not exist, which writes nothing.
+    pub fn found(&self) -> bool {
+        self.seq.is_some() || self.entity.is_some()
+    }
+}
+
 /// Who is writing and under which condition.
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
@@ -406,7 +414,7 @@ impl Store {
     /// [`Error::VersionMismatch`] when `if_match` is stale, storage errors otherwise.
     pub fn delete(&self, key: &EntityKey, options: &WriteOptions) -> Result<Option<Written>> {
         let written = self.write_one(key, Edit::Delete, options)?;
-        Ok((written.seq.is_some() || written.entity.is_some()).then_some(written))
+        Ok(written.found().then_some(written))
     }
 
     /// One write through [`Store::write_many`], waiting for its flush.
@@ -461,15 +469,29 @@ impl Store {
         bytes: &[u8],
         origin: &Origin,
     ) -> Result<Staged> {
+        self.stage_incoming(key, origin, "decoding the data", |doc| {
+            doc.load_incremental(bytes).map(|_| ())
+        })
+    }
+
+    /// Applies data from elsewhere to the entity's document with `apply`, checks the result and
+    /// stages it (see [`Store::stage`]); the caller holds the entity's stripe lock until the stage
+    /// is committed. An error or a panic in `apply` is [`Error::Decode`] (a panic named by
+    /// `doing`), and the half-updated document is dropped, so the next reader reloads it from disk.
+    pub(crate) fn stage_incoming(
+        &self,
+        key: &EntityKey,
+        origin: &Origin,
+        doing: &str,
+        apply: impl FnOnce(&mut Automerge) -> std::result::Result<(), automerge::AutomergeError>,
+    ) -> Result<Staged> {
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
-        let loaded = catch_unwind(AssertUnwindSafe(|| doc.load_incremental(bytes)));
-        match loaded {
-            Ok(Ok(_)) => {}
-            // The document may be half-updated: drop it, so the next reader reloads it from disk.
+        match catch_unwind(AssertUnwindSafe(|| apply(&mut doc))) {
+            Ok(Ok(())) => {}
             Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
-            Err(_) => return Err(Error::Decode("automerge panicked decoding the data".into())),
+            Err(_) => return Err(Error::Decode(format!("automerge panicked {doing}"))),
         }
         let doc = self.vet_incoming(doc, &before)?;
         self.stage(

@@ -57,7 +57,7 @@ fn write_many_keeps_order_and_each_outcome_on_its_own() {
     assert!(matches!(outcomes[3], Err(store::Error::UnwritableValue(_))));
     // A delete of an entity that never existed writes nothing.
     let absent = outcomes[4].as_ref().unwrap();
-    assert!(absent.entity.is_none() && absent.seq.is_none());
+    assert!(absent.entity.is_none() && absent.seq.is_none() && !absent.found());
     assert_eq!(json!(data(5)), json!({"y": 2}));
     let deleted = outcomes[6].as_ref().unwrap();
     assert!(deleted.entity.is_none() && deleted.seq.is_some());
