@@ -9,6 +9,27 @@ fn open(dir: &tempfile::TempDir) -> Store {
     Store::open(StoreConfig::new(dir.path())).expect("a fresh store opens")
 }
 
+/// Two stores in temp dirs (kept alive by the first item) that each wrote `appointment/1`
+/// without the other: `a` with `on_a`, `b` with `on_b`.
+fn edited_apart(
+    on_a: serde_json::Value,
+    on_b: serde_json::Value,
+) -> ([tempfile::TempDir; 2], Store, Store, EntityKey) {
+    let dirs = [
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    ];
+    let (a, b) = (open(&dirs[0]), open(&dirs[1]));
+    let key = EntityKey::new("appointment", "1").expect("valid");
+    a.patch(&key, &on_a, &alice()).expect("write a");
+    b.patch(&key, &on_b, &alice()).expect("write b");
+    (dirs, a, b, key)
+}
+
+fn alice() -> WriteOptions {
+    WriteOptions::new(Origin::local("alice").expect("valid"))
+}
+
 /// Runs the protocol between `a` and `b` for `key` until both are quiet; returns the rounds taken.
 fn sync_until_quiet(a: &Store, b: &Store, key: &EntityKey) -> usize {
     let (mut a_state, mut b_state) = (SyncState::default(), SyncState::default());
@@ -38,17 +59,7 @@ fn sync_until_quiet(a: &Store, b: &Store, key: &EntityKey) -> usize {
 
 #[test]
 fn two_stores_converge_through_the_sync_protocol() {
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let (a, b) = (open(&dir_a), open(&dir_b));
-    let key = EntityKey::new("appointment", "1").expect("valid");
-    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
-    a.patch(&key, &json!({"date": "2026-12-01"}), &options)
-        .expect("write a");
-    b.patch(&key, &json!({"room": "4"}), &options)
-        .expect("write b");
+    let (_dirs, a, b, key) = edited_apart(json!({"date": "2026-12-01"}), json!({"room": "4"}));
     let rounds = sync_until_quiet(&a, &b, &key);
     assert!(rounds <= 4, "took {rounds} rounds");
     let (on_a, on_b) = (a.get(&key).expect("read"), b.get(&key).expect("read"));
@@ -67,7 +78,7 @@ fn two_stores_converge_through_the_sync_protocol() {
     assert_eq!(feed.last().expect("a row").origin.as_str(), "peer:b");
     // An entity only the peer has is created by syncing.
     let only_b = EntityKey::new("appointment", "2").expect("valid");
-    b.patch(&only_b, &json!({"date": "2027-01-01"}), &options)
+    b.patch(&only_b, &json!({"date": "2027-01-01"}), &alice())
         .expect("write");
     sync_until_quiet(&a, &b, &only_b);
     assert_eq!(a.get(&only_b).expect("read"), b.get(&only_b).expect("read"));
@@ -105,22 +116,13 @@ fn hostile_sync_messages_are_errors_and_change_nothing() {
 
 #[test]
 fn issue_2_writing_the_winning_value_settles_a_conflict() {
-    let (dir_a, dir_b) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let (a, b) = (open(&dir_a), open(&dir_b));
-    let key = EntityKey::new("appointment", "1").expect("valid");
-    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
-    a.patch(&key, &json!({"date": "2026-12-01"}), &options)
-        .expect("write a");
-    b.patch(&key, &json!({"date": "2026-12-02"}), &options)
-        .expect("write b");
+    let (_dirs, a, b, key) =
+        edited_apart(json!({"date": "2026-12-01"}), json!({"date": "2026-12-02"}));
     sync_until_quiet(&a, &b, &key);
     assert_eq!(a.conflicts(&key).expect("read").expect("exists").len(), 1);
     let winner = a.get(&key).expect("read").expect("exists").data["date"].clone();
     let written = a
-        .patch(&key, &json!({ "date": winner }), &options)
+        .patch(&key, &json!({ "date": winner }), &alice())
         .expect("resolve");
     assert!(
         written.seq.is_some(),
