@@ -107,12 +107,7 @@ impl Connectors {
         };
         let body_sha256 = sha256_hex(request.body);
         let _serialized = self.inbound_lock(id).lock().await;
-        let handle_for_task = handle.clone();
-        let id_owned = id.to_string();
-        let outcome = tokio::task::spawn_blocking(move || {
-            apply(&handle_for_task, &id_owned, &body, body_sha256)
-        })
-        .await?;
+        let outcome = apply(&handle, id, &body, body_sha256).await;
         match &outcome {
             Ok(outcome) if outcome.replayed => handle.counters.webhooks_duplicate.inc(),
             Ok(outcome) if outcome.response["status"] == "stale" => {
@@ -128,8 +123,10 @@ impl Connectors {
     }
 }
 
-/// The blocking part: runs with the webhook id's lock held.
-fn apply(
+/// Runs with the webhook id's lock held. It reads small records on the calling task (sled
+/// serves them from its cache) and waits for the flush without holding a thread: a thread per
+/// webhook, parked until its flush, cost more than the webhook's own work under load.
+async fn apply(
     handle: &ConnectorHandle,
     webhook_id: &str,
     body: &Map<String, Json>,
@@ -153,7 +150,7 @@ fn apply(
         kind: connector.kind.clone(),
         id: store::EntityId::new(inbound.id.clone())?,
     };
-    let _locked = handle.lock_entity(&key);
+    let _locked = handle.lock_entity_async(&key).await;
     let mut shadow = records.shadow(&key)?;
     let mark = connector
         .version_field
@@ -174,7 +171,9 @@ fn apply(
                 "detail": format!("{} {mark} is older than {applied}, already applied; ignored",
                     connector.version_field.as_deref().unwrap_or_default()),
             });
-            records.write(vec![records.put_inbox(webhook_id, &inbox(&response))])?;
+            records
+                .write_async(vec![records.put_inbox(webhook_id, &inbox(&response))])
+                .await?;
             return Ok(WebhookOutcome {
                 response,
                 replayed: false,
@@ -215,16 +214,19 @@ fn apply(
     let records_for_batch = records.clone();
     let inbox_id = webhook_id.to_string();
     let (inbox_key, inbox_unknown) = (key.clone(), unknown.clone());
-    let written = tokio::runtime::Handle::current().block_on(records.store().submit_with(
-        request,
-        Box::new(move |view| {
-            let response = applied(&inbox_key, view.changed, view.version, &inbox_unknown);
-            vec![
-                records_for_batch.put_inbox(&inbox_id, &inbox(&response)),
-                records_for_batch.put_shadow(&inbox_key, &shadow),
-            ]
-        }),
-    ))?;
+    let written = records
+        .store()
+        .submit_with(
+            request,
+            Box::new(move |view| {
+                let response = applied(&inbox_key, view.changed, view.version, &inbox_unknown);
+                vec![
+                    records_for_batch.put_inbox(&inbox_id, &inbox(&response)),
+                    records_for_batch.put_shadow(&inbox_key, &shadow),
+                ]
+            }),
+        )
+        .await?;
     let response_out = applied(&key, written.seq.is_some(), &written.version, &unknown);
     if !unknown.is_empty() {
         tracing::warn!(connector = %connector.name, entity = %key, unknown = ?unknown, "webhook carried unmapped fields; they were not applied");

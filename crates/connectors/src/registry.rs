@@ -71,20 +71,27 @@ pub struct ConnectorHandle {
     pub(crate) rescan: AtomicBool,
     pub(crate) observed: Mutex<Observed>,
     /// Serializes read-modify-write of one entity's shadow and outbox records (webhooks,
-    /// delivery outcomes, planning, admin), striped by entity.
-    entity_locks: Vec<Mutex<()>>,
+    /// delivery outcomes, planning, admin), striped by entity. A tokio mutex: webhooks hold it
+    /// across the wait for their flush without holding a thread; the others lock it from
+    /// blocking threads.
+    entity_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 /// The number of entity lock stripes per connector.
-const ENTITY_STRIPES: usize = 256;
+const ENTITY_STRIPES: usize = 1024;
 
 impl ConnectorHandle {
-    /// Locks `entity`'s connector records. A std Mutex: it is only held on blocking threads,
-    /// around store calls, never across an await.
-    pub(crate) fn lock_entity(&self, entity: &EntityKey) -> std::sync::MutexGuard<'_, ()> {
-        self.entity_locks[Self::stripe(entity)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// Locks `entity`'s connector records from a blocking thread (never from async code).
+    pub(crate) fn lock_entity(&self, entity: &EntityKey) -> tokio::sync::MutexGuard<'_, ()> {
+        self.entity_locks[Self::stripe(entity)].blocking_lock()
+    }
+
+    /// Locks `entity`'s connector records from async code.
+    pub(crate) async fn lock_entity_async(
+        &self,
+        entity: &EntityKey,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
+        self.entity_locks[Self::stripe(entity)].lock().await
     }
 
     /// Locks several entities at once, taking stripes in ascending order so that two callers
@@ -92,17 +99,13 @@ impl ConnectorHandle {
     pub(crate) fn lock_entities(
         &self,
         entities: &[EntityKey],
-    ) -> Vec<std::sync::MutexGuard<'_, ()>> {
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
         let mut stripes: Vec<usize> = entities.iter().map(Self::stripe).collect();
         stripes.sort_unstable();
         stripes.dedup();
         stripes
             .into_iter()
-            .map(|stripe| {
-                self.entity_locks[stripe]
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-            })
+            .map(|stripe| self.entity_locks[stripe].blocking_lock())
             .collect()
     }
 
@@ -239,7 +242,9 @@ impl Connectors {
                     wake: Notify::new(),
                     rescan: AtomicBool::new(false),
                     observed: Mutex::new(Observed::default()),
-                    entity_locks: (0..ENTITY_STRIPES).map(|_| Mutex::new(())).collect(),
+                    entity_locks: (0..ENTITY_STRIPES)
+                        .map(|_| tokio::sync::Mutex::new(()))
+                        .collect(),
                 };
                 (handle.connector.name.clone(), Arc::new(handle))
             })

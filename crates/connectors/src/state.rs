@@ -264,6 +264,12 @@ impl Records {
         self.store.write_records(writes)?;
         Ok(())
     }
+
+    /// [`Records::write`] for async callers.
+    pub(crate) async fn write_async(&self, writes: Vec<RecordWrite>) -> Result<()> {
+        self.store.write_records_async(writes).await?;
+        Ok(())
+    }
 }
 
 fn entity_of(key: &RecordKey) -> Option<EntityKey> {

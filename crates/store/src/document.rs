@@ -39,6 +39,13 @@ use crate::nested;
 /// Deeper JSON than this is refused: it bounds recursion on hostile input.
 pub const MAX_DEPTH: usize = 32;
 
+/// Whether `doc` holds the change `hash`. Cheaper than `get_change_by_hash`, which builds the
+/// change; the store's documents hold no queued changes (see `Store::vet_incoming`), so a hash
+/// that is not missing is applied.
+pub(crate) fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    doc.get_missing_deps(&[*hash]).is_empty()
+}
+
 /// Checks that a value is something the store can hold: objects and arrays nested at most
 /// [`MAX_DEPTH`] deep, and no key that is empty.
 pub(crate) fn check_writable(value: &Json, depth: usize) -> Result<()> {

@@ -23,6 +23,8 @@
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, ReadDoc, Value, ROOT};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::Result;
 
@@ -43,17 +45,39 @@ pub(crate) fn create_shared_map(
     parent: &ObjId,
     key: &str,
 ) -> Result<Option<ObjId>> {
-    let base = if *parent == ROOT {
-        Automerge::new()
+    let parent_hash = if *parent == ROOT {
+        None
     } else {
         match doc.hash_for_opid(parent) {
-            Some(hash) => doc.fork_at(&[hash])?,
+            Some(hash) => Some(hash),
             None => return Ok(None),
         }
     };
+    // The document the change is built on, made only when a change is not remembered.
+    let mut base: Option<Automerge> = None;
     for generation in 0..MAX_GENERATIONS {
-        let change = structural_change(&base, parent, key, generation)?;
-        if doc.get_change_by_hash(&change.hash()).is_some() {
+        let place = Place {
+            parent_hash,
+            parent: parent.to_string(),
+            key: key.to_owned(),
+            generation,
+        };
+        let change = match built(&place) {
+            Some(change) => change,
+            None => {
+                let base = match &mut base {
+                    Some(base) => base,
+                    None => base.insert(match parent_hash {
+                        None => Automerge::new(),
+                        Some(hash) => doc.fork_at(&[hash])?,
+                    }),
+                };
+                let change = structural_change(base, parent, key, generation)?;
+                remember(place, &change);
+                change
+            }
+        };
+        if crate::document::has_change(doc, &change.hash()) {
             // This generation was created here before and has since been deleted or replaced.
             continue;
         }
@@ -85,6 +109,45 @@ pub(crate) fn edit_base(doc: &Automerge, deps: &[ChangeHash]) -> Vec<ChangeHash>
     base.sort();
     base.dedup();
     base
+}
+
+/// Where a structural change puts its map; the change is a function of this alone.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Place {
+    /// The change that created the parent (none for the root).
+    parent_hash: Option<ChangeHash>,
+    parent: String,
+    key: String,
+    generation: u32,
+}
+
+/// The most structural changes remembered; the set is forgotten whole when it is full.
+const MAX_REMEMBERED: usize = 4096;
+
+/// Structural changes already built. Building one costs a fork, a transaction and a change
+/// extraction, as much as the write that needs the map, and the same few places (a record's
+/// `site` or `address`) come up in write after write.
+fn remembered() -> &'static Mutex<HashMap<Place, Change>> {
+    static REMEMBERED: OnceLock<Mutex<HashMap<Place, Change>>> = OnceLock::new();
+    REMEMBERED.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn built(place: &Place) -> Option<Change> {
+    remembered()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(place)
+        .cloned()
+}
+
+fn remember(place: Place, change: &Change) {
+    let mut remembered = remembered()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if remembered.len() >= MAX_REMEMBERED {
+        remembered.clear();
+    }
+    remembered.insert(place, change.clone());
 }
 
 fn structural_change(
@@ -120,4 +183,50 @@ fn actor_for(parent: &ObjId, key: &str, generation: u32) -> ActorId {
     hasher.update([0]);
     hasher.update(generation.to_be_bytes());
     ActorId::from(&hasher.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The structural change of every map in `doc`, by the map's key, as bytes.
+    fn structural_changes(doc: &Automerge) -> Vec<Vec<u8>> {
+        doc.get_changes(&[])
+            .into_iter()
+            .filter(is_structural)
+            .map(|mut change| change.bytes().to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn a_remembered_change_is_the_one_building_it_again_makes() {
+        // Two documents that create the same nested places: the second is served from memory,
+        // and must get the byte-identical changes, or replicas would stop merging field by field.
+        let make = || -> Result<Automerge> {
+            let mut doc = Automerge::new();
+            let site = create_shared_map(&mut doc, &ROOT, "site-remembered")?.expect("a map");
+            create_shared_map(&mut doc, &site, "office")?.expect("a nested map");
+            Ok(doc)
+        };
+        let first = make().expect("first document");
+        let second = make().expect("second document");
+        let place = Place {
+            parent_hash: None,
+            parent: ROOT.to_string(),
+            key: "site-remembered".to_owned(),
+            generation: 0,
+        };
+        assert!(
+            built(&place).is_some(),
+            "the root-level change is remembered"
+        );
+        assert_eq!(structural_changes(&first).len(), 2);
+        assert_eq!(structural_changes(&first), structural_changes(&second));
+        let fresh =
+            structural_change(&Automerge::new(), &ROOT, "site-remembered", 0).expect("built again");
+        assert_eq!(
+            built(&place).map(|change| change.hash()),
+            Some(fresh.hash())
+        );
+    }
 }

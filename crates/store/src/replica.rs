@@ -9,8 +9,8 @@
 use std::panic::catch_unwind;
 
 use automerge::sync::{self, SyncDoc};
-use automerge::ReadDoc;
 
+use crate::document;
 use crate::error::{Error, Result};
 use crate::key::EntityKey;
 use crate::origin::Origin;
@@ -35,7 +35,7 @@ impl Store {
             Ok(version
                 .heads()
                 .iter()
-                .all(|head| doc.get_change_by_hash(head).is_some()))
+                .all(|head| document::has_change(doc, head)))
         })
     }
 

@@ -380,6 +380,19 @@ impl Store {
         self.inner.durability.wait()
     }
 
+    /// [`Store::write_records`] for async callers: applies the batch at once and waits for its
+    /// flush without blocking a thread.
+    ///
+    /// # Errors
+    /// As [`Store::write_records`].
+    pub async fn write_records_async(&self, writes: Vec<RecordWrite>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.apply_records(&writes)?;
+        self.unflushed(())?.wait_async().await
+    }
+
     /// Applies side records in one atomic batch, without waiting for the flush.
     fn apply_records(&self, writes: &[RecordWrite]) -> Result<()> {
         if !self.inner.durability.is_open() {
@@ -547,7 +560,7 @@ impl Store {
             let known = version
                 .heads()
                 .iter()
-                .all(|head| doc.get_change_by_hash(head).is_some());
+                .all(|head| document::has_change(doc, head));
             if !known {
                 return Err(Error::UnknownVersion {
                     key: key.clone(),
