@@ -8,7 +8,8 @@
 //! as one coalesced delta. A crash at any point leaves either the attempt (resent under the same
 //! key) or the advanced shadow (nothing to resend).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::{Map, Value as Json};
 use store::{EntityKey, RecordWrite};
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
@@ -504,7 +505,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
     };
     let mut feed = handle.records.store().subscribe();
     let mut in_flight: HashSet<EntityKey> = HashSet::new();
-    let mut deliveries: JoinSet<(EntityKey, Result<Due>)> = JoinSet::new();
+    let mut deliveries = Deliveries::default();
     let mut index = DueIndex::new();
     let mut reload = true;
     let mut last_gc: Option<tokio::time::Instant> = None;
@@ -542,13 +543,12 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
                 }
             }
             () = handle.wake.notified() => {}
-            Some(joined) = deliveries.join_next(), if !deliveries.is_empty() => {
+            Some(joined) = deliveries.next(), if !deliveries.is_empty() => {
                 // Every delivery that has ended is recorded in this one pass: one pass per
                 // delivery fell behind at 1,000 edits a second, as each pass waits for flushes.
                 let mut ended = Vec::new();
                 let finished = std::iter::once(joined)
-                    .chain(std::iter::from_fn(|| deliveries.try_join_next()))
-                    .flatten();
+                    .chain(std::iter::from_fn(|| deliveries.try_next()));
                 for (entity, result) in finished {
                     in_flight.remove(&entity);
                     ended.push((entity, result));
@@ -589,6 +589,68 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
     deliveries.abort_all();
 }
 
+/// The deliveries in progress, each giving back its entity when it ends, also when its task
+/// panicked: a lost entity would stay "in flight" and never be delivered again.
+#[derive(Default)]
+struct Deliveries {
+    tasks: JoinSet<(EntityKey, Result<Due>)>,
+    entities: HashMap<tokio::task::Id, EntityKey>,
+}
+
+impl Deliveries {
+    fn spawn(
+        &mut self,
+        entity: EntityKey,
+        delivery: impl Future<Output = Result<Due>> + Send + 'static,
+    ) {
+        let task_entity = entity.clone();
+        let task = self
+            .tasks
+            .spawn(async move { (task_entity, delivery.await) });
+        self.entities.insert(task.id(), entity);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Waits for the next delivery to end; `None` when none is in progress.
+    async fn next(&mut self) -> Option<(EntityKey, Result<Due>)> {
+        let joined = self.tasks.join_next_with_id().await?;
+        self.ended(joined)
+    }
+
+    /// A delivery that has already ended, if any.
+    fn try_next(&mut self) -> Option<(EntityKey, Result<Due>)> {
+        let joined = self.tasks.try_join_next_with_id()?;
+        self.ended(joined)
+    }
+
+    fn ended(
+        &mut self,
+        joined: std::result::Result<(tokio::task::Id, (EntityKey, Result<Due>)), JoinError>,
+    ) -> Option<(EntityKey, Result<Due>)> {
+        match joined {
+            Ok((id, ended)) => {
+                self.entities.remove(&id);
+                Some(ended)
+            }
+            Err(error) => {
+                let entity = self.entities.remove(&error.id())?;
+                tracing::error!(%entity, error = %error, "a delivery task failed; its attempt stays on disk and is retried");
+                // What happened is on disk: the attempt, if its outcome was not recorded, is
+                // still due and is sent again under the same key.
+                Some((entity, Ok(None)))
+            }
+        }
+    }
+
+    fn abort_all(&mut self) {
+        self.tasks.abort_all();
+        self.entities.clear();
+    }
+}
+
 fn set_due(index: &mut DueIndex, entity: EntityKey, due: Due) {
     match due {
         Some(due) => {
@@ -612,7 +674,7 @@ async fn step(
     index: &mut DueIndex,
     reload: &mut bool,
     in_flight: &mut HashSet<EntityKey>,
-    deliveries: &mut JoinSet<(EntityKey, Result<Due>)>,
+    deliveries: &mut Deliveries,
     last_gc: &mut Option<tokio::time::Instant>,
 ) -> Result<(bool, Option<u64>)> {
     if last_gc.is_none_or(|at| at.elapsed() >= INBOX_GC_EVERY) {
@@ -661,16 +723,37 @@ async fn step(
         }
         if due <= now && in_flight.len() < handle.connector.concurrency {
             in_flight.insert(entity.clone());
-            let entity = entity.clone();
-            let task_handle = handle.clone();
-            let task_client = client.clone();
-            deliveries.spawn(async move {
-                let result = deliver(task_handle, task_client, entity.clone()).await;
-                (entity, result)
-            });
+            let delivery = deliver(handle.clone(), client.clone(), entity.clone());
+            deliveries.spawn(entity.clone(), delivery);
         } else {
             next_due = Some(next_due.map_or(due.max(now), |next: u64| next.min(due.max(now))));
         }
     }
     Ok((more, next_due))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_delivery_whose_task_panics_gives_its_entity_back() {
+        let mut deliveries = Deliveries::default();
+        let (calm, broken) = (
+            EntityKey::new("appointment", "calm").expect("a valid key"),
+            EntityKey::new("appointment", "broken").expect("a valid key"),
+        );
+        deliveries.spawn(calm.clone(), async { Ok(Some(Some(42))) });
+        deliveries.spawn(broken.clone(), async { panic!("a bug in a delivery") });
+        let mut ended = Vec::new();
+        while let Some((entity, due)) = deliveries.next().await {
+            ended.push((entity, due.expect("no delivery error")));
+        }
+        ended.sort();
+        // The broken one is handed back with nothing known about it, so the worker reads where it
+        // stands from disk (its attempt, still due) instead of keeping it in flight forever.
+        assert_eq!(ended, vec![(broken, None), (calm, Some(Some(42)))]);
+        assert!(deliveries.is_empty());
+        assert!(deliveries.entities.is_empty());
+    }
 }
