@@ -160,7 +160,7 @@ impl Store {
                     key,
                     options,
                     document::JsonEdit::MergePatch(patch),
-                    |doc, stamp| document::merge_patch(doc, patch, stamp),
+                    |doc, stamp, current| document::merge_patch(doc, patch, stamp, current),
                     records,
                 )
             }
@@ -175,7 +175,7 @@ impl Store {
                     key,
                     options,
                     document::JsonEdit::Replace(fields),
-                    |doc, stamp| document::replace(doc, fields, stamp),
+                    |doc, stamp, _| document::replace(doc, fields, stamp),
                     records,
                 )
             }
@@ -270,6 +270,7 @@ struct Pending<'a> {
 fn delete_fields(
     doc: &mut automerge::Automerge,
     stamp: &document::Stamp,
+    _current: Option<&Map<String, Json>>,
 ) -> Result<document::Touched> {
     document::replace(doc, &Map::new(), stamp)
 }

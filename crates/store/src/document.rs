@@ -95,10 +95,14 @@ impl Stamp {
 /// anything else replaces the field. Fields whose value would not change are not touched, so a
 /// patch that changes nothing produces no change. On error the document may hold part of the
 /// write and must be dropped.
+///
+/// `current` is the entity's JSON before the write, when it is known: a field whose patch value
+/// differs from it is written without reading the document first.
 pub(crate) fn merge_patch(
     doc: &mut Automerge,
     patch: &Map<String, Json>,
     stamp: &Stamp,
+    current: Option<&Map<String, Json>>,
 ) -> Result<Touched> {
     let mut touched = Touched::default();
     create_maps(doc, &ROOT, patch, stamp, "", &mut touched)?;
@@ -107,7 +111,7 @@ pub(crate) fn merge_patch(
         return Ok(Touched::unknown());
     }
     transact(doc, stamp, |tx| {
-        apply_merge_patch(tx, &ROOT, patch, "", &mut touched)
+        apply_merge_patch(tx, &ROOT, patch, current, "", &mut touched)
     })?;
     Ok(touched)
 }
@@ -383,10 +387,12 @@ fn needs_write<T: Transactable>(
     })
 }
 
+/// `current` is `obj` as JSON before the write, when known (see [`merge_patch`]).
 fn apply_merge_patch<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     patch: &Map<String, Json>,
+    current: Option<&Map<String, Json>>,
     prefix: &str,
     touched: &mut Touched,
 ) -> Result<()> {
@@ -407,10 +413,25 @@ fn apply_merge_patch<T: Transactable>(
                         tx.put_object(obj, key.as_str(), ObjType::Map)?
                     }
                 };
-                apply_merge_patch(tx, &child, child_patch, &join(prefix, key), touched)?;
+                let child_current = current
+                    .and_then(|current| current.get(key))
+                    .and_then(Json::as_object);
+                apply_merge_patch(
+                    tx,
+                    &child,
+                    child_patch,
+                    child_current,
+                    &join(prefix, key),
+                    touched,
+                )?;
             }
             value => {
-                if needs_write(tx, obj, key, value, touched)? {
+                // A value that differs from the one the field reads as is written whatever the
+                // document holds; only an equal one needs the lookup (a conflict is settled by
+                // writing the winner again).
+                let differs =
+                    current.is_some_and(|current| current.get(key.as_str()) != Some(value));
+                if differs || needs_write(tx, obj, key, value, touched)? {
                     put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
                     touched.add_value(prefix, key, value);
                 }

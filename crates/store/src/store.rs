@@ -318,7 +318,7 @@ impl Store {
             key,
             options,
             document::JsonEdit::MergePatch(patch),
-            |doc, stamp| document::merge_patch(doc, patch, stamp),
+            |doc, stamp, current| document::merge_patch(doc, patch, stamp, current),
             records,
         )?;
         self.unflushed(written)?.wait()
@@ -923,7 +923,11 @@ impl Store {
         key: &EntityKey,
         options: &WriteOptions,
         json_edit: document::JsonEdit<'_>,
-        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<document::Touched>,
+        edit: impl FnOnce(
+            &mut Automerge,
+            &document::Stamp,
+            Option<&Map<String, Json>>,
+        ) -> Result<document::Touched>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Written> {
         let guard = self.lock(key);
@@ -940,7 +944,11 @@ impl Store {
         key: &EntityKey,
         options: &WriteOptions,
         json_edit: document::JsonEdit<'_>,
-        edit: impl FnOnce(&mut Automerge, &document::Stamp) -> Result<document::Touched>,
+        edit: impl FnOnce(
+            &mut Automerge,
+            &document::Stamp,
+            Option<&Map<String, Json>>,
+        ) -> Result<document::Touched>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Staged> {
         let mut doc = self.load(key)?;
@@ -976,7 +984,7 @@ impl Store {
         };
         // On failure the document may hold part of the write: it is dropped, not cached, so the
         // next reader loads what is on disk.
-        let touched = edit(&mut doc, &stamp)?;
+        let touched = edit(&mut doc, &stamp, current_json.as_ref())?;
         let json_after = current_json.map(|current| json_edit.apply(current));
         if !existed && !document::has_fields(&doc) && doc.get_heads() != before {
             // Creating an entity with no fields would make a change nobody can read; refuse it.
