@@ -19,7 +19,7 @@ use crate::document;
 use crate::error::{Error, Result};
 use crate::key::EntityKey;
 use crate::records::{CommitView, RecordWrite};
-use crate::store::{Inner, Staged, Store, Unflushed, WriteOptions, Written};
+use crate::store::{AfterJson, Inner, Staged, Store, Unflushed, WriteOptions, Written};
 
 /// What a write does to an entity.
 #[derive(Clone, Debug, PartialEq)]
@@ -193,7 +193,7 @@ impl Store {
                             &options.origin,
                             records,
                             None,
-                            None,
+                            AfterJson::Read,
                         );
                     }
                     self.put_back(key, doc);

@@ -28,7 +28,7 @@ use automerge::legacy;
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
     hydrate, Automerge, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, ScalarValue,
-    Value, ROOT,
+    Value, ValueRef, ROOT,
 };
 use serde::Serialize;
 use serde_json::{Map, Number, Value as Json};
@@ -667,6 +667,12 @@ fn object_json<R: ReadDoc + ?Sized>(
 /// square of the depth. The store never writes deeper than [`MAX_DEPTH`], so objects that were
 /// already there are trusted to be within the limit.
 pub(crate) fn creates_deeper_than(doc: &Automerge, before: &[ChangeHash], limit: usize) -> bool {
+    // Each level of nesting is an operation that makes an object, so a document with at most
+    // `limit` operations in all cannot nest deeper; most records are that small, and decoding
+    // their changes to look costs more than merging them.
+    if doc.stats().num_ops <= limit as u64 {
+        return false;
+    }
     let mut depths: HashMap<legacy::OpId, usize> = HashMap::new();
     for change in doc.get_changes(before) {
         let expanded = change.decode();
@@ -770,6 +776,32 @@ pub(crate) fn all_fields(fields: &Map<String, Json>) -> Vec<String> {
     }
     let mut found = BTreeSet::new();
     walk(fields, "", &mut found);
+    found.into_iter().collect()
+}
+
+/// [`all_fields`] of the document's fields as they are now, read without turning the values
+/// into JSON.
+pub(crate) fn field_paths(doc: &Automerge) -> Vec<String> {
+    fn walk(
+        doc: &Automerge,
+        obj: &ObjId,
+        prefix: &str,
+        depth: usize,
+        found: &mut BTreeSet<String>,
+    ) {
+        for item in doc.map_range(obj, ..) {
+            let path = join(prefix, &item.key);
+            // Deeper than `object_json` reads, an object is a `null` leaf there too.
+            if matches!(item.value, ValueRef::Object(ObjType::Map | ObjType::Table))
+                && depth < READ_DEPTH
+            {
+                walk(doc, &item.id(), &path, depth + 1, found);
+            }
+            found.insert(path);
+        }
+    }
+    let mut found = BTreeSet::new();
+    walk(doc, &ROOT, "", 0, &mut found);
     found.into_iter().collect()
 }
 

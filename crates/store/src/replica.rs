@@ -14,7 +14,7 @@ use crate::document;
 use crate::error::{Error, Result};
 use crate::key::EntityKey;
 use crate::origin::Origin;
-use crate::store::{Staged, Store, Written};
+use crate::store::{AfterJson, Staged, Store, Written};
 use crate::version::Version;
 
 /// What this replica knows about a peer's copy of one entity, during one connection.
@@ -83,7 +83,7 @@ impl Store {
         origin: &Origin,
     ) -> Result<Written> {
         let guard = self.lock(key);
-        let staged = self.stage_receive(key, state, message, origin)?;
+        let staged = self.stage_receive(key, state, message, origin, AfterJson::Read)?;
         let written = self.commit_one(staged);
         drop(guard);
         written
@@ -97,6 +97,7 @@ impl Store {
         state: &mut SyncState,
         message: &[u8],
         origin: &Origin,
+        json: AfterJson,
     ) -> Result<Staged> {
         let decoded = catch_unwind(|| sync::Message::decode(message));
         let message = match decoded {
@@ -108,7 +109,7 @@ impl Store {
                 ))
             }
         };
-        self.stage_incoming(key, origin, "applying the sync message", |doc| {
+        self.stage_incoming(key, origin, json, "applying the sync message", |doc| {
             doc.receive_sync_message(&mut state.0, message)
         })
     }
@@ -120,7 +121,8 @@ impl Store {
     /// once one flush covers all of them (rather than one flush each).
     ///
     /// Each entity's outcome is separate: a message that fails to decode leaves its entity as it
-    /// was and does not stop the others.
+    /// was and does not stop the others. The outcomes leave the entity's JSON out (`entity` is
+    /// `None`; `exists` says whether it has fields): reading it would cost as much as the merge.
     ///
     /// # Errors
     /// [`Error::Closed`] when the final flush fails; per-entity errors are in the returned list,
@@ -134,7 +136,9 @@ impl Store {
             self.stage_and_commit(
                 chunk,
                 |(key, _, _)| (*key).clone(),
-                |(key, state, message)| self.stage_receive(key, state, message, origin),
+                |(key, state, message)| {
+                    self.stage_receive(key, state, message, origin, AfterJson::Skip)
+                },
             )
         });
         self.wait_durable()?;
@@ -142,7 +146,8 @@ impl Store {
     }
 
     /// Merges Automerge data (a saved document, or changes) into each entity, as
-    /// [`Store::merge`] does, and returns once one flush covers all of them.
+    /// [`Store::merge`] does, and returns once one flush covers all of them. As with
+    /// [`Store::receive_sync_messages`], the outcomes leave the entity's JSON out.
     ///
     /// # Errors
     /// [`Error::Closed`] when the final flush fails; per-entity errors are in the returned list,
@@ -156,7 +161,7 @@ impl Store {
             self.stage_and_commit(
                 chunk,
                 |(key, _)| (*key).clone(),
-                |(key, bytes)| self.stage_merge(key, bytes, origin),
+                |(key, bytes)| self.stage_merge(key, bytes, origin, AfterJson::Skip),
             )
         });
         self.wait_durable()?;

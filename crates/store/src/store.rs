@@ -81,8 +81,11 @@ pub struct Entity {
 /// What a write did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Written {
-    /// The entity after the write; `None` when the write left it without fields (deleted).
+    /// The entity after the write; `None` when the write left it without fields (deleted), and
+    /// from replication's batch merges, which do not read it (see `exists`).
     pub entity: Option<Entity>,
+    /// Whether the entity has fields after the write.
+    pub exists: bool,
     /// The version after the write (also set when the entity was deleted).
     pub version: String,
     /// Whether the entity did not exist before and does now.
@@ -141,7 +144,7 @@ impl Written {
     /// Whether the write found the entity or left it with fields: false only for a delete of
     /// an entity that did not exist, which writes nothing.
     pub fn found(&self) -> bool {
-        self.seq.is_some() || self.entity.is_some()
+        self.seq.is_some() || self.exists
     }
 }
 
@@ -468,7 +471,7 @@ impl Store {
         origin: &Origin,
     ) -> Result<Written> {
         let guard = self.lock(key);
-        let staged = self.stage_merge(key, bytes, origin)?;
+        let staged = self.stage_merge(key, bytes, origin, AfterJson::Read)?;
         let written = self.commit_one(staged);
         drop(guard);
         written
@@ -481,8 +484,9 @@ impl Store {
         key: &EntityKey,
         bytes: &[u8],
         origin: &Origin,
+        json: AfterJson,
     ) -> Result<Staged> {
-        self.stage_incoming(key, origin, "decoding the data", |doc| {
+        self.stage_incoming(key, origin, json, "decoding the data", |doc| {
             doc.load_incremental(bytes).map(|_| ())
         })
     }
@@ -495,6 +499,7 @@ impl Store {
         &self,
         key: &EntityKey,
         origin: &Origin,
+        json: AfterJson,
         doing: &str,
         apply: impl FnOnce(&mut Automerge) -> std::result::Result<(), automerge::AutomergeError>,
     ) -> Result<Staged> {
@@ -515,7 +520,7 @@ impl Store {
             origin,
             |_| Vec::new(),
             None,
-            None,
+            json,
         )
     }
 
@@ -1000,7 +1005,7 @@ impl Store {
             &options.origin,
             records,
             touched.fields(),
-            json_after,
+            json_after.map_or(AfterJson::Read, AfterJson::Known),
         )
     }
 
@@ -1024,8 +1029,8 @@ impl Store {
     /// feed row. The caller holds the entity's stripe lock until then, and stages an entity at
     /// most once per commit, because the entity record read here must still be the one on disk.
     /// `known_fields` are the fields the change wrote, when the caller knows them (see
-    /// [`document::Touched`]); otherwise they come from a diff. `known_json` is the entity's
-    /// fields after the change, when the caller knows them; otherwise they are read from `doc`.
+    /// [`document::Touched`]); otherwise they come from a diff. `json` says whether the entity's
+    /// fields after the change are known, to be read from `doc`, or not wanted.
     #[allow(
         clippy::too_many_arguments,
         reason = "the one place every kind of change is staged"
@@ -1039,12 +1044,14 @@ impl Store {
         origin: &Origin,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
         known_fields: Option<Vec<String>>,
-        known_json: Option<Map<String, Json>>,
+        json: AfterJson,
     ) -> Result<Staged> {
         let after = doc.get_heads();
         let version = Version::from_heads(after.clone()).to_string();
-        let entity = match known_json {
-            Some(data) => {
+        let exists = document::has_fields(&doc);
+        let entity = match json {
+            AfterJson::Skip => None,
+            AfterJson::Known(data) => {
                 let entity = (!data.is_empty()).then(|| Entity {
                     kind: key.kind.clone(),
                     id: key.id.clone(),
@@ -1058,7 +1065,7 @@ impl Store {
                 );
                 entity
             }
-            None => entity_from(key, &doc, None),
+            AfterJson::Read => entity_from(key, &doc, None),
         };
         let no_fields = Map::new();
         let side_records = records(&CommitView {
@@ -1080,6 +1087,7 @@ impl Store {
                 row: None,
                 written: Written {
                     entity,
+                    exists,
                     version,
                     created: false,
                     seq: None,
@@ -1090,6 +1098,11 @@ impl Store {
             // A document that had nothing gained every field it has now.
             Some(entity) if before.is_empty() => {
                 let fields = document::all_fields(&entity.data);
+                debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
+                fields
+            }
+            None if before.is_empty() && exists => {
+                let fields = document::field_paths(&doc);
                 debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
                 fields
             }
@@ -1114,7 +1127,7 @@ impl Store {
             record.chunks += 1;
         }
         record.version = version.clone();
-        record.exists = entity.is_some();
+        record.exists = exists;
         writes.push((
             layout::entity_key(layout::ENTITY, key),
             Some(encode_record(&record)),
@@ -1129,8 +1142,9 @@ impl Store {
                 exists: record.exists,
             }),
             written: Written {
-                created: !existed && entity.is_some(),
+                created: !existed && exists,
                 entity,
+                exists,
                 version,
                 seq: None,
             },
@@ -1208,6 +1222,17 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// The entity's JSON after a change, for [`Store::stage`].
+pub(crate) enum AfterJson {
+    /// Worked out by the caller.
+    Known(Map<String, Json>),
+    /// To be read from the document.
+    Read,
+    /// Not wanted: the written entity is left out (replication's batch merges, which only need
+    /// to know the outcome; turning every document into JSON cost as much as the merge).
+    Skip,
 }
 
 /// A write worked out by [`Store::stage`] and not yet applied to sled.
