@@ -72,6 +72,30 @@ fn patch(bencher: divan::Bencher) {
     });
 }
 
+/// Reading entities whose documents are cached: the cost of turning a document into JSON.
+#[divan::bench(sample_count = 50)]
+fn get_cached(bencher: divan::Bencher) {
+    let fixture = Fixture::open(64);
+    let inputs = patches(20);
+    for id in 0..32 {
+        for patch in &inputs {
+            fixture
+                .store
+                .patch(&key(id), patch, &options())
+                .expect("the patch applies");
+        }
+    }
+    let mut next = 0;
+    bencher.bench_local(|| {
+        next = (next + 1) % 32;
+        fixture
+            .store
+            .get(&key(next))
+            .expect("the read works")
+            .expect("the entity exists")
+    });
+}
+
 #[divan::bench(sample_count = 50)]
 fn load_from_disk(bencher: divan::Bencher) {
     // One cached document: reading 32 entities round-robin always misses.

@@ -616,20 +616,26 @@ fn object_json<R: ReadDoc + ?Sized>(
     };
     match doc.object_type(obj) {
         Ok(ObjType::Map | ObjType::Table) => {
-            let mut keys: Vec<String> = match heads {
-                Some(heads) => doc.keys_at(obj, heads).collect(),
-                None => doc.keys(obj).collect(),
+            // One pass over the map's keys and values (a lookup per key cost as much again).
+            let items: Vec<_> = match heads {
+                Some(heads) => doc.map_range_at(obj, .., heads).collect(),
+                None => doc.map_range(obj, ..).collect(),
             };
-            keys.sort();
-            let mut fields = Map::new();
-            for key in keys {
-                let value = match heads {
-                    Some(heads) => doc.get_at(obj, key.as_str(), heads),
-                    None => doc.get(obj, key.as_str()),
-                };
-                fields.insert(key, value_json(value.ok().flatten()));
-            }
-            Json::Object(fields)
+            let mut fields: Vec<(String, Json)> = items
+                .into_iter()
+                .map(|item| {
+                    let value = match item.value {
+                        ValueRef::Object(_) => object_json(doc, &item.id(), heads, depth + 1),
+                        scalar => match scalar.into_value() {
+                            Value::Scalar(scalar) => scalar_to_json(&scalar),
+                            Value::Object(_) => Json::Null,
+                        },
+                    };
+                    (item.key.into_owned(), value)
+                })
+                .collect();
+            fields.sort_by(|left, right| left.0.cmp(&right.0));
+            Json::Object(fields.into_iter().collect())
         }
         Ok(ObjType::List) => {
             let length = match heads {
