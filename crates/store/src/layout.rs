@@ -39,6 +39,13 @@ pub(crate) struct EntityRecord {
     pub chunk_bytes: u64,
     /// The bytes of the snapshot.
     pub snapshot_bytes: u64,
+    /// Whether the chunks after the first (after the snapshot) form one chain: each holds a
+    /// single change, and each change after the second chunk's depends on the one before it.
+    /// Such chunks have one order, so they load in one call (several times faster than one call
+    /// per change) without Automerge reordering them. Records written before this field existed
+    /// read as `false`.
+    #[serde(default)]
+    pub linear: bool,
 }
 
 pub(crate) fn entity_key(tag: u8, key: &EntityKey) -> Vec<u8> {

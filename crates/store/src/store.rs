@@ -875,19 +875,28 @@ impl Store {
         } else {
             Vec::new()
         };
-        // Every change is loaded on its own, in the order it was written. Automerge sorts the
-        // changes of one load topologically, which can apply them in another order than the
-        // document they were written from, and `save()` would then return other bytes after a
-        // reopen: same heads, another layout.
+        // Every change is loaded in the order it was written. Automerge sorts the changes of one
+        // load topologically, which can apply them in another order than the document they were
+        // written from, and `save()` would then return other bytes after a reopen: same heads,
+        // another layout. So changes are loaded one at a time, except the chunks after the first
+        // when the record says they form a chain, which has only one order.
         let loaded = catch_unwind(AssertUnwindSafe(|| {
             let mut doc = match &snapshot {
                 Some(snapshot) => Automerge::load(snapshot)?,
                 None => Automerge::new(),
             };
-            for chunk in &chunks {
+            let one_by_one = if record.linear {
+                chunks.len().min(1)
+            } else {
+                chunks.len()
+            };
+            for chunk in &chunks[..one_by_one] {
                 for change in split_changes(chunk) {
                     doc.load_incremental(change)?;
                 }
+            }
+            if one_by_one < chunks.len() {
+                doc.load_incremental(&chunks[one_by_one..].concat())?;
             }
             Ok::<_, automerge::AutomergeError>(doc)
         }));
@@ -1121,6 +1130,16 @@ impl Store {
         {
             write_snapshot(&self.inner.db, key, &doc, &mut record, &mut writes)?;
         } else {
+            // The first chunk is always loaded one change at a time; the second starts the
+            // chain when it is one change; a later one goes on with it when it is one change that
+            // depends on the last: with a single head before and after, the head before is the
+            // last chunk's change, and the new change depends on it.
+            let single = split_changes(&chunk).len() == 1;
+            record.linear = match record.chunks {
+                0 => true,
+                1 => single,
+                _ => record.linear && single && before.len() == 1 && after.len() == 1,
+            };
             record.chunk_bytes += chunk.len() as u64;
             writes.push((layout::chunk_key(key, record.next_chunk), Some(chunk)));
             record.next_chunk += 1;
@@ -1345,6 +1364,7 @@ fn write_snapshot(
     record.snapshot_bytes = snapshot.len() as u64;
     record.chunks = 0;
     record.chunk_bytes = 0;
+    record.linear = true;
     writes.push((layout::entity_key(layout::SNAPSHOT, key), Some(snapshot)));
     Ok(())
 }

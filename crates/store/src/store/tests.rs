@@ -78,3 +78,80 @@ fn a_record_follows_the_entity_through_delete_and_recreate() {
     store.patch(&key, &json!({"a": 2}), &options).unwrap();
     assert!(store.record(&key).unwrap().unwrap().exists);
 }
+
+/// The entity's saved bytes once its document is reloaded from disk (the cache holds none).
+fn saved_after_reopen(dir: &std::path::Path, key: &EntityKey) -> Vec<u8> {
+    let mut config = StoreConfig::new(dir);
+    config.cache_entries = 0;
+    let store = Store::open(config).unwrap();
+    store.save(key).unwrap().unwrap()
+}
+
+/// Merges what `from` holds of `key` into `to`.
+fn copy_entity(from: &Store, to: &Store, key: &EntityKey, origin: &str) {
+    let bytes = from.save(key).unwrap().unwrap();
+    to.merge(key, &bytes, &Origin::parse(origin).unwrap())
+        .unwrap();
+}
+
+/// Ten local edits of `key`, the first creating a nested map: they form a chain.
+fn edit_ten_times(store: &Store, key: &EntityKey, options: &WriteOptions) {
+    for n in 0..10 {
+        store
+            .patch(key, &json!({ "n": n, "site": {"code": n} }), options)
+            .unwrap();
+    }
+    assert!(
+        store.record(key).unwrap().unwrap().linear,
+        "local edits form a chain"
+    );
+}
+
+#[test]
+fn a_chain_of_local_edits_loads_in_one_call_and_concurrent_history_one_change_at_a_time() {
+    let (here, there) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let key = EntityKey::new("appointment", "1").unwrap();
+    let saved_here = {
+        let store = open(here.path(), 32);
+        let options = WriteOptions::new(Origin::local("here").unwrap());
+        edit_ten_times(&store, &key, &options);
+        // A concurrent edit from another replica: two heads, so the chain is broken, and it stays
+        // broken for the local edits after it until the next snapshot.
+        let other = open(there.path(), 32);
+        let options_there = WriteOptions::new(Origin::local("there").unwrap());
+        copy_entity(&store, &other, &key, "peer:here");
+        store.patch(&key, &json!({ "n": 100 }), &options).unwrap();
+        other
+            .patch(&key, &json!({ "m": 1 }), &options_there)
+            .unwrap();
+        copy_entity(&other, &store, &key, "peer:there");
+        store.patch(&key, &json!({ "n": 101 }), &options).unwrap();
+        let record = store.record(&key).unwrap().unwrap();
+        assert!(!record.linear);
+        assert!(record.chunks > 10, "no snapshot in between");
+        // Another entity edited only here, past the first chunk: its chain loads in one call.
+        let chained = EntityKey::new("appointment", "2").unwrap();
+        edit_ten_times(&store, &chained, &options);
+        let saved = (
+            store.save(&key).unwrap().unwrap(),
+            store.save(&chained).unwrap().unwrap(),
+        );
+        store.close().unwrap();
+        saved
+    };
+    assert_eq!(saved_after_reopen(here.path(), &key), saved_here.0);
+    let chained = EntityKey::new("appointment", "2").unwrap();
+    assert_eq!(saved_after_reopen(here.path(), &chained), saved_here.1);
+    // A snapshot starts a new chain.
+    let store = open(here.path(), 32);
+    store.compact_all().unwrap();
+    let options = WriteOptions::new(Origin::local("here").unwrap());
+    for n in [102, 103] {
+        store.patch(&key, &json!({ "n": n }), &options).unwrap();
+    }
+    assert!(store.record(&key).unwrap().unwrap().linear);
+    let saved = store.save(&key).unwrap().unwrap();
+    store.close().unwrap();
+    drop(store);
+    assert_eq!(saved_after_reopen(here.path(), &key), saved);
+}
