@@ -23,6 +23,9 @@ mod tests;
 /// The built-in defaults, with a comment on every setting.
 pub const DEFAULT_TOML: &str = include_str!("../config.default.toml");
 
+/// The most writer threads a store may run; more only contend with each other.
+const MAX_WRITER_THREADS: usize = 64;
+
 /// The environment variables the server reads, each with the key it sets and how its value is typed.
 const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
     ("LOCKSTEP_LISTEN", &["listen"], EnvValue::Text),
@@ -45,6 +48,11 @@ const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
     (
         "LOCKSTEP_SLED_CACHE_BYTES",
         &["store", "sled_cache_bytes"],
+        EnvValue::Integer,
+    ),
+    (
+        "LOCKSTEP_WRITER_THREADS",
+        &["store", "writer_threads"],
         EnvValue::Integer,
     ),
     (
@@ -136,6 +144,8 @@ pub struct StoreSettings {
     pub compact_after_chunks: u32,
     /// sled's own page cache, in bytes.
     pub sled_cache_bytes: u64,
+    /// How many threads apply queued writes.
+    pub writer_threads: usize,
 }
 
 impl StoreSettings {
@@ -146,6 +156,7 @@ impl StoreSettings {
         config.sync_mode = self.sync_mode;
         config.compact_after_chunks = self.compact_after_chunks;
         config.sled_cache_bytes = self.sled_cache_bytes;
+        config.writer_threads = self.writer_threads;
         config
     }
 }
@@ -405,6 +416,12 @@ impl Config {
         }
         if self.store.compact_after_chunks == 0 {
             return invalid("store.compact_after_chunks", "must be at least 1");
+        }
+        if !(1..=MAX_WRITER_THREADS).contains(&self.store.writer_threads) {
+            return invalid(
+                "store.writer_threads",
+                &format!("must be between 1 and {MAX_WRITER_THREADS}"),
+            );
         }
         if self.limits.max_body_bytes == 0 {
             return invalid("limits.max_body_bytes", "must be at least 1");

@@ -31,6 +31,7 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(config.store.data_dir, Path::new("./lockstep-data"));
     assert_eq!(config.store.cache_entries, 4096);
     assert_eq!(config.store.sync_mode, SyncMode::Flush);
+    assert_eq!(config.store.writer_threads, 1);
     assert_eq!(config.limits.max_body_bytes, 1024 * 1024);
     assert_eq!(config.limits.request_timeout, Duration::from_secs(30));
     assert_eq!(config.limits.header_read_timeout, Duration::from_secs(10));
@@ -79,6 +80,7 @@ fn environment_variables_override_the_file() {
             ("LOCKSTEP_LISTEN", "127.0.0.1:9001"),
             ("LOCKSTEP_CACHE_ENTRIES", "20"),
             ("LOCKSTEP_SYNC_MODE", "fsync"),
+            ("LOCKSTEP_WRITER_THREADS", "4"),
             ("LOCKSTEP_HEADER_READ_TIMEOUT", "2s"),
             ("LOCKSTEP_AUTH_TOKENS", "alice:write:tok-a, bob:read:tok:b"),
             ("PATH", "/usr/bin"),
@@ -88,6 +90,8 @@ fn environment_variables_override_the_file() {
     assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
     assert_eq!(config.store.cache_entries, 20);
     assert_eq!(config.store.sync_mode, SyncMode::Fsync);
+    assert_eq!(config.store.writer_threads, 4);
+    assert_eq!(config.store.store_config().writer_threads, 4);
     assert_eq!(config.limits.header_read_timeout, Duration::from_secs(2));
     let tokens: Vec<_> = config
         .auth
@@ -169,6 +173,15 @@ fn bad_values_name_their_key_or_variable() {
         error.to_string().contains("limits.max_concurrent_requests"),
         "{error}"
     );
+
+    for threads in [0, 65] {
+        let error = load_toml(&format!("[store]\nwriter_threads = {threads}\n"), &[])
+            .expect_err("out of range");
+        assert!(
+            error.to_string().contains("store.writer_threads"),
+            "{error}"
+        );
+    }
 
     let error = load_toml("[limits\n", &[]).expect_err("not TOML");
     assert!(error.to_string().contains("lockstep.toml"), "{error}");
