@@ -327,3 +327,66 @@ proptest! {
         }
     }
 }
+
+/// A webhook whose request goes away mid-flight (the client hangs up, the request times out)
+/// still lands whole: its write, its inbox record and its shadow, with its locks held until then,
+/// so that the sender's retry is a replay of it rather than a second change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_a_webhook_whose_request_is_dropped_still_lands_whole() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    let dir = tempfile::tempdir()?;
+    let running = start(dir.path(), &config(&fake.base)?).await?;
+    let body = json!({"apptId": "7", "scheduledDate": "2027-03-04", "updatedAt": 1})
+        .to_string()
+        .into_bytes();
+    // The request future is dropped as soon as it has to wait, long before the write is durable.
+    let dropped =
+        tokio::time::timeout(Duration::ZERO, send_webhook(&running, "msg-dropped", &body)).await;
+    assert!(
+        dropped.is_err(),
+        "the webhook finished within no time at all"
+    );
+    let key = EntityKey::new("appointment", "7")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while running.store.get(&key)?.is_none() {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the dropped webhook never landed");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secret = WebhookSecret::parse(SECRET)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let signature = secret.sign("msg-dropped", now, &body);
+    let retry = running
+        .connectors
+        .receive_webhook(
+            "scheduler",
+            WebhookRequest {
+                id: Some("msg-dropped"),
+                timestamp: Some(&now.to_string()),
+                signature: Some(&signature),
+                body: &body,
+            },
+        )
+        .await?;
+    assert!(
+        retry.replayed,
+        "the retry applied the webhook again: {retry:?}"
+    );
+    assert_eq!(retry.response["status"], "applied");
+    let history = running
+        .store
+        .history(&key)?
+        .context("the entity has history")?;
+    let from_connector = history
+        .iter()
+        .filter(|entry| entry.origin.as_deref() == Some("connector:scheduler"))
+        .count();
+    assert_eq!(
+        from_connector, 1,
+        "one change from the webhook: {history:?}"
+    );
+    stop(running).await
+}

@@ -106,8 +106,17 @@ impl Connectors {
             return Err(Error::NotAnObject);
         };
         let body_sha256 = sha256_hex(request.body);
-        let _serialized = self.inbound_lock(id).lock().await;
-        let outcome = apply(&handle, id, &body, body_sha256).await;
+        // Once started, a webhook runs to its end on a task of its own, even if its request is
+        // dropped (the client hangs up, the request times out): its write may already be queued,
+        // and its id's and entity's locks must be held until that write has landed, or another
+        // webhook could read the inbox or shadow from before it.
+        let serialize = self.inbound_lock(id);
+        let (task_handle, task_id) = (handle.clone(), id.to_string());
+        let outcome = tokio::spawn(async move {
+            let _serialized = serialize.lock().await;
+            apply(&task_handle, &task_id, &body, body_sha256).await
+        })
+        .await?;
         match &outcome {
             Ok(outcome) if outcome.replayed => handle.counters.webhooks_duplicate.inc(),
             Ok(outcome) if outcome.response["status"] == "stale" => {
@@ -123,9 +132,10 @@ impl Connectors {
     }
 }
 
-/// Runs with the webhook id's lock held. It reads small records on the calling task (sled
-/// serves them from its cache) and waits for the flush without holding a thread: a thread per
-/// webhook, parked until its flush, cost more than the webhook's own work under load.
+/// Runs with the webhook id's lock held, on the webhook's own task. It reads small records on
+/// that task (sled serves them from its cache) and waits for the flush without holding a
+/// thread: a thread per webhook, parked until its flush, cost more than the webhook's own work
+/// under load.
 async fn apply(
     handle: &ConnectorHandle,
     webhook_id: &str,

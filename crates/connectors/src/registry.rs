@@ -138,7 +138,7 @@ impl ConnectorHandle {
 pub struct Connectors {
     store: Store,
     by_name: Arc<BTreeMap<String, Arc<ConnectorHandle>>>,
-    inbound_locks: Arc<Vec<tokio::sync::Mutex<()>>>,
+    inbound_locks: Arc<Vec<Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A connector's state and lag, as `GET /v1/connectors/{name}` shows it.
@@ -254,7 +254,7 @@ impl Connectors {
             by_name: Arc::new(by_name),
             inbound_locks: Arc::new(
                 (0..INBOUND_STRIPES)
-                    .map(|_| tokio::sync::Mutex::new(()))
+                    .map(|_| Arc::new(tokio::sync::Mutex::new(())))
                     .collect(),
             ),
         }
@@ -291,11 +291,13 @@ impl Connectors {
             .ok_or_else(|| Error::UnknownConnector(name.to_string()))
     }
 
-    pub(crate) fn inbound_lock(&self, webhook_id: &str) -> &tokio::sync::Mutex<()> {
+    /// The lock that serializes webhooks with the id `webhook_id`, owned so that a task can
+    /// hold it on its own.
+    pub(crate) fn inbound_lock(&self, webhook_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         webhook_id.hash(&mut hasher);
-        &self.inbound_locks[(hasher.finish() as usize) % INBOUND_STRIPES]
+        self.inbound_locks[(hasher.finish() as usize) % INBOUND_STRIPES].clone()
     }
 
     async fn blocking<T: Send + 'static>(
