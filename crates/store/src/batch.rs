@@ -47,7 +47,7 @@ pub struct WriteRequest {
 const MAX_BATCH: usize = 256;
 
 /// Side records to write in the same batch as a change, worked out from what the change did
-/// (see [`Store::patch_with`]); runs on the writer thread, with the entity locked.
+/// (see [`Store::submit_with`]); runs on the writer thread, with the entity locked.
 pub type Records = Box<dyn FnOnce(&CommitView<'_>) -> Vec<RecordWrite> + Send>;
 
 /// A queued write and where its outcome goes.
@@ -126,8 +126,9 @@ impl Store {
     }
 
     /// [`Store::submit`] with side records written in the same atomic batch as the change (or,
-    /// when it changes nothing, in the same batch as the writes it is applied with), as
-    /// [`Store::patch_with`] does. `records` runs on the writer thread with the entity locked.
+    /// when it changes nothing, in the same batch as the writes it is applied with). `records`
+    /// is called once, on the writer thread with the entity locked, after the edit is applied in
+    /// memory and before anything is written.
     ///
     /// # Errors
     /// As [`Store::submit`]; on error no record is written.
@@ -156,13 +157,7 @@ impl Store {
         match edit {
             Edit::MergePatch(patch) => {
                 let patch = writable_object(patch, "a merge patch")?;
-                self.stage_write(
-                    key,
-                    options,
-                    document::JsonEdit::MergePatch(patch),
-                    |doc, stamp, current| document::merge_patch(doc, patch, stamp, current),
-                    records,
-                )
+                self.stage_write(key, options, document::JsonEdit::MergePatch(patch), records)
             }
             Edit::Replace(fields) => {
                 let fields = writable_object(fields, "the entity's fields")?;
@@ -171,13 +166,7 @@ impl Store {
                         "an entity needs at least one field; use DELETE to remove it".into(),
                     ));
                 }
-                self.stage_write(
-                    key,
-                    options,
-                    document::JsonEdit::Replace(fields),
-                    |doc, stamp, _| document::replace(doc, fields, stamp),
-                    records,
-                )
+                self.stage_write(key, options, document::JsonEdit::Replace(fields), records)
             }
             Edit::Delete => {
                 if options.if_match.is_none() {
@@ -202,7 +191,6 @@ impl Store {
                     key,
                     options,
                     document::JsonEdit::Replace(&Map::new()),
-                    delete_fields,
                     records,
                 )
             }
@@ -265,14 +253,6 @@ struct Pending<'a> {
     staged: Vec<(usize, Staged)>,
     keys: HashSet<EntityKey>,
     locks: HashMap<usize, MutexGuard<'a, ()>>,
-}
-
-fn delete_fields(
-    doc: &mut automerge::Automerge,
-    stamp: &document::Stamp,
-    _current: Option<&Map<String, Json>>,
-) -> Result<document::Touched> {
-    document::replace(doc, &Map::new(), stamp)
 }
 
 /// `value` as a JSON object that may be written, or why not.

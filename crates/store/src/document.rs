@@ -98,7 +98,7 @@ impl Stamp {
 ///
 /// `current` is the entity's JSON before the write, when it is known: a field whose patch value
 /// differs from it is written without reading the document first.
-pub(crate) fn merge_patch(
+fn merge_patch(
     doc: &mut Automerge,
     patch: &Map<String, Json>,
     stamp: &Stamp,
@@ -169,11 +169,7 @@ fn join(prefix: &str, key: &str) -> String {
 /// Makes the entity's fields exactly `fields`, nested objects included: a merge patch that also
 /// deletes every field it does not name. A `null` field is deleted like a missing one.
 /// On error the document may hold part of the write and must be dropped.
-pub(crate) fn replace(
-    doc: &mut Automerge,
-    fields: &Map<String, Json>,
-    stamp: &Stamp,
-) -> Result<Touched> {
+fn replace(doc: &mut Automerge, fields: &Map<String, Json>, stamp: &Stamp) -> Result<Touched> {
     let mut touched = Touched::default();
     create_maps(doc, &ROOT, fields, stamp, "", &mut touched)?;
     if let Some(root) = new_root(doc, fields) {
@@ -186,9 +182,11 @@ pub(crate) fn replace(
     Ok(touched)
 }
 
-/// What a merge patch or a replace makes of an entity's fields as JSON: RFC 7386 applied to
-/// `fields` (for a replace, to no fields), which is what the document reads as after the write,
-/// because a local write's values win over every value it has seen.
+/// A local edit of an entity's fields: a merge patch or a replace (a delete replaces with no
+/// fields). It is applied to the document with [`JsonEdit::apply_to`], and what it makes of the
+/// fields as JSON is RFC 7386 applied to them (for a replace, to no fields), which is what the
+/// document reads as after the write, because a local write's values win over every value it
+/// has seen.
 pub(crate) enum JsonEdit<'a> {
     /// A merge patch onto the current fields.
     MergePatch(&'a Map<String, Json>),
@@ -197,6 +195,20 @@ pub(crate) enum JsonEdit<'a> {
 }
 
 impl JsonEdit<'_> {
+    /// Applies the edit to the document (see [`merge_patch`] and [`replace`]); `current` is the
+    /// entity's JSON before it, when known.
+    pub(crate) fn apply_to(
+        &self,
+        doc: &mut Automerge,
+        stamp: &Stamp,
+        current: Option<&Map<String, Json>>,
+    ) -> Result<Touched> {
+        match self {
+            JsonEdit::MergePatch(patch) => merge_patch(doc, patch, stamp, current),
+            JsonEdit::Replace(fields) => replace(doc, fields, stamp),
+        }
+    }
+
     /// Whether the result depends on the current fields.
     pub(crate) fn needs_current(&self) -> bool {
         matches!(self, JsonEdit::MergePatch(_))
@@ -769,11 +781,7 @@ pub(crate) fn changed_fields(patches: &[Patch]) -> Vec<String> {
 pub(crate) fn all_fields(fields: &Map<String, Json>) -> Vec<String> {
     fn walk(fields: &Map<String, Json>, prefix: &str, found: &mut BTreeSet<String>) {
         for (key, value) in fields {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
+            let path = join(prefix, key);
             if let Json::Object(children) = value {
                 walk(children, &path, found);
             }

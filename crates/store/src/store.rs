@@ -299,34 +299,7 @@ impl Store {
     /// [`Error::UnwritableValue`] when the patch is not an object or would create an entity with no
     /// fields, [`Error::VersionMismatch`] when `if_match` is stale, storage errors otherwise.
     pub fn patch(&self, key: &EntityKey, patch: &Json, options: &WriteOptions) -> Result<Written> {
-        self.patch_with(key, patch, options, |_| Vec::new())
-    }
-
-    /// Like [`Store::patch`], and writes the side records `records` returns in the same atomic
-    /// batch as the change (or, when the patch changes nothing, in a batch of their own).
-    ///
-    /// `records` is called once, with the entity lock held, after the patch is applied in memory
-    /// and before anything is written.
-    ///
-    /// # Errors
-    /// As [`Store::patch`]; on error no record is written.
-    pub fn patch_with(
-        &self,
-        key: &EntityKey,
-        patch: &Json,
-        options: &WriteOptions,
-        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
-    ) -> Result<Written> {
-        let patch = as_object(patch, "a merge patch")?;
-        document::check_writable(&Json::Object(patch.clone()), 0)?;
-        let written = self.write(
-            key,
-            options,
-            document::JsonEdit::MergePatch(patch),
-            |doc, stamp, current| document::merge_patch(doc, patch, stamp, current),
-            records,
-        )?;
-        self.unflushed(written)?.wait()
+        self.write_one(key, Edit::MergePatch(patch.clone()), options)
     }
 
     /// Wraps what a write returned with the flush that makes it durable.
@@ -934,37 +907,13 @@ impl Store {
         result
     }
 
-    fn write(
-        &self,
-        key: &EntityKey,
-        options: &WriteOptions,
-        json_edit: document::JsonEdit<'_>,
-        edit: impl FnOnce(
-            &mut Automerge,
-            &document::Stamp,
-            Option<&Map<String, Json>>,
-        ) -> Result<document::Touched>,
-        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
-    ) -> Result<Written> {
-        let guard = self.lock(key);
-        let staged = self.stage_write(key, options, json_edit, edit, records)?;
-        let written = self.commit_one(staged);
-        drop(guard);
-        written
-    }
-
     /// Loads the entity, checks `options.if_match`, applies `edit` and stages the result (see
     /// [`Store::stage`]). The caller holds the entity's stripe lock until the stage is committed.
     pub(crate) fn stage_write(
         &self,
         key: &EntityKey,
         options: &WriteOptions,
-        json_edit: document::JsonEdit<'_>,
-        edit: impl FnOnce(
-            &mut Automerge,
-            &document::Stamp,
-            Option<&Map<String, Json>>,
-        ) -> Result<document::Touched>,
+        edit: document::JsonEdit<'_>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Staged> {
         let mut doc = self.load(key)?;
@@ -987,7 +936,7 @@ impl Store {
         }
         // The entity's JSON before the write, when the write's result depends on it and it is
         // cached for exactly this version.
-        let current_json = if !json_edit.needs_current() || before.is_empty() {
+        let current_json = if !edit.needs_current() || before.is_empty() {
             Some(Map::new())
         } else {
             self.inner
@@ -1000,8 +949,8 @@ impl Store {
         };
         // On failure the document may hold part of the write: it is dropped, not cached, so the
         // next reader loads what is on disk.
-        let touched = edit(&mut doc, &stamp, current_json.as_ref())?;
-        let json_after = current_json.map(|current| json_edit.apply(current));
+        let touched = edit.apply_to(&mut doc, &stamp, current_json.as_ref())?;
+        let json_after = current_json.map(|current| edit.apply(current));
         if !existed && !document::has_fields(&doc) && doc.get_heads() != before {
             // Creating an entity with no fields would make a change nobody can read; refuse it.
             return Err(Error::UnwritableValue(
@@ -1105,25 +1054,18 @@ impl Store {
                 },
             });
         }
-        let fields = match &entity {
+        let known_fields = match &entity {
             // A document that had nothing gained every field it has now.
-            Some(entity) if before.is_empty() => {
-                let fields = document::all_fields(&entity.data);
+            Some(entity) if before.is_empty() => Some(document::all_fields(&entity.data)),
+            None if before.is_empty() && exists => Some(document::field_paths(&doc)),
+            _ => known_fields,
+        };
+        let fields = match known_fields {
+            Some(fields) => {
                 debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
                 fields
             }
-            None if before.is_empty() && exists => {
-                let fields = document::field_paths(&doc);
-                debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
-                fields
-            }
-            _ => match known_fields {
-                Some(fields) => {
-                    debug_assert_eq!(fields, document::changed_fields(&doc.diff(before, &after)));
-                    fields
-                }
-                None => document::changed_fields(&doc.diff(before, &after)),
-            },
+            None => document::changed_fields(&doc.diff(before, &after)),
         };
         let mut record = self.record(key)?.unwrap_or_default();
         let chunk = doc.save_after(before);
@@ -1386,12 +1328,6 @@ fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -
         version: version.to_string(),
         data,
     })
-}
-
-fn as_object<'a>(value: &'a Json, what: &str) -> Result<&'a Map<String, Json>> {
-    value
-        .as_object()
-        .ok_or_else(|| Error::UnwritableValue(format!("{what} must be a JSON object")))
 }
 
 fn encode_record(record: &EntityRecord) -> Vec<u8> {
