@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use connectors::{validate_all, ConnectorConfig, Connectors, WebhookRequest, WebhookSecret};
+use connectors::{
+    validate_all, ConnectorConfig, Connectors, WebhookOutcome, WebhookRequest, WebhookSecret,
+};
 use lockstep_tests::fake_api::{Behavior, FakeApi};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -145,6 +147,15 @@ async fn stop(running: Running) -> Result<()> {
 }
 
 async fn send_webhook(running: &Running, webhook_id: &str, body: &[u8]) -> Result<Value> {
+    Ok(deliver_webhook(running, webhook_id, body).await?.response)
+}
+
+/// Signs `body` as webhook `webhook_id` and hands it to the connector, as the HTTP route does.
+async fn deliver_webhook(
+    running: &Running,
+    webhook_id: &str,
+    body: &[u8],
+) -> Result<WebhookOutcome> {
     let secret = WebhookSecret::parse(SECRET)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -164,7 +175,7 @@ async fn send_webhook(running: &Running, webhook_id: &str, body: &[u8]) -> Resul
         )
         .await
         .with_context(|| format!("webhook {webhook_id} was refused"))?;
-    Ok(outcome.response)
+    Ok(outcome)
 }
 
 /// Waits until the connector has nothing pending and has read the whole feed.
@@ -354,23 +365,7 @@ async fn issue_3_a_webhook_whose_request_is_dropped_still_lands_whole() -> Resul
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let secret = WebhookSecret::parse(SECRET)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs() as i64;
-    let signature = secret.sign("msg-dropped", now, &body);
-    let retry = running
-        .connectors
-        .receive_webhook(
-            "scheduler",
-            WebhookRequest {
-                id: Some("msg-dropped"),
-                timestamp: Some(&now.to_string()),
-                signature: Some(&signature),
-                body: &body,
-            },
-        )
-        .await?;
+    let retry = deliver_webhook(&running, "msg-dropped", &body).await?;
     assert!(
         retry.replayed,
         "the retry applied the webhook again: {retry:?}"

@@ -504,7 +504,6 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
         }
     };
     let mut feed = handle.records.store().subscribe();
-    let mut in_flight: HashSet<EntityKey> = HashSet::new();
     let mut deliveries = Deliveries::default();
     let mut index = DueIndex::new();
     let mut reload = true;
@@ -515,7 +514,6 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
             &client,
             &mut index,
             &mut reload,
-            &mut in_flight,
             &mut deliveries,
             &mut last_gc,
         )
@@ -546,15 +544,11 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
             Some(joined) = deliveries.next(), if !deliveries.is_empty() => {
                 // Every delivery that has ended is recorded in this one pass: one pass per
                 // delivery fell behind at 1,000 edits a second, as each pass waits for flushes.
-                let mut ended = Vec::new();
-                let finished = std::iter::once(joined)
-                    .chain(std::iter::from_fn(|| deliveries.try_next()));
-                for (entity, result) in finished {
-                    in_flight.remove(&entity);
-                    ended.push((entity, result));
-                }
+                let ended: Vec<_> = std::iter::once(joined)
+                    .chain(std::iter::from_fn(|| deliveries.try_next()))
+                    .collect();
+                let count = ended.len();
                 let marked = handle.clone();
-                let entities: Vec<EntityKey> = ended.iter().map(|(entity, _)| entity.clone()).collect();
                 let recorded = tokio::task::spawn_blocking(move || {
                     ended
                         .into_iter()
@@ -578,7 +572,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
                         }
                     }
                     Err(error) => {
-                        tracing::error!(connector = %handle.connector.name, entities = entities.len(), error = %error, "recording deliveries failed");
+                        tracing::error!(connector = %handle.connector.name, entities = count, error = %error, "recording deliveries failed");
                         reload = true;
                     }
                 }
@@ -589,12 +583,15 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
     deliveries.abort_all();
 }
 
-/// The deliveries in progress, each giving back its entity when it ends, also when its task
-/// panicked: a lost entity would stay "in flight" and never be delivered again.
+/// The deliveries in progress (one per entity at most), each giving back its entity when it
+/// ends, also when its task panicked: a lost entity would stay in flight and never be delivered
+/// again.
 #[derive(Default)]
 struct Deliveries {
     tasks: JoinSet<(EntityKey, Result<Due>)>,
+    /// The entity of each task, for a task that ends without handing it back (a panic).
     entities: HashMap<tokio::task::Id, EntityKey>,
+    in_flight: HashSet<EntityKey>,
 }
 
 impl Deliveries {
@@ -607,11 +604,25 @@ impl Deliveries {
         let task = self
             .tasks
             .spawn(async move { (task_entity, delivery.await) });
+        self.in_flight.insert(entity.clone());
         self.entities.insert(task.id(), entity);
     }
 
     fn is_empty(&self) -> bool {
         self.tasks.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn contains(&self, entity: &EntityKey) -> bool {
+        self.in_flight.contains(entity)
+    }
+
+    /// The entities being delivered.
+    fn in_flight(&self) -> &HashSet<EntityKey> {
+        &self.in_flight
     }
 
     /// Waits for the next delivery to end; `None` when none is in progress.
@@ -630,13 +641,15 @@ impl Deliveries {
         &mut self,
         joined: std::result::Result<(tokio::task::Id, (EntityKey, Result<Due>)), JoinError>,
     ) -> Option<(EntityKey, Result<Due>)> {
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(error) => error.id(),
+        };
+        let entity = self.entities.remove(&id)?;
+        self.in_flight.remove(&entity);
         match joined {
-            Ok((id, ended)) => {
-                self.entities.remove(&id);
-                Some(ended)
-            }
+            Ok((_, ended)) => Some(ended),
             Err(error) => {
-                let entity = self.entities.remove(&error.id())?;
                 tracing::error!(%entity, error = %error, "a delivery task failed; its attempt stays on disk and is retried");
                 // What happened is on disk: the attempt, if its outcome was not recorded, is
                 // still due and is sent again under the same key.
@@ -648,6 +661,7 @@ impl Deliveries {
     fn abort_all(&mut self) {
         self.tasks.abort_all();
         self.entities.clear();
+        self.in_flight.clear();
     }
 }
 
@@ -664,16 +678,11 @@ fn set_due(index: &mut DueIndex, entity: EntityKey, due: Due) {
 
 /// One pass: reread what changed, plan new feed rows, start due deliveries.
 /// Returns whether more feed rows are waiting and when the next attempt is due.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the worker's state, split out of run() for error handling"
-)]
 async fn step(
     handle: &Arc<ConnectorHandle>,
     client: &reqwest::Client,
     index: &mut DueIndex,
     reload: &mut bool,
-    in_flight: &mut HashSet<EntityKey>,
     deliveries: &mut Deliveries,
     last_gc: &mut Option<tokio::time::Instant>,
 ) -> Result<(bool, Option<u64>)> {
@@ -698,7 +707,7 @@ async fn step(
     }
     if *reload || handle.rescan.swap(false, Ordering::AcqRel) {
         let loader = handle.clone();
-        let flying = in_flight.clone();
+        let flying = deliveries.in_flight().clone();
         *index = tokio::task::spawn_blocking(move || {
             if flying.is_empty() {
                 replan_all_marked(&loader)?;
@@ -709,7 +718,7 @@ async fn step(
         *reload = false;
     }
     let planner = handle.clone();
-    let flying = in_flight.clone();
+    let flying = deliveries.in_flight().clone();
     let (more, planned) = tokio::task::spawn_blocking(move || advance(&planner, &flying)).await??;
     for (entity, due) in planned {
         set_due(index, entity, due);
@@ -718,11 +727,10 @@ async fn step(
     let mut next_due: Option<u64> = None;
     for (entity, due) in index.iter() {
         let Some(due) = *due else { continue };
-        if in_flight.contains(entity) {
+        if deliveries.contains(entity) {
             continue;
         }
-        if due <= now && in_flight.len() < handle.connector.concurrency {
-            in_flight.insert(entity.clone());
+        if due <= now && deliveries.len() < handle.connector.concurrency {
             let delivery = deliver(handle.clone(), client.clone(), entity.clone());
             deliveries.spawn(entity.clone(), delivery);
         } else {
@@ -755,5 +763,6 @@ mod tests {
         assert_eq!(ended, vec![(broken, None), (calm, Some(Some(42)))]);
         assert!(deliveries.is_empty());
         assert!(deliveries.entities.is_empty());
+        assert!(deliveries.in_flight().is_empty());
     }
 }

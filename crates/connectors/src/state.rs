@@ -258,9 +258,6 @@ impl Records {
 
     /// Writes records atomically and durably.
     pub(crate) fn write(&self, writes: Vec<RecordWrite>) -> Result<()> {
-        if writes.is_empty() {
-            return Ok(());
-        }
         self.store.write_records(writes)?;
         Ok(())
     }
