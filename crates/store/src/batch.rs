@@ -91,7 +91,12 @@ impl Store {
         mut stage: impl FnMut(T) -> Result<Staged>,
     ) -> Vec<Result<Written>> {
         let mut outcomes: Vec<Option<Result<Written>>> = items.iter().map(|_| None).collect();
-        let mut pending = Pending::default();
+        // Reserved up front: a staged item holds its whole document, so growing the list by
+        // doubling would copy them into ever larger allocations, each in freshly faulted pages.
+        let mut pending = Pending {
+            staged: Vec::with_capacity(items.len()),
+            ..Pending::default()
+        };
         for (index, item) in items.into_iter().enumerate() {
             let key = key_of(&item);
             if pending.keys.contains(&key) {

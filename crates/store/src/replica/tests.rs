@@ -163,3 +163,52 @@ fn stored_documents_merge_into_an_empty_replica_at_the_same_version() {
     let missing = EntityKey::new("appointment", "missing").expect("valid");
     assert_eq!(a.stored_document(&missing).expect("read"), None);
 }
+
+#[test]
+fn a_batch_merge_spread_over_threads_answers_each_entity_in_order() {
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (a, b) = (open(&dir_a), open(&dir_b));
+    let from_a = Origin::parse("peer:a").expect("valid");
+    // Enough entities that the batch is split between threads; every seventh is garbage, and
+    // one entity appears twice.
+    let mut items: Vec<(EntityKey, Vec<u8>)> = (0..200)
+        .map(|index| {
+            let key = EntityKey::new("permit", format!("p{index}")).expect("valid");
+            let bytes = if index % 7 == 3 {
+                vec![0x42; 16]
+            } else {
+                a.patch(&key, &json!({ "n": index }), &alice())
+                    .expect("write");
+                a.stored_document(&key).expect("read").expect("exists")
+            };
+            (key, bytes)
+        })
+        .collect();
+    items.push(items[11].clone());
+    let outcomes = b
+        .merge_many(
+            items.iter().map(|(key, bytes)| (key, bytes.as_slice())),
+            &from_a,
+        )
+        .expect("the batch is flushed");
+    assert_eq!(outcomes.len(), items.len());
+    for (position, ((key, _), outcome)) in items.iter().zip(&outcomes).enumerate() {
+        if position % 7 == 3 && position < 200 {
+            assert!(
+                matches!(outcome, Err(Error::Decode(_))),
+                "{key}: {outcome:?}"
+            );
+            assert_eq!(b.version(key).expect("read"), None);
+            continue;
+        }
+        let written = outcome.as_ref().expect("a stored document merges");
+        let version = a.version(key).expect("read").expect("exists");
+        assert_eq!(written.version, version, "{key}");
+        assert_eq!(b.get(key).expect("read"), a.get(key).expect("read"));
+        // The repeat of an entity brings nothing new.
+        assert_eq!(written.seq.is_none(), position == 200, "{key}");
+    }
+}
