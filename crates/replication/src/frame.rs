@@ -11,7 +11,12 @@ use store::{EntityKey, Seq};
 use crate::error::{Error, Result};
 
 /// The protocol version sent in [`Frame::Hello`]; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u64 = 1;
+/// Version 2 announces up to [`BATCHES_IN_FLIGHT`] batches at once (version 1: one).
+pub const PROTOCOL_VERSION: u64 = 2;
+
+/// How many announced batches may be unacknowledged at once. More than one lets the announcer
+/// answer the next batch's requests while the puller applies the last batch's replies.
+pub const BATCHES_IN_FLIGHT: usize = 3;
 
 /// One message between two sites.
 #[derive(Clone, Debug, PartialEq, Eq)]

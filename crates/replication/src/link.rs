@@ -1,7 +1,8 @@
 //! A link: one websocket with a peer, running one `Session` until the connection ends.
 //!
 //! The link moves frames between the socket and the session, runs each session step on a
-//! blocking thread (sync work reads and writes the store), wakes the session when the local
+//! blocking thread (sync work reads and writes the store), sends what accepting a frame produced
+//! before applying it (so the peer prepares its next reply meanwhile), wakes the session when the local
 //! feed grows, pings the peer, and ends the connection when nothing (not even a pong) has
 //! arrived for the idle timeout. Any error closes the socket, telling the peer why in the close
 //! frame; the session and its sync states die with it. Who dials whom, and reconnecting, is
@@ -147,7 +148,7 @@ where
                     Some(Err(error)) => return Err(error.into()),
                     Some(Ok(Message::Binary(bytes))) => {
                         let frame = Frame::decode(&bytes)?;
-                        step(&mut session, move |session| session.receive(frame)).await?
+                        step(&mut session, move |session| session.accept(frame)).await?
                     }
                     Some(Ok(Message::Close(frame))) => {
                         return Err(Error::Closed(
@@ -174,6 +175,13 @@ where
         };
         for frame in outputs {
             send(sink, Message::binary(frame.encode()), idle_timeout).await?;
+        }
+        // Replies are applied after what accepting them produced has gone out: the peer works
+        // on the next batch meanwhile.
+        while session.as_ref().is_some_and(Session::has_work) {
+            for frame in step(&mut session, Session::work).await? {
+                send(sink, Message::binary(frame.encode()), idle_timeout).await?;
+            }
         }
         if let Some(session) = &session {
             let progress = session.progress();

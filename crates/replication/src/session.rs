@@ -8,10 +8,11 @@
 //! changes anyway), and the others are brought up to date with Automerge's sync protocol, many
 //! entities per round trip ([`Frame::Sync`] and [`Frame::Reply`]); once every entity of the batch has the
 //! announced version, the cursor is written to disk and the batch acknowledged
-//! ([`Frame::Done`]). As an *announcer* it does the same for the local feed, for the peer.
+//! ([`Frame::Done`]). As an *announcer* it does the same for the local feed, for the peer. Up
+//! to [`crate::frame::BATCHES_IN_FLIGHT`] batches are in flight, acknowledged in order.
 //!
-//! Sync states exist only inside a session, and only for the entities of the batch in flight,
-//! so memory is bounded by the batch size, and a reconnect always starts both sides afresh, as
+//! Sync states exist only inside a session, and only for the entities of the batches in
+//! flight, so memory is bounded by the batch size, and a reconnect always starts both sides afresh, as
 //! Automerge's sync protocol needs after a lost message. An entity whose session does not reach
 //! the announced version within `max_rounds` round trips is reset (fresh states on both sides)
 //! and, if that fails too, sent as a whole document; after that the session fails with
@@ -142,13 +143,28 @@ impl Session {
         }
     }
 
-    /// Handles one frame from the peer and returns the frames to send back, in order.
+    /// Handles one frame from the peer, applying what it brought, and returns the frames to send
+    /// back, in order: [`Session::accept`], then [`Session::work`] until there is none left.
+    ///
+    /// # Errors
+    /// As [`Session::accept`] and [`Session::work`].
+    pub fn receive(&mut self, frame: Frame) -> Result<Vec<Frame>> {
+        let mut out = self.accept(frame)?;
+        while self.has_work() {
+            out.extend(self.work()?);
+        }
+        Ok(out)
+    }
+
+    /// Takes one frame from the peer and returns the frames to send back at once, in order. A
+    /// reply is only checked and queued here, and applied by [`Session::work`]: send these
+    /// frames first, so the peer prepares its next reply while this site applies the last.
     ///
     /// # Errors
     /// Any error ends the session: [`Error::Protocol`] for a frame the protocol does not allow
     /// now, [`Error::Rejected`] for Automerge data the store refused, [`Error::Stuck`] for an
     /// entity that does not converge, and storage errors.
-    pub fn receive(&mut self, frame: Frame) -> Result<Vec<Frame>> {
+    pub fn accept(&mut self, frame: Frame) -> Result<Vec<Frame>> {
         if self.remote_site.is_none() && !matches!(frame, Frame::Hello { .. }) {
             return Err(Error::Protocol(format!(
                 "a {} frame before the hello",
@@ -185,6 +201,19 @@ impl Session {
         }
     }
 
+    /// Whether a reply waits to be applied by [`Session::work`].
+    pub fn has_work(&self) -> bool {
+        self.pull.has_work()
+    }
+
+    /// Applies the oldest reply [`Session::accept`] queued, and returns the frames to send.
+    ///
+    /// # Errors
+    /// As [`Session::accept`].
+    pub fn work(&mut self) -> Result<Vec<Frame>> {
+        self.apply_reply()
+    }
+
     /// Called when the local feed has grown: announces new rows if the peer is ready for them.
     ///
     /// # Errors
@@ -208,9 +237,9 @@ impl Session {
         }
     }
 
-    /// Whether neither direction has a batch in flight.
+    /// Whether neither direction has a batch in flight or a reply to apply.
     pub fn is_idle(&self) -> bool {
-        self.pull.batch.is_none() && !self.serve.has_outstanding()
+        self.pull.is_idle() && !self.serve.has_outstanding()
     }
 
     /// Writes the cursor to disk; returns once it is durable.

@@ -10,6 +10,10 @@ use serde_json::{json, Map, Value as Json};
 use store::{EntityKey, Origin, Store, StoreConfig, WriteOptions};
 use tempfile::TempDir;
 
+/// The allocator the `lockstep` binary uses, so the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     divan::main();
 }

@@ -3,17 +3,21 @@
 //! For each announced batch: skip the entities whose version is already here, fetch whole the
 //! ones never seen here, run Automerge's sync protocol for the others until each has the
 //! announced version (many entities per round trip), then write the cursor and acknowledge the
-//! batch. An entity that needs too many rounds
-//! is reset, then fetched whole; what the peer does with its side of the sync is `serve`'s
-//! business.
+//! batch. An entity that needs too many rounds is reset, then fetched whole; what the peer does
+//! with its side of the sync is `serve`'s business.
+//!
+//! Up to [`BATCHES_IN_FLIGHT`] batches are announced at once, and acknowledged in order. A reply
+//! is accepted (checked, and its entities no longer awaited) as soon as it arrives, and applied
+//! by [`Session::work`]; accepting it starts the next batch when no request is on the wire, so
+//! the peer prepares the next reply while this site applies the last one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 use store::{EntityKey, Seq, SyncState};
 
 use super::{rejected, Session};
 use crate::error::{Error, Result};
-use crate::frame::{Frame, Mode, ReplyEntry, Row, SyncEntry};
+use crate::frame::{Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT};
 
 /// The puller's state.
 pub(super) struct Pull {
@@ -21,8 +25,10 @@ pub(super) struct Pull {
     pub(super) cursor: Seq,
     /// The peer's last feed row, as it last said.
     pub(super) their_head: Option<Seq>,
-    /// The batch being synced.
-    pub(super) batch: Option<PullBatch>,
+    /// The announced batches not yet acknowledged, oldest first.
+    batches: VecDeque<PullBatch>,
+    /// Replies accepted and not yet applied, oldest first: (batch, entries).
+    replies: VecDeque<(u64, Vec<ReplyEntry>)>,
 }
 
 impl Pull {
@@ -30,17 +36,50 @@ impl Pull {
         Self {
             cursor,
             their_head: None,
-            batch: None,
+            batches: VecDeque::new(),
+            replies: VecDeque::new(),
         }
+    }
+
+    /// Whether no batch is announced, in progress or waiting to be applied.
+    pub(super) fn is_idle(&self) -> bool {
+        self.batches.is_empty() && self.replies.is_empty()
+    }
+
+    /// Whether an accepted reply waits to be applied.
+    pub(super) fn has_work(&self) -> bool {
+        !self.replies.is_empty()
+    }
+
+    fn batch_mut(&mut self, id: u64) -> Option<&mut PullBatch> {
+        self.batches.iter_mut().find(|batch| batch.id == id)
+    }
+
+    /// Whether a request of any batch is on the wire.
+    fn requesting(&self) -> bool {
+        self.batches.iter().any(PullBatch::requesting)
     }
 }
 
 /// One announced batch, while its entities are synced.
-pub(super) struct PullBatch {
+struct PullBatch {
     id: u64,
     through: Seq,
+    /// The announced rows, until the batch is started: its entities looked up here, and the
+    /// ones not up to date requested.
+    rows: Option<Vec<Row>>,
     /// The entities not yet at their announced version.
     entities: BTreeMap<EntityKey, Pending>,
+}
+
+impl PullBatch {
+    fn requesting(&self) -> bool {
+        self.entities.values().any(|pending| pending.awaiting)
+    }
+
+    fn is_complete(&self) -> bool {
+        self.rows.is_none() && self.entities.is_empty()
+    }
 }
 
 /// One entity being brought up to date.
@@ -67,6 +106,8 @@ enum Stage {
 }
 
 impl Session {
+    /// Takes an announced batch: checks it and queues it, then starts it if nothing else is
+    /// being requested.
     pub(super) fn receive_rows(
         &mut self,
         batch: u64,
@@ -74,10 +115,13 @@ impl Session {
         through: Seq,
         head: Seq,
     ) -> Result<Vec<Frame>> {
-        if self.pull.batch.is_some() {
-            return Err(Error::Protocol(
-                "rows while the previous batch is in progress".into(),
-            ));
+        if self.pull.batches.len() >= BATCHES_IN_FLIGHT {
+            return Err(Error::Protocol(format!(
+                "rows of a batch while {BATCHES_IN_FLIGHT} are in flight"
+            )));
+        }
+        if self.pull.batches.iter().any(|known| known.id == batch) {
+            return Err(Error::Protocol(format!("batch {batch} announced twice")));
         }
         if rows.len() > self.settings.batch_entities {
             return Err(Error::Protocol(format!(
@@ -86,18 +130,46 @@ impl Session {
                 self.settings.batch_entities
             )));
         }
-        self.pull.their_head = Some(head);
-        self.rows_received += rows.len() as u64;
-        let mut entities = BTreeMap::new();
-        let mut entries = Vec::new();
-        for row in rows {
-            if entities.contains_key(&row.key) {
+        let mut seen = HashSet::with_capacity(rows.len());
+        for row in &rows {
+            if !seen.insert(&row.key) {
                 return Err(Error::Protocol(format!("{} twice in one batch", row.key)));
             }
-            let exists = self.store.version(&row.key)?.is_some();
+        }
+        self.pull.their_head = Some(head);
+        self.rows_received += rows.len() as u64;
+        self.pull.batches.push_back(PullBatch {
+            id: batch,
+            through,
+            rows: Some(rows),
+            entities: BTreeMap::new(),
+        });
+        let mut out = self.start_next()?;
+        out.extend(self.finish_batches()?);
+        Ok(out)
+    }
+
+    /// Starts the oldest batch not yet started, unless a request is on the wire: looks its
+    /// entities up and requests the ones not up to date. Returns the request, if any.
+    fn start_next(&mut self) -> Result<Vec<Frame>> {
+        if self.pull.requesting() {
+            return Ok(Vec::new());
+        }
+        let store = self.store.clone();
+        let Some(current) = self
+            .pull
+            .batches
+            .iter_mut()
+            .find(|batch| batch.rows.is_some())
+        else {
+            return Ok(Vec::new());
+        };
+        let rows = current.rows.take().expect("found by having rows");
+        let mut entries = Vec::new();
+        for row in rows {
+            let exists = store.version(&row.key)?.is_some();
             if exists
-                && self
-                    .store
+                && store
                     .has_version(&row.key, &row.version)
                     .map_err(|error| rejected(&row.key, error))?
             {
@@ -107,7 +179,7 @@ impl Session {
             // would send every change of it anyway, after a round trip to find that out.
             let mut state = SyncState::default();
             let (mode, stage, message) = if exists {
-                let message = self.store.generate_sync_message(&row.key, &mut state)?;
+                let message = store.generate_sync_message(&row.key, &mut state)?;
                 (Mode::Sync, Stage::First, message)
             } else {
                 (Mode::Whole, Stage::Whole, None)
@@ -117,7 +189,7 @@ impl Session {
                 mode,
                 message,
             });
-            entities.insert(
+            current.entities.insert(
                 row.key,
                 Pending {
                     target: row.version,
@@ -128,69 +200,84 @@ impl Session {
                 },
             );
         }
-        self.pull.batch = Some(PullBatch {
-            id: batch,
-            through,
-            entities,
-        });
         if entries.is_empty() {
-            return self.finish_batch();
+            // Nothing to request: the batch is complete; the next one may start.
+            return self.start_next();
         }
-        Ok(vec![Frame::Sync { batch, entries }])
+        Ok(vec![Frame::Sync {
+            batch: current.id,
+            entries,
+        }])
     }
 
+    /// Takes a reply: checks it against the request and queues it for [`Session::work`], then
+    /// starts the next batch if no other request is on the wire.
     pub(super) fn receive_reply(
         &mut self,
         batch: u64,
         replies: Vec<ReplyEntry>,
     ) -> Result<Vec<Frame>> {
-        let max_rounds = self.settings.max_rounds;
-        let store = self.store.clone();
-        let origin = self.origin.clone();
-        let Some(current) = self.pull.batch.as_mut() else {
-            return Err(Error::Protocol("a reply with no batch in progress".into()));
-        };
-        if current.id != batch {
+        let Some(current) = self.pull.batch_mut(batch) else {
             return Err(Error::Protocol(format!(
-                "a reply for batch {batch} during batch {}",
-                current.id
+                "a reply for batch {batch}, which is not in progress"
             )));
-        }
+        };
         let awaited = current.entities.values().filter(|e| e.awaiting).count();
-        if replies.len() != awaited {
+        if awaited == 0 || replies.len() != awaited {
             return Err(Error::Protocol(format!(
                 "{} replies for {awaited} requests",
                 replies.len()
             )));
         }
-        // Check every reply before applying any, so a bad frame changes nothing.
+        // Check every reply before taking any, so a bad frame changes nothing.
         let mut answered = HashSet::with_capacity(replies.len());
         for reply in &replies {
             let awaiting = current
                 .entities
                 .get(&reply.key)
                 .is_some_and(|pending| pending.awaiting);
-            if !awaiting || !answered.insert(reply.key.clone()) {
+            if !awaiting || !answered.insert(&reply.key) {
                 return Err(Error::Protocol(format!(
                     "a reply for {}, which was not asked for",
                     reply.key
                 )));
             }
         }
-        let mut messages: HashMap<EntityKey, Vec<u8>> = HashMap::new();
+        for reply in &replies {
+            if let Some(pending) = current.entities.get_mut(&reply.key) {
+                pending.awaiting = false;
+            }
+        }
+        self.pull.replies.push_back((batch, replies));
+        self.start_next()
+    }
+
+    /// Applies the oldest accepted reply: merges what it brought, asks again for the entities
+    /// not yet at their announced version, and acknowledges the batches that are complete.
+    pub(super) fn apply_reply(&mut self) -> Result<Vec<Frame>> {
+        let Some((batch, replies)) = self.pull.replies.pop_front() else {
+            return Ok(Vec::new());
+        };
+        let max_rounds = self.settings.max_rounds;
+        let store = self.store.clone();
+        let origin = self.origin.clone();
+        let current = self
+            .pull
+            .batch_mut(batch)
+            .expect("a reply is accepted only for a batch in progress, which it keeps");
+        let answered: HashSet<EntityKey> = replies.iter().map(|reply| reply.key.clone()).collect();
+        let mut messages: Vec<(EntityKey, Vec<u8>)> = Vec::new();
         let mut documents: Vec<(EntityKey, Vec<u8>)> = Vec::new();
         let mut empty: HashSet<EntityKey> = HashSet::new();
         for reply in replies {
-            let pending = current
+            let stage = current
                 .entities
-                .get_mut(&reply.key)
-                .expect("every reply was checked to name an awaited entity");
-            pending.awaiting = false;
-            match (reply.message, pending.stage) {
+                .get(&reply.key)
+                .expect("every reply was checked to name an awaited entity")
+                .stage;
+            match (reply.message, stage) {
                 (Some(document), Stage::Whole) => documents.push((reply.key, document)),
-                (Some(message), _) => {
-                    messages.insert(reply.key, message);
-                }
+                (Some(message), _) => messages.push((reply.key, message)),
                 (None, _) => {
                     empty.insert(reply.key);
                 }
@@ -208,13 +295,17 @@ impl Session {
             }
         }
         if !messages.is_empty() {
+            let mut by_key: BTreeMap<&EntityKey, &[u8]> = messages
+                .iter()
+                .map(|(key, message)| (key, message.as_slice()))
+                .collect();
             let work: Vec<(&EntityKey, &mut SyncState, &[u8])> = current
                 .entities
                 .iter_mut()
                 .filter_map(|(key, pending)| {
-                    messages
-                        .get(key)
-                        .map(|message| (key, &mut pending.state, message.as_slice()))
+                    by_key
+                        .remove(key)
+                        .map(|message| (key, &mut pending.state, message))
                 })
                 .collect();
             let keys: Vec<EntityKey> = work.iter().map(|(key, _, _)| (*key).clone()).collect();
@@ -284,22 +375,37 @@ impl Session {
             current.entities.remove(key);
         }
         self.entities_synced += synced.len() as u64;
-        if current.entities.is_empty() {
-            return self.finish_batch();
+        let mut out = Vec::new();
+        if !entries.is_empty() {
+            out.push(Frame::Sync { batch, entries });
         }
-        Ok(vec![Frame::Sync { batch, entries }])
+        out.extend(self.start_next()?);
+        out.extend(self.finish_batches()?);
+        Ok(out)
     }
 
-    /// Writes the cursor of the finished batch and acknowledges it.
-    fn finish_batch(&mut self) -> Result<Vec<Frame>> {
-        let Some(batch) = self.pull.batch.take() else {
-            return Ok(Vec::new());
-        };
-        self.save_cursor(batch.through)?;
-        self.pull.cursor = batch.through;
-        Ok(vec![Frame::Done {
-            batch: batch.id,
-            cursor: batch.through,
-        }])
+    /// Acknowledges the complete batches at the front, in order, once the cursor past them is
+    /// on disk.
+    fn finish_batches(&mut self) -> Result<Vec<Frame>> {
+        let mut done = Vec::new();
+        let mut cursor = self.pull.cursor;
+        while self
+            .pull
+            .batches
+            .front()
+            .is_some_and(PullBatch::is_complete)
+        {
+            let batch = self.pull.batches.pop_front().expect("checked above");
+            cursor = batch.through;
+            done.push(Frame::Done {
+                batch: batch.id,
+                cursor,
+            });
+        }
+        if !done.is_empty() {
+            self.save_cursor(cursor)?;
+            self.pull.cursor = cursor;
+        }
+        Ok(done)
     }
 }

@@ -1,19 +1,20 @@
 //! The announcer's half of a session: offering the local feed to the peer, and answering its
 //! sync requests for the announced entities.
 //!
-//! One batch is in flight at a time: rows after the peer's cursor, at most one per entity and
-//! at most `batch_entities`, leaving out rows whose change came from this very peer (it has
-//! them; an optimisation only, since the peer skips entities it is up to date on anyway). The
-//! sync states for the peer's requests live until it acknowledges the batch. Deciding which
-//! entities to ask for is `pull`'s business.
+//! Up to [`BATCHES_IN_FLIGHT`] batches are in flight at a time, each of rows after the last
+//! one announced, at most one per entity and at most `batch_entities`, leaving out rows whose
+//! change came from this very peer (it has them; an optimisation only, since the peer skips
+//! entities it is up to date on anyway). The peer acknowledges them in order. The sync states
+//! for the peer's requests live until it acknowledges their batch. Deciding which entities to
+//! ask for is `pull`'s business.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use store::{EntityKey, Seq, Store, SyncState};
 
 use super::{rejected, Session};
 use crate::error::{Error, Result};
-use crate::frame::{Frame, Mode, ReplyEntry, Row, SyncEntry};
+use crate::frame::{Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT};
 
 /// The announcer's state.
 #[derive(Default)]
@@ -23,12 +24,15 @@ pub(super) struct Serve {
     /// The last local feed row announced.
     announced: Seq,
     next_batch: u64,
-    outstanding: Option<Outstanding>,
+    /// The batches announced and not yet acknowledged, oldest first.
+    outstanding: VecDeque<Outstanding>,
 }
 
-/// The batch the peer is working on.
+/// A batch the peer is working on.
 struct Outstanding {
     id: u64,
+    /// The last feed row it covers.
+    through: Seq,
     keys: HashSet<EntityKey>,
     /// The responder's sync state per entity the peer has asked about.
     states: HashMap<EntityKey, SyncState>,
@@ -49,20 +53,31 @@ impl Serve {
     }
 
     pub(super) fn has_outstanding(&self) -> bool {
-        self.outstanding.is_some()
+        !self.outstanding.is_empty()
     }
 }
 
 impl Session {
-    /// Announces the next batch of the local feed, unless one is in flight or nothing is new.
+    /// Announces the next batches of the local feed, as many as may be in flight and as long as
+    /// something is new.
     pub(super) fn announce(&mut self) -> Result<Vec<Frame>> {
-        let batch_entities = self.settings.batch_entities;
-        if self.serve.outstanding.is_some() || self.serve.their_cursor.is_none() {
-            return Ok(Vec::new());
+        let mut out = Vec::new();
+        while self.serve.their_cursor.is_some() && self.serve.outstanding.len() < BATCHES_IN_FLIGHT
+        {
+            match self.announce_one()? {
+                Some(frame) => out.push(frame),
+                None => break,
+            }
         }
+        Ok(out)
+    }
+
+    /// The next batch of the local feed, or `None` when nothing is new.
+    fn announce_one(&mut self) -> Result<Option<Frame>> {
+        let batch_entities = self.settings.batch_entities;
         let head = self.store.last_seq();
         if self.serve.announced >= head {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let mut rows: BTreeMap<EntityKey, Row> = BTreeMap::new();
         let mut through = self.serve.announced;
@@ -94,22 +109,23 @@ impl Session {
             }
         }
         if through == self.serve.announced {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let batch = self.serve.next_batch;
         self.serve.next_batch += 1;
         self.serve.announced = through;
-        self.serve.outstanding = Some(Outstanding {
+        self.serve.outstanding.push_back(Outstanding {
             id: batch,
+            through,
             keys: rows.keys().cloned().collect(),
             states: HashMap::new(),
         });
-        Ok(vec![Frame::Rows {
+        Ok(Some(Frame::Rows {
             batch,
             rows: rows.into_values().collect(),
             through,
             head,
-        }])
+        }))
     }
 
     pub(super) fn answer_sync(
@@ -119,17 +135,16 @@ impl Session {
     ) -> Result<Vec<Frame>> {
         let store = self.store.clone();
         let origin = self.origin.clone();
-        let Some(outstanding) = self.serve.outstanding.as_mut() else {
-            return Err(Error::Protocol(
-                "a sync request with no batch announced".into(),
-            ));
-        };
-        if outstanding.id != batch {
+        let Some(outstanding) = self
+            .serve
+            .outstanding
+            .iter_mut()
+            .find(|outstanding| outstanding.id == batch)
+        else {
             return Err(Error::Protocol(format!(
-                "a sync request for batch {batch} during batch {}",
-                outstanding.id
+                "a sync request for batch {batch}, which is not in flight"
             )));
-        }
+        };
         let mut seen = HashSet::with_capacity(entries.len());
         for entry in &entries {
             if !outstanding.keys.contains(&entry.key) || !seen.insert(&entry.key) {
@@ -186,21 +201,21 @@ impl Session {
     }
 
     pub(super) fn receive_done(&mut self, batch: u64, cursor: Seq) -> Result<Vec<Frame>> {
-        match &self.serve.outstanding {
-            Some(outstanding) if outstanding.id == batch => {}
+        // Batches are acknowledged in the order they were announced.
+        let through = match self.serve.outstanding.front() {
+            Some(oldest) if oldest.id == batch => oldest.through,
             _ => {
                 return Err(Error::Protocol(format!(
-                    "done for batch {batch}, which is not in flight"
+                    "done for batch {batch}, which is not the oldest in flight"
                 )))
             }
-        }
-        if cursor > self.serve.announced {
+        };
+        if cursor > through {
             return Err(Error::Protocol(format!(
-                "done up to {cursor}, beyond the {} announced",
-                self.serve.announced
+                "done up to {cursor}, beyond the {through} batch {batch} covers"
             )));
         }
-        self.serve.outstanding = None;
+        self.serve.outstanding.pop_front();
         self.serve.their_cursor = Some(cursor);
         self.announce()
     }

@@ -309,7 +309,7 @@ fn changes_from_the_peer_itself_are_not_announced_back() {
 #[test]
 fn batches_hold_at_most_batch_entities_and_cover_the_whole_feed() {
     let (_dir, store) = open();
-    for index in 0..7 {
+    for index in 0..13 {
         write(&store, &format!("e{index}"), json!({"n": index}));
     }
     // Rewriting an entity adds a row but not an entity to the batch.
@@ -318,27 +318,141 @@ fn batches_hold_at_most_batch_entities_and_cover_the_whole_feed() {
         batch_entities: 3,
         max_rounds: 8,
     };
-    let (mut session, mut out) = session(&store, settings);
+    let (mut session, out) = session(&store, settings);
+    let mut in_flight: std::collections::VecDeque<Frame> = out.into();
+    assert_eq!(in_flight.len(), crate::frame::BATCHES_IN_FLIGHT);
     let mut announced = Vec::new();
+    let mut last_through = Seq::ZERO;
     while let Some(Frame::Rows {
         batch,
         rows,
         through,
         ..
-    }) = out.pop()
+    }) = in_flight.pop_front()
     {
         assert!(rows.len() <= 3);
+        assert!(through > last_through, "batches follow the feed in order");
+        last_through = through;
         announced.extend(rows.iter().map(|row| row.key.to_string()));
-        out = session
+        // Each acknowledgement opens room for one more batch, never more than may be in flight.
+        let more = session
             .receive(Frame::Done {
                 batch,
                 cursor: through,
             })
             .expect("done is accepted");
+        in_flight.extend(more);
+        assert!(in_flight.len() <= crate::frame::BATCHES_IN_FLIGHT);
     }
+    assert!(in_flight.is_empty());
     announced.sort();
     announced.dedup();
-    assert_eq!(announced.len(), 7);
-    assert_eq!(session.progress().their_cursor, Some(Seq(8)));
+    assert_eq!(announced.len(), 13);
+    assert_eq!(session.progress().their_cursor, Some(Seq(14)));
     assert!(session.is_idle());
+}
+
+#[test]
+fn batches_are_acknowledged_in_the_order_they_were_announced() {
+    let (_dir, store) = open();
+    for index in 0..6 {
+        write(&store, &format!("e{index}"), json!({"n": index}));
+    }
+    let settings = SessionSettings {
+        batch_entities: 2,
+        max_rounds: 8,
+    };
+    let (mut session, out) = session(&store, settings);
+    let batches: Vec<(u64, Seq)> = out
+        .iter()
+        .map(|frame| match frame {
+            Frame::Rows { batch, through, .. } => (*batch, *through),
+            other => panic!("expected rows: {other:?}"),
+        })
+        .collect();
+    assert_eq!(batches.len(), 3);
+    // The second batch before the first is out of turn.
+    let (second, through) = batches[1];
+    assert!(matches!(
+        session.receive(Frame::Done {
+            batch: second,
+            cursor: through
+        }),
+        Err(Error::Protocol(_))
+    ));
+}
+
+#[test]
+fn a_reply_starts_the_next_batch_before_it_is_applied() {
+    let (_dir, store) = open();
+    let (_other_dir, other) = open();
+    let first = write(&other, "1", json!({"date": "2026-12-01"}));
+    let second = write(&other, "2", json!({"date": "2026-12-02"}));
+    let (mut session, _) = session(&store, SessionSettings::default());
+    let rows = |batch: u64, id: &str, version: &str, seq: u64| Frame::Rows {
+        batch,
+        rows: vec![Row {
+            key: key(id),
+            version: version.to_string(),
+            seq: Seq(seq),
+        }],
+        through: Seq(seq),
+        head: Seq(2),
+    };
+    let out = session.accept(rows(0, "1", &first, 1)).expect("rows");
+    assert!(
+        matches!(&out[..], [Frame::Sync { batch: 0, .. }]),
+        "{out:?}"
+    );
+    // The second batch waits while the first's request is on the wire.
+    let out = session.accept(rows(1, "2", &second, 2)).expect("rows");
+    assert!(out.is_empty(), "{out:?}");
+    let reply = |batch: u64, id: &str| Frame::Reply {
+        batch,
+        entries: vec![ReplyEntry {
+            key: key(id),
+            message: other.stored_document(&key(id)).expect("read"),
+        }],
+    };
+    // Accepting the first reply asks for the second batch at once, and applies nothing yet.
+    let out = session
+        .accept(reply(0, "1"))
+        .expect("the reply is accepted");
+    assert!(
+        matches!(&out[..], [Frame::Sync { batch: 1, .. }]),
+        "{out:?}"
+    );
+    assert!(session.has_work());
+    assert_eq!(store.version(&key("1")).expect("read"), None);
+    assert_eq!(
+        session.work().expect("applied"),
+        vec![Frame::Done {
+            batch: 0,
+            cursor: Seq(1)
+        }]
+    );
+    assert_eq!(store.version(&key("1")).expect("read"), Some(first.clone()));
+    assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(1));
+    let out = session.receive(reply(1, "2")).expect("the second reply");
+    assert_eq!(
+        out,
+        vec![Frame::Done {
+            batch: 1,
+            cursor: Seq(2)
+        }]
+    );
+    assert_eq!(
+        store.version(&key("2")).expect("read"),
+        Some(second.clone())
+    );
+    // No more batches than may be in flight (entities not here stay in flight until fetched).
+    for batch in 2..2 + crate::frame::BATCHES_IN_FLIGHT as u64 {
+        session
+            .accept(rows(batch, &format!("new{batch}"), &first, batch + 1))
+            .expect("room for it");
+    }
+    assert!(matches!(
+        session.accept(rows(99, "new99", &second, 99)),
+        Err(Error::Protocol(_))
+    ));
 }
