@@ -2,12 +2,14 @@
 //!
 //! The link moves frames between the socket and the session, runs each session step on a
 //! blocking thread (sync work reads and writes the store), sends what accepting a frame produced
-//! before applying it (so the peer prepares its next reply meanwhile), wakes the session when the local
-//! feed grows, pings the peer, and ends the connection when nothing (not even a pong) has
-//! arrived for the idle timeout. Any error closes the socket, telling the peer why in the close
-//! frame; the session and its sync states die with it. Who dials whom, and reconnecting, is
-//! `registry`'s business.
+//! before applying it (so the peer prepares its next reply meanwhile), reads what the peer sends
+//! while it sends (so two sides sending big frames at once never wait for each other), wakes the
+//! session when the local feed grows, pings the peer, and ends the connection when nothing (not
+//! even a pong) has arrived for the idle timeout. Any error closes the socket, telling the peer
+//! why in the close frame; the session and its sync states die with it. Who dials whom, and
+//! reconnecting, is `registry`'s business.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -16,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +33,16 @@ pub(crate) const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
 
 /// How long a close frame may take to go out before the socket is dropped anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The most messages read from the peer while sending, before reading waits for them to be
+/// handled. A peer sends only a few frames before it needs an answer; this bounds the rest.
+const INBOX_LIMIT: usize = 16;
+
+/// What the socket gave while this side was sending, in order; `None` is the end of the stream.
+type Inbox = VecDeque<Option<std::result::Result<Message, tungstenite::Error>>>;
+
+type Sink<S> = futures::stream::SplitSink<WebSocketStream<S>, Message>;
+type Stream<S> = futures::stream::SplitStream<WebSocketStream<S>>;
 
 /// The websocket settings of every link, dialed or accepted.
 pub(crate) fn websocket_config() -> WebSocketConfig {
@@ -112,8 +124,8 @@ fn close_reason(reason: &str) -> String {
 }
 
 async fn drive<S>(
-    sink: &mut futures::stream::SplitSink<WebSocketStream<S>, Message>,
-    stream: &mut futures::stream::SplitStream<WebSocketStream<S>>,
+    sink: &mut Sink<S>,
+    stream: &mut Stream<S>,
     session: Session,
     store: &Store,
     peer: &PeerState,
@@ -123,8 +135,11 @@ async fn drive<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let mut inbox = Inbox::new();
     send(
         sink,
+        stream,
+        &mut inbox,
         Message::binary(session.hello().encode()),
         idle_timeout,
     )
@@ -141,7 +156,7 @@ where
         let outputs = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
-            message = stream.next() => {
+            message = next_message(&mut inbox, stream) => {
                 silent_until = Instant::now() + idle_timeout;
                 match message {
                     None => return Err(Error::Closed(String::new())),
@@ -168,19 +183,22 @@ where
                 step(&mut session, Session::poll_feed).await?
             }
             _ = ping.tick() => {
-                send(sink, Message::Ping(Vec::new().into()), idle_timeout).await?;
+                let ping = Message::Ping(Vec::new().into());
+                send(sink, stream, &mut inbox, ping, idle_timeout).await?;
                 continue;
             }
             () = tokio::time::sleep_until(silent_until) => return Err(Error::Idle(idle_timeout)),
         };
         for frame in outputs {
-            send(sink, Message::binary(frame.encode()), idle_timeout).await?;
+            let message = Message::binary(frame.encode());
+            send(sink, stream, &mut inbox, message, idle_timeout).await?;
         }
         // Replies are applied after what accepting them produced has gone out: the peer works
         // on the next batch meanwhile.
         while session.as_ref().is_some_and(Session::has_work) {
             for frame in step(&mut session, Session::work).await? {
-                send(sink, Message::binary(frame.encode()), idle_timeout).await?;
+                let message = Message::binary(frame.encode());
+                send(sink, stream, &mut inbox, message, idle_timeout).await?;
             }
         }
         if let Some(session) = &session {
@@ -191,18 +209,48 @@ where
     }
 }
 
+/// The next message from the peer: one read while sending first, then the socket.
+async fn next_message<S>(
+    inbox: &mut Inbox,
+    stream: &mut Stream<S>,
+) -> Option<std::result::Result<Message, tungstenite::Error>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    match inbox.pop_front() {
+        Some(message) => message,
+        None => stream.next().await,
+    }
+}
+
 /// Sends one message, giving up after `timeout` (a peer that stopped reading).
+///
+/// While the message goes out, what the peer sends is read into `inbox` (up to
+/// [`INBOX_LIMIT`]): both sides send big frames at times, and two sides that only sent would
+/// each wait for the other to read once their socket buffers were full.
 async fn send<S>(
-    sink: &mut futures::stream::SplitSink<WebSocketStream<S>, Message>,
+    sink: &mut Sink<S>,
+    stream: &mut Stream<S>,
+    inbox: &mut Inbox,
     message: Message,
     timeout: Duration,
 ) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    match tokio::time::timeout(timeout, sink.send(message)).await {
-        Ok(sent) => sent.map_err(Error::from),
-        Err(_) => Err(Error::Idle(timeout)),
+    let sending = sink.send(message);
+    tokio::pin!(sending);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        // Nothing more is read after the end of the stream or an error: the loop reports those.
+        let readable =
+            inbox.len() < INBOX_LIMIT && !matches!(inbox.back(), Some(None | Some(Err(_))));
+        tokio::select! {
+            sent = &mut sending => return sent.map_err(Error::from),
+            received = stream.next(), if readable => inbox.push_back(received),
+            () = &mut deadline => return Err(Error::Idle(timeout)),
+        }
     }
 }
 
@@ -228,4 +276,48 @@ where
 /// server's side of the upgrade.
 pub fn accept_key(client_key: &[u8]) -> String {
     tokio_tungstenite::tungstenite::handshake::derive_accept_key(client_key)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::*;
+
+    /// Two ends of one websocket over an in-memory pipe with small buffers.
+    async fn pair() -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(16 * 1024);
+        let config = Some(websocket_config());
+        (
+            WebSocketStream::from_raw_socket(a, Role::Client, config).await,
+            WebSocketStream::from_raw_socket(b, Role::Server, config).await,
+        )
+    }
+
+    #[tokio::test]
+    async fn two_sides_sending_big_frames_at_once_both_get_through() {
+        let (a, b) = pair().await;
+        let big = |fill: u8| Message::binary(vec![fill; 4 * 1024 * 1024]);
+        let side = |socket: WebSocketStream<tokio::io::DuplexStream>, message: Message| async move {
+            let (mut sink, mut stream) = socket.split();
+            let mut inbox = Inbox::new();
+            send(
+                &mut sink,
+                &mut stream,
+                &mut inbox,
+                message,
+                Duration::from_secs(10),
+            )
+            .await?;
+            // What arrived while sending is handed out first, then the socket.
+            let received = next_message(&mut inbox, &mut stream).await;
+            Ok::<_, Error>(received.and_then(|message| message.ok()).map(|m| m.len()))
+        };
+        let (from_b, from_a) = tokio::join!(side(a, big(1)), side(b, big(2)));
+        assert_eq!(from_b.expect("a sent"), Some(4 * 1024 * 1024));
+        assert_eq!(from_a.expect("b sent"), Some(4 * 1024 * 1024));
+    }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use store::{EntityKey, Seq, SyncState};
+use store::{EntityKey, Seq, SyncState, Version};
 
 use super::{rejected, Session};
 use crate::error::{Error, Result};
@@ -130,11 +130,29 @@ impl Session {
                 self.settings.batch_entities
             )));
         }
+        // A batch covers the feed after the one before it. The first one in flight may start
+        // behind the cursor: a peer whose store was replaced announces its new feed from the
+        // start, and the cursor follows it back.
+        if let Some(last) = self
+            .pull
+            .batches
+            .back()
+            .filter(|last| through <= last.through)
+        {
+            return Err(Error::Protocol(format!(
+                "batch {batch} ends at {through}, not after batch {} at {}",
+                last.id, last.through
+            )));
+        }
+        // Every row is checked now, so a bad one ends the session on this frame, not later.
         let mut seen = HashSet::with_capacity(rows.len());
         for row in &rows {
             if !seen.insert(&row.key) {
                 return Err(Error::Protocol(format!("{} twice in one batch", row.key)));
             }
+            Version::parse(&row.version).map_err(|error| {
+                Error::Protocol(format!("{}: announced version: {error}", row.key))
+            })?;
         }
         self.pull.their_head = Some(head);
         self.rows_received += rows.len() as u64;
@@ -379,6 +397,9 @@ impl Session {
         if !entries.is_empty() {
             out.push(Frame::Sync { batch, entries });
         }
+        // Acknowledge what is complete before starting anything else, so a failure there
+        // cannot cost a batch that is already applied its acknowledgement.
+        out.extend(self.finish_batches()?);
         out.extend(self.start_next()?);
         out.extend(self.finish_batches()?);
         Ok(out)

@@ -456,3 +456,172 @@ fn a_reply_starts_the_next_batch_before_it_is_applied() {
         Err(Error::Protocol(_))
     ));
 }
+
+/// Rows of one entity, as the peer would announce them.
+fn rows_of(batch: u64, id: &str, version: &str, through: u64) -> Frame {
+    Frame::Rows {
+        batch,
+        rows: vec![Row {
+            key: key(id),
+            version: version.to_string(),
+            seq: Seq(through),
+        }],
+        through: Seq(through),
+        head: Seq(through),
+    }
+}
+
+/// The peer's whole document of `id`, as the answer to a request for it.
+fn whole_reply(batch: u64, peer: &Store, id: &str) -> Frame {
+    Frame::Reply {
+        batch,
+        entries: vec![ReplyEntry {
+            key: key(id),
+            message: peer.stored_document(&key(id)).expect("read"),
+        }],
+    }
+}
+
+#[test]
+fn a_later_batch_that_completes_first_waits_for_the_earlier_one() {
+    let (_dir, store) = open();
+    let (_other_dir, other) = open();
+    let here = write(&store, "here", json!({"n": 1}));
+    let new = write(&other, "new", json!({"n": 2}));
+    let (mut session, _) = session(&store, SessionSettings::default());
+    let out = session.accept(rows_of(0, "new", &new, 1)).expect("rows");
+    assert!(
+        matches!(&out[..], [Frame::Sync { batch: 0, .. }]),
+        "{out:?}"
+    );
+    assert!(session
+        .accept(rows_of(1, "here", &here, 2))
+        .expect("rows")
+        .is_empty());
+    // Accepting the first reply starts the second batch, which has nothing to fetch and is
+    // complete at once; it is not acknowledged before the first, whose reply is not applied.
+    let out = session
+        .accept(whole_reply(0, &other, "new"))
+        .expect("reply");
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq::ZERO);
+    assert_eq!(
+        session.work().expect("applied"),
+        vec![
+            Frame::Done {
+                batch: 0,
+                cursor: Seq(1)
+            },
+            Frame::Done {
+                batch: 1,
+                cursor: Seq(2)
+            }
+        ]
+    );
+    assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(2));
+    assert!(!session.has_work());
+}
+
+#[test]
+fn one_entity_in_two_batches_in_flight_ends_at_the_later_version() {
+    let (_dir, store) = open();
+    let (_other_dir, other) = open();
+    let first = write(&other, "1", json!({"n": 1}));
+    let (mut session, _) = session(&store, SessionSettings::default());
+    session.accept(rows_of(0, "1", &first, 1)).expect("rows");
+    let first_document = whole_reply(0, &other, "1");
+    let second = write(&other, "1", json!({"m": 2}));
+    session.accept(rows_of(1, "1", &second, 2)).expect("rows");
+    // The second batch starts before the first is applied, so it fetches the entity again.
+    let out = session.accept(first_document).expect("reply");
+    let Some(Frame::Sync { batch: 1, entries }) = out.first() else {
+        panic!("expected the second batch's request: {out:?}");
+    };
+    assert_eq!(entries[0].mode, Mode::Whole);
+    let mut out = session.work().expect("applied");
+    out.extend(session.receive(whole_reply(1, &other, "1")).expect("reply"));
+    assert_eq!(
+        out,
+        vec![
+            Frame::Done {
+                batch: 0,
+                cursor: Seq(1)
+            },
+            Frame::Done {
+                batch: 1,
+                cursor: Seq(2)
+            }
+        ]
+    );
+    assert_eq!(store.version(&key("1")).expect("read"), Some(second));
+    assert_eq!(
+        store.get(&key("1")).expect("read"),
+        other.get(&key("1")).expect("read")
+    );
+}
+
+#[test]
+fn bad_rows_and_replies_end_the_session_on_the_frame_that_is_wrong() {
+    let (_dir, store) = open();
+    let (_other_dir, other) = open();
+    let version = write(&other, "1", json!({"n": 1}));
+    let cases: Vec<(&str, Vec<Frame>)> = vec![
+        (
+            "a version that is not one",
+            vec![
+                rows_of(0, "1", &version, 1),
+                rows_of(1, "2", "not a version", 2),
+            ],
+        ),
+        (
+            "a batch id twice",
+            vec![rows_of(0, "1", &version, 1), rows_of(0, "2", &version, 2)],
+        ),
+        (
+            "a batch that does not follow the one before",
+            vec![rows_of(0, "1", &version, 5), rows_of(1, "2", &version, 5)],
+        ),
+        (
+            "a reply for a batch not started",
+            vec![
+                rows_of(0, "1", &version, 1),
+                rows_of(1, "2", &version, 2),
+                whole_reply(1, &other, "1"),
+            ],
+        ),
+    ];
+    for (case, frames) in cases {
+        let (mut session, _) = session(&store, SessionSettings::default());
+        let (last, before) = frames.split_last().expect("frames");
+        for frame in before {
+            session.accept(frame.clone()).expect(case);
+        }
+        assert!(
+            matches!(session.accept(last.clone()), Err(Error::Protocol(_))),
+            "{case}"
+        );
+    }
+    assert_eq!(store.last_seq(), Seq::ZERO, "nothing was written");
+}
+
+#[test]
+fn a_peer_whose_store_was_replaced_moves_the_cursor_back() {
+    let (_dir, store) = open();
+    let (_other_dir, other) = open();
+    store
+        .write_records(vec![RecordWrite::put(cursor_key("remote"), "100")])
+        .expect("an old cursor");
+    let version = write(&other, "1", json!({"n": 1}));
+    let (mut session, _) = session(&store, SessionSettings::default());
+    assert_eq!(session.progress().cursor, Seq(100));
+    session.receive(rows_of(0, "1", &version, 1)).expect("rows");
+    let out = session.receive(whole_reply(0, &other, "1")).expect("reply");
+    assert_eq!(
+        out,
+        vec![Frame::Done {
+            batch: 0,
+            cursor: Seq(1)
+        }]
+    );
+    assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(1));
+}

@@ -188,11 +188,18 @@ fn a_batch_merge_spread_over_threads_answers_each_entity_in_order() {
         })
         .collect();
     items.push(items[11].clone());
-    let outcomes = b
-        .merge_many(
-            items.iter().map(|(key, bytes)| (key, bytes.as_slice())),
-            &from_a,
-        )
+    // In a pool of four, so the batch is split whatever the machine's core count.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(4)
+        .build()
+        .expect("a thread pool");
+    let outcomes = pool
+        .install(|| {
+            b.merge_many(
+                items.iter().map(|(key, bytes)| (key, bytes.as_slice())),
+                &from_a,
+            )
+        })
         .expect("the batch is flushed");
     assert_eq!(outcomes.len(), items.len());
     for (position, ((key, _), outcome)) in items.iter().zip(&outcomes).enumerate() {
