@@ -457,6 +457,14 @@ fn a_reply_starts_the_next_batch_before_it_is_applied() {
     ));
 }
 
+/// The acknowledgement of `batch` with the cursor at `cursor`.
+fn done(batch: u64, cursor: u64) -> Frame {
+    Frame::Done {
+        batch,
+        cursor: Seq(cursor),
+    }
+}
+
 /// Rows of one entity, as the peer would announce them.
 fn rows_of(batch: u64, id: &str, version: &str, through: u64) -> Frame {
     Frame::Rows {
@@ -507,16 +515,7 @@ fn a_later_batch_that_completes_first_waits_for_the_earlier_one() {
     assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq::ZERO);
     assert_eq!(
         session.work().expect("applied"),
-        vec![
-            Frame::Done {
-                batch: 0,
-                cursor: Seq(1)
-            },
-            Frame::Done {
-                batch: 1,
-                cursor: Seq(2)
-            }
-        ]
+        vec![done(0, 1), done(1, 2)]
     );
     assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(2));
     assert!(!session.has_work());
@@ -540,19 +539,7 @@ fn one_entity_in_two_batches_in_flight_ends_at_the_later_version() {
     assert_eq!(entries[0].mode, Mode::Whole);
     let mut out = session.work().expect("applied");
     out.extend(session.receive(whole_reply(1, &other, "1")).expect("reply"));
-    assert_eq!(
-        out,
-        vec![
-            Frame::Done {
-                batch: 0,
-                cursor: Seq(1)
-            },
-            Frame::Done {
-                batch: 1,
-                cursor: Seq(2)
-            }
-        ]
-    );
+    assert_eq!(out, vec![done(0, 1), done(1, 2)]);
     assert_eq!(store.version(&key("1")).expect("read"), Some(second));
     assert_eq!(
         store.get(&key("1")).expect("read"),
