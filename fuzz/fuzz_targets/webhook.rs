@@ -55,5 +55,8 @@ fuzz_target!(|data: &[u8]| {
     let twice = mapping()
         .to_entity(&again)
         .expect("what went out comes back in");
-    assert_eq!(twice.patch, inbound.patch, "the round trip changed {body:?}");
+    assert_eq!(
+        twice.patch, inbound.patch,
+        "the round trip changed {body:?}"
+    );
 });
