@@ -56,8 +56,8 @@ async fn issue_4_two_sites_replicate_both_ways_continuously_and_resume_after_a_r
     let both = converged(north.client(), &bases, "appointment", CONVERGE).await?;
     assert_eq!(both.len(), 2);
 
-    // The feed says which site a change came from; history keeps the author recorded where
-    // the change was written.
+    // The feed and history say which site a change came from; history also keeps the author
+    // recorded where the change was written.
     let changes = within(
         "the change feed",
         north.get_response("/v1/changes?since=0").await?.text(),
@@ -74,8 +74,9 @@ async fn issue_4_two_sites_replicate_both_ways_continuously_and_resume_after_a_r
         "{changes}"
     );
     let (_, history) = north.get("/v1/entities/appointment/2/history").await?;
+    assert_eq!(history["changes"][0]["origin"], "peer:south", "{history}");
     assert_eq!(
-        history["changes"][0]["origin"], "local:anonymous",
+        history["changes"][0]["author"], "local:anonymous",
         "{history}"
     );
 

@@ -242,9 +242,10 @@ impl Session {
         self.pull.is_idle() && !self.serve.has_outstanding()
     }
 
-    /// Writes the cursor to disk; returns once it is durable.
+    /// Writes the cursor, without waiting for it to be durable: what it covers already is, and
+    /// a crash that loses it only makes the peer announce those batches again.
     fn save_cursor(&self, cursor: Seq) -> Result<()> {
-        self.store.write_records(vec![RecordWrite::put(
+        self.store.write_records_lazily(vec![RecordWrite::put(
             cursor_key(&self.peer),
             cursor.to_string(),
         )])?;

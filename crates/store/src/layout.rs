@@ -8,6 +8,7 @@
 //! | `e` kind `\0` id | the entity record (`EntityRecord`, JSON) |
 //! | `s` kind `\0` id | the compacted snapshot (Automerge `save()` bytes) |
 //! | `c` kind `\0` id `\0` n (u32 BE) | an incremental chunk of changes after the snapshot |
+//! | `a` kind `\0` id `\0` change hash (32 bytes) | the origin the changes of one merge from elsewhere (a peer) arrived with (`Arrival`, JSON), under the first of them |
 //! | `f` seq (u64 BE) | a feed row (`FeedRow`, JSON) |
 //! | `r` space `\0` part `\0` ... | a side record of another crate (`records`) |
 //!
@@ -21,6 +22,7 @@ use crate::key::{EntityId, EntityKey, Kind};
 pub(crate) const ENTITY: u8 = b'e';
 pub(crate) const SNAPSHOT: u8 = b's';
 pub(crate) const CHUNK: u8 = b'c';
+pub(crate) const ARRIVAL: u8 = b'a';
 pub(crate) const FEED: u8 = b'f';
 pub(crate) const RECORD: u8 = b'r';
 
@@ -66,6 +68,29 @@ pub(crate) fn chunk_key(key: &EntityKey, number: u32) -> Vec<u8> {
 
 pub(crate) fn chunk_prefix(key: &EntityKey) -> Vec<u8> {
     let mut bytes = entity_key(CHUNK, key);
+    bytes.push(0);
+    bytes
+}
+
+/// The origin the changes of one merge from elsewhere arrived with, for history: stored under
+/// the first change's hash, naming the others.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Arrival {
+    pub origin: String,
+    /// The hashes of the merge's other changes, in hex.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<String>,
+}
+
+/// The key of the arrival record of a merge whose first new change is `hash`.
+pub(crate) fn arrival_key(key: &EntityKey, hash: &automerge::ChangeHash) -> Vec<u8> {
+    let mut bytes = arrival_prefix(key);
+    bytes.extend_from_slice(&hash.0);
+    bytes
+}
+
+pub(crate) fn arrival_prefix(key: &EntityKey) -> Vec<u8> {
+    let mut bytes = entity_key(ARRIVAL, key);
     bytes.push(0);
     bytes
 }

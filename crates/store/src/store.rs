@@ -7,6 +7,7 @@
 //! Automerge work or a flush. All methods block; async callers run them on a blocking thread.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use automerge::{ActorId, Automerge, ChangeHash, ReadDoc, SaveOptions};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, SaveOptions};
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
@@ -174,8 +175,11 @@ impl WriteOptions {
 pub struct HistoryEntry {
     /// The version right after this change (readable with `get_at`).
     pub version: String,
-    /// Who made it, as recorded in the change.
+    /// Where it came from to this store: the origin it arrived with from elsewhere
+    /// (`peer:<name>`), or, for a change made here, its author.
     pub origin: Option<String>,
+    /// Who made it, as recorded in the change by the replica that made it.
+    pub author: Option<String>,
     /// When, in seconds since the Unix epoch, as recorded by the replica that made it.
     pub time: i64,
     /// The dotted paths of the fields it set or removed.
@@ -371,6 +375,20 @@ impl Store {
         self.unflushed(())?.wait_async().await
     }
 
+    /// Writes side records in one atomic batch without waiting for a flush: they become durable
+    /// with the next flush anyone asks for. For records that a crash may lose at no cost but
+    /// repeated work, such as a replication cursor written once what it covers is durable
+    /// (sled keeps writes in order, so a record never outlives what was written before it).
+    ///
+    /// # Errors
+    /// As [`Store::write_records`].
+    pub fn write_records_lazily(&self, writes: Vec<RecordWrite>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.apply_records(&writes)
+    }
+
     /// Applies side records in one atomic batch, without waiting for the flush.
     fn apply_records(&self, writes: &[RecordWrite]) -> Result<()> {
         if !self.inner.durability.is_open() {
@@ -487,7 +505,7 @@ impl Store {
             Err(_) => return Err(Error::Decode(format!("automerge panicked {doing}"))),
         }
         let doc = self.vet_incoming(doc, &before)?;
-        self.stage(
+        let mut staged = self.stage(
             key,
             doc,
             &before,
@@ -496,7 +514,20 @@ impl Store {
             |_| Vec::new(),
             None,
             json,
-        )
+        )?;
+        // A change keeps the origin of the site that made it; history also says where it
+        // came from to this one. One record per merge, under its first new change.
+        if let Some((first, rest)) = staged.added.split_first() {
+            let arrival = layout::Arrival {
+                origin: origin.as_str().to_string(),
+                also: rest.iter().map(ChangeHash::to_string).collect(),
+            };
+            staged.writes.push((
+                layout::arrival_key(key, first),
+                Some(serde_json::to_vec(&arrival).expect("an arrival always serializes")),
+            ));
+        }
+        Ok(staged)
     }
 
     /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
@@ -556,6 +587,26 @@ impl Store {
     /// # Errors
     /// Storage errors only.
     pub fn history(&self, key: &EntityKey) -> Result<Option<Vec<HistoryEntry>>> {
+        let prefix = layout::arrival_prefix(key);
+        let mut arrivals = HashMap::new();
+        for entry in self.inner.db.scan_prefix(&prefix) {
+            let (raw_key, value) = entry?;
+            let corrupt = |detail: &str| Error::Corrupt {
+                what: format!("the arrival records of {key}"),
+                detail: detail.into(),
+            };
+            let first = ChangeHash::try_from(&raw_key[prefix.len()..])
+                .map_err(|_| corrupt("a key that does not end in a change hash"))?;
+            let arrival: layout::Arrival =
+                serde_json::from_slice(&value).map_err(|error| corrupt(&error.to_string()))?;
+            for hash in &arrival.also {
+                let hash: ChangeHash = hash
+                    .parse()
+                    .map_err(|_| corrupt("a value naming something other than a change hash"))?;
+                arrivals.insert(hash, arrival.origin.clone());
+            }
+            arrivals.insert(first, arrival.origin);
+        }
         self.read(key, |doc| {
             let changes = doc.get_changes(&[]);
             if changes.is_empty() {
@@ -565,13 +616,17 @@ impl Store {
                 changes
                     .iter()
                     .filter(|change| !nested::is_structural(change))
-                    .map(|change| HistoryEntry {
-                        version: change.hash().to_string(),
-                        origin: change.message().map(document::origin_of_message),
-                        time: change.timestamp(),
-                        fields: document::changed_fields(
-                            &doc.diff(&nested::edit_base(doc, change.deps()), &[change.hash()]),
-                        ),
+                    .map(|change| {
+                        let author = change.message().map(document::origin_of_message);
+                        HistoryEntry {
+                            version: change.hash().to_string(),
+                            origin: arrivals.get(&change.hash()).cloned().or(author.clone()),
+                            author,
+                            time: change.timestamp(),
+                            fields: document::changed_fields(
+                                &doc.diff(&nested::edit_base(doc, change.deps()), &[change.hash()]),
+                            ),
+                        }
                     })
                     .collect(),
             ))
@@ -1044,6 +1099,7 @@ impl Store {
                 key: key.clone(),
                 doc,
                 writes,
+                added: Vec::new(),
                 row: None,
                 written: Written {
                     entity,
@@ -1068,7 +1124,13 @@ impl Store {
             None => document::changed_fields(&doc.diff(before, &after)),
         };
         let mut record = self.record(key)?.unwrap_or_default();
-        let chunk = doc.save_after(before);
+        // What `save_after(before)` returns, keeping the changes' hashes.
+        let changes = doc.get_changes(before);
+        let added: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
+        let mut chunk = Vec::with_capacity(changes.iter().map(|c| c.raw_bytes().len()).sum());
+        for change in &changes {
+            chunk.extend_from_slice(change.raw_bytes());
+        }
         if record.chunks + 1 >= self.inner.config.compact_after_chunks
             || record.chunk_bytes + chunk.len() as u64 > record.snapshot_bytes.max(4096)
         {
@@ -1099,6 +1161,7 @@ impl Store {
             key: key.clone(),
             doc,
             writes,
+            added,
             row: Some(StagedRow {
                 origin: origin.clone(),
                 fields,
@@ -1204,6 +1267,8 @@ pub(crate) struct Staged {
     doc: Automerge,
     /// The sled keys to set (`Some`) or remove (`None`), feed row aside.
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The changes the write adds to the document.
+    added: Vec<ChangeHash>,
     /// The feed row's content, when the write changed the document.
     row: Option<StagedRow>,
     written: Written,

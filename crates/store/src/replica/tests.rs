@@ -219,3 +219,41 @@ fn a_batch_merge_spread_over_threads_answers_each_entity_in_order() {
         assert_eq!(written.seq.is_none(), position == 200, "{key}");
     }
 }
+
+#[test]
+fn history_says_which_peer_a_change_came_through_and_who_made_it() {
+    let (dirs, a, b, key) = edited_apart(json!({"date": "2026-12-01"}), json!({"room": "4"}));
+    sync_until_quiet(&a, &b, &key);
+    let history = |store: &Store| -> Vec<(String, String)> {
+        store
+            .history(&key)
+            .expect("read")
+            .expect("exists")
+            .into_iter()
+            .map(|entry| {
+                (
+                    entry.origin.expect("an origin"),
+                    entry.author.expect("an author"),
+                )
+            })
+            .collect()
+    };
+    let ours = ("local:alice".to_string(), "local:alice".to_string());
+    let theirs_on_a = ("peer:b".to_string(), "local:alice".to_string());
+    let on_a = history(&a);
+    assert_eq!(on_a.len(), 2);
+    assert!(
+        on_a.contains(&ours) && on_a.contains(&theirs_on_a),
+        "{on_a:?}"
+    );
+    // It is on disk: a reopened store says the same.
+    drop(a);
+    let reopened = open(&dirs[0]);
+    assert_eq!(history(&reopened), on_a);
+    // A change arriving a second time, through another path, keeps where it came from first.
+    let bytes = b.stored_document(&key).expect("read").expect("exists");
+    reopened
+        .merge(&key, &bytes, &Origin::parse("peer:c").expect("valid"))
+        .expect("merge");
+    assert_eq!(history(&reopened), on_a);
+}

@@ -253,10 +253,16 @@ fn issue_2_nested_objects_recreated_after_a_delete_merge_field_by_field() {
     }
     // History shows the writes people made, not the maps the store created for them.
     let history = north.store().history(&appointment).unwrap().unwrap();
+    let authors: Vec<_> = history.iter().map(|e| e.author.clone().unwrap()).collect();
+    assert_eq!(
+        authors,
+        vec!["local:ann", "local:ann", "local:ann", "local:bob"]
+    );
+    // Bob's change came to north from the other replica, and history says so too.
     let origins: Vec<_> = history.iter().map(|e| e.origin.clone().unwrap()).collect();
     assert_eq!(
         origins,
-        vec!["local:ann", "local:ann", "local:ann", "local:bob"]
+        vec!["local:ann", "local:ann", "local:ann", "peer:other"]
     );
     assert!(history.iter().all(|entry| entry.time > 0));
     assert_eq!(history[0].fields, vec!["a", "site", "site.old"]);
