@@ -11,7 +11,7 @@
 //! by [`Session::work`]; accepting it starts the next batch when no request is on the wire, so
 //! the peer prepares the next reply while this site applies the last one.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use store::{EntityKey, Seq, SyncState, Version};
 
@@ -301,6 +301,8 @@ impl Session {
                 }
             }
         }
+        // The version each entity reached, as the store reported it.
+        let mut reached: HashMap<EntityKey, String> = HashMap::new();
         if !documents.is_empty() {
             let outcomes = store.merge_many(
                 documents
@@ -308,8 +310,9 @@ impl Session {
                     .map(|(key, document)| (key, document.as_slice())),
                 &origin,
             )?;
-            for ((key, _), outcome) in documents.iter().zip(outcomes) {
-                outcome.map_err(|error| rejected(key, error))?;
+            for ((key, _), outcome) in documents.into_iter().zip(outcomes) {
+                let written = outcome.map_err(|error| rejected(&key, error))?;
+                reached.insert(key, written.version);
             }
         }
         if !messages.is_empty() {
@@ -328,8 +331,9 @@ impl Session {
                 .collect();
             let keys: Vec<EntityKey> = work.iter().map(|(key, _, _)| (*key).clone()).collect();
             let outcomes = store.receive_sync_messages(work, &origin)?;
-            for (key, outcome) in keys.iter().zip(outcomes) {
-                outcome.map_err(|error| rejected(key, error))?;
+            for (key, outcome) in keys.into_iter().zip(outcomes) {
+                let written = outcome.map_err(|error| rejected(&key, error))?;
+                reached.insert(key, written.version);
             }
         }
         let mut entries = Vec::new();
@@ -338,10 +342,13 @@ impl Session {
             if !answered.contains(key) {
                 continue;
             }
-            if store
-                .has_version(key, &pending.target)
-                .map_err(|error| rejected(key, error))?
-            {
+            // Reaching exactly the announced version is the common case; otherwise the entity
+            // may still be past it, which only the document can tell.
+            let done = reached.get(key) == Some(&pending.target)
+                || store
+                    .has_version(key, &pending.target)
+                    .map_err(|error| rejected(key, error))?;
+            if done {
                 synced.push(key.clone());
                 continue;
             }
