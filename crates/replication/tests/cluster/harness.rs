@@ -5,13 +5,14 @@
 //! a real connection turns into a disconnect (TCP delivers in order or not at all), so both end
 //! the connection: both sessions and their sync states are dropped, and the next step reconnects
 //! with fresh ones. A duplicated frame is delivered twice: the session must cope or fail, and a
-//! failure is a disconnect too. A restart closes a store and opens its directory again.
+//! failure is a disconnect too. A restart closes a store and opens its directory again. After
+//! every frame, the receiving site's cursor is checked against what it claims to have.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use replication::{Frame, Session, SessionSettings};
+use replication::{stored_cursor, Frame, Session, SessionSettings};
 use serde_json::{Map, Value as Json};
-use store::{EntityKey, Origin, Store, StoreConfig, WriteOptions};
+use store::{EntityKey, Origin, Seq, Store, StoreConfig, WriteOptions};
 use tempfile::TempDir;
 
 /// Each site's view of one entity: its version and its fields (`None` where it lacks it).
@@ -42,6 +43,9 @@ pub struct Connection {
     /// Whether a duplicated frame went over this connection since it was set up: its sessions
     /// may fail later because of it, which is a disconnect like any other.
     tainted: bool,
+    /// How far the cursor at `ends.0` (of `ends.1`'s feed), and the one at `ends.1`, have been
+    /// checked against what they claim (see `Cluster::check_cursor`).
+    verified: [Seq; 2],
 }
 
 /// What moved, for the termination bound and the assertions.
@@ -99,6 +103,7 @@ impl Cluster {
                 sessions: None,
                 queues: [VecDeque::new(), VecDeque::new()],
                 tainted: false,
+                verified: [Seq::ZERO; 2],
             })
             .collect();
         Self {
@@ -247,7 +252,43 @@ impl Cluster {
                 }
             }
         }
+        self.check_cursor(index, 1 - direction);
         true
+    }
+
+    /// Checks that the cursor at end `at` of a connection (0: `ends.0`) claims no more than is
+    /// there: every row of the other end's feed up to it, except those that came from this very
+    /// site, is at its version here. Rows checked once stay checked: entities only gain changes.
+    fn check_cursor(&mut self, index: usize, at: usize) {
+        let (a, b) = self.connections[index].ends;
+        let (here, there) = if at == 0 { (a, b) } else { (b, a) };
+        let (store, peer) = (self.nodes[here].store(), self.nodes[there].store());
+        let cursor = stored_cursor(store, &self.nodes[there].name).expect("the cursor reads");
+        let from = self.connections[index].verified[at];
+        if cursor <= from {
+            return;
+        }
+        let came_from_here = format!("peer:{}", self.nodes[here].name);
+        for row in peer.feed(from, None, usize::MAX).expect("the feed reads") {
+            if row.seq > cursor {
+                break;
+            }
+            if row.origin.as_str() == came_from_here {
+                continue;
+            }
+            let key = EntityKey {
+                kind: row.kind,
+                id: row.id,
+            };
+            assert!(
+                store.has_version(&key, &row.version).expect("reads"),
+                "{} consumed {}'s feed up to {cursor} but lacks {key} at row {}",
+                self.nodes[here].name,
+                self.nodes[there].name,
+                row.seq
+            );
+        }
+        self.connections[index].verified[at] = cursor;
     }
 
     /// Reconnects everything and moves frames, fault-free, until no connection has anything
