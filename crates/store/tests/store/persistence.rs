@@ -210,3 +210,31 @@ fn issue_2_reopening_right_after_close_waits_for_sleds_lock() {
         assert_eq!(harness.store().get(&entity).unwrap().unwrap().data["n"], n);
     }
 }
+
+#[test]
+fn records_written_lazily_are_read_at_once_and_durable_after_a_close() {
+    use store::{RecordKey, RecordWrite};
+    let mut harness = Harness::open();
+    let record = RecordKey::new("test.lazy", &["peer"]);
+    harness
+        .store()
+        .write_records_lazily(vec![RecordWrite::put(record.clone(), "42")])
+        .unwrap();
+    assert_eq!(
+        harness.store().read_record(&record).unwrap().as_deref(),
+        Some(&b"42"[..])
+    );
+    // Closing flushes whatever is applied, lazily written records included.
+    harness.reopen();
+    assert_eq!(
+        harness.store().read_record(&record).unwrap().as_deref(),
+        Some(&b"42"[..])
+    );
+    harness.store().close().unwrap();
+    assert!(matches!(
+        harness
+            .store()
+            .write_records_lazily(vec![RecordWrite::put(record, "43")]),
+        Err(store::Error::Closed)
+    ));
+}
