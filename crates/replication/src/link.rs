@@ -136,14 +136,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let mut inbox = Inbox::new();
-    send(
-        sink,
-        stream,
-        &mut inbox,
-        Message::binary(session.hello().encode()),
-        idle_timeout,
-    )
-    .await?;
+    let hello = vec![session.hello()];
+    send_frames(sink, stream, &mut inbox, hello, idle_timeout).await?;
     let mut session = Some(session);
     let mut feed = store.subscribe();
     let mut reported = session.as_ref().map(Session::progress).unwrap_or_default();
@@ -189,17 +183,12 @@ where
             }
             () = tokio::time::sleep_until(silent_until) => return Err(Error::Idle(idle_timeout)),
         };
-        for frame in outputs {
-            let message = Message::binary(frame.encode());
-            send(sink, stream, &mut inbox, message, idle_timeout).await?;
-        }
+        send_frames(sink, stream, &mut inbox, outputs, idle_timeout).await?;
         // Replies are applied after what accepting them produced has gone out: the peer works
         // on the next batch meanwhile.
         while session.as_ref().is_some_and(Session::has_work) {
-            for frame in step(&mut session, Session::work).await? {
-                let message = Message::binary(frame.encode());
-                send(sink, stream, &mut inbox, message, idle_timeout).await?;
-            }
+            let outputs = step(&mut session, Session::work).await?;
+            send_frames(sink, stream, &mut inbox, outputs, idle_timeout).await?;
         }
         if let Some(session) = &session {
             let progress = session.progress();
@@ -221,6 +210,30 @@ where
         Some(message) => message,
         None => stream.next().await,
     }
+}
+
+/// Sends `frames` in order, each as one binary message (see [`send`]).
+async fn send_frames<S>(
+    sink: &mut Sink<S>,
+    stream: &mut Stream<S>,
+    inbox: &mut Inbox,
+    frames: Vec<Frame>,
+    timeout: Duration,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    for frame in frames {
+        send(
+            sink,
+            stream,
+            inbox,
+            Message::binary(frame.encode()),
+            timeout,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Sends one message, giving up after `timeout` (a peer that stopped reading).

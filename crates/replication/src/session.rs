@@ -6,14 +6,15 @@
 //! batches ([`Frame::Rows`]); entities whose announced version the store already has are
 //! skipped, entities it has never had are fetched whole (the sync protocol would send all their
 //! changes anyway), and the others are brought up to date with Automerge's sync protocol, many
-//! entities per round trip ([`Frame::Sync`] and [`Frame::Reply`]); once every entity of the batch has the
-//! announced version, the cursor is written to disk and the batch acknowledged
-//! ([`Frame::Done`]). As an *announcer* it does the same for the local feed, for the peer. Up
-//! to [`crate::frame::BATCHES_IN_FLIGHT`] batches are in flight, acknowledged in order.
+//! entities per round trip ([`Frame::Sync`] and [`Frame::Reply`]); once every entity of the
+//! batch has the announced version on disk, the cursor is written (it reaches the disk with the
+//! next flush) and the batch acknowledged ([`Frame::Done`]). As an *announcer* it does the same
+//! for the local feed, for the peer. Up to [`crate::frame::BATCHES_IN_FLIGHT`] batches are in
+//! flight, acknowledged in order.
 //!
 //! Sync states exist only inside a session, and only for the entities of the batches in
-//! flight, so memory is bounded by the batch size, and a reconnect always starts both sides afresh, as
-//! Automerge's sync protocol needs after a lost message. An entity whose session does not reach
+//! flight, so memory is bounded by the batch size, and a reconnect always starts both sides
+//! afresh, as Automerge's sync protocol needs after a lost message. An entity whose session does not reach
 //! the announced version within `max_rounds` round trips is reset (fresh states on both sides)
 //! and, if that fails too, sent as a whole document; after that the session fails with
 //! [`Error::Stuck`]. Anything unexpected from the peer is an error that ends the session.

@@ -45,6 +45,39 @@ fn session(store: &Store, settings: SessionSettings) -> (Session, Vec<Frame>) {
     (session, out)
 }
 
+/// The acknowledgement of `batch` with the cursor at `cursor`.
+fn done(batch: u64, cursor: u64) -> Frame {
+    Frame::Done {
+        batch,
+        cursor: Seq(cursor),
+    }
+}
+
+/// Rows of one entity, as the peer would announce them.
+fn rows_of(batch: u64, id: &str, version: &str, through: u64) -> Frame {
+    Frame::Rows {
+        batch,
+        rows: vec![Row {
+            key: key(id),
+            version: version.to_string(),
+            seq: Seq(through),
+        }],
+        through: Seq(through),
+        head: Seq(through),
+    }
+}
+
+/// The peer's whole document of `id`, as the answer to a request for it.
+fn whole_reply(batch: u64, peer: &Store, id: &str) -> Frame {
+    Frame::Reply {
+        batch,
+        entries: vec![ReplyEntry {
+            key: key(id),
+            message: peer.stored_document(&key(id)).expect("read"),
+        }],
+    }
+}
+
 #[test]
 fn entities_already_at_the_announced_version_are_skipped() {
     let (_dir, store) = open();
@@ -62,13 +95,7 @@ fn entities_already_at_the_announced_version_are_skipped() {
             head: Seq(12),
         })
         .expect("rows are accepted");
-    assert_eq!(
-        out,
-        vec![Frame::Done {
-            batch: 0,
-            cursor: Seq(9)
-        }]
-    );
+    assert_eq!(out, vec![done(0, 9)]);
     assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(9));
     let progress = session.progress();
     assert_eq!(progress.cursor, Seq(9));
@@ -140,16 +167,7 @@ fn an_entity_never_seen_here_is_fetched_whole_in_one_round_trip() {
     let version = write(&other, "1", json!({"date": "2026-12-01"}));
     let (mut session, _) = session(&store, SessionSettings::default());
     let out = session
-        .receive(Frame::Rows {
-            batch: 0,
-            rows: vec![Row {
-                key: key("1"),
-                version: version.clone(),
-                seq: Seq(1),
-            }],
-            through: Seq(1),
-            head: Seq(1),
-        })
+        .receive(rows_of(0, "1", &version, 1))
         .expect("rows are accepted");
     let Some(Frame::Sync { entries, .. }) = out.first() else {
         panic!("expected a request: {out:?}");
@@ -164,13 +182,7 @@ fn an_entity_never_seen_here_is_fetched_whole_in_one_round_trip() {
             }],
         })
         .expect("the document is applied");
-    assert_eq!(
-        out,
-        vec![Frame::Done {
-            batch: 0,
-            cursor: Seq(1)
-        }]
-    );
+    assert_eq!(out, vec![done(0, 1)]);
     assert_eq!(store.version(&key("1")).expect("read"), Some(version));
     assert_eq!(
         store.feed(Seq::ZERO, None, 1).expect("feed")[0]
@@ -389,34 +401,17 @@ fn a_reply_starts_the_next_batch_before_it_is_applied() {
     let first = write(&other, "1", json!({"date": "2026-12-01"}));
     let second = write(&other, "2", json!({"date": "2026-12-02"}));
     let (mut session, _) = session(&store, SessionSettings::default());
-    let rows = |batch: u64, id: &str, version: &str, seq: u64| Frame::Rows {
-        batch,
-        rows: vec![Row {
-            key: key(id),
-            version: version.to_string(),
-            seq: Seq(seq),
-        }],
-        through: Seq(seq),
-        head: Seq(2),
-    };
-    let out = session.accept(rows(0, "1", &first, 1)).expect("rows");
+    let out = session.accept(rows_of(0, "1", &first, 1)).expect("rows");
     assert!(
         matches!(&out[..], [Frame::Sync { batch: 0, .. }]),
         "{out:?}"
     );
     // The second batch waits while the first's request is on the wire.
-    let out = session.accept(rows(1, "2", &second, 2)).expect("rows");
+    let out = session.accept(rows_of(1, "2", &second, 2)).expect("rows");
     assert!(out.is_empty(), "{out:?}");
-    let reply = |batch: u64, id: &str| Frame::Reply {
-        batch,
-        entries: vec![ReplyEntry {
-            key: key(id),
-            message: other.stored_document(&key(id)).expect("read"),
-        }],
-    };
     // Accepting the first reply asks for the second batch at once, and applies nothing yet.
     let out = session
-        .accept(reply(0, "1"))
+        .accept(whole_reply(0, &other, "1"))
         .expect("the reply is accepted");
     assert!(
         matches!(&out[..], [Frame::Sync { batch: 1, .. }]),
@@ -424,23 +419,13 @@ fn a_reply_starts_the_next_batch_before_it_is_applied() {
     );
     assert!(session.has_work());
     assert_eq!(store.version(&key("1")).expect("read"), None);
-    assert_eq!(
-        session.work().expect("applied"),
-        vec![Frame::Done {
-            batch: 0,
-            cursor: Seq(1)
-        }]
-    );
+    assert_eq!(session.work().expect("applied"), vec![done(0, 1)]);
     assert_eq!(store.version(&key("1")).expect("read"), Some(first.clone()));
     assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(1));
-    let out = session.receive(reply(1, "2")).expect("the second reply");
-    assert_eq!(
-        out,
-        vec![Frame::Done {
-            batch: 1,
-            cursor: Seq(2)
-        }]
-    );
+    let out = session
+        .receive(whole_reply(1, &other, "2"))
+        .expect("the second reply");
+    assert_eq!(out, vec![done(1, 2)]);
     assert_eq!(
         store.version(&key("2")).expect("read"),
         Some(second.clone())
@@ -448,46 +433,13 @@ fn a_reply_starts_the_next_batch_before_it_is_applied() {
     // No more batches than may be in flight (entities not here stay in flight until fetched).
     for batch in 2..2 + crate::frame::BATCHES_IN_FLIGHT as u64 {
         session
-            .accept(rows(batch, &format!("new{batch}"), &first, batch + 1))
+            .accept(rows_of(batch, &format!("new{batch}"), &first, batch + 1))
             .expect("room for it");
     }
     assert!(matches!(
-        session.accept(rows(99, "new99", &second, 99)),
+        session.accept(rows_of(99, "new99", &second, 99)),
         Err(Error::Protocol(_))
     ));
-}
-
-/// The acknowledgement of `batch` with the cursor at `cursor`.
-fn done(batch: u64, cursor: u64) -> Frame {
-    Frame::Done {
-        batch,
-        cursor: Seq(cursor),
-    }
-}
-
-/// Rows of one entity, as the peer would announce them.
-fn rows_of(batch: u64, id: &str, version: &str, through: u64) -> Frame {
-    Frame::Rows {
-        batch,
-        rows: vec![Row {
-            key: key(id),
-            version: version.to_string(),
-            seq: Seq(through),
-        }],
-        through: Seq(through),
-        head: Seq(through),
-    }
-}
-
-/// The peer's whole document of `id`, as the answer to a request for it.
-fn whole_reply(batch: u64, peer: &Store, id: &str) -> Frame {
-    Frame::Reply {
-        batch,
-        entries: vec![ReplyEntry {
-            key: key(id),
-            message: peer.stored_document(&key(id)).expect("read"),
-        }],
-    }
 }
 
 #[test]
@@ -603,12 +555,6 @@ fn a_peer_whose_store_was_replaced_moves_the_cursor_back() {
     assert_eq!(session.progress().cursor, Seq(100));
     session.receive(rows_of(0, "1", &version, 1)).expect("rows");
     let out = session.receive(whole_reply(0, &other, "1")).expect("reply");
-    assert_eq!(
-        out,
-        vec![Frame::Done {
-            batch: 0,
-            cursor: Seq(1)
-        }]
-    );
+    assert_eq!(out, vec![done(0, 1)]);
     assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(1));
 }
