@@ -77,9 +77,9 @@ pub(crate) fn chunk_prefix(key: &EntityKey) -> Vec<u8> {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Arrival {
     pub origin: String,
-    /// The hashes of the merge's other changes, in hex.
+    /// The hashes of the merge's other changes (in hex, as Automerge writes them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub also: Vec<String>,
+    pub also: Vec<automerge::ChangeHash>,
 }
 
 /// The key of the arrival record of a merge whose first new change is `hash`.

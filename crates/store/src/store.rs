@@ -383,14 +383,14 @@ impl Store {
     /// # Errors
     /// As [`Store::write_records`].
     pub fn write_records_lazily(&self, writes: Vec<RecordWrite>) -> Result<()> {
-        if writes.is_empty() {
-            return Ok(());
-        }
         self.apply_records(&writes)
     }
 
     /// Applies side records in one atomic batch, without waiting for the flush.
     fn apply_records(&self, writes: &[RecordWrite]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
         if !self.inner.durability.is_open() {
             return Err(Error::Closed);
         }
@@ -438,7 +438,8 @@ impl Store {
     }
 
     /// Merges Automerge data from elsewhere (a saved document, or one or more encoded changes)
-    /// into the entity, recording `origin` in the feed.
+    /// into the entity, recording `origin` in the feed and, for history, as where its new changes
+    /// came from.
     ///
     /// Changes the entity already has are ignored; `seq` is `None` when nothing was new. Changes
     /// whose dependencies the entity lacks are dropped too: send them with their dependencies.
@@ -485,7 +486,8 @@ impl Store {
     }
 
     /// Applies data from elsewhere to the entity's document with `apply`, checks the result and
-    /// stages it (see [`Store::stage`]); the caller holds the entity's stripe lock until the stage
+    /// stages it (see [`Store::stage`]) with an arrival record naming `origin` for its new
+    /// changes (see `layout::Arrival`); the caller holds the entity's stripe lock until the stage
     /// is committed. An error or a panic in `apply` is [`Error::Decode`] (a panic named by
     /// `doing`), and the half-updated document is dropped, so the next reader reloads it from disk.
     pub(crate) fn stage_incoming(
@@ -520,7 +522,7 @@ impl Store {
         if let Some((first, rest)) = staged.added.split_first() {
             let arrival = layout::Arrival {
                 origin: origin.as_str().to_string(),
-                also: rest.iter().map(ChangeHash::to_string).collect(),
+                also: rest.to_vec(),
             };
             staged.writes.push((
                 layout::arrival_key(key, first),
@@ -587,31 +589,13 @@ impl Store {
     /// # Errors
     /// Storage errors only.
     pub fn history(&self, key: &EntityKey) -> Result<Option<Vec<HistoryEntry>>> {
-        let prefix = layout::arrival_prefix(key);
-        let mut arrivals = HashMap::new();
-        for entry in self.inner.db.scan_prefix(&prefix) {
-            let (raw_key, value) = entry?;
-            let corrupt = |detail: &str| Error::Corrupt {
-                what: format!("the arrival records of {key}"),
-                detail: detail.into(),
-            };
-            let first = ChangeHash::try_from(&raw_key[prefix.len()..])
-                .map_err(|_| corrupt("a key that does not end in a change hash"))?;
-            let arrival: layout::Arrival =
-                serde_json::from_slice(&value).map_err(|error| corrupt(&error.to_string()))?;
-            for hash in &arrival.also {
-                let hash: ChangeHash = hash
-                    .parse()
-                    .map_err(|_| corrupt("a value naming something other than a change hash"))?;
-                arrivals.insert(hash, arrival.origin.clone());
-            }
-            arrivals.insert(first, arrival.origin);
-        }
         self.read(key, |doc| {
             let changes = doc.get_changes(&[]);
             if changes.is_empty() {
                 return Ok(None);
             }
+            // Read under the entity's lock, so a merge cannot land between the two reads.
+            let arrivals = self.arrivals(key)?;
             Ok(Some(
                 changes
                     .iter()
@@ -631,6 +615,29 @@ impl Store {
                     .collect(),
             ))
         })
+    }
+
+    /// The origin each change merged from elsewhere arrived with, from the entity's arrival
+    /// records (see `layout::Arrival`).
+    fn arrivals(&self, key: &EntityKey) -> Result<HashMap<ChangeHash, String>> {
+        let prefix = layout::arrival_prefix(key);
+        let mut arrivals = HashMap::new();
+        for entry in self.inner.db.scan_prefix(&prefix) {
+            let (raw_key, value) = entry?;
+            let corrupt = |detail: String| Error::Corrupt {
+                what: format!("the arrival records of {key}"),
+                detail,
+            };
+            let first = ChangeHash::try_from(&raw_key[prefix.len()..])
+                .map_err(|_| corrupt("a key that does not end in a change hash".into()))?;
+            let arrival: layout::Arrival =
+                serde_json::from_slice(&value).map_err(|error| corrupt(error.to_string()))?;
+            for hash in arrival.also {
+                arrivals.insert(hash, arrival.origin.clone());
+            }
+            arrivals.insert(first, arrival.origin);
+        }
+        Ok(arrivals)
     }
 
     /// The fields whose concurrent values differ, with every value and the winner;
@@ -808,7 +815,8 @@ impl Store {
         Ok(Some(bytes))
     }
 
-    /// The bytes the store keeps for one entity (record, snapshot and chunks), for measurements.
+    /// The bytes the store keeps for one entity's document (record, snapshot and chunks), for
+    /// measurements; the arrival records history reads are left out.
     ///
     /// # Errors
     /// Storage errors only.
@@ -1140,7 +1148,7 @@ impl Store {
             // chain when it is one change; a later one goes on with it when it is one change that
             // depends on the last: with a single head before and after, the head before is the
             // last chunk's change, and the new change depends on it.
-            let single = split_changes(&chunk).len() == 1;
+            let single = changes.len() == 1;
             record.linear = match record.chunks {
                 0 => true,
                 1 => single,

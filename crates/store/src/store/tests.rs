@@ -155,3 +155,33 @@ fn a_chain_of_local_edits_loads_in_one_call_and_concurrent_history_one_change_at
     drop(store);
     assert_eq!(saved_after_reopen(here.path(), &key), saved);
 }
+
+#[test]
+fn a_damaged_arrival_record_makes_history_a_corruption_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 32);
+    let key = EntityKey::new("appointment", "1").unwrap();
+    let options = WriteOptions::new(Origin::local("alice").unwrap());
+    let written = store
+        .patch(&key, &json!({"date": "2026-12-01"}), &options)
+        .unwrap();
+    let head: ChangeHash = written.version.parse().unwrap();
+    for (raw_key, value) in [
+        // A key that does not end in a change hash.
+        (
+            [layout::arrival_prefix(&key), vec![1, 2, 3]].concat(),
+            b"{}".to_vec(),
+        ),
+        // A value that is not an arrival record.
+        (layout::arrival_key(&key, &head), b"not json".to_vec()),
+    ] {
+        store.inner.db.insert(&raw_key, value).unwrap();
+        assert!(
+            matches!(store.history(&key), Err(Error::Corrupt { .. })),
+            "{:?}",
+            store.history(&key)
+        );
+        store.inner.db.remove(&raw_key).unwrap();
+    }
+    assert_eq!(store.history(&key).unwrap().unwrap().len(), 1);
+}
