@@ -112,23 +112,25 @@ impl Connectors {
         // webhook could read the inbox or shadow from before it.
         let serialize = self.inbound_lock(id);
         let (task_handle, task_id) = (handle.clone(), id.to_string());
-        let outcome = tokio::spawn(async move {
+        // The outcome is counted on that task too, so a dropped request's webhook still counts.
+        tokio::spawn(async move {
             let _serialized = serialize.lock().await;
-            apply(&task_handle, &task_id, &body, body_sha256).await
-        })
-        .await?;
-        match &outcome {
-            Ok(outcome) if outcome.replayed => handle.counters.webhooks_duplicate.inc(),
-            Ok(outcome) if outcome.response["status"] == "stale" => {
-                handle.counters.webhooks_stale.inc()
+            let outcome = apply(&task_handle, &task_id, &body, body_sha256).await;
+            let counters = &task_handle.counters;
+            match &outcome {
+                Ok(outcome) if outcome.replayed => counters.webhooks_duplicate.inc(),
+                Ok(outcome) if outcome.response["status"] == "stale" => {
+                    counters.webhooks_stale.inc()
+                }
+                Ok(_) => counters.webhooks_applied.inc(),
+                Err(_) => counters.webhooks_rejected.inc(),
             }
-            Ok(_) => handle.counters.webhooks_applied.inc(),
-            Err(_) => handle.counters.webhooks_rejected.inc(),
-        }
-        if matches!(&outcome, Ok(outcome) if !outcome.replayed) {
-            handle.wake();
-        }
-        outcome
+            if matches!(&outcome, Ok(outcome) if !outcome.replayed) {
+                task_handle.wake();
+            }
+            outcome
+        })
+        .await?
     }
 }
 
