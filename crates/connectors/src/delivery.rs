@@ -274,15 +274,15 @@ fn due_of(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Due> {
         .map(|attempt| attempt.dead.is_none().then_some(attempt.next_at_ms)))
 }
 
-/// Delivers the entity's pending attempt once, records the outcome, and returns where the entity
-/// stands afterwards.
+/// Delivers the entity's pending attempt once and records the outcome; the worker then reads
+/// where the entity stands (see `replan_marked`).
 async fn deliver(
     handle: Arc<ConnectorHandle>,
     client: reqwest::Client,
     entity: EntityKey,
-) -> Result<Due> {
+) -> Result<()> {
     let Some(url) = handle.connector.url.clone() else {
-        return Ok(None);
+        return Ok(());
     };
     // Plan again right before sending: a webhook may have told us since that the system already
     // has some of these values. A changed delta gets a new key; it was never acknowledged.
@@ -296,16 +296,11 @@ async fn deliver(
     })
     .await??;
     let Some(attempt) = attempt.filter(|attempt| attempt.dead.is_none()) else {
-        let reader = handle.clone();
-        return tokio::task::spawn_blocking(move || due_of(&reader, &entity)).await?;
+        return Ok(());
     };
     let outcome = send(&handle, &client, &url, &attempt).await;
     let recorder = handle.clone();
-    tokio::task::spawn_blocking(move || {
-        record(&recorder, &entity, attempt, outcome)?;
-        due_of(&recorder, &entity)
-    })
-    .await?
+    tokio::task::spawn_blocking(move || record(&recorder, &entity, attempt, outcome)).await?
 }
 
 fn record(
@@ -504,7 +499,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
         }
     };
     let mut feed = handle.records.store().subscribe();
-    let mut deliveries = Deliveries::default();
+    let mut deliveries = Deliveries::new(&handle.connector.name);
     let mut index = DueIndex::new();
     let mut reload = true;
     let mut last_gc: Option<tokio::time::Instant> = None;
@@ -553,7 +548,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
                     ended
                         .into_iter()
                         .map(|(entity, result)| {
-                            let due = result.and_then(|_| replan_marked(&marked, &entity));
+                            let due = result.and_then(|()| replan_marked(&marked, &entity));
                             (entity, due)
                         })
                         .collect::<Vec<_>>()
@@ -586,24 +581,32 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
 /// The deliveries in progress (one per entity at most), each giving back its entity when it
 /// ends, also when its task panicked: a lost entity would stay in flight and never be delivered
 /// again.
-#[derive(Default)]
 struct Deliveries {
-    tasks: JoinSet<(EntityKey, Result<Due>)>,
-    /// The entity of each task, for a task that ends without handing it back (a panic).
+    /// The connector's name, for the log.
+    connector: String,
+    tasks: JoinSet<Result<()>>,
+    /// The entity of each task, by task id, which a task that panicked still has.
     entities: HashMap<tokio::task::Id, EntityKey>,
+    /// The same entities, to look up by entity.
     in_flight: HashSet<EntityKey>,
 }
 
 impl Deliveries {
+    fn new(connector: &str) -> Self {
+        Self {
+            connector: connector.to_string(),
+            tasks: JoinSet::new(),
+            entities: HashMap::new(),
+            in_flight: HashSet::new(),
+        }
+    }
+
     fn spawn(
         &mut self,
         entity: EntityKey,
-        delivery: impl Future<Output = Result<Due>> + Send + 'static,
+        delivery: impl Future<Output = Result<()>> + Send + 'static,
     ) {
-        let task_entity = entity.clone();
-        let task = self
-            .tasks
-            .spawn(async move { (task_entity, delivery.await) });
+        let task = self.tasks.spawn(delivery);
         self.in_flight.insert(entity.clone());
         self.entities.insert(task.id(), entity);
     }
@@ -626,34 +629,47 @@ impl Deliveries {
     }
 
     /// Waits for the next delivery to end; `None` when none is in progress.
-    async fn next(&mut self) -> Option<(EntityKey, Result<Due>)> {
-        let joined = self.tasks.join_next_with_id().await?;
-        self.ended(joined)
+    async fn next(&mut self) -> Option<(EntityKey, Result<()>)> {
+        loop {
+            let joined = self.tasks.join_next_with_id().await?;
+            if let Some(ended) = self.ended(joined) {
+                return Some(ended);
+            }
+        }
     }
 
     /// A delivery that has already ended, if any.
-    fn try_next(&mut self) -> Option<(EntityKey, Result<Due>)> {
-        let joined = self.tasks.try_join_next_with_id()?;
-        self.ended(joined)
+    fn try_next(&mut self) -> Option<(EntityKey, Result<()>)> {
+        loop {
+            let joined = self.tasks.try_join_next_with_id()?;
+            if let Some(ended) = self.ended(joined) {
+                return Some(ended);
+            }
+        }
     }
 
+    /// The entity of a delivery that ended and what came of it; `None` for a task this set did
+    /// not spawn, which cannot happen.
     fn ended(
         &mut self,
-        joined: std::result::Result<(tokio::task::Id, (EntityKey, Result<Due>)), JoinError>,
-    ) -> Option<(EntityKey, Result<Due>)> {
+        joined: std::result::Result<(tokio::task::Id, Result<()>), JoinError>,
+    ) -> Option<(EntityKey, Result<()>)> {
         let id = match &joined {
             Ok((id, _)) => *id,
             Err(error) => error.id(),
         };
-        let entity = self.entities.remove(&id)?;
+        let Some(entity) = self.entities.remove(&id) else {
+            tracing::error!(connector = %self.connector, task = %id, "a delivery task nobody started ended; ignored");
+            return None;
+        };
         self.in_flight.remove(&entity);
         match joined {
-            Ok((_, ended)) => Some(ended),
+            Ok((_, outcome)) => Some((entity, outcome)),
             Err(error) => {
-                tracing::error!(%entity, error = %error, "a delivery task failed; its attempt stays on disk and is retried");
+                tracing::error!(connector = %self.connector, %entity, error = %error, "a delivery task failed; its attempt stays on disk and is retried");
                 // What happened is on disk: the attempt, if its outcome was not recorded, is
-                // still due and is sent again under the same key.
-                Some((entity, Ok(None)))
+                // still due and is sent again under the same key; the worker reads it back.
+                Some((entity, Ok(())))
             }
         }
     }
@@ -746,21 +762,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_delivery_whose_task_panics_gives_its_entity_back() {
-        let mut deliveries = Deliveries::default();
-        let (calm, broken) = (
+        let mut deliveries = Deliveries::new("test");
+        let (calm, broken, failing) = (
             EntityKey::new("appointment", "calm").expect("a valid key"),
             EntityKey::new("appointment", "broken").expect("a valid key"),
+            EntityKey::new("appointment", "failing").expect("a valid key"),
         );
-        deliveries.spawn(calm.clone(), async { Ok(Some(Some(42))) });
+        deliveries.spawn(calm.clone(), async { Ok(()) });
         deliveries.spawn(broken.clone(), async { panic!("a bug in a delivery") });
+        deliveries.spawn(failing.clone(), async {
+            Err(crate::Error::NoDeadLetter("on purpose".into()))
+        });
         let mut ended = Vec::new();
-        while let Some((entity, due)) = deliveries.next().await {
-            ended.push((entity, due.expect("no delivery error")));
+        while let Some((entity, outcome)) = deliveries.next().await {
+            ended.push((entity, outcome.is_ok()));
         }
         ended.sort();
-        // The broken one is handed back with nothing known about it, so the worker reads where it
-        // stands from disk (its attempt, still due) instead of keeping it in flight forever.
-        assert_eq!(ended, vec![(broken, None), (calm, Some(Some(42)))]);
+        // The broken one is handed back as ended, so the worker reads where it stands from disk
+        // (its attempt, still due) instead of keeping it in flight forever; an error is passed on.
+        assert_eq!(ended, vec![(broken, true), (calm, true), (failing, false)]);
         assert!(deliveries.is_empty());
         assert!(deliveries.entities.is_empty());
         assert!(deliveries.in_flight().is_empty());
