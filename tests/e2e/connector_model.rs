@@ -362,11 +362,12 @@ async fn issue_3_a_webhook_whose_request_is_dropped_still_lands_whole() -> Resul
             .now_or_never()
             .is_none()
         {
-            dropped = Some((id, webhook_id, body));
+            dropped = Some((id, webhook_id, body, attempt));
             break;
         }
     }
-    let (id, webhook_id, body) = dropped.context("every webhook finished within no time at all")?;
+    let (id, webhook_id, body, attempt) =
+        dropped.context("every webhook finished within no time at all")?;
     let key = EntityKey::new("appointment", &id)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while running.store.get(&key)?.is_none() {
@@ -392,6 +393,19 @@ async fn issue_3_a_webhook_whose_request_is_dropped_still_lands_whole() -> Resul
     assert_eq!(
         from_connector, 1,
         "one change from the webhook: {history:?}"
+    );
+    // Counted once as applied (on its own task, though nobody waited for its answer), and its
+    // retry once as a duplicate; the webhooks before it finished and count as applied too. The
+    // retry waited for the dropped webhook's id lock, so its count is in by now.
+    let status = running.connectors.status("scheduler").await?;
+    assert_eq!(
+        (
+            status.webhooks_applied,
+            status.webhooks_duplicate,
+            status.webhooks_rejected
+        ),
+        (attempt + 1, 1, 0),
+        "{status:?}"
     );
     stop(running).await
 }
