@@ -6,6 +6,13 @@
 //! queued are applied at once, otherwise later, as a link does when frames arrive while it is
 //! busy. The session may refuse any frame (that ends it), but it never panics, and it never
 //! acknowledges a batch beyond what was announced to it.
+//!
+//! Unlike the other targets, an input here names the entities it touches (its frames carry
+//! kinds, ids and documents), so it may change the seeded entities, or leave entities behind,
+//! for the inputs after it in the same process. Each input still has a peer, and so a cursor,
+//! of its own, which is what the assertion checks. A crash that does not reproduce alone
+//! (`cargo fuzz run session_frames <crash file>`, a fresh process and store) needs the inputs
+//! that ran before it: rerun with the corpus directory.
 
 #![no_main]
 

@@ -2,7 +2,8 @@
 //! that every input starts from the same state, and the plain RFC 7386 model.
 //!
 //! Opening sled for every input would spend the fuzzing time on `open`; instead each input gets
-//! entities of its own in one long-lived store, so runs stay independent and reproducible.
+//! entities of its own in one long-lived store, so runs stay independent and reproducible
+//! (except `session_frames`, whose inputs name their entities: see its header).
 //! The targets themselves live in `fuzz_targets/`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
