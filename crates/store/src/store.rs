@@ -1265,7 +1265,9 @@ pub(crate) enum AfterJson {
     /// To be read from the document.
     Read,
     /// Not wanted: the written entity is left out (replication's batch merges, which only need
-    /// to know the outcome; turning every document into JSON cost as much as the merge).
+    /// to know the outcome; turning every document into JSON cost as much as the merge). Side
+    /// records would then see no fields in their `CommitView`; no caller that skips the JSON
+    /// writes side records.
     Skip,
 }
 
