@@ -292,3 +292,43 @@ fn a_nested_object_and_a_concurrent_scalar_are_a_visible_conflict() {
     values.sort();
     assert_eq!(values, vec![r#""plain""#, r#"{"code":"A"}"#]);
 }
+
+/// A merged change's feed row lists the fields whose visible value it changed: on the side whose
+/// own value wins, the other side's concurrent value changes nothing visible, and its row says
+/// so with no fields (it still gets a row: the entity has a new version).
+#[test]
+fn a_merged_change_that_loses_every_conflict_has_a_row_with_no_fields() {
+    let north = Harness::open();
+    let south = Harness::open();
+    let appointment = key("appointment", "1");
+    edit(
+        &north,
+        &appointment,
+        json!({"date": "d0", "room": "1"}),
+        "ann",
+    );
+    send(north.store(), south.store(), &appointment);
+    edit(&north, &appointment, json!({"date": "north"}), "ann");
+    edit(&south, &appointment, json!({"date": "south"}), "bob");
+    let last_row = |store: &Store| {
+        let since = store::Seq(store.last_seq().0 - 1);
+        let rows = store.feed(since, None, 10).unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        rows.into_iter().next().unwrap()
+    };
+    send(north.store(), south.store(), &appointment);
+    let at_south = last_row(south.store());
+    send(south.store(), north.store(), &appointment);
+    let at_north = last_row(north.store());
+    let winner = data(north.store(), &appointment)["date"].clone();
+    assert_eq!(winner, data(south.store(), &appointment)["date"]);
+    // The side whose own value won saw no visible change; the other saw `date` change.
+    let (won_here, lost_here) = if winner == "north" {
+        (at_north, at_south)
+    } else {
+        (at_south, at_north)
+    };
+    assert_eq!(won_here.fields, Vec::<String>::new(), "{won_here:?}");
+    assert_eq!(lost_here.fields, vec!["date".to_string()], "{lost_here:?}");
+    assert_eq!(won_here.version, lost_here.version);
+}
