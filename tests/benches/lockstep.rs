@@ -1,5 +1,7 @@
 //! The issue-2 benchmark: durable PATCH throughput and latency against a raw sled baseline,
-//! server memory after 100,000 entities, and bytes on disk per entity against Automerge's `save()`.
+//! where the CPU went during the 64-connection phases (server and client CPU per write, and the
+//! throughput that CPU per write would allow with every core busy), server memory after 100,000
+//! entities, and bytes on disk per entity against Automerge's `save()`.
 //!
 //! Run with `cargo bench -p lockstep-tests --bench lockstep` (it builds the release `lockstep`
 //! binary first). Figures are ratios against a baseline measured in the same run, because this
@@ -13,7 +15,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use lockstep_tests::bench::{
-    closed_loop, env_number, ms, release_binary, sled_baseline, ten_fields, Figures, Server,
+    closed_loop, env_number, ms, release_binary, sled_baseline, ten_fields, CpuSample, Figures,
+    Server,
 };
 use rand::{Rng, SeedableRng};
 
@@ -157,9 +160,13 @@ async fn main() -> Result<()> {
     println!("measuring: durable PATCH, 1 connection ({seconds} s)");
     let single = patch_load(&server.base, "one", 1, seconds, 1000).await?;
     println!("measuring: durable PATCH, 64 connections, new entities ({seconds} s)");
+    let before = CpuSample::take(&server)?;
     let many = patch_load(&server.base, "new", 64, seconds, 100_000).await?;
+    let many_cpu = CpuSample::take(&server)?.since(&before);
     println!("measuring: durable PATCH, 64 connections, updates ({seconds} s)");
+    let before = CpuSample::take(&server)?;
     let updates = patch_load(&server.base, "upd", 64, seconds, 16).await?;
+    let updates_cpu = CpuSample::take(&server)?.since(&before);
     drop(server);
 
     println!("measuring: memory with {entities} entities");
@@ -205,6 +212,28 @@ async fn main() -> Result<()> {
             ms(figures.p50),
             ms(figures.p99),
             figures.ops_per_sec / baseline.ops_per_sec
+        );
+    }
+    println!();
+    println!(
+        "| where the CPU went (64 connections) | server CPU per write | client CPU per request | machine busy | writes/s with every core busy | vs baseline |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, figures, cpu) in [
+        ("creations", &many, &many_cpu),
+        ("updates", &updates, &updates_cpu),
+    ] {
+        let per_op = |cores: f64| cores / figures.ops_per_sec * 1e6;
+        // What the server and this client spend per write, spread over every core: the most
+        // writes a second this machine could do with this code, if nothing else ran.
+        let ceiling = cpu.cores / ((cpu.server_cores + cpu.client_cores) / figures.ops_per_sec);
+        println!(
+            "| {name} | {:.0} µs | {:.0} µs | {:.0}% of {:.0} cores | {ceiling:.0} | {:.2}x |",
+            per_op(cpu.server_cores),
+            per_op(cpu.client_cores),
+            100.0 * cpu.machine_cores / cpu.cores,
+            cpu.cores,
+            ceiling / baseline.ops_per_sec
         );
     }
     println!();

@@ -178,6 +178,104 @@ impl Server {
     }
 }
 
+/// CPU time used so far by a process and by the whole machine, to work out where a phase's CPU
+/// went (see [`CpuSample::since`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSample {
+    at: Instant,
+    server: f64,
+    client: f64,
+    machine_busy: f64,
+}
+
+/// Where the CPU went during a phase.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuUse {
+    /// The server's CPU time, in cores (1.0 = one core busy all the time).
+    pub server_cores: f64,
+    /// This benchmark process's CPU time (the client), in cores.
+    pub client_cores: f64,
+    /// The whole machine's busy time, in cores, everything included.
+    pub machine_cores: f64,
+    /// The cores the machine has.
+    pub cores: f64,
+}
+
+impl CpuSample {
+    /// Takes a sample of `server`'s, this process's and the machine's CPU time.
+    ///
+    /// # Errors
+    /// When /proc cannot be read.
+    pub fn take(server: &Server) -> Result<Self> {
+        let pid = server.child.id().context("the server has exited")?;
+        Ok(Self {
+            at: Instant::now(),
+            server: process_cpu_seconds(&format!("/proc/{pid}/stat"))?,
+            client: process_cpu_seconds("/proc/self/stat")?,
+            machine_busy: machine_busy_seconds()?,
+        })
+    }
+
+    /// The CPU used between `earlier` and this sample, per second of wall time.
+    pub fn since(&self, earlier: &CpuSample) -> CpuUse {
+        let wall = (self.at - earlier.at).as_secs_f64().max(1e-9);
+        CpuUse {
+            server_cores: (self.server - earlier.server) / wall,
+            client_cores: (self.client - earlier.client) / wall,
+            machine_cores: (self.machine_busy - earlier.machine_busy) / wall,
+            cores: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+        }
+    }
+}
+
+/// Clock ticks per second of /proc's CPU times: Linux reports them in USER_HZ, which its ABI
+/// fixes at 100 on every architecture it runs this project on (x86-64, arm64).
+fn ticks_per_second() -> f64 {
+    100.0
+}
+
+/// User plus system CPU seconds of the process whose `stat` file is `path`.
+fn process_cpu_seconds(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
+    // The command name is in parentheses and may hold spaces; the fields after it start with
+    // the state (field 3), so utime and stime (fields 14 and 15) are the 12th and 13th.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("a /proc stat line")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| -> Result<f64> {
+        Ok(fields
+            .get(index)
+            .context("utime and stime in /proc stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / ticks_per_second())
+}
+
+/// CPU seconds the whole machine has spent on anything but idling and waiting for IO.
+fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|line| line.starts_with("cpu "))
+        .context("the cpu line of /proc/stat")?;
+    let values: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|value| value.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = values
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| *index != 3 && *index != 4)
+        .map(|(_, value)| value)
+        .take(6)
+        .sum();
+    Ok(busy / ticks_per_second())
+}
+
 /// A duration in milliseconds, for tables.
 pub fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
