@@ -238,3 +238,31 @@ fn records_written_lazily_are_read_at_once_and_durable_after_a_close() {
         Err(store::Error::Closed)
     ));
 }
+
+/// A closed store refuses side records by every path, and none of them reaches sled.
+#[test]
+fn a_closed_store_refuses_side_records_by_every_path() {
+    use store::{RecordKey, RecordWrite};
+    let harness = Harness::open();
+    let record = RecordKey::new("test.closed", &["peer"]);
+    let store = harness.store();
+    store.close().unwrap();
+    let put = || vec![RecordWrite::put(record.clone(), "1")];
+    assert!(matches!(
+        store.write_records(put()),
+        Err(store::Error::Closed)
+    ));
+    assert!(matches!(
+        store.write_records_lazily(put()),
+        Err(store::Error::Closed)
+    ));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    assert!(matches!(
+        runtime.block_on(store.write_records_async(put())),
+        Err(store::Error::Closed)
+    ));
+    assert_eq!(store.read_record(&record).unwrap(), None);
+}
