@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
-use lockstep_tests::bench::{env_number, release_binary, ten_fields};
+use lockstep_tests::bench::{env_number, release_binary, status_mib, ten_fields};
 use lockstep_tests::sites::{converged, free_port, site_toml, Dial, Process};
 use serde_json::{json, Map, Value};
 
@@ -145,18 +145,6 @@ async fn feed_head(base: &str) -> Result<u64> {
         .context("lockstep_feed_seq in /metrics")
 }
 
-/// The process's peak resident memory (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|number| number.parse().ok())
-        .context("VmHWM in /proc/<pid>/status")?;
-    Ok(kib / 1024.0)
-}
-
 fn write_config(dir: &Path, name: &str, toml: &str) -> Result<std::path::PathBuf> {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml)?;
@@ -207,7 +195,7 @@ async fn main() -> Result<()> {
     let receiver = Process::start(&binary, &receiver_config, &receiver_data, receiver_port).await?;
     let done = caught_up(&receiver_url, "source", head, Duration::from_secs(600)).await?;
     let catch_up = done - started;
-    let peak = peak_rss_mib(receiver.id().context("the receiver runs")?)?;
+    let peak = status_mib(receiver.id().context("the receiver runs")?, "VmHWM")?;
     let client = reqwest::Client::new();
     let held = converged(
         &client,

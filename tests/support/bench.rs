@@ -167,15 +167,23 @@ impl Server {
     /// When /proc cannot be read.
     pub fn rss_mib(&self) -> Result<f64> {
         let pid = self.child.id().context("the server has exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|number| number.parse().ok())
-            .context("VmRSS in /proc/<pid>/status")?;
-        Ok(kib / 1024.0)
+        status_mib(pid, "VmRSS")
     }
+}
+
+/// A memory figure of process `pid` from /proc/<pid>/status (`VmRSS`, `VmHWM`, ...), in MiB.
+///
+/// # Errors
+/// When /proc cannot be read or has no such field.
+pub fn status_mib(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/status"))?;
+    Ok(kib / 1024.0)
 }
 
 /// CPU time used so far by a process and by the whole machine, to work out where a phase's CPU
@@ -186,6 +194,7 @@ pub struct CpuSample {
     server: f64,
     client: f64,
     machine_busy: f64,
+    cpus: f64,
 }
 
 /// Where the CPU went during a phase.
@@ -197,7 +206,7 @@ pub struct CpuUse {
     pub client_cores: f64,
     /// The whole machine's busy time, in cores, everything included.
     pub machine_cores: f64,
-    /// The cores the machine has.
+    /// The cores the machine has (the `cpuN` lines of /proc/stat).
     pub cores: f64,
 }
 
@@ -208,11 +217,13 @@ impl CpuSample {
     /// When /proc cannot be read.
     pub fn take(server: &Server) -> Result<Self> {
         let pid = server.child.id().context("the server has exited")?;
+        let (machine_busy, cpus) = machine_cpu()?;
         Ok(Self {
             at: Instant::now(),
             server: process_cpu_seconds(&format!("/proc/{pid}/stat"))?,
             client: process_cpu_seconds("/proc/self/stat")?,
-            machine_busy: machine_busy_seconds()?,
+            machine_busy,
+            cpus,
         })
     }
 
@@ -223,16 +234,14 @@ impl CpuSample {
             server_cores: (self.server - earlier.server) / wall,
             client_cores: (self.client - earlier.client) / wall,
             machine_cores: (self.machine_busy - earlier.machine_busy) / wall,
-            cores: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+            cores: self.cpus,
         }
     }
 }
 
 /// Clock ticks per second of /proc's CPU times: Linux reports them in USER_HZ, which its ABI
 /// fixes at 100 on every architecture it runs this project on (x86-64, arm64).
-fn ticks_per_second() -> f64 {
-    100.0
-}
+const USER_HZ: f64 = 100.0;
 
 /// User plus system CPU seconds of the process whose `stat` file is `path`.
 fn process_cpu_seconds(path: &str) -> Result<f64> {
@@ -250,30 +259,37 @@ fn process_cpu_seconds(path: &str) -> Result<f64> {
             .context("utime and stime in /proc stat")?
             .parse::<f64>()?)
     };
-    Ok((ticks(11)? + ticks(12)?) / ticks_per_second())
+    Ok((ticks(11)? + ticks(12)?) / USER_HZ)
 }
 
-/// CPU seconds the whole machine has spent on anything but idling and waiting for IO.
-fn machine_busy_seconds() -> Result<f64> {
+/// The CPU seconds the whole machine has spent busy (anything but idle and waiting for IO), and
+/// how many CPUs it has, from /proc/stat.
+fn machine_cpu() -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat
         .lines()
         .find(|line| line.starts_with("cpu "))
         .context("the cpu line of /proc/stat")?;
-    let values: Vec<f64> = line
+    let values = line
         .split_whitespace()
         .skip(1)
-        .map(|value| value.parse().unwrap_or(0.0))
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let busy: f64 = values
+        .map(|value| value.parse::<f64>())
+        .collect::<Result<Vec<f64>, _>>()
+        .context("the cpu line of /proc/stat")?;
+    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    let busy = [0, 1, 2, 5, 6, 7]
         .iter()
-        .enumerate()
-        .filter(|(index, _)| *index != 3 && *index != 4)
-        .map(|(_, value)| value)
-        .take(6)
-        .sum();
-    Ok(busy / ticks_per_second())
+        .map(|&index| {
+            values
+                .get(index)
+                .context("8 counters on the cpu line of /proc/stat")
+        })
+        .sum::<Result<f64>>()?;
+    let cpus = stat
+        .lines()
+        .filter(|line| line.starts_with("cpu") && !line.starts_with("cpu "))
+        .count();
+    Ok((busy / USER_HZ, cpus.max(1) as f64))
 }
 
 /// A duration in milliseconds, for tables.

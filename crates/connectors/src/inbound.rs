@@ -135,9 +135,10 @@ impl Connectors {
 }
 
 /// Runs with the webhook id's lock held, on the webhook's own task. It reads small records on
-/// that task (sled serves them from its cache) and waits for the flush without holding a
-/// thread: a thread per webhook, parked until its flush, cost more than the webhook's own work
-/// under load.
+/// that task (sled serves them from its cache, though a read waits while the writer applies a
+/// batch; taking the reads out altogether gained nothing, see docs/architecture.md) and waits
+/// for the flush without holding a thread: a thread per webhook, parked until its flush, cost
+/// more than the webhook's own work under load.
 async fn apply(
     handle: &ConnectorHandle,
     webhook_id: &str,

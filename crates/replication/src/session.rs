@@ -14,10 +14,11 @@
 //!
 //! Sync states exist only inside a session, and only for the entities of the batches in
 //! flight, so memory is bounded by the batch size, and a reconnect always starts both sides
-//! afresh, as Automerge's sync protocol needs after a lost message. An entity whose session does not reach
-//! the announced version within `max_rounds` round trips is reset (fresh states on both sides)
-//! and, if that fails too, sent as a whole document; after that the session fails with
-//! [`Error::Stuck`]. Anything unexpected from the peer is an error that ends the session.
+//! afresh, as Automerge's sync protocol needs after a lost message. An entity whose session
+//! does not reach the announced version within `max_rounds` round trips is reset (fresh states
+//! on both sides) and, if that fails too, sent as a whole document; after that the session
+//! fails with [`Error::Stuck`]. Anything unexpected from the peer is an error that ends the
+//! session.
 //! Moving frames over a websocket, timeouts and reconnecting are `link`'s business.
 
 mod pull;

@@ -8,7 +8,7 @@
 //! | `e` kind `\0` id | the entity record (`EntityRecord`, JSON) |
 //! | `s` kind `\0` id | the compacted snapshot (Automerge `save()` bytes) |
 //! | `c` kind `\0` id `\0` n (u32 BE) | an incremental chunk of changes after the snapshot |
-//! | `a` kind `\0` id `\0` change hash (32 bytes) | the origin the changes of one merge from elsewhere (a peer) arrived with (`Arrival`, JSON), under the first of them |
+//! | `a` kind `\0` id `\0` change hash (32 bytes) | where the changes of one merge from elsewhere came from (`Arrival`, JSON: an origin such as `peer:north`), keyed by the first of them |
 //! | `f` seq (u64 BE) | a feed row (`FeedRow`, JSON) |
 //! | `r` space `\0` part `\0` ... | a side record of another crate (`records`) |
 //!

@@ -408,6 +408,7 @@ impl Session {
         // cannot cost a batch that is already applied its acknowledgement.
         out.extend(self.finish_batches()?);
         out.extend(self.start_next()?);
+        // A batch just started may already be complete (every entity here at its version).
         out.extend(self.finish_batches()?);
         Ok(out)
     }

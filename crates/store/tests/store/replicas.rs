@@ -30,6 +30,19 @@ fn edit(harness: &Harness, entity: &EntityKey, patch: Json, user: &str) {
     harness.store().patch(entity, &patch, &local(user)).unwrap();
 }
 
+/// Two stores sharing `appointment/1` as north created it with `base`, then edited apart:
+/// north (ann) applies `north_edit`, south (bob) `south_edit`, and nothing is exchanged yet.
+fn edited_apart(base: Json, north_edit: Json, south_edit: Json) -> (Harness, Harness, EntityKey) {
+    let north = Harness::open();
+    let south = Harness::open();
+    let appointment = key("appointment", "1");
+    edit(&north, &appointment, base, "ann");
+    send(north.store(), south.store(), &appointment);
+    edit(&north, &appointment, north_edit, "ann");
+    edit(&south, &appointment, south_edit, "bob");
+    (north, south, appointment)
+}
+
 fn data(store: &Store, entity: &EntityKey) -> Json {
     Json::Object(store.get(entity).unwrap().expect("the entity exists").data)
 }
@@ -117,27 +130,10 @@ fn issue_2_concurrent_nested_objects_merge_field_by_field() {
 
 #[test]
 fn concurrent_edits_of_one_field_are_conflicts_with_one_winner() {
-    let north = Harness::open();
-    let south = Harness::open();
-    let appointment = key("appointment", "1");
-    edit(
-        &north,
-        &appointment,
+    let (north, south, appointment) = edited_apart(
         json!({"date": "d0", "site": {"code": "A"}}),
-        "ann",
-    );
-    send(north.store(), south.store(), &appointment);
-    edit(
-        &north,
-        &appointment,
         json!({"date": "north", "site": {"code": "N"}}),
-        "ann",
-    );
-    edit(
-        &south,
-        &appointment,
         json!({"date": "south", "site": {"code": "S"}}),
-        "bob",
     );
     exchange(&north, &south, &appointment);
     let north_data = data(north.store(), &appointment);
@@ -199,23 +195,11 @@ fn a_delete_and_a_concurrent_edit_converge() {
 
 #[test]
 fn issue_2_nested_objects_replacing_a_shared_scalar_merge_field_by_field() {
-    let north = Harness::open();
-    let south = Harness::open();
-    let appointment = key("appointment", "1");
-    edit(
-        &north,
-        &appointment,
+    let (north, south, appointment) = edited_apart(
         json!({"site": "unknown", "list": [1]}),
-        "ann",
-    );
-    send(north.store(), south.store(), &appointment);
-    edit(
-        &north,
-        &appointment,
         json!({"site": {"code": "A"}, "list": {"x": 1}}),
-        "ann",
+        json!({"site": {"name": "B"}}),
     );
-    edit(&south, &appointment, json!({"site": {"name": "B"}}), "bob");
     exchange(&north, &south, &appointment);
     let expected = json!({"site": {"code": "A", "name": "B"}, "list": {"x": 1}});
     for store in [north.store(), south.store()] {
@@ -270,13 +254,11 @@ fn issue_2_nested_objects_recreated_after_a_delete_merge_field_by_field() {
 
 #[test]
 fn a_nested_object_and_a_concurrent_scalar_are_a_visible_conflict() {
-    let north = Harness::open();
-    let south = Harness::open();
-    let appointment = key("appointment", "1");
-    edit(&north, &appointment, json!({"a": 1}), "ann");
-    send(north.store(), south.store(), &appointment);
-    edit(&north, &appointment, json!({"site": {"code": "A"}}), "ann");
-    edit(&south, &appointment, json!({"site": "plain"}), "bob");
+    let (north, south, appointment) = edited_apart(
+        json!({"a": 1}),
+        json!({"site": {"code": "A"}}),
+        json!({"site": "plain"}),
+    );
     exchange(&north, &south, &appointment);
     let shown = data(north.store(), &appointment);
     assert_eq!(shown, data(south.store(), &appointment));
@@ -298,18 +280,11 @@ fn a_nested_object_and_a_concurrent_scalar_are_a_visible_conflict() {
 /// so with no fields (it still gets a row: the entity has a new version).
 #[test]
 fn a_merged_change_that_loses_every_conflict_has_a_row_with_no_fields() {
-    let north = Harness::open();
-    let south = Harness::open();
-    let appointment = key("appointment", "1");
-    edit(
-        &north,
-        &appointment,
+    let (north, south, appointment) = edited_apart(
         json!({"date": "d0", "room": "1"}),
-        "ann",
+        json!({"date": "north"}),
+        json!({"date": "south"}),
     );
-    send(north.store(), south.store(), &appointment);
-    edit(&north, &appointment, json!({"date": "north"}), "ann");
-    edit(&south, &appointment, json!({"date": "south"}), "bob");
     let last_row = |store: &Store| {
         let since = store::Seq(store.last_seq().0 - 1);
         let rows = store.feed(since, None, 10).unwrap();
