@@ -1,7 +1,8 @@
-//! Bearer tokens: 401 without or with an unknown token, 403 for a read token writing, and the
-//! token's name as the origin of every write it makes.
+//! Bearer tokens: 401 without or with an unknown token, 403 for a read token writing, the
+//! token's name as the origin of every write it makes, and no token in the logs.
 
 use anyhow::Result;
+use lockstep_tests::sites::{free_port, release_binary, Process};
 use lockstep_tests::{expect_error, within, TestServer};
 use reqwest::{Method, RequestBuilder};
 use serde_json::{json, Value};
@@ -127,4 +128,71 @@ async fn writes_carry_the_token_name_as_origin_and_no_header_can_change_it() -> 
     assert_eq!(row["origin"], json!("local:alice"));
     server.stop().await?;
     Ok(())
+}
+
+/// The release binary, logging everything (`RUST_LOG=trace`), is sent known, unknown and
+/// refused tokens: its log names the token (`alice`) but holds no token itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_never_appear_in_the_logs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("lockstep.toml");
+    std::fs::write(&config, TOKENS)?;
+    let port = free_port()?;
+    let server = Process::start_capturing(
+        &release_binary()?,
+        &config,
+        &dir.path().join("data"),
+        port,
+        "trace",
+    )
+    .await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/entities/appointment/1", server.base);
+    let unknown = "unknown-secret-token";
+    let attempts = [
+        (Some(ALICE), 201),
+        (Some(READER), 403),
+        (Some(unknown), 401),
+        (None, 401),
+    ];
+    for (token, expected) in attempts {
+        let mut request = client
+            .patch(&url)
+            .header("content-type", "application/json")
+            .body(r#"{"status": "booked"}"#);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        assert_eq!(
+            request.send().await?.status().as_u16(),
+            expected,
+            "{token:?}"
+        );
+    }
+    let read = client.get(&url).bearer_auth(READER).send().await?;
+    assert_eq!(read.status().as_u16(), 200);
+    // The request lines are logged at debug, after the response: wait for the last one.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let log = loop {
+        let log = server.log();
+        if log
+            .iter()
+            .filter(|line| line.contains("/v1/entities"))
+            .count()
+            > attempts.len()
+        {
+            break log;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the request lines were not logged: {log:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(log.iter().any(|line| line.contains("alice")), "{log:#?}");
+    for secret in [ALICE, READER, unknown] {
+        let leaks: Vec<&String> = log.iter().filter(|line| line.contains(secret)).collect();
+        assert!(leaks.is_empty(), "{secret} is in the log: {leaks:#?}");
+    }
+    server.kill().await
 }

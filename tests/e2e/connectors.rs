@@ -2,7 +2,7 @@
 //! system, signed webhooks over HTTP.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use connectors::WebhookSecret;
@@ -182,6 +182,73 @@ async fn issue_3_booking_reaches_the_scheduler_and_its_reschedule_is_not_echoed(
         received[1].header("lockstep-previous-version"),
         first.header("lockstep-version"),
     );
+    Ok(())
+}
+
+/// A scheduler connector whose external system answers with `behavior`, and one edit of
+/// `appointment/<id>` for it to deliver.
+async fn edit_for_a_system_that_answers(
+    behavior: Behavior,
+    id: &str,
+) -> Result<(FakeApi, TestServer)> {
+    let fake = FakeApi::start().await?;
+    fake.set(behavior);
+    let server = TestServer::start_with(&connector("scheduler", &fake.base, "")).await?;
+    server
+        .patch(
+            &format!("/v1/entities/appointment/{id}"),
+            &json!({"date": "2027-06-01"}),
+        )
+        .await?;
+    Ok((fake, server))
+}
+
+/// A 503 with `Retry-After` holds the next attempt back that long, though the connector's retry
+/// schedule would try again after 50 ms; the retry carries the same idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_retry_after_holds_the_next_attempt_back() -> Result<()> {
+    let (fake, _server) =
+        edit_for_a_system_that_answers(Behavior::StatusRetryAfter(503, 1), "r1").await?;
+    fake.wait_for(Duration::from_secs(10), "the first attempt", |r| {
+        r.len() == 1
+    })
+    .await?;
+    // Seen at most a poll after it was answered, so the real wait is at least this one.
+    let refused_at = Instant::now();
+    fake.set(Behavior::Status(200));
+    let received = fake
+        .wait_for(Duration::from_secs(10), "the retry", |r| r.len() == 2)
+        .await?;
+    let waited = refused_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "retried after {waited:?}, not after the 1 s Retry-After"
+    );
+    assert_eq!(
+        received[0].headers["idempotency-key"],
+        received[1].headers["idempotency-key"]
+    );
+    assert_eq!(received[1].status, 200);
+    Ok(())
+}
+
+/// A redirect is not followed: the delta is dead-lettered, its reason names the status, and
+/// nothing is sent where the redirect points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_a_redirect_is_a_dead_letter_and_is_not_followed() -> Result<()> {
+    let (fake, server) =
+        edit_for_a_system_that_answers(Behavior::Redirect("/elsewhere".into()), "d1").await?;
+    let dead = poll_until("a dead letter", || async {
+        let (_, dead) = server.get("/v1/connectors/scheduler/dead-letters").await?;
+        Ok((dead["dead_letters"].as_array().map(Vec::len) == Some(1)).then_some(dead))
+    })
+    .await?;
+    let reason = dead["dead_letters"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("302"), "{dead}");
+    let paths: Vec<String> = fake.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, vec!["/appointments/sync".to_string()]);
     Ok(())
 }
 

@@ -171,7 +171,7 @@ impl Server {
     }
 }
 
-/// A memory figure of process `pid` from /proc/<pid>/status (`VmRSS`, `VmHWM`, ...), in MiB.
+/// A memory figure of process `pid` from `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...), in MiB.
 ///
 /// # Errors
 /// When /proc cannot be read or has no such field.

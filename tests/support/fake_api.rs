@@ -54,6 +54,8 @@ pub enum Behavior {
     StatusRetryAfter(u16, u64),
     /// Wait this long before answering 200 (longer than the client's timeout simulates a hang).
     Stall(Duration),
+    /// Answer 302 Found, redirecting to this path of the fake.
+    Redirect(String),
 }
 
 /// The external system's own records: id -> field -> value.
@@ -190,6 +192,7 @@ async fn record(
         Behavior::Status(status) => (*status, None, None),
         Behavior::StatusRetryAfter(status, seconds) => (*status, Some(*seconds), None),
         Behavior::Stall(duration) => (200, None, Some(*duration)),
+        Behavior::Redirect(_) => (302, None, None),
     };
     // Recorded before answering: a stalled request is recorded with status 0, since the client
     // gives up before the answer comes.
@@ -219,6 +222,12 @@ async fn record(
     }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, "{}").into_response();
+    if let Behavior::Redirect(location) = &behavior {
+        response.headers_mut().insert(
+            "location",
+            location.parse().expect("a path is a valid header value"),
+        );
+    }
     if let Some(seconds) = retry_after {
         response.headers_mut().insert(
             "retry-after",

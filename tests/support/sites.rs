@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -90,6 +91,8 @@ pub struct Process {
     child: Child,
     /// `http://127.0.0.1:<port>`.
     pub base: String,
+    /// Every line it has logged, when started with [`Process::start_capturing`].
+    log: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 impl Process {
@@ -99,6 +102,39 @@ impl Process {
     /// # Errors
     /// When it does not start listening within the deadline.
     pub async fn start(binary: &Path, config: &Path, data: &Path, port: u16) -> Result<Self> {
+        Self::spawn(binary, config, data, port, "info", false).await
+    }
+
+    /// [`Process::start`] with `RUST_LOG=<rust_log>`, keeping every line the process logs for
+    /// [`Process::log`].
+    ///
+    /// # Errors
+    /// When it does not start listening within the deadline.
+    pub async fn start_capturing(
+        binary: &Path,
+        config: &Path,
+        data: &Path,
+        port: u16,
+        rust_log: &str,
+    ) -> Result<Self> {
+        Self::spawn(binary, config, data, port, rust_log, true).await
+    }
+
+    /// The lines logged so far (empty unless started with [`Process::start_capturing`]).
+    pub fn log(&self) -> Vec<String> {
+        self.log.as_ref().map_or_else(Vec::new, |log| {
+            log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        })
+    }
+
+    async fn spawn(
+        binary: &Path,
+        config: &Path,
+        data: &Path,
+        port: u16,
+        rust_log: &str,
+        capture: bool,
+    ) -> Result<Self> {
         let mut child = Command::new(binary)
             .arg("serve")
             .arg("--config")
@@ -107,7 +143,7 @@ impl Process {
             .arg(data)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -115,10 +151,14 @@ impl Process {
             .context("starting lockstep serve")?;
         let stderr = child.stderr.take().context("no stderr pipe")?;
         let mut lines = BufReader::new(stderr).lines();
+        let log = capture.then(|| Arc::new(Mutex::new(Vec::new())));
+        let keep = |line: String| keep_line(log.as_ref(), line);
         let wanted = format!("listening on 127.0.0.1:{port}");
         tokio::time::timeout(TIMEOUT * 2, async {
             while let Some(line) = lines.next_line().await? {
-                if line.contains(&wanted) {
+                let listening = line.contains(&wanted);
+                keep(line);
+                if listening {
                     return Ok(());
                 }
             }
@@ -127,10 +167,16 @@ impl Process {
         .await
         .context("waiting for the listening line")??;
         // Keep draining stderr so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let drained = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                keep_line(drained.as_ref(), line);
+            }
+        });
         Ok(Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            log,
         })
     }
 
@@ -149,6 +195,13 @@ impl Process {
             .await
             .context("the killed process did not exit")??;
         Ok(())
+    }
+}
+
+/// Adds `line` to `log`, when lines are kept.
+fn keep_line(log: Option<&Arc<Mutex<Vec<String>>>>, line: String) {
+    if let Some(log) = log {
+        log.lock().unwrap_or_else(|p| p.into_inner()).push(line);
     }
 }
 
