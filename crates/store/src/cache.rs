@@ -71,11 +71,18 @@ impl DocCache {
 /// for; anything else is a miss, and the caller reads the document.
 pub(crate) struct JsonCache {
     // A std Mutex: it is held only for a map operation.
-    entries: Mutex<LruCache<EntityKey, VersionedFields>>,
+    entries: Mutex<LruCache<EntityKey, CachedFields>>,
 }
 
-/// An entity's version and its fields at that version.
-type VersionedFields = (String, Map<String, Json>);
+/// An entity's fields at one version.
+pub(crate) struct CachedFields {
+    /// The version the fields are of.
+    pub(crate) version: String,
+    /// The fields.
+    pub(crate) fields: Map<String, Json>,
+    /// Whether they are settled (see `document::Current`).
+    pub(crate) settled: bool,
+}
 
 impl JsonCache {
     pub(crate) fn new(capacity: usize) -> Self {
@@ -86,21 +93,18 @@ impl JsonCache {
     }
 
     /// Takes out the fields of `key` at `version`, if they are here.
-    pub(crate) fn take(&self, key: &EntityKey, version: &str) -> Option<Map<String, Json>> {
+    pub(crate) fn take(&self, key: &EntityKey, version: &str) -> Option<CachedFields> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        match entries.pop(key) {
-            Some((cached, fields)) if cached == version => Some(fields),
-            _ => None,
-        }
+        entries.pop(key).filter(|cached| cached.version == version)
     }
 
-    /// Remembers the fields of `key` at `version`.
-    pub(crate) fn put(&self, key: EntityKey, version: String, fields: Map<String, Json>) {
+    /// Remembers the fields of `key` at a version.
+    pub(crate) fn put(&self, key: EntityKey, fields: CachedFields) {
         let evicted = self
             .entries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(key, (version, fields));
+            .push(key, fields);
         drop(evicted);
     }
 }

@@ -97,12 +97,13 @@ impl Stamp {
 /// write and must be dropped.
 ///
 /// `current` is the entity's JSON before the write, when it is known: a field whose patch value
-/// differs from it is written without reading the document first.
+/// differs from it is written without reading the document first, and when it is settled, a
+/// field whose patch value equals it is left alone without reading the document either.
 fn merge_patch(
     doc: &mut Automerge,
     patch: &Map<String, Json>,
     stamp: &Stamp,
-    current: Option<&Map<String, Json>>,
+    current: Option<Current<'_>>,
 ) -> Result<Touched> {
     let mut touched = Touched::default();
     create_maps(doc, &ROOT, patch, stamp, "", &mut touched)?;
@@ -110,8 +111,10 @@ fn merge_patch(
         transact(doc, stamp, |tx| Ok(tx.init_root_from_hydrate(&root)?))?;
         return Ok(Touched::unknown());
     }
+    let settled = current.is_some_and(|current| current.settled);
+    let current = current.map(|current| current.fields);
     transact(doc, stamp, |tx| {
-        apply_merge_patch(tx, &ROOT, patch, current, "", &mut touched)
+        apply_merge_patch(tx, &ROOT, patch, current, settled, "", &mut touched)
     })?;
     Ok(touched)
 }
@@ -194,6 +197,19 @@ pub(crate) enum JsonEdit<'a> {
     Replace(&'a Map<String, Json>),
 }
 
+/// What a local write knows of the entity's fields before it (see [`JsonEdit::apply_to`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Current<'a> {
+    /// The fields as JSON.
+    pub(crate) fields: &'a Map<String, Json>,
+    /// No field of a map among them holds concurrent values. A local write never makes a
+    /// conflict (its values supersede every value the document holds), so this stays true from
+    /// a document's creation until a change from elsewhere brings concurrent values; a local
+    /// write that settles a conflict does not make it true again (the next read of the whole
+    /// document does, see [`fields_settled`]).
+    pub(crate) settled: bool,
+}
+
 impl JsonEdit<'_> {
     /// Applies the edit to the document (see [`merge_patch`] and [`replace`]); `current` is the
     /// entity's JSON before it, when known.
@@ -201,7 +217,7 @@ impl JsonEdit<'_> {
         &self,
         doc: &mut Automerge,
         stamp: &Stamp,
-        current: Option<&Map<String, Json>>,
+        current: Option<Current<'_>>,
     ) -> Result<Touched> {
         match self {
             JsonEdit::MergePatch(patch) => merge_patch(doc, patch, stamp, current),
@@ -399,19 +415,24 @@ fn needs_write<T: Transactable>(
     })
 }
 
-/// `current` is `obj` as JSON before the write, when known (see [`merge_patch`]).
+/// `current` is `obj` as JSON before the write, when known, and `settled` says whether it is
+/// settled (see [`merge_patch`] and [`Current`]).
 fn apply_merge_patch<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     patch: &Map<String, Json>,
     current: Option<&Map<String, Json>>,
+    settled: bool,
     prefix: &str,
     touched: &mut Touched,
 ) -> Result<()> {
     for (key, patch_value) in patch {
+        // The field's current value: `Some(None)` when it is known to be absent.
+        let known = current.map(|current| current.get(key.as_str()));
         match patch_value {
             Json::Null => {
-                if tx.get(obj, key.as_str())?.is_some() {
+                let absent = settled && known == Some(None);
+                if !absent && tx.get(obj, key.as_str())?.is_some() {
                     tx.delete(obj, key.as_str())?;
                     touched.add(prefix, key);
                 }
@@ -433,17 +454,21 @@ fn apply_merge_patch<T: Transactable>(
                     &child,
                     child_patch,
                     child_current,
+                    settled,
                     &join(prefix, key),
                     touched,
                 )?;
             }
             value => {
                 // A value that differs from the one the field reads as is written whatever the
-                // document holds; only an equal one needs the lookup (a conflict is settled by
-                // writing the winner again).
-                let differs =
-                    current.is_some_and(|current| current.get(key.as_str()) != Some(value));
-                if differs || needs_write(tx, obj, key, value, touched)? {
+                // document holds, and an equal one of a settled field is not; otherwise the
+                // document is asked (a conflict is settled by writing the winner again).
+                let write = match known {
+                    Some(known) if known != Some(value) => true,
+                    Some(_) if settled => false,
+                    _ => needs_write(tx, obj, key, value, touched)?,
+                };
+                if write {
                     put_json(tx, obj, Prop::Map(key.clone()), value, Nulls::Omit)?;
                     touched.add_value(prefix, key, value);
                 }
@@ -609,21 +634,24 @@ pub(crate) fn object_to_json<R: ReadDoc + ?Sized>(
     obj: &ObjId,
     heads: Option<&[ChangeHash]>,
 ) -> Json {
-    object_json(doc, obj, heads, 0)
+    object_json(doc, obj, heads, 0, &mut false)
 }
 
+/// [`object_to_json`] that also sets `conflicted` when a field of a map it reads holds
+/// concurrent values.
 fn object_json<R: ReadDoc + ?Sized>(
     doc: &R,
     obj: &ObjId,
     heads: Option<&[ChangeHash]>,
     depth: usize,
+    conflicted: &mut bool,
 ) -> Json {
     if depth > READ_DEPTH {
         return Json::Null;
     }
-    let value_json = |value: Option<(Value<'_>, ObjId)>| match value {
+    let mut value_json = |value: Option<(Value<'_>, ObjId)>| match value {
         Some((Value::Scalar(scalar), _)) => scalar_to_json(&scalar),
-        Some((Value::Object(_), child)) => object_json(doc, &child, heads, depth + 1),
+        Some((Value::Object(_), child)) => object_json(doc, &child, heads, depth + 1, conflicted),
         None => Json::Null,
     };
     match doc.object_type(obj) {
@@ -636,8 +664,11 @@ fn object_json<R: ReadDoc + ?Sized>(
             let mut fields: Vec<(String, Json)> = items
                 .into_iter()
                 .map(|item| {
+                    *conflicted |= item.conflict;
                     let value = match item.value {
-                        ValueRef::Object(_) => object_json(doc, &item.id(), heads, depth + 1),
+                        ValueRef::Object(_) => {
+                            object_json(doc, &item.id(), heads, depth + 1, conflicted)
+                        }
                         scalar => match scalar.into_value() {
                             Value::Scalar(scalar) => scalar_to_json(&scalar),
                             Value::Object(_) => Json::Null,
@@ -736,9 +767,19 @@ pub(crate) fn has_fields(doc: &Automerge) -> bool {
 
 /// The entity's fields (at `heads`, or now).
 pub(crate) fn fields(doc: &Automerge, heads: Option<&[ChangeHash]>) -> Map<String, Json> {
-    match object_to_json(doc, &ROOT, heads) {
-        Json::Object(fields) => fields,
-        _ => Map::new(),
+    fields_settled(doc, heads).0
+}
+
+/// The entity's fields (at `heads`, or now), and whether they are settled: no field of a map
+/// among them holds concurrent values (see [`Current`]).
+pub(crate) fn fields_settled(
+    doc: &Automerge,
+    heads: Option<&[ChangeHash]>,
+) -> (Map<String, Json>, bool) {
+    let mut conflicted = false;
+    match object_json(doc, &ROOT, heads, 0, &mut conflicted) {
+        Json::Object(fields) => (fields, !conflicted),
+        _ => (Map::new(), !conflicted),
     }
 }
 

@@ -22,7 +22,7 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
 use crate::batch::{self, Edit, WriteRequest};
-use crate::cache::{DocCache, JsonCache};
+use crate::cache::{CachedFields, DocCache, JsonCache};
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
@@ -998,13 +998,22 @@ impl Store {
             }
         }
         // The entity's JSON before the write, when the write's result depends on it and it is
-        // cached for exactly this version.
-        let current_json = if !edit.needs_current() || before.is_empty() {
-            Some(Map::new())
+        // cached for exactly this version, and whether it is settled (a new document is).
+        let cached = if before.is_empty() {
+            None
         } else {
             self.inner
                 .json
                 .take(key, &Version::from_heads(before.clone()).to_string())
+        };
+        let (current_json, settled) = match cached {
+            _ if before.is_empty() => (Some(Map::new()), true),
+            cached if !edit.needs_current() => (
+                Some(Map::new()),
+                cached.is_some_and(|cached| cached.settled),
+            ),
+            Some(cached) => (Some(cached.fields), cached.settled),
+            None => (None, false),
         };
         let stamp = document::Stamp {
             message: options.origin.to_string(),
@@ -1012,7 +1021,10 @@ impl Store {
         };
         // On failure the document may hold part of the write: it is dropped, not cached, so the
         // next reader loads what is on disk.
-        let touched = edit.apply_to(&mut doc, &stamp, current_json.as_ref())?;
+        let current = current_json
+            .as_ref()
+            .map(|fields| document::Current { fields, settled });
+        let touched = edit.apply_to(&mut doc, &stamp, current)?;
         let json_after = current_json.map(|current| edit.apply(current));
         if !existed && !document::has_fields(&doc) && doc.get_heads() != before {
             // Creating an entity with no fields would make a change nobody can read; refuse it.
@@ -1028,7 +1040,10 @@ impl Store {
             &options.origin,
             records,
             touched.fields(),
-            json_after.map_or(AfterJson::Read, AfterJson::Known),
+            json_after.map_or(AfterJson::Read, |fields| AfterJson::Known {
+                fields,
+                settled,
+            }),
         )
     }
 
@@ -1072,23 +1087,25 @@ impl Store {
         let after = doc.get_heads();
         let version = Version::from_heads(after.clone()).to_string();
         let exists = document::has_fields(&doc);
-        let entity = match json {
-            AfterJson::Skip => None,
-            AfterJson::Known(data) => {
-                let entity = (!data.is_empty()).then(|| Entity {
-                    kind: key.kind.clone(),
-                    id: key.id.clone(),
-                    version: version.clone(),
-                    data,
-                });
+        let (entity, settled) = match json {
+            AfterJson::Skip => (None, false),
+            AfterJson::Known { fields, settled } => {
+                let entity = entity_of(key, &version, fields);
                 debug_assert_eq!(
                     serde_json::to_string(&entity).ok(),
                     serde_json::to_string(&entity_from(key, &doc, None)).ok(),
                     "the JSON worked out for a write differs from the document's"
                 );
-                entity
+                debug_assert!(
+                    !settled || document::fields_settled(&doc, None).1,
+                    "a write said to leave the fields settled left a conflict"
+                );
+                (entity, settled)
             }
-            AfterJson::Read => entity_from(key, &doc, None),
+            AfterJson::Read => {
+                let (fields, settled) = document::fields_settled(&doc, None);
+                (entity_of(key, &version, fields), settled)
+            }
         };
         let no_fields = Map::new();
         let side_records = records(&CommitView {
@@ -1109,6 +1126,7 @@ impl Store {
                 writes,
                 added: Vec::new(),
                 row: None,
+                settled,
                 written: Written {
                     entity,
                     exists,
@@ -1170,6 +1188,7 @@ impl Store {
             doc,
             writes,
             added,
+            settled,
             row: Some(StagedRow {
                 origin: origin.clone(),
                 fields,
@@ -1246,10 +1265,12 @@ impl Store {
             .into_iter()
             .map(|item| {
                 if let Some(entity) = &item.written.entity {
-                    let version = item.written.version.clone();
-                    self.inner
-                        .json
-                        .put(item.key.clone(), version, entity.data.clone());
+                    let cached = CachedFields {
+                        version: item.written.version.clone(),
+                        fields: entity.data.clone(),
+                        settled: item.settled,
+                    };
+                    self.inner.json.put(item.key.clone(), cached);
                 }
                 self.put_back(&item.key, item.doc);
                 item.written
@@ -1260,8 +1281,11 @@ impl Store {
 
 /// The entity's JSON after a change, for [`Store::stage`].
 pub(crate) enum AfterJson {
-    /// Worked out by the caller.
-    Known(Map<String, Json>),
+    /// Worked out by the caller, and whether they are settled (see `document::Current`).
+    Known {
+        fields: Map<String, Json>,
+        settled: bool,
+    },
     /// To be read from the document.
     Read,
     /// Not wanted: the written entity is left out (replication's batch merges, which only need
@@ -1279,6 +1303,8 @@ pub(crate) struct Staged {
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// The changes the write adds to the document.
     added: Vec<ChangeHash>,
+    /// Whether the fields in `written` are settled (see `document::Current`).
+    settled: bool,
     /// The feed row's content, when the write changed the document.
     row: Option<StagedRow>,
     written: Written,
@@ -1397,7 +1423,12 @@ fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -
         Some(heads) => Version::from_heads(heads.to_vec()),
         None => Version::from_heads(doc.get_heads()),
     };
-    Some(Entity {
+    entity_of(key, &version.to_string(), data)
+}
+
+/// The entity with `data` at `version`; `None` when it has no fields (it reads as absent).
+fn entity_of(key: &EntityKey, version: &str, data: Map<String, Json>) -> Option<Entity> {
+    (!data.is_empty()).then(|| Entity {
         kind: key.kind.clone(),
         id: key.id.clone(),
         version: version.to_string(),

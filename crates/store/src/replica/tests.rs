@@ -133,6 +133,46 @@ fn issue_2_writing_the_winning_value_settles_a_conflict() {
     assert!(b.conflicts(&key).expect("read").expect("exists").is_empty());
 }
 
+/// Local writes skip the document lookup for a field whose value they leave as it is while the
+/// entity's fields are settled; a conflict brought by a merge must end that, in nested maps too.
+#[test]
+fn issue_2_writing_the_winning_value_settles_a_conflict_in_a_nested_map() {
+    let (_dirs, a, b, key) = edited_apart(
+        json!({"site": {"code": "A", "room": "1"}}),
+        json!({"site": {"code": "B"}}),
+    );
+    // `a` settles on its own fields first, so its cached JSON is settled before the merge.
+    a.patch(&key, &json!({"site": {"room": "2"}}), &alice())
+        .expect("write a");
+    a.patch(&key, &json!({"site": {"room": "2"}}), &alice())
+        .expect("an equal write");
+    sync_until_quiet(&a, &b, &key);
+    assert_eq!(a.conflicts(&key).expect("read").expect("exists").len(), 1);
+    let winner = a.get(&key).expect("read").expect("exists").data["site"]["code"].clone();
+    let written = a
+        .patch(
+            &key,
+            &json!({"site": {"code": winner, "room": "2"}}),
+            &alice(),
+        )
+        .expect("resolve");
+    assert!(
+        written.seq.is_some(),
+        "writing the winner again must be a change"
+    );
+    assert!(a.conflicts(&key).expect("read").expect("exists").is_empty());
+    // Settled again: an equal write changes nothing.
+    let again = a
+        .patch(&key, &json!({"site": {"code": winner}}), &alice())
+        .expect("equal write");
+    assert!(
+        again.seq.is_none(),
+        "an equal write of a settled field is no change"
+    );
+    sync_until_quiet(&a, &b, &key);
+    assert!(b.conflicts(&key).expect("read").expect("exists").is_empty());
+}
+
 #[test]
 fn stored_documents_merge_into_an_empty_replica_at_the_same_version() {
     let (dir_a, dir_b) = (
