@@ -14,7 +14,7 @@ use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
 use crate::error::{Error, Result};
 use crate::registry::{ConnectorHandle, Connectors};
 use crate::signature::SignatureError;
-use crate::state::{sha256_hex, InboxRecord};
+use crate::state::{sha256_hex, InboxRecord, Records};
 
 /// The parts of an inbound request the connector needs.
 #[derive(Clone, Copy, Debug)]
@@ -146,7 +146,8 @@ async fn apply(
     body_sha256: String,
 ) -> Result<WebhookOutcome> {
     let records = &handle.records;
-    if let Some(previous) = records.inbox(webhook_id)? {
+    let inbox_key = records.inbox_key(webhook_id);
+    if let Some(previous) = records.inbox(&inbox_key)? {
         if previous.body_sha256 != body_sha256 {
             return Err(Error::IdReused {
                 id: webhook_id.to_string(),
@@ -185,7 +186,7 @@ async fn apply(
                     connector.version_field.as_deref().unwrap_or_default()),
             });
             records
-                .write_async(vec![records.put_inbox(webhook_id, &inbox(&response))])
+                .write_async(vec![Records::put_inbox(inbox_key, &inbox(&response))])
                 .await?;
             return Ok(WebhookOutcome {
                 response,
@@ -223,19 +224,19 @@ async fn apply(
     // The change, its feed row, the inbox record and the new shadow go through the store's
     // writer queue, so concurrent webhooks share a sled batch and a flush. This thread keeps the
     // entity's connector lock until the write is durable, as the shadow it wrote is then the
-    // one on disk.
-    let records_for_batch = records.clone();
-    let inbox_id = webhook_id.to_string();
-    let (inbox_key, inbox_unknown) = (key.clone(), unknown.clone());
+    // one on disk. Everything but the response is worked out here, off the store's writer
+    // thread, which runs the closure.
+    let shadow_write = records.put_shadow(&key, &shadow);
+    let (entity, inbox_unknown) = (key.clone(), unknown.clone());
     let written = records
         .store()
         .submit_with(
             request,
             Box::new(move |view| {
-                let response = applied(&inbox_key, view.changed, view.version, &inbox_unknown);
+                let response = applied(&entity, view.changed, view.version, &inbox_unknown);
                 vec![
-                    records_for_batch.put_inbox(&inbox_id, &inbox(&response)),
-                    records_for_batch.put_shadow(&inbox_key, &shadow),
+                    Records::put_inbox(inbox_key, &inbox(&response)),
+                    shadow_write,
                 ]
             }),
         )

@@ -228,19 +228,22 @@ impl Records {
             .collect())
     }
 
-    fn inbox_key(&self, webhook_id: &str) -> RecordKey {
+    /// Where the inbox record of `webhook_id` is kept.
+    pub(crate) fn inbox_key(&self, webhook_id: &str) -> RecordKey {
         RecordKey::new(
             INBOX,
             &[&self.connector, &sha256_hex(webhook_id.as_bytes())],
         )
     }
 
-    pub(crate) fn inbox(&self, webhook_id: &str) -> Result<Option<InboxRecord>> {
-        read(&self.store, &self.inbox_key(webhook_id))
+    /// The inbox record at `key` (see [`Self::inbox_key`]).
+    pub(crate) fn inbox(&self, key: &RecordKey) -> Result<Option<InboxRecord>> {
+        read(&self.store, key)
     }
 
-    pub(crate) fn put_inbox(&self, webhook_id: &str, record: &InboxRecord) -> RecordWrite {
-        RecordWrite::put(self.inbox_key(webhook_id), encode(record))
+    /// Writes `record` at `key` (see [`Self::inbox_key`]).
+    pub(crate) fn put_inbox(key: RecordKey, record: &InboxRecord) -> RecordWrite {
+        RecordWrite::put(key, encode(record))
     }
 
     /// Inbox records older than `cutoff_ms`, as deletions.
