@@ -15,7 +15,9 @@ use crate::key::EntityKey;
 
 pub(crate) struct DocCache {
     // A std Mutex: it is held only for a map operation, never across I/O or an await.
-    documents: Mutex<LruCache<EntityKey, Automerge>>,
+    // Boxed: an `Automerge` is 3.5 KiB, and a write moves its document in and out of the cache
+    // and through its batch several times.
+    documents: Mutex<LruCache<EntityKey, Box<Automerge>>>,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
 }
@@ -31,7 +33,7 @@ impl DocCache {
     }
 
     /// Takes a document out of the cache, counting the hit or miss.
-    pub(crate) fn take(&self, key: &EntityKey) -> Option<Automerge> {
+    pub(crate) fn take(&self, key: &EntityKey) -> Option<Box<Automerge>> {
         let taken = self
             .documents
             .lock()
@@ -47,7 +49,7 @@ impl DocCache {
     }
 
     /// Puts a document (back) into the cache, evicting the least recently used one if full.
-    pub(crate) fn put(&self, key: EntityKey, document: Automerge) {
+    pub(crate) fn put(&self, key: EntityKey, document: Box<Automerge>) {
         let evicted = self
             .documents
             .lock()

@@ -537,7 +537,11 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::Decode`] when the data nests objects deeper than [`crate::MAX_DEPTH`].
-    pub(crate) fn vet_incoming(&self, doc: Automerge, before: &[ChangeHash]) -> Result<Automerge> {
+    pub(crate) fn vet_incoming(
+        &self,
+        doc: Box<Automerge>,
+        before: &[ChangeHash],
+    ) -> Result<Box<Automerge>> {
         // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make reads of the
         // entity recurse that deep and its history cost the square of the depth.
         if document::creates_deeper_than(&doc, before, document::MAX_DEPTH) {
@@ -551,7 +555,7 @@ impl Store {
             // their columns are only decoded once the dependencies arrive, maybe in a local write
             // outside `catch_unwind`. They are not persisted, so they are not kept either; a peer
             // sends them again with their dependencies.
-            return without_orphans(&doc, &self.inner.actor);
+            return without_orphans(&doc, &self.inner.actor).map(Box::new);
         }
         Ok(doc)
     }
@@ -888,14 +892,16 @@ impl Store {
 
     /// The entity's document from the cache or disk; a new empty one when it never existed.
     /// The caller holds the entity's stripe lock.
-    pub(crate) fn load(&self, key: &EntityKey) -> Result<Automerge> {
+    pub(crate) fn load(&self, key: &EntityKey) -> Result<Box<Automerge>> {
         if let Some(doc) = self.inner.cache.take(key) {
             return Ok(doc);
         }
         // The record says what there is to read: nothing at all for an entity that never
         // existed, which is every creation, and no chunk scan right after a compaction.
         let Some(record) = self.record(key)? else {
-            return Ok(Automerge::new().with_actor(self.inner.actor.clone()));
+            return Ok(Box::new(
+                Automerge::new().with_actor(self.inner.actor.clone()),
+            ));
         };
         let snapshot = if record.snapshot_bytes > 0 {
             self.inner
@@ -955,7 +961,7 @@ impl Store {
                 record.version
             )));
         }
-        Ok(doc.with_actor(self.inner.actor.clone()))
+        Ok(Box::new(doc.with_actor(self.inner.actor.clone())))
     }
 
     pub(crate) fn read<T>(
@@ -1048,7 +1054,7 @@ impl Store {
     }
 
     /// Returns a document that a write left unchanged to the cache (unless it never existed).
-    pub(crate) fn put_back(&self, key: &EntityKey, doc: Automerge) {
+    pub(crate) fn put_back(&self, key: &EntityKey, doc: Box<Automerge>) {
         if !doc.is_empty() {
             self.inner.cache.put(key.clone(), doc);
         }
@@ -1076,7 +1082,7 @@ impl Store {
     pub(crate) fn stage(
         &self,
         key: &EntityKey,
-        doc: Automerge,
+        doc: Box<Automerge>,
         before: &[ChangeHash],
         existed: bool,
         origin: &Origin,
@@ -1298,7 +1304,7 @@ pub(crate) enum AfterJson {
 /// A write worked out by [`Store::stage`] and not yet applied to sled.
 pub(crate) struct Staged {
     key: EntityKey,
-    doc: Automerge,
+    doc: Box<Automerge>,
     /// The sled keys to set (`Some`) or remove (`None`), feed row aside.
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// The changes the write adds to the document.
