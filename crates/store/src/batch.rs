@@ -183,6 +183,7 @@ impl Store {
                             key,
                             doc,
                             &heads,
+                            None,
                             false,
                             &options.origin,
                             records,

@@ -27,8 +27,8 @@ use std::collections::{BTreeSet, HashMap};
 use automerge::legacy;
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
-    hydrate, Automerge, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc, ScalarValue,
-    Value, ValueRef, ROOT,
+    hydrate, Automerge, Change, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc,
+    ScalarValue, Value, ValueRef, ROOT,
 };
 use serde::Serialize;
 use serde_json::{Map, Number, Value as Json};
@@ -708,22 +708,24 @@ fn object_json<R: ReadDoc + ?Sized>(
     }
 }
 
-/// Whether the changes the document gained since `before` create an object nested more than
-/// `limit` levels below the root, at the moment they create it.
+/// Whether `doc` may nest objects more than `limit` levels below the root. Each level of
+/// nesting is an operation that makes an object, so a document with at most `limit` operations
+/// in all cannot; most records are that small, and decoding their changes to look
+/// ([`creates_deeper_than`]) costs more than merging them.
+pub(crate) fn may_nest_deeper_than(doc: &Automerge, limit: usize) -> bool {
+    doc.stats().num_ops > limit as u64
+}
+
+/// Whether `changes`, which `doc` gained since some earlier version, create an object nested more
+/// than `limit` levels below the root, at the moment they create it.
 ///
 /// Objects never move, so this bounds the depth of every version of the document, not just the
 /// current one: reading history diffs each change, and Automerge's cost for that grows with the
 /// square of the depth. The store never writes deeper than [`MAX_DEPTH`], so objects that were
 /// already there are trusted to be within the limit.
-pub(crate) fn creates_deeper_than(doc: &Automerge, before: &[ChangeHash], limit: usize) -> bool {
-    // Each level of nesting is an operation that makes an object, so a document with at most
-    // `limit` operations in all cannot nest deeper; most records are that small, and decoding
-    // their changes to look costs more than merging them.
-    if doc.stats().num_ops <= limit as u64 {
-        return false;
-    }
+pub(crate) fn creates_deeper_than(doc: &Automerge, changes: &[Change], limit: usize) -> bool {
     let mut depths: HashMap<legacy::OpId, usize> = HashMap::new();
-    for change in doc.get_changes(before) {
+    for change in changes {
         let expanded = change.decode();
         for (index, op) in expanded.operations.iter().enumerate() {
             if !matches!(op.action, legacy::OpType::Make(_)) {

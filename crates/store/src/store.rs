@@ -506,11 +506,12 @@ impl Store {
             Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
             Err(_) => return Err(Error::Decode(format!("automerge panicked {doing}"))),
         }
-        let doc = self.vet_incoming(doc, &before)?;
+        let (doc, changes) = self.vet_incoming(doc, &before)?;
         let mut staged = self.stage(
             key,
             doc,
             &before,
+            changes,
             existed,
             origin,
             |_| Vec::new(),
@@ -533,7 +534,8 @@ impl Store {
     }
 
     /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
-    /// returns the document to persist.
+    /// returns the document to persist, with the changes it gained since `before` when the check
+    /// had to build them (for [`Store::stage`], which would build them again).
     ///
     /// # Errors
     /// [`Error::Decode`] when the data nests objects deeper than [`crate::MAX_DEPTH`].
@@ -541,23 +543,27 @@ impl Store {
         &self,
         doc: Box<Automerge>,
         before: &[ChangeHash],
-    ) -> Result<Box<Automerge>> {
+    ) -> Result<(Box<Automerge>, Option<Vec<Change>>)> {
         // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make reads of the
         // entity recurse that deep and its history cost the square of the depth.
-        if document::creates_deeper_than(&doc, before, document::MAX_DEPTH) {
-            return Err(Error::Decode(format!(
-                "objects are nested more than {} levels deep",
-                document::MAX_DEPTH
-            )));
+        let changes = document::may_nest_deeper_than(&doc, document::MAX_DEPTH)
+            .then(|| doc.get_changes(before));
+        if let Some(changes) = &changes {
+            if document::creates_deeper_than(&doc, changes, document::MAX_DEPTH) {
+                return Err(Error::Decode(format!(
+                    "objects are nested more than {} levels deep",
+                    document::MAX_DEPTH
+                )));
+            }
         }
         if !doc.get_missing_deps(&[]).is_empty() {
             // Changes whose dependencies this document lacks wait in Automerge's queue, unchecked:
             // their columns are only decoded once the dependencies arrive, maybe in a local write
             // outside `catch_unwind`. They are not persisted, so they are not kept either; a peer
             // sends them again with their dependencies.
-            return without_orphans(&doc, &self.inner.actor).map(Box::new);
+            return Ok((Box::new(without_orphans(&doc, &self.inner.actor)?), None));
         }
-        Ok(doc)
+        Ok((doc, changes))
     }
 
     /// The entity as it is now, or `None` when it does not exist.
@@ -1042,6 +1048,7 @@ impl Store {
             key,
             doc,
             &before,
+            None,
             existed,
             &options.origin,
             records,
@@ -1072,7 +1079,8 @@ impl Store {
     /// side records `records` returns) without touching sled; [`Store::commit`] writes it with its
     /// feed row. The caller holds the entity's stripe lock until then, and stages an entity at
     /// most once per commit, because the entity record read here must still be the one on disk.
-    /// `known_fields` are the fields the change wrote, when the caller knows them (see
+    /// `changes` are the changes `doc` gained since `before`, when the caller already built them
+    /// (`doc.get_changes(before)`). `known_fields` are the fields the change wrote, when the caller knows them (see
     /// [`document::Touched`]); otherwise they come from a diff. `json` says whether the entity's
     /// fields after the change are known, to be read from `doc`, or not wanted.
     #[allow(
@@ -1084,6 +1092,7 @@ impl Store {
         key: &EntityKey,
         doc: Box<Automerge>,
         before: &[ChangeHash],
+        changes: Option<Vec<Change>>,
         existed: bool,
         origin: &Origin,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
@@ -1155,9 +1164,19 @@ impl Store {
             }
             None => document::changed_fields(&doc.diff(before, &after)),
         };
-        let mut record = self.record(key)?.unwrap_or_default();
+        // A document with no changes was loaded (under the caller's stripe lock) from no record:
+        // a new entity has none to read.
+        let mut record = if before.is_empty() {
+            debug_assert!(
+                self.record(key)?.is_none(),
+                "an entity with a record loaded as an empty document"
+            );
+            EntityRecord::default()
+        } else {
+            self.record(key)?.unwrap_or_default()
+        };
         // What `save_after(before)` returns, keeping the changes' hashes.
-        let changes = doc.get_changes(before);
+        let changes = changes.unwrap_or_else(|| doc.get_changes(before));
         let added: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
         let mut chunk = Vec::with_capacity(changes.iter().map(|c| c.raw_bytes().len()).sum());
         for change in &changes {

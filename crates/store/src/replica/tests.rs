@@ -204,6 +204,41 @@ fn stored_documents_merge_into_an_empty_replica_at_the_same_version() {
     assert_eq!(a.stored_document(&missing).expect("read"), None);
 }
 
+/// Merges into documents with more operations than `MAX_DEPTH` build their new changes once, for
+/// the nesting check, and persist those: what they persist must reopen as the same document.
+#[test]
+fn merges_into_large_documents_persist_every_change() {
+    let (dirs, a, b, key) = edited_apart(json!({"n": 0}), json!({"m": 0}));
+    let b_dir = dirs[1].path().to_path_buf();
+    for round in 1..=3 {
+        for edit in 0..(crate::MAX_DEPTH as u64) {
+            a.patch(&key, &json!({"n": edit, "site": {"code": edit}}), &alice())
+                .expect("write a");
+        }
+        b.patch(&key, &json!({"m": round}), &alice())
+            .expect("write b");
+        sync_until_quiet(&a, &b, &key);
+    }
+    let merged = a.stored_document(&key).expect("read").expect("exists");
+    let other = EntityKey::new("appointment", "2").expect("valid");
+    b.merge(&other, &merged, &Origin::parse("peer:a").expect("valid"))
+        .expect("merge whole");
+    let (version, entity, history) = (
+        b.version(&key).expect("read"),
+        b.get(&key).expect("read"),
+        b.history(&key).expect("read"),
+    );
+    assert_eq!(version, a.version(&key).expect("read"));
+    assert_eq!(b.version(&other).expect("read"), version);
+    b.close().expect("close");
+    drop(b);
+    let reopened = Store::open(StoreConfig::new(&b_dir)).expect("reopens");
+    assert_eq!(reopened.version(&key).expect("read"), version);
+    assert_eq!(reopened.get(&key).expect("read"), entity);
+    assert_eq!(reopened.history(&key).expect("read"), history);
+    assert_eq!(reopened.version(&other).expect("read"), version);
+}
+
 #[test]
 fn a_batch_merge_spread_over_threads_answers_each_entity_in_order() {
     let (dir_a, dir_b) = (
