@@ -12,6 +12,7 @@ use lru::LruCache;
 use serde_json::{Map, Value as Json};
 
 use crate::key::EntityKey;
+use crate::layout::EntityRecord;
 
 pub(crate) struct DocCache {
     // A std Mutex: it is held only for a map operation, never across I/O or an await.
@@ -108,5 +109,40 @@ impl JsonCache {
             .unwrap_or_else(|p| p.into_inner())
             .push(key, fields);
         drop(evicted);
+    }
+}
+
+/// The entity records of recently written or loaded entities, so that a write does not read its
+/// entity's record from sled (a lookup that also waits while the writer applies a batch). An
+/// entry is only filled or replaced by a thread holding the entity's stripe lock, from what is on
+/// disk or what it has just applied, so it always equals the record on disk.
+pub(crate) struct RecordCache {
+    // A std Mutex: it is held only for a map operation.
+    entries: Mutex<LruCache<EntityKey, EntityRecord>>,
+}
+
+impl RecordCache {
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
+        Self {
+            entries: Mutex::new(LruCache::new(capacity)),
+        }
+    }
+
+    /// The record of `key`, if it is here.
+    pub(crate) fn get(&self, key: &EntityKey) -> Option<EntityRecord> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Remembers the record of `key` as it is on disk now.
+    pub(crate) fn put(&self, key: EntityKey, record: EntityRecord) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(key, record);
     }
 }

@@ -22,7 +22,7 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
 use crate::batch::{self, Edit, WriteRequest};
-use crate::cache::{CachedFields, DocCache, JsonCache};
+use crate::cache::{CachedFields, DocCache, JsonCache, RecordCache};
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
@@ -223,6 +223,8 @@ pub(crate) struct Inner {
     cache: DocCache,
     /// The JSON of recently written entities (see `JsonCache`).
     json: JsonCache,
+    /// The entity records of recently written or loaded entities (see `RecordCache`).
+    records: RecordCache,
     stripes: Vec<Mutex<()>>,
     /// The last feed sequence number handed out; held while numbering and applying one batch.
     commit: Mutex<Seq>,
@@ -274,6 +276,7 @@ impl Store {
                     durability,
                     cache: DocCache::new(config.cache_entries),
                     json: JsonCache::new(config.cache_entries),
+                    records: RecordCache::new(config.cache_entries),
                     stripes,
                     commit: Mutex::new(last_seq),
                     // A fresh actor per opening: a change that was applied but never flushed before a
@@ -785,6 +788,7 @@ impl Store {
                 encode_record(&record),
             );
             self.inner.db.apply_batch(batch)?;
+            self.inner.records.put(key.clone(), record);
             self.inner.cache.put(key, doc);
             drop(guard);
             compacted += 1;
@@ -896,6 +900,19 @@ impl Store {
             .transpose()
     }
 
+    /// [`Store::record`] for a caller holding the entity's stripe lock: from the record cache when
+    /// it is there, and kept there when it is read from disk.
+    fn record_locked(&self, key: &EntityKey) -> Result<Option<EntityRecord>> {
+        if let Some(record) = self.inner.records.get(key) {
+            return Ok(Some(record));
+        }
+        let record = self.record(key)?;
+        if let Some(record) = &record {
+            self.inner.records.put(key.clone(), record.clone());
+        }
+        Ok(record)
+    }
+
     /// The entity's document from the cache or disk; a new empty one when it never existed.
     /// The caller holds the entity's stripe lock.
     pub(crate) fn load(&self, key: &EntityKey) -> Result<Box<Automerge>> {
@@ -904,7 +921,7 @@ impl Store {
         }
         // The record says what there is to read: nothing at all for an entity that never
         // existed, which is every creation, and no chunk scan right after a compaction.
-        let Some(record) = self.record(key)? else {
+        let Some(record) = self.record_locked(key)? else {
             return Ok(Box::new(
                 Automerge::new().with_actor(self.inner.actor.clone()),
             ));
@@ -1140,6 +1157,7 @@ impl Store {
                 doc,
                 writes,
                 added: Vec::new(),
+                record: None,
                 row: None,
                 settled,
                 written: Written {
@@ -1173,7 +1191,7 @@ impl Store {
             );
             EntityRecord::default()
         } else {
-            self.record(key)?.unwrap_or_default()
+            self.record_locked(key)?.unwrap_or_default()
         };
         // What `save_after(before)` returns, keeping the changes' hashes.
         let changes = changes.unwrap_or_else(|| doc.get_changes(before));
@@ -1219,6 +1237,7 @@ impl Store {
                 fields,
                 exists: record.exists,
             }),
+            record: Some(record),
             written: Written {
                 created: !existed && exists,
                 entity,
@@ -1285,6 +1304,11 @@ impl Store {
             *last_seq = seq;
             self.inner.durability.applied(seq);
         }
+        for item in &mut staged {
+            if let Some(record) = item.record.take() {
+                self.inner.records.put(item.key.clone(), record);
+            }
+        }
         self.inner.writes.fetch_add(rows as u64, Ordering::Relaxed);
         Ok(staged
             .into_iter()
@@ -1328,6 +1352,8 @@ pub(crate) struct Staged {
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// The changes the write adds to the document.
     added: Vec<ChangeHash>,
+    /// The entity record among `writes`, for the record cache once it is applied.
+    record: Option<EntityRecord>,
     /// Whether the fields in `written` are settled (see `document::Current`).
     settled: bool,
     /// The feed row's content, when the write changed the document.

@@ -62,6 +62,48 @@ fn edits_become_chunks_and_compaction_folds_them_into_a_snapshot() {
         .unwrap();
     assert_eq!(record.snapshot_bytes, snapshot.len() as u64);
     assert_eq!(record.version, store.get(&key).unwrap().unwrap().version);
+    // The writes after a compaction start from the compacted record, not one remembered from
+    // before it (the record cache), and the cache holds what is on disk.
+    for n in [100, 101] {
+        store.patch(&key, &json!({ "n": n }), &options).unwrap();
+    }
+    let record = store.record(&key).unwrap().unwrap();
+    assert_eq!(record.chunks, 2);
+    assert_eq!(chunk_count(&store, &key), 2);
+    assert_eq!(store.inner.records.get(&key), Some(record));
+}
+
+#[test]
+fn the_record_cache_holds_what_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 4);
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let keys: Vec<_> = (0..3)
+        .map(|id| EntityKey::new("appointment", id.to_string()).unwrap())
+        .collect();
+    for n in 0..10 {
+        for key in &keys {
+            store.patch(key, &json!({ "n": n }), &options).unwrap();
+            assert_eq!(store.inner.records.get(key), store.record(key).unwrap());
+        }
+    }
+    store.delete(&keys[0], &options).unwrap();
+    assert_eq!(
+        store.inner.records.get(&keys[0]),
+        store.record(&keys[0]).unwrap()
+    );
+    // A write that fails its precondition changes neither.
+    let stale = Version::parse(&store.record(&keys[1]).unwrap().unwrap().version).unwrap();
+    store.patch(&keys[1], &json!({"n": -1}), &options).unwrap();
+    let mut conditional = options.clone();
+    conditional.if_match = Some(stale);
+    assert!(store
+        .patch(&keys[1], &json!({"n": -2}), &conditional)
+        .is_err());
+    assert_eq!(
+        store.inner.records.get(&keys[1]),
+        store.record(&keys[1]).unwrap()
+    );
 }
 
 #[test]
