@@ -7,7 +7,8 @@
 //! binary first). Figures are ratios against a baseline measured in the same run, because this
 //! machine is shared and its absolute speed varies. `LOCKSTEP_BENCH_SECONDS` sets each
 //! throughput phase's length (default 5), `LOCKSTEP_BENCH_ENTITIES` the memory phase's entity
-//! count (default 100,000).
+//! count (default 100,000), and `LOCKSTEP_BENCH_BINARY` a `lockstep` binary to run instead of
+//! building this checkout's (to compare two builds in alternating runs on a noisy machine).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

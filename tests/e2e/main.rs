@@ -5,7 +5,8 @@
 //! `limits` body size, timeouts and the concurrency cap, `bad_input` every malformed request
 //! (each must change nothing and leave the server serving), `shutdown` graceful shutdown with
 //! writes in flight, `crash` kill -9 of the release binary, and `replication` sites peered with
-//! each other (in process, and three release-binary processes with one killed and restarted).
+//! each other (in process, and three release-binary processes with one killed and restarted),
+//! and `priority` the CPU priorities of the release binary's threads.
 
 mod api;
 mod auth;
@@ -15,5 +16,6 @@ mod connector_model;
 mod connectors;
 mod crash;
 mod limits;
+mod priority;
 mod replication;
 mod shutdown;

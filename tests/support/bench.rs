@@ -90,11 +90,16 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds and locates the release `lockstep` binary.
+/// Builds and locates the release `lockstep` binary, or returns the one `LOCKSTEP_BENCH_BINARY`
+/// names without building anything.
 ///
 /// # Errors
 /// When the build fails.
 pub fn release_binary() -> Result<PathBuf> {
+    // A binary built elsewhere (another checkout, for an A/B comparison) is run as it is.
+    if let Some(binary) = std::env::var_os("LOCKSTEP_BENCH_BINARY") {
+        return Ok(PathBuf::from(binary));
+    }
     let status = std::process::Command::new(env!("CARGO"))
         .args(["build", "--release", "-p", "lockstep-cli"])
         .current_dir(workspace_root())

@@ -78,8 +78,9 @@ fn main() -> Result<()> {
     init_tracing()?;
     match cli.command {
         Command::Serve(args) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            runtime.block_on(serve(args))
+            let config = load_config(args)?;
+            let runtime = request_runtime(config.request_threads_nice)?;
+            runtime.block_on(serve(config))
         }
         Command::DefaultConfig => {
             print!("{}", server::DEFAULT_TOML);
@@ -104,18 +105,51 @@ fn init_tracing() -> Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+fn load_config(args: ServeArgs) -> Result<Config> {
     let sources = ConfigSources {
         file: args.config.as_deref(),
         env: std::env::vars().collect(),
         listen: args.listen,
         data_dir: args.data_dir,
     };
-    let config = match &args.config {
+    match &args.config {
         Some(path) => Config::load(sources)
-            .with_context(|| format!("loading the configuration with {}", path.display()))?,
-        None => Config::load(sources).context("loading the configuration")?,
-    };
+            .with_context(|| format!("loading the configuration with {}", path.display())),
+        None => Config::load(sources).context("loading the configuration"),
+    }
+}
+
+/// The runtime that serves requests. Each of its threads, workers and blocking threads alike,
+/// lowers its own CPU priority by `nice` steps as it starts, so that when every core is busy the
+/// store's writer thread (started from a thread of the process's priority, see `server::run`)
+/// gets the CPU first: every write waits for it, while request threads can take what is left.
+fn request_runtime(nice: u8) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if nice > 0 {
+        builder.on_thread_start(move || lower_priority(nice));
+    }
+    builder.build().context("starting the tokio runtime")
+}
+
+/// Lowers the calling thread's priority by `nice` steps. On Linux `setpriority` with a thread
+/// id applies to that thread only; threads it starts later inherit the value.
+#[cfg(target_os = "linux")]
+fn lower_priority(nice: u8) {
+    let thread = rustix::thread::gettid();
+    let lowered = rustix::process::getpriority_process(Some(thread)).and_then(|current| {
+        rustix::process::setpriority_process(Some(thread), current + i32::from(nice))
+    });
+    if let Err(error) = lowered {
+        // Nothing depends on it but speed under full load.
+        tracing::warn!(%error, "cannot lower a request thread's CPU priority");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(_nice: u8) {}
+
+async fn serve(config: Config) -> Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

@@ -23,12 +23,20 @@ mod tests;
 /// The built-in defaults, with a comment on every setting.
 pub const DEFAULT_TOML: &str = include_str!("../config.default.toml");
 
+/// The largest `request_threads_nice`: Linux nice values end at 19.
+const MAX_NICE: u8 = 19;
+
 /// The most writer threads a store may run; more only contend with each other.
 const MAX_WRITER_THREADS: usize = 64;
 
 /// The environment variables the server reads, each with the key it sets and how its value is typed.
 const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
     ("LOCKSTEP_LISTEN", &["listen"], EnvValue::Text),
+    (
+        "LOCKSTEP_REQUEST_THREADS_NICE",
+        &["request_threads_nice"],
+        EnvValue::Integer,
+    ),
     ("LOCKSTEP_DATA_DIR", &["store", "data_dir"], EnvValue::Text),
     (
         "LOCKSTEP_CACHE_ENTRIES",
@@ -107,6 +115,10 @@ enum EnvValue {
 pub struct Config {
     /// The address `lockstep serve` listens on.
     pub listen: SocketAddr,
+    /// How many nice steps below the process the threads that serve requests run (tokio's worker
+    /// and blocking threads), so that the store's writer thread gets the CPU first when every
+    /// core is busy; 0 to 19, 0 to run them alike. Applied by the `lockstep` binary, on Linux.
+    pub request_threads_nice: u8,
     /// Where and how entities are stored.
     pub store: StoreSettings,
     /// Request limits and timeouts.
@@ -408,6 +420,12 @@ impl Config {
                 detail: detail.into(),
             })
         };
+        if self.request_threads_nice > MAX_NICE {
+            return invalid(
+                "request_threads_nice",
+                &format!("must be between 0 and {MAX_NICE}"),
+            );
+        }
         if self.store.data_dir.as_os_str().is_empty() {
             return invalid("store.data_dir", "must not be empty");
         }

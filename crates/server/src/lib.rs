@@ -93,9 +93,20 @@ pub async fn run(
 ) -> Result<()> {
     let store_config = config.store.store_config();
     let path = store_config.path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+    // On a thread of its own, not one of tokio's: the store's writer and flush threads start
+    // from it and inherit its CPU priority, the process's, where tokio's threads may run lower
+    // (`request_threads_nice`, set by the `lockstep` binary).
+    let (opened, open) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("lockstep-open".into())
+        .spawn(move || {
+            // The receiver only goes away when `run` is dropped, and then nobody needs the store.
+            let _ = opened.send(Store::open(store_config));
+        })
+        .map_err(|error| Error::OpenThread(error.to_string()))?;
+    let store = open
         .await
-        .map_err(Error::StoreTask)?
+        .map_err(|_| Error::OpenThread("it panicked".into()))?
         .map_err(|source| Error::OpenStore { path, source })?;
     tracing::info!(data_dir = %config.store.data_dir.display(), "store open");
     run_with_store(config, store, listener, shutdown).await

@@ -32,6 +32,7 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(config.store.cache_entries, 4096);
     assert_eq!(config.store.sync_mode, SyncMode::Flush);
     assert_eq!(config.store.writer_threads, 1);
+    assert_eq!(config.request_threads_nice, 5);
     assert_eq!(config.limits.max_body_bytes, 1024 * 1024);
     assert_eq!(config.limits.request_timeout, Duration::from_secs(30));
     assert_eq!(config.limits.header_read_timeout, Duration::from_secs(10));
@@ -81,6 +82,7 @@ fn environment_variables_override_the_file() {
             ("LOCKSTEP_CACHE_ENTRIES", "20"),
             ("LOCKSTEP_SYNC_MODE", "fsync"),
             ("LOCKSTEP_WRITER_THREADS", "4"),
+            ("LOCKSTEP_REQUEST_THREADS_NICE", "0"),
             ("LOCKSTEP_HEADER_READ_TIMEOUT", "2s"),
             ("LOCKSTEP_AUTH_TOKENS", "alice:write:tok-a, bob:read:tok:b"),
             ("PATH", "/usr/bin"),
@@ -92,6 +94,7 @@ fn environment_variables_override_the_file() {
     assert_eq!(config.store.sync_mode, SyncMode::Fsync);
     assert_eq!(config.store.writer_threads, 4);
     assert_eq!(config.store.store_config().writer_threads, 4);
+    assert_eq!(config.request_threads_nice, 0);
     assert_eq!(config.limits.header_read_timeout, Duration::from_secs(2));
     let tokens: Vec<_> = config
         .auth
@@ -179,6 +182,15 @@ fn bad_values_name_their_key_or_variable() {
             .expect_err("out of range");
         assert!(
             error.to_string().contains("store.writer_threads"),
+            "{error}"
+        );
+    }
+
+    for nice in ["20", "-1"] {
+        let error =
+            load_toml(&format!("request_threads_nice = {nice}\n"), &[]).expect_err("out of range");
+        assert!(
+            error.to_string().contains("request_threads_nice"),
             "{error}"
         );
     }
