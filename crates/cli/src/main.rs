@@ -140,9 +140,12 @@ fn lower_priority(nice: u8) {
     let lowered = rustix::process::getpriority_process(Some(thread)).and_then(|current| {
         rustix::process::setpriority_process(Some(thread), current + i32::from(nice))
     });
+    // Nothing depends on it but speed under full load; said once, not for every thread.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Err(error) = lowered {
-        // Nothing depends on it but speed under full load.
-        tracing::warn!(%error, "cannot lower a request thread's CPU priority");
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(%error, "cannot lower the request threads' CPU priority");
+        }
     }
 }
 

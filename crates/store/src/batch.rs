@@ -21,6 +21,9 @@ use crate::key::EntityKey;
 use crate::records::{CommitView, RecordWrite};
 use crate::store::{AfterJson, Inner, Staged, Store, Unflushed, WriteOptions, Written};
 
+#[cfg(test)]
+mod tests;
+
 /// What a write does to an entity.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Edit {
