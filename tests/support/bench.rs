@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -98,7 +98,13 @@ fn workspace_root() -> PathBuf {
 pub fn release_binary() -> Result<PathBuf> {
     // A binary built elsewhere (another checkout, for an A/B comparison) is run as it is.
     if let Some(binary) = std::env::var_os("LOCKSTEP_BENCH_BINARY") {
-        return Ok(PathBuf::from(binary));
+        let binary = PathBuf::from(binary);
+        ensure!(
+            binary.is_file(),
+            "LOCKSTEP_BENCH_BINARY names {}, which is not a file",
+            binary.display()
+        );
+        return Ok(binary);
     }
     let status = std::process::Command::new(env!("CARGO"))
         .args(["build", "--release", "-p", "lockstep-cli"])

@@ -136,14 +136,16 @@ fn request_runtime(nice: u8) -> Result<tokio::runtime::Runtime> {
 /// id applies to that thread only; threads it starts later inherit the value.
 #[cfg(target_os = "linux")]
 fn lower_priority(nice: u8) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     let thread = rustix::thread::gettid();
     let lowered = rustix::process::getpriority_process(Some(thread)).and_then(|current| {
         rustix::process::setpriority_process(Some(thread), current + i32::from(nice))
     });
     // Nothing depends on it but speed under full load; said once, not for every thread.
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static WARNED: AtomicBool = AtomicBool::new(false);
     if let Err(error) = lowered {
-        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        if !WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(%error, "cannot lower the request threads' CPU priority");
         }
     }

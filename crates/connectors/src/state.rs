@@ -22,6 +22,9 @@ use store::{EntityKey, RecordKey, RecordWrite, Seq, Store};
 
 use crate::error::{Error, Result};
 
+#[cfg(test)]
+mod tests;
+
 const STATE: &str = "connector.state";
 const SHADOW: &str = "connector.shadow";
 const OUTBOX: &str = "connector.outbox";

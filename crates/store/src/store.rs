@@ -774,7 +774,7 @@ impl Store {
             let guard = self.lock(&key);
             let doc = self.load(&key)?;
             let mut writes = Vec::new();
-            let mut record = self.record(&key)?.unwrap_or(record);
+            let mut record = self.record_locked(&key)?.unwrap_or(record);
             write_snapshot(&self.inner.db, &key, &doc, &mut record, &mut writes)?;
             let mut batch = sled::Batch::default();
             for (raw_key, value) in writes {
@@ -1304,15 +1304,13 @@ impl Store {
             *last_seq = seq;
             self.inner.durability.applied(seq);
         }
-        for item in &mut staged {
-            if let Some(record) = item.record.take() {
-                self.inner.records.put(item.key.clone(), record);
-            }
-        }
         self.inner.writes.fetch_add(rows as u64, Ordering::Relaxed);
         Ok(staged
             .into_iter()
             .map(|item| {
+                if let Some(record) = item.record {
+                    self.inner.records.put(item.key.clone(), record);
+                }
                 if let Some(entity) = &item.written.entity {
                     let cached = CachedFields {
                         version: item.written.version.clone(),

@@ -1,0 +1,45 @@
+//! Webhook ids are forgotten only once older than the retention cutoff, and only the connector's
+//! own.
+
+use serde_json::json;
+use store::StoreConfig;
+
+use super::*;
+
+fn received_at(at_ms: u64) -> InboxRecord {
+    InboxRecord {
+        body_sha256: "0".repeat(64),
+        response: json!({"status": "applied"}),
+        at_ms,
+    }
+}
+
+#[test]
+fn inbox_records_expire_after_the_cutoff_and_only_the_connectors_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+    // A name that starts like the first one: its ids must not be taken for the first's.
+    let (records, other) = (
+        Records::new(store.clone(), "scheduler"),
+        Records::new(store.clone(), "scheduler-b"),
+    );
+    records
+        .write(vec![
+            Records::put_inbox(records.inbox_key("old"), &received_at(1_000)),
+            Records::put_inbox(records.inbox_key("at-cutoff"), &received_at(2_000)),
+            Records::put_inbox(records.inbox_key("new"), &received_at(3_000)),
+            Records::put_inbox(other.inbox_key("old"), &received_at(1_000)),
+        ])
+        .unwrap();
+    let expired = records.expired_inbox(2_000).unwrap();
+    assert_eq!(expired.len(), 1);
+    records.write(expired).unwrap();
+    assert_eq!(records.inbox(&records.inbox_key("old")).unwrap(), None);
+    for kept in ["at-cutoff", "new"] {
+        assert!(records.inbox(&records.inbox_key(kept)).unwrap().is_some());
+    }
+    assert_eq!(
+        other.inbox(&other.inbox_key("old")).unwrap(),
+        Some(received_at(1_000))
+    );
+}
