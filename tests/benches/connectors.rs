@@ -52,7 +52,10 @@ async fn webhook_load(base: &str, connections: u64, seconds: u64) -> Result<Figu
                 "officeCode": format!("N{round}"),
             })
             .to_string();
-            let id = format!("msg_{connection}_{round}");
+            // Unique across phases too: the 64-connection phase's first connection must not
+            // replay the 1-connection phase's ids (a replay is answered from the inbox, without
+            // a write, and would flatter the figure).
+            let id = format!("msg_{connections}_{connection}_{round}");
             let timestamp = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs() as i64);

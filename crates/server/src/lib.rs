@@ -72,7 +72,7 @@ pub use error::{Error, Result};
 
 use crate::auth::Tokens;
 use crate::metrics::Metrics;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 
 /// The site name when `replication.site` is empty: the bound address, e.g. `127.0.0.1_7878`.
 fn default_site(listener: &TcpListener) -> String {
@@ -153,7 +153,7 @@ pub async fn run_with_store(
         tasks.spawn(worker.instrument(tracing::info_span!("ws", peer = %name)));
     }
     tracing::info!(%site, peers = config.validated_peers.len(), "replication ready");
-    let state = AppState {
+    let state = AppState::new(Shared {
         connectors,
         replication,
         store: store.clone(),
@@ -163,7 +163,7 @@ pub async fn run_with_store(
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
         config: config.clone(),
-    };
+    });
     let app = routes::app(state);
     connection::accept(listener, app, &config.limits, &shutdown, &force, &tasks).await;
 

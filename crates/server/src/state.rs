@@ -16,9 +16,14 @@ use crate::auth::Tokens;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-/// Shared by every handler and middleware; cheap to clone.
+/// Shared by every handler and middleware. Cloning it is one reference count: axum clones the
+/// state for every middleware and extractor of every request, and cloning each shared part on
+/// its own cost a dozen atomic updates per clone on the request threads.
 #[derive(Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+/// What [`AppState`] shares; its fields read through `AppState` (`state.store`).
+pub(crate) struct Shared {
     pub(crate) store: Store,
     /// The configured connectors (webhooks in, deliveries out, admin).
     pub(crate) connectors: connectors::Connectors,
@@ -35,6 +40,10 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
+    pub(crate) fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+
     /// Runs `work` with the store on a blocking thread tracked by the server's `TaskTracker`.
     pub(crate) async fn blocking<T, F>(&self, work: F) -> Result<T, ApiError>
     where
@@ -49,5 +58,13 @@ impl AppState {
                 source: Box::new(join_error),
             }),
         }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
     }
 }

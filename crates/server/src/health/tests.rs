@@ -17,7 +17,7 @@ use super::{healthz, readyz};
 use crate::auth::Tokens;
 use crate::config::{Config, ConfigSources};
 use crate::metrics::Metrics;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 
 fn state(dir: &std::path::Path) -> AppState {
     let config = Config::load(ConfigSources {
@@ -26,7 +26,7 @@ fn state(dir: &std::path::Path) -> AppState {
     })
     .expect("the defaults are valid");
     let store = Store::open(config.store.store_config()).expect("a fresh directory opens");
-    AppState {
+    AppState::new(Shared {
         connectors: ::connectors::Connectors::new(store.clone(), Vec::new()),
         replication: ::replication::Replication::new(
             store.clone(),
@@ -42,7 +42,7 @@ fn state(dir: &std::path::Path) -> AppState {
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
         config: Arc::new(config),
-    }
+    })
 }
 
 #[tokio::test]
