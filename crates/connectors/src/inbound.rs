@@ -110,11 +110,11 @@ impl Connectors {
         // dropped (the client hangs up, the request times out): its write may already be queued,
         // and its id's and entity's locks must be held until that write has landed, or another
         // webhook could read the inbox or shadow from before it.
-        let serialize = self.inbound_lock(id);
+        let inbound_locks = self.inbound_locks();
         let (task_handle, task_id) = (handle.clone(), id.to_string());
         // The outcome is counted on that task too, so a dropped request's webhook still counts.
         tokio::spawn(async move {
-            let _serialized = serialize.lock().await;
+            let _serialized = inbound_locks.lock(task_id.clone()).await;
             let outcome = apply(&task_handle, &task_id, &body, body_sha256).await;
             let counters = &task_handle.counters;
             match &outcome {

@@ -33,6 +33,7 @@ mod config;
 mod delivery;
 mod error;
 mod inbound;
+mod locks;
 mod mapping;
 mod registry;
 mod signature;

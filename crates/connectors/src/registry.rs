@@ -17,6 +17,7 @@ use crate::config::Connector;
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::inbound::now_ms;
+use crate::locks::{KeyedGuard, KeyedLocks};
 use crate::state::{Attempt, Records};
 
 /// A monotonically increasing counter for metrics.
@@ -71,49 +72,26 @@ pub struct ConnectorHandle {
     pub(crate) rescan: AtomicBool,
     pub(crate) observed: Mutex<Observed>,
     /// Serializes read-modify-write of one entity's shadow and outbox records (webhooks,
-    /// delivery outcomes, planning, admin), striped by entity. A tokio mutex: webhooks hold it
-    /// across the wait for their flush without holding a thread; the others lock it from
-    /// blocking threads.
-    entity_locks: Vec<tokio::sync::Mutex<()>>,
+    /// delivery outcomes, planning, admin), by entity (see `locks`). Webhooks hold it across the
+    /// wait for their flush without holding a thread; the others lock it from blocking threads.
+    entity_locks: KeyedLocks<EntityKey>,
 }
-
-/// The number of entity lock stripes per connector.
-const ENTITY_STRIPES: usize = 1024;
 
 impl ConnectorHandle {
     /// Locks `entity`'s connector records from a blocking thread (never from async code).
-    pub(crate) fn lock_entity(&self, entity: &EntityKey) -> tokio::sync::MutexGuard<'_, ()> {
-        self.entity_locks[Self::stripe(entity)].blocking_lock()
+    pub(crate) fn lock_entity(&self, entity: &EntityKey) -> KeyedGuard<'_, EntityKey> {
+        self.entity_locks.blocking_lock(entity.clone())
     }
 
     /// Locks `entity`'s connector records from async code.
-    pub(crate) async fn lock_entity_async(
-        &self,
-        entity: &EntityKey,
-    ) -> tokio::sync::MutexGuard<'_, ()> {
-        self.entity_locks[Self::stripe(entity)].lock().await
+    pub(crate) async fn lock_entity_async(&self, entity: &EntityKey) -> KeyedGuard<'_, EntityKey> {
+        self.entity_locks.lock(entity.clone()).await
     }
 
-    /// Locks several entities at once, taking stripes in ascending order so that two callers
-    /// can never wait on each other.
-    pub(crate) fn lock_entities(
-        &self,
-        entities: &[EntityKey],
-    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
-        let mut stripes: Vec<usize> = entities.iter().map(Self::stripe).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        stripes
-            .into_iter()
-            .map(|stripe| self.entity_locks[stripe].blocking_lock())
-            .collect()
-    }
-
-    fn stripe(entity: &EntityKey) -> usize {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        entity.hash(&mut hasher);
-        (hasher.finish() as usize) % ENTITY_STRIPES
+    /// Locks several entities at once, in ascending order so that two callers can never wait
+    /// on each other.
+    pub(crate) fn lock_entities(&self, entities: &[EntityKey]) -> Vec<KeyedGuard<'_, EntityKey>> {
+        self.entity_locks.blocking_lock_all(entities)
     }
 
     pub(crate) fn wake(&self) {
@@ -138,7 +116,8 @@ impl ConnectorHandle {
 pub struct Connectors {
     store: Store,
     by_name: Arc<BTreeMap<String, Arc<ConnectorHandle>>>,
-    inbound_locks: Arc<Vec<Arc<tokio::sync::Mutex<()>>>>,
+    /// Serializes webhooks that carry the same id (see `locks`).
+    inbound_locks: Arc<KeyedLocks<String>>,
 }
 
 /// A connector's state and lag, as `GET /v1/connectors/{name}` shows it.
@@ -227,8 +206,6 @@ pub struct Preview {
     pub pending: Option<Attempt>,
 }
 
-const INBOUND_STRIPES: usize = 256;
-
 impl Connectors {
     /// Wraps validated connectors around the store. Start their workers with [`Connectors::workers`].
     pub fn new(store: Store, connectors: Vec<Connector>) -> Self {
@@ -242,9 +219,7 @@ impl Connectors {
                     wake: Notify::new(),
                     rescan: AtomicBool::new(false),
                     observed: Mutex::new(Observed::default()),
-                    entity_locks: (0..ENTITY_STRIPES)
-                        .map(|_| tokio::sync::Mutex::new(()))
-                        .collect(),
+                    entity_locks: KeyedLocks::new(),
                 };
                 (handle.connector.name.clone(), Arc::new(handle))
             })
@@ -252,11 +227,7 @@ impl Connectors {
         Self {
             store,
             by_name: Arc::new(by_name),
-            inbound_locks: Arc::new(
-                (0..INBOUND_STRIPES)
-                    .map(|_| Arc::new(tokio::sync::Mutex::new(())))
-                    .collect(),
-            ),
+            inbound_locks: Arc::new(KeyedLocks::new()),
         }
     }
 
@@ -291,13 +262,10 @@ impl Connectors {
             .ok_or_else(|| Error::UnknownConnector(name.to_string()))
     }
 
-    /// The lock that serializes webhooks with the id `webhook_id`, owned so that a task can
-    /// hold it on its own.
-    pub(crate) fn inbound_lock(&self, webhook_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        webhook_id.hash(&mut hasher);
-        self.inbound_locks[(hasher.finish() as usize) % INBOUND_STRIPES].clone()
+    /// The locks that serialize webhooks with the same id, shared so that a webhook's own task
+    /// can hold its id's lock.
+    pub(crate) fn inbound_locks(&self) -> Arc<KeyedLocks<String>> {
+        self.inbound_locks.clone()
     }
 
     async fn blocking<T: Send + 'static>(
