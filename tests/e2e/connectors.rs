@@ -424,6 +424,27 @@ async fn issue_3_one_webhook_id_posted_at_once_makes_one_change() -> Result<()> 
     )
     .await?;
     expect_error(other, 409, "webhook_id_reused").await?;
+    // A known id is answered before its body is mapped: another body that could not be applied
+    // at all (no id field) is still a reuse of the id, not a bad body.
+    let unmappable = post_webhook(
+        &server,
+        "scheduler",
+        "msg_same",
+        &json!({"scheduledDate": "2027-03-03"}),
+        None,
+    )
+    .await?;
+    expect_error(unmappable, 409, "webhook_id_reused").await?;
+    // The same body under an id never seen is refused for what it is.
+    let fresh = post_webhook(
+        &server,
+        "scheduler",
+        "msg_fresh",
+        &json!({"scheduledDate": "2027-03-03"}),
+        None,
+    )
+    .await?;
+    assert_eq!(fresh.status(), 422, "a body without its id field");
     assert_eq!(server.feed_len(), before + 1);
     let (_, status) = server.get("/v1/connectors/scheduler").await?;
     assert_eq!(status["webhooks_duplicate"], 23, "{status}");
