@@ -12,6 +12,7 @@ mod api;
 mod auth;
 mod bad_input;
 mod changes;
+mod cli;
 mod connector_model;
 mod connectors;
 mod crash;

@@ -27,6 +27,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -73,8 +74,21 @@ struct ServeArgs {
     data_dir: Option<PathBuf>,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+/// Runs the command; an error ends the process with status 1 and one line on stderr that says
+/// what failed and why (each cause after a colon), never a backtrace: anyhow prints one for an
+/// error returned from `main` whenever `RUST_BACKTRACE` is set, which buried a configuration
+/// error's message under frames of our own code.
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     init_tracing()?;
     match cli.command {
         Command::Serve(args) => {
