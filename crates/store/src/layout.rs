@@ -48,6 +48,13 @@ pub(crate) struct EntityRecord {
     /// read as `false`.
     #[serde(default)]
     pub linear: bool,
+    /// Whether every change in the chunks, in the order the chunks hold them, depends on the one
+    /// before it, the first chunk's included: then there is only one order to apply them in,
+    /// and all of them load in one call. A new entity's first write often holds two changes (a
+    /// nested map's structural change and the edit into it), which `linear` alone loads one at
+    /// a time. Records written before this field existed read as `false`.
+    #[serde(default)]
+    pub chain: bool,
 }
 
 pub(crate) fn entity_key(tag: u8, key: &EntityKey) -> Vec<u8> {

@@ -945,14 +945,17 @@ impl Store {
         // Every change is loaded in the order it was written. Automerge sorts the changes of one
         // load topologically, which can apply them in another order than the document they were
         // written from, and `save()` would then return other bytes after a reopen: same heads,
-        // another layout. So changes are loaded one at a time, except the chunks after the first
-        // when the record says they form a chain, which has only one order.
+        // another layout. So changes are loaded one at a time, except where the record says they
+        // form a chain, which has only one order: all the chunks (`chain`), or the chunks after
+        // the first (`linear`).
         let loaded = catch_unwind(AssertUnwindSafe(|| {
             let mut doc = match &snapshot {
                 Some(snapshot) => Automerge::load(snapshot)?,
                 None => Automerge::new(),
             };
-            let one_by_one = if record.linear {
+            let one_by_one = if record.chain {
+                0
+            } else if record.linear {
                 chunks.len().min(1)
             } else {
                 chunks.len()
@@ -1215,6 +1218,16 @@ impl Store {
                 1 => single,
                 _ => record.linear && single && before.len() == 1 && after.len() == 1,
             };
+            // The chain goes on when this write's first change depends on the last chunk's last
+            // change (the single head before it) and each of its changes on the one before; with
+            // a single head after, that head is this write's last change.
+            let follows = record.chunks == 0
+                || (record.chain
+                    && matches!((before, changes.first()), ([head], Some(first)) if first.deps().contains(head)));
+            let chained = changes
+                .windows(2)
+                .all(|pair| pair[1].deps().contains(&pair[0].hash()));
+            record.chain = follows && chained && after.len() == 1;
             record.chunk_bytes += chunk.len() as u64;
             writes.push((layout::chunk_key(key, record.next_chunk), Some(chunk)));
             record.next_chunk += 1;
@@ -1459,6 +1472,7 @@ fn write_snapshot(
     record.chunks = 0;
     record.chunk_bytes = 0;
     record.linear = true;
+    record.chain = true;
     writes.push((layout::entity_key(layout::SNAPSHOT, key), Some(snapshot)));
     Ok(())
 }

@@ -169,14 +169,30 @@ fn a_chain_of_local_edits_loads_in_one_call_and_concurrent_history_one_change_at
         copy_entity(&other, &store, &key, "peer:there");
         store.patch(&key, &json!({ "n": 101 }), &options).unwrap();
         let record = store.record(&key).unwrap().unwrap();
-        assert!(!record.linear);
+        assert!(!record.linear && !record.chain);
         assert!(record.chunks > 10, "no snapshot in between");
         // Another entity edited only here, past the first chunk: its chain loads in one call.
         let chained = EntityKey::new("appointment", "2").unwrap();
         edit_ten_times(&store, &chained, &options);
+        assert!(store.record(&chained).unwrap().unwrap().chain);
+        // A new entity whose first write makes a nested map holds two changes in its first
+        // chunk (the map's structural change, then the edit): still one chain.
+        let nested = EntityKey::new("appointment", "3").unwrap();
+        store
+            .patch(
+                &nested,
+                &json!({ "site": { "code": "N1" }, "n": 1 }),
+                &options,
+            )
+            .unwrap();
+        store.patch(&nested, &json!({ "n": 2 }), &options).unwrap();
+        let record = store.record(&nested).unwrap().unwrap();
+        assert!(record.chain, "{record:?}");
+        assert_eq!(record.chunks, 2);
         let saved = (
             store.save(&key).unwrap().unwrap(),
             store.save(&chained).unwrap().unwrap(),
+            store.save(&nested).unwrap().unwrap(),
         );
         store.close().unwrap();
         saved
@@ -184,6 +200,8 @@ fn a_chain_of_local_edits_loads_in_one_call_and_concurrent_history_one_change_at
     assert_eq!(saved_after_reopen(here.path(), &key), saved_here.0);
     let chained = EntityKey::new("appointment", "2").unwrap();
     assert_eq!(saved_after_reopen(here.path(), &chained), saved_here.1);
+    let nested = EntityKey::new("appointment", "3").unwrap();
+    assert_eq!(saved_after_reopen(here.path(), &nested), saved_here.2);
     // A snapshot starts a new chain.
     let store = open(here.path(), 32);
     store.compact_all().unwrap();
@@ -191,7 +209,8 @@ fn a_chain_of_local_edits_loads_in_one_call_and_concurrent_history_one_change_at
     for n in [102, 103] {
         store.patch(&key, &json!({ "n": n }), &options).unwrap();
     }
-    assert!(store.record(&key).unwrap().unwrap().linear);
+    let record = store.record(&key).unwrap().unwrap();
+    assert!(record.linear && record.chain, "{record:?}");
     let saved = store.save(&key).unwrap().unwrap();
     store.close().unwrap();
     drop(store);
