@@ -415,36 +415,24 @@ async fn issue_3_one_webhook_id_posted_at_once_makes_one_change() -> Result<()> 
         "every repeat gets the original answer: {answers:?}"
     );
     assert_eq!(server.feed_len(), before + 1);
-    let other = post_webhook(
-        &server,
-        "scheduler",
-        "msg_same",
-        &json!({"apptId": "5", "scheduledDate": "2027-03-03"}),
-        None,
-    )
-    .await?;
-    expect_error(other, 409, "webhook_id_reused").await?;
-    // A known id is answered before its body is mapped: another body that could not be applied
-    // at all (no id field) is still a reuse of the id, not a bad body.
-    let unmappable = post_webhook(
-        &server,
-        "scheduler",
-        "msg_same",
-        &json!({"scheduledDate": "2027-03-03"}),
-        None,
-    )
-    .await?;
-    expect_error(unmappable, 409, "webhook_id_reused").await?;
-    // The same body under an id never seen is refused for what it is.
-    let fresh = post_webhook(
-        &server,
-        "scheduler",
-        "msg_fresh",
-        &json!({"scheduledDate": "2027-03-03"}),
-        None,
-    )
-    .await?;
-    assert_eq!(fresh.status(), 422, "a body without its id field");
+    let without_id = json!({"scheduledDate": "2027-03-03"});
+    for (id, body, status, code) in [
+        // The known id with another body.
+        (
+            "msg_same",
+            json!({"apptId": "5", "scheduledDate": "2027-03-03"}),
+            409,
+            "webhook_id_reused",
+        ),
+        // A known id is answered before its body is mapped: a body that could not be applied
+        // at all (no id field) is still a reuse of the id, not a bad body.
+        ("msg_same", without_id.clone(), 409, "webhook_id_reused"),
+        // The same body under an id never seen is refused for what it is.
+        ("msg_fresh", without_id, 422, "missing_id"),
+    ] {
+        let response = post_webhook(&server, "scheduler", id, &body, None).await?;
+        expect_error(response, status, code).await?;
+    }
     assert_eq!(server.feed_len(), before + 1);
     let (_, status) = server.get("/v1/connectors/scheduler").await?;
     assert_eq!(status["webhooks_duplicate"], 23, "{status}");

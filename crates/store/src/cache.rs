@@ -14,20 +14,60 @@ use serde_json::{Map, Value as Json};
 use crate::key::EntityKey;
 use crate::layout::EntityRecord;
 
-pub(crate) struct DocCache {
+/// An LRU map from entities to `V`, bounded by entry count: the one shape of every cache here.
+struct Bounded<V> {
     // A std Mutex: it is held only for a map operation, never across I/O or an await.
+    entries: Mutex<LruCache<EntityKey, V>>,
+}
+
+impl<V> Bounded<V> {
+    fn new(capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
+        Self {
+            entries: Mutex::new(LruCache::new(capacity)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<EntityKey, V>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the entry of `key` out.
+    fn take(&self, key: &EntityKey) -> Option<V> {
+        self.lock().pop(key)
+    }
+
+    /// Puts an entry (back), evicting the least recently used one if full. The evicted entry is
+    /// dropped outside the lock: dropping a large document takes a while.
+    fn put(&self, key: EntityKey, value: V) {
+        let evicted = self.lock().push(key, value);
+        drop(evicted);
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl<V: Clone> Bounded<V> {
+    /// A copy of the entry of `key`, which stays.
+    fn get(&self, key: &EntityKey) -> Option<V> {
+        self.lock().get(key).cloned()
+    }
+}
+
+pub(crate) struct DocCache {
     // Boxed: an `Automerge` is 3.5 KiB, and a write moves its document in and out of the cache
     // and through its batch several times.
-    documents: Mutex<LruCache<EntityKey, Box<Automerge>>>,
+    documents: Bounded<Box<Automerge>>,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
 }
 
 impl DocCache {
     pub(crate) fn new(capacity: usize) -> Self {
-        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
         Self {
-            documents: Mutex::new(LruCache::new(capacity)),
+            documents: Bounded::new(capacity),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -35,11 +75,7 @@ impl DocCache {
 
     /// Takes a document out of the cache, counting the hit or miss.
     pub(crate) fn take(&self, key: &EntityKey) -> Option<Box<Automerge>> {
-        let taken = self
-            .documents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop(key);
+        let taken = self.documents.take(key);
         let counter = if taken.is_some() {
             &self.hits
         } else {
@@ -51,20 +87,11 @@ impl DocCache {
 
     /// Puts a document (back) into the cache, evicting the least recently used one if full.
     pub(crate) fn put(&self, key: EntityKey, document: Box<Automerge>) {
-        let evicted = self
-            .documents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(key, document);
-        // Dropping a large document takes a while; do it outside the lock.
-        drop(evicted);
+        self.documents.put(key, document);
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.documents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.documents.len()
     }
 }
 
@@ -73,8 +100,7 @@ impl DocCache {
 /// reading the whole document back. An entry only ever serves the exact version it was made
 /// for; anything else is a miss, and the caller reads the document.
 pub(crate) struct JsonCache {
-    // A std Mutex: it is held only for a map operation.
-    entries: Mutex<LruCache<EntityKey, CachedFields>>,
+    entries: Bounded<CachedFields>,
 }
 
 /// An entity's fields at one version.
@@ -89,26 +115,21 @@ pub(crate) struct CachedFields {
 
 impl JsonCache {
     pub(crate) fn new(capacity: usize) -> Self {
-        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
         Self {
-            entries: Mutex::new(LruCache::new(capacity)),
+            entries: Bounded::new(capacity),
         }
     }
 
     /// Takes out the fields of `key` at `version`, if they are here.
     pub(crate) fn take(&self, key: &EntityKey, version: &str) -> Option<CachedFields> {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.pop(key).filter(|cached| cached.version == version)
+        self.entries
+            .take(key)
+            .filter(|cached| cached.version == version)
     }
 
     /// Remembers the fields of `key` at a version.
     pub(crate) fn put(&self, key: EntityKey, fields: CachedFields) {
-        let evicted = self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(key, fields);
-        drop(evicted);
+        self.entries.put(key, fields);
     }
 }
 
@@ -117,32 +138,23 @@ impl JsonCache {
 /// entry is only filled or replaced by a thread holding the entity's stripe lock, from what is on
 /// disk or what it has just applied, so it always equals the record on disk.
 pub(crate) struct RecordCache {
-    // A std Mutex: it is held only for a map operation.
-    entries: Mutex<LruCache<EntityKey, EntityRecord>>,
+    entries: Bounded<EntityRecord>,
 }
 
 impl RecordCache {
     pub(crate) fn new(capacity: usize) -> Self {
-        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
         Self {
-            entries: Mutex::new(LruCache::new(capacity)),
+            entries: Bounded::new(capacity),
         }
     }
 
     /// The record of `key`, if it is here.
     pub(crate) fn get(&self, key: &EntityKey) -> Option<EntityRecord> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+        self.entries.get(key)
     }
 
     /// Remembers the record of `key` as it is on disk now.
     pub(crate) fn put(&self, key: EntityKey, record: EntityRecord) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(key, record);
+        self.entries.put(key, record);
     }
 }

@@ -136,65 +136,65 @@ struct Place {
     generation: u32,
 }
 
-/// The most structural changes remembered; the set is forgotten whole when it is full.
-const MAX_REMEMBERED: usize = 4096;
-
-/// Structural changes already built. Building one costs a fork, a transaction and a change
-/// extraction, as much as the write that needs the map, and the same few places (a record's
-/// `site` or `address`) come up in write after write.
-fn remembered() -> &'static Mutex<HashMap<Place, Change>> {
-    static REMEMBERED: OnceLock<Mutex<HashMap<Place, Change>>> = OnceLock::new();
-    REMEMBERED.get_or_init(|| Mutex::new(HashMap::new()))
+/// A process-wide map of things worked out once, bounded: forgotten whole when it is full.
+struct Memo<K, V> {
+    entries: OnceLock<Mutex<HashMap<K, V>>>,
+    max: usize,
 }
 
+impl<K: Eq + std::hash::Hash, V: Clone> Memo<K, V> {
+    const fn new(max: usize) -> Self {
+        Self {
+            entries: OnceLock::new(),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+        self.entries
+            .get_or_init(|| Mutex::new(HashMap::new()))
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        self.lock().get(key).cloned()
+    }
+
+    fn insert(&self, key: K, value: V) {
+        let mut entries = self.lock();
+        if entries.len() >= self.max {
+            entries.clear();
+        }
+        entries.insert(key, value);
+    }
+}
+
+/// Structural changes already built, at most 4,096. Building one costs a fork, a transaction
+/// and a change extraction, as much as the write that needs the map, and the same few places
+/// (a record's `site` or `address`) come up in write after write.
+static BUILT: Memo<Place, Change> = Memo::new(4096);
+
 fn built(place: &Place) -> Option<Change> {
-    remembered()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .get(place)
-        .cloned()
+    BUILT.get(place)
 }
 
 fn remember(place: Place, change: &Change) {
-    let mut remembered = remembered()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if remembered.len() >= MAX_REMEMBERED {
-        remembered.clear();
-    }
-    remembered.insert(place, change.clone());
+    BUILT.insert(place, change.clone());
 }
-
-/// The most template documents remembered (see [`template`]); forgotten whole when full.
-const MAX_TEMPLATES: usize = 256;
 
 /// Documents that had no change until a shared map was made at `key` in their root, by that key
-/// and their actor. Such a document is a function of the two (the change is; the actor is the
-/// one the document had), so a copy of it, given to another empty document with the same actor,
-/// is exactly what applying the change to that document makes.
-type Templates = HashMap<(String, ActorId), Automerge>;
-
-fn templates() -> &'static Mutex<Templates> {
-    static TEMPLATES: OnceLock<Mutex<Templates>> = OnceLock::new();
-    TEMPLATES.get_or_init(|| Mutex::new(HashMap::new()))
-}
+/// and their actor, at most 256. Such a document is a function of the two (the change is; the
+/// actor is the one the document had), so a copy of it, given to another empty document with
+/// the same actor, is exactly what applying the change to that document makes.
+static TEMPLATES: Memo<(String, ActorId), Automerge> = Memo::new(256);
 
 fn template(key: &str, actor: &ActorId) -> Option<Automerge> {
-    templates()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .get(&(key.to_owned(), actor.clone()))
-        .cloned()
+    TEMPLATES.get(&(key.to_owned(), actor.clone()))
 }
 
 fn remember_template(key: &str, doc: &Automerge) {
-    let mut templates = templates()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if templates.len() >= MAX_TEMPLATES {
-        templates.clear();
-    }
-    templates.insert((key.to_owned(), doc.get_actor().clone()), doc.clone());
+    TEMPLATES.insert((key.to_owned(), doc.get_actor().clone()), doc.clone());
 }
 
 fn structural_change(
@@ -275,6 +275,17 @@ mod tests {
             built(&place).map(|change| change.hash()),
             Some(fresh.hash())
         );
+    }
+
+    #[test]
+    fn a_full_memo_forgets_everything_and_keeps_the_newest() {
+        let memo: Memo<u32, &str> = Memo::new(2);
+        memo.insert(1, "one");
+        memo.insert(2, "two");
+        assert_eq!((memo.get(&1), memo.get(&2)), (Some("one"), Some("two")));
+        memo.insert(3, "three");
+        assert_eq!((memo.get(&1), memo.get(&2)), (None, None));
+        assert_eq!(memo.get(&3), Some("three"));
     }
 
     #[test]

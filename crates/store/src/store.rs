@@ -1221,9 +1221,11 @@ impl Store {
             // The chain goes on when this write's first change depends on the last chunk's last
             // change (the single head before it) and each of its changes on the one before; with
             // a single head after, that head is this write's last change.
-            let follows = record.chunks == 0
-                || (record.chain
-                    && matches!((before, changes.first()), ([head], Some(first)) if first.deps().contains(head)));
+            let after_last_chunk = match (before, changes.first()) {
+                ([head], Some(first)) => first.deps().contains(head),
+                _ => false,
+            };
+            let follows = record.chunks == 0 || (record.chain && after_last_chunk);
             let chained = changes
                 .windows(2)
                 .all(|pair| pair[1].deps().contains(&pair[0].hash()));
