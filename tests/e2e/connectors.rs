@@ -300,6 +300,92 @@ async fn issue_3_an_outage_ends_with_the_current_fields_and_stable_keys() -> Res
     Ok(())
 }
 
+/// The most requests the fake was answering at one moment, among `requests`.
+fn most_at_once(requests: &[&Received]) -> usize {
+    requests
+        .iter()
+        .map(|request| {
+            requests
+                .iter()
+                .filter(|other| {
+                    other.arrived <= request.arrived
+                        && other
+                            .answered
+                            .is_some_and(|answered| answered > request.arrived)
+                })
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_deliveries_keep_each_entitys_order_and_the_connectors_concurrency() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    // Every answer takes a while, so deliveries overlap whenever the connector lets them.
+    fake.set(Behavior::Stall(Duration::from_millis(200)));
+    let server =
+        TestServer::start_with(&connector("scheduler", &fake.base, "concurrency = 2")).await?;
+    let date = |day: u32| json!({ "date": format!("2027-07-{day:02}") });
+    server
+        .patch("/v1/entities/appointment/a1", &date(1))
+        .await?;
+    fake.wait_for(Duration::from_secs(10), "a1's first delta", |r| {
+        !r.is_empty()
+    })
+    .await?;
+    // Edited again while its first delta is on its way, and four other entities meanwhile.
+    server
+        .patch("/v1/entities/appointment/a1", &date(2))
+        .await?;
+    for id in 2..=5 {
+        server
+            .patch(&format!("/v1/entities/appointment/a{id}"), &date(id))
+            .await?;
+    }
+    settle(&server, "scheduler").await?;
+    let received = fake
+        .wait_for(Duration::from_secs(10), "every delta answered", |r| {
+            r.iter().all(|request| request.answered.is_some())
+        })
+        .await?;
+    assert_eq!(received.len(), 6, "{received:#?}");
+    let all: Vec<&Received> = received.iter().collect();
+    assert_eq!(
+        most_at_once(&all),
+        2,
+        "two entities in flight at once, never more: {received:#?}"
+    );
+    for id in 1..=5 {
+        let of_entity: Vec<&Received> = received
+            .iter()
+            .filter(|request| request.json()["apptId"] == format!("a{id}"))
+            .collect();
+        assert_eq!(most_at_once(&of_entity), 1, "a{id}: one delta at a time");
+        // Each entity ends with its last edit: a1 was edited to the 2nd, the others to their own day.
+        let last_day = id.max(2);
+        assert_eq!(
+            of_entity
+                .last()
+                .map(|request| request.json()["scheduledDate"].clone()),
+            Some(json!(format!("2027-07-{last_day:02}")))
+        );
+    }
+    // a1's two deltas arrived in the order they were made, the second from where the first
+    // left the system.
+    let a1: Vec<&Received> = received
+        .iter()
+        .filter(|request| request.json()["apptId"] == "a1")
+        .collect();
+    assert_eq!(a1.len(), 2, "{a1:#?}");
+    assert_eq!(a1[0].json()["scheduledDate"], "2027-07-01");
+    assert_eq!(
+        a1[1].header("lockstep-previous-version"),
+        a1[0].header("lockstep-version")
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_3_a_webhook_from_one_connector_reaches_the_other_only() -> Result<()> {
     let a = FakeApi::start().await?;

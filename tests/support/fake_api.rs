@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::body::Bytes;
@@ -31,6 +31,11 @@ pub struct Received {
     /// Fields of this delta whose value the system already held when it arrived (an echo, or a
     /// redundant send); only tracked when the fake keeps state (see [`FakeApi::keep_state`]).
     pub redundant_fields: Vec<String>,
+    /// When the request arrived.
+    pub arrived: Instant,
+    /// When the fake answered it; `None` while it is being answered, or when the client hung up
+    /// during a stall.
+    pub answered: Option<Instant>,
 }
 
 impl Received {
@@ -197,7 +202,7 @@ async fn record(
     // Recorded before answering: a stalled request is recorded with status 0, since the client
     // gives up before the answer comes.
     let recorded_status = if stall.is_some() { 0 } else { status };
-    {
+    let index = {
         let mut guard = shared.lock().expect("fake API lock");
         let redundant_fields = apply_delta(&mut guard, &body, recorded_status);
         guard.received.push(Received {
@@ -215,11 +220,15 @@ async fn record(
             body: body.to_vec(),
             status: recorded_status,
             redundant_fields,
+            arrived: Instant::now(),
+            answered: None,
         });
-    }
+        guard.received.len() - 1
+    };
     if let Some(duration) = stall {
         tokio::time::sleep(duration).await;
     }
+    shared.lock().expect("fake API lock").received[index].answered = Some(Instant::now());
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, "{}").into_response();
     if let Behavior::Redirect(location) = &behavior {

@@ -2,8 +2,8 @@
 //! origin `connector:<name>`, writing the idempotency record and the connector's shadow in the
 //! same atomic batch as the change.
 //!
-//! Concurrent deliveries of one webhook id are serialized by a striped lock on the id, so a
-//! webhook posted many times at once makes exactly one change. HTTP framing is `server`'s job.
+//! Concurrent deliveries of one webhook id are serialized by a lock on the exact id (see
+//! `locks`), so a webhook posted many times at once makes exactly one change. HTTP framing is `server`'s job.
 
 use std::cmp::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};

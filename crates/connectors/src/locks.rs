@@ -39,7 +39,9 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
     /// Waits for `key`'s lock from async code.
     pub(crate) async fn lock(&self, key: K) -> KeyedGuard<'_, K> {
         // Made first, so that a caller that stops waiting (its future dropped) still removes a
-        // mutex nobody else uses.
+        // mutex nobody else uses: the pending lock, made later, holds a copy of the mutex and is
+        // dropped before the guard, whose `release` then sees only the map's copy (tested by
+        // `a_waiter_dropped_after_the_holder_let_go_leaves_nothing_behind`).
         let mut guard = KeyedGuard {
             locks: self,
             key,

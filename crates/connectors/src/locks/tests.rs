@@ -64,6 +64,25 @@ async fn a_waiter_that_gives_up_leaves_nothing_behind() {
     assert!(again.is_ok());
 }
 
+#[tokio::test]
+async fn a_waiter_dropped_after_the_holder_let_go_leaves_nothing_behind() {
+    use std::future::Future;
+    let locks = KeyedLocks::new();
+    let held = locks.lock("a".to_string()).await;
+    let mut waiter = Box::pin(locks.lock("a".to_string()));
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        waiter.as_mut().poll(&mut context).is_pending(),
+        "the waiter queues behind the holder"
+    );
+    // The holder lets go, which hands the key to the waiter; the waiter is dropped before it
+    // runs again (its request went away at that moment).
+    drop(held);
+    assert_eq!(locks.len(), 1, "the waiter still has the key's mutex");
+    drop(waiter);
+    assert_eq!(locks.len(), 0, "the last one to let go removes the mutex");
+}
+
 #[test]
 fn blocking_threads_lock_several_keys_in_one_order() {
     let locks = Arc::new(KeyedLocks::new());
