@@ -1,8 +1,8 @@
 //! Crash safety: the release binary is killed with SIGKILL at random moments while concurrent
 //! writers run; after every restart each write that got a 2xx is present and has a feed row.
 //!
-//! `issue_3_kill_9_during_delivery_loses_and_rekeys_nothing` does the same with a connector
-//! delivering to a `FakeApi`.
+//! `issue_3_kill_9_loses_no_acknowledged_webhook_or_delivery_and_rekeys_nothing` does the same
+//! with a connector delivering to a `FakeApi` and signed webhooks coming in.
 //!
 //! The binary is `target/release/lockstep`, which `.ci/run` builds before the tests
 //! (`cargo build --release -p lockstep-cli`).
@@ -276,8 +276,101 @@ async fn connector_writer(
     }
 }
 
+/// `GET /v1/entities/appointment/{id}` as JSON.
+async fn appointment(client: &reqwest::Client, base: &str, id: &str) -> Result<Value> {
+    Ok(client
+        .get(format!("{base}/v1/entities/appointment/{id}"))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+/// Spawns `count` tasks, the `index`-th running `task(index)`.
+fn spawn_each<F>(count: usize, task: impl Fn(usize) -> F) -> Vec<tokio::task::JoinHandle<F::Output>>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    (0..count).map(|index| tokio::spawn(task(index))).collect()
+}
+
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// One acknowledged webhook: its id, its body and the version the server answered with.
+#[derive(Clone, Debug)]
+struct WebhookAck {
+    webhook_id: String,
+    body: Vec<u8>,
+    version: String,
+}
+
+/// Posts signed webhooks, each for an entity of its own, until the process dies; returns those
+/// acknowledged.
+async fn webhook_writer(
+    client: reqwest::Client,
+    base: String,
+    writer_index: usize,
+    start: u64,
+) -> Result<Vec<WebhookAck>> {
+    let secret = connectors::WebhookSecret::parse(WEBHOOK_SECRET)?;
+    let mut acknowledged = Vec::new();
+    let mut value = start;
+    loop {
+        value += 1;
+        let webhook_id = format!("msg-{writer_index}-{value}");
+        let body = json!({"apptId": format!("h{writer_index}-{value}"), "scheduledDate": format!("h{value}")})
+            .to_string()
+            .into_bytes();
+        let Ok(response) = post_webhook(&client, &base, &secret, &webhook_id, &body).await else {
+            return Ok(acknowledged);
+        };
+        if !response.status().is_success() {
+            return Ok(acknowledged);
+        }
+        let Ok(answer) = response.json::<Value>().await else {
+            return Ok(acknowledged);
+        };
+        acknowledged.push(WebhookAck {
+            webhook_id,
+            body,
+            version: answer["version"].as_str().unwrap_or_default().to_string(),
+        });
+    }
+}
+
+async fn post_webhook(
+    client: &reqwest::Client,
+    base: &str,
+    secret: &connectors::WebhookSecret,
+    webhook_id: &str,
+    body: &[u8],
+) -> reqwest::Result<reqwest::Response> {
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64);
+    client
+        .post(format!("{base}/v1/connectors/scheduler/webhook"))
+        .header("content-type", "application/json")
+        .header("webhook-id", webhook_id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header(
+            "webhook-signature",
+            secret.sign(webhook_id, timestamp, body),
+        )
+        .body(body.to_vec())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+}
+
+/// kill -9 while local edits are delivered and webhooks come in: no acknowledged edit or
+/// webhook is lost, a webhook's idempotency record and shadow survive with it (a repeat is
+/// answered as before, and its values are never sent back), and no acknowledged delta is sent
+/// again under a new key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn issue_3_kill_9_during_delivery_loses_and_rekeys_nothing() -> Result<()> {
+async fn issue_3_kill_9_loses_no_acknowledged_webhook_or_delivery_and_rekeys_nothing() -> Result<()>
+{
     tokio::time::timeout(Duration::from_secs(240), connector_crash_cycles())
         .await
         .context("the connector crash test took longer than 240 s")?
@@ -302,6 +395,7 @@ kind = "appointment"
 id_field = "apptId"
 url = "{}/sync"
 timeout = "2s"
+webhook_secret = "{WEBHOOK_SECRET}"
 [connectors.fields]
 scheduledDate = "date"
 [connectors.retry]
@@ -316,19 +410,17 @@ jitter = 0.0
     let client = reqwest::Client::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x00c0_ffee);
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut webhooks: Vec<WebhookAck> = Vec::new();
     let mut next_value = 0u64;
     for _ in 0..3 {
         let mut process = start_with(&binary, &data.path().join("data"), &extra).await?;
-        let writers: Vec<_> = (0..4)
-            .map(|index| {
-                tokio::spawn(connector_writer(
-                    client.clone(),
-                    process.base.clone(),
-                    index,
-                    next_value,
-                ))
-            })
-            .collect();
+        let base = &process.base;
+        let writers = spawn_each(4, |index| {
+            connector_writer(client.clone(), base.clone(), index, next_value)
+        });
+        let senders = spawn_each(2, |index| {
+            webhook_writer(client.clone(), base.clone(), index, next_value)
+        });
         let run_for = Duration::from_millis(rng.gen_range(300..1200));
         tokio::time::sleep(run_for).await;
         process.child.start_kill().context("sending SIGKILL")?;
@@ -340,6 +432,9 @@ jitter = 0.0
                 *entry = (*entry).max(value);
             }
         }
+        for sender in senders {
+            webhooks.extend(tokio::time::timeout(Duration::from_secs(30), sender).await???);
+        }
         // Values never repeat, so equal bodies can only be the same delta.
         next_value += 1_000_000;
     }
@@ -347,8 +442,29 @@ jitter = 0.0
         !fake.received().is_empty(),
         "no delivery was under way during the kills"
     );
+    assert!(!webhooks.is_empty(), "no webhook was acknowledged");
     fake.set(Behavior::Status(200));
     let process = start_with(&binary, &data.path().join("data"), &extra).await?;
+    // Every acknowledged webhook is there, and its repeat is answered from its idempotency
+    // record with the version it was first answered with, changing nothing.
+    let secret = connectors::WebhookSecret::parse(WEBHOOK_SECRET)?;
+    for ack in &webhooks {
+        let sent: Value = serde_json::from_slice(&ack.body)?;
+        let id = sent["apptId"].as_str().context("an id")?;
+        let body = appointment(&client, &process.base, id).await?;
+        assert_eq!(
+            body["data"]["date"], sent["scheduledDate"],
+            "acknowledged webhook {ack:?} was lost: {body}"
+        );
+        let repeat: Value =
+            post_webhook(&client, &process.base, &secret, &ack.webhook_id, &ack.body)
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+        assert_eq!(repeat["version"], json!(ack.version), "{ack:?}: {repeat}");
+        assert_eq!(repeat["status"], "applied", "{ack:?}: {repeat}");
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         // Every entity ends with its current value; an in-flight write may have landed after the
@@ -356,12 +472,7 @@ jitter = 0.0
         let mut settled = true;
         let state = fake.state();
         for (id, value) in &expected {
-            let body: Value = client
-                .get(format!("{}/v1/entities/appointment/{id}", process.base))
-                .send()
-                .await?
-                .json()
-                .await?;
+            let body = appointment(&client, &process.base, id).await?;
             let current = body["data"]["date"]
                 .as_str()
                 .unwrap_or_default()
@@ -383,6 +494,17 @@ jitter = 0.0
             bail!("the scheduler did not converge: {state:?}, expected {expected:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A webhook's values were never sent back to the system that sent them.
+    for request in fake.received() {
+        let sent_to = request.json()["apptId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            !sent_to.starts_with('h'),
+            "a webhook's entity was sent back: {request:?}"
+        );
     }
     let mut keys_by_body: BTreeMap<Vec<u8>, HashSet<String>> = BTreeMap::new();
     for request in fake.acknowledged() {
