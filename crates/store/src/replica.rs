@@ -9,6 +9,7 @@
 use std::panic::catch_unwind;
 
 use automerge::sync::{self, SyncDoc};
+use automerge::ChangeHash;
 use rayon::iter::{IntoParallelIterator, ParallelIterator};
 
 use crate::document;
@@ -20,7 +21,16 @@ use crate::version::Version;
 
 /// What this replica knows about a peer's copy of one entity, during one connection.
 #[derive(Debug, Default)]
-pub struct SyncState(sync::State);
+pub struct SyncState {
+    automerge: sync::State,
+    /// Changes the peer sent without one they depend on, which this side therefore dropped
+    /// (see `Store::vet_incoming`): the missing dependencies, to ask for by name.
+    wanted: Vec<ChangeHash>,
+}
+
+/// How many missing dependencies one sync state asks for at a time; a hostile peer could name
+/// any number.
+const MAX_WANTED: usize = 256;
 
 impl Store {
     /// Whether the entity already contains every change of `version` (so there is nothing to fetch).
@@ -51,9 +61,18 @@ impl Store {
         state: &mut SyncState,
     ) -> Result<Option<Vec<u8>>> {
         self.read(key, |doc| {
-            Ok(doc
-                .generate_sync_message(&mut state.0)
-                .map(sync::Message::encode))
+            state.wanted.retain(|hash| !document::has_change(doc, hash));
+            let mut message = doc.generate_sync_message(&mut state.automerge);
+            // Automerge asks only for the peer's heads it lacks. When the peer's Bloom filter test
+            // of our changes gave a false positive, it sent a change without the one it depends
+            // on; asking for that head again would bring the same change alone, forever.
+            if let Some(message) = &mut message {
+                message.need.extend(&state.wanted);
+                // The encoding wants them sorted.
+                message.need.sort_unstable();
+                message.need.dedup();
+            }
+            Ok(message.map(sync::Message::encode))
         })
     }
 
@@ -110,9 +129,18 @@ impl Store {
                 ))
             }
         };
-        self.stage_incoming(key, origin, json, "applying the sync message", |doc| {
-            doc.receive_sync_message(&mut state.0, message)
-        })
+        let (staged, missing) =
+            self.stage_incoming(key, origin, json, "applying the sync message", |doc| {
+                doc.receive_sync_message(&mut state.automerge, message)
+            })?;
+        if !missing.is_empty() {
+            state.wanted = missing;
+            state.wanted.truncate(MAX_WANTED);
+            // The peer counts the dropped changes as sent; the reset flag on our next message
+            // has it forget what it sent, so it sends them again with what they depend on.
+            state.automerge.needs_reset = true;
+        }
+        Ok(staged)
     }
 }
 

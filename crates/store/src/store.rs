@@ -483,9 +483,12 @@ impl Store {
         origin: &Origin,
         json: AfterJson,
     ) -> Result<Staged> {
+        // Changes left out for lack of their dependencies are the sender's to send again, with
+        // them (replication falls back to sending the whole document).
         self.stage_incoming(key, origin, json, "decoding the data", |doc| {
             doc.load_incremental(bytes).map(|_| ())
         })
+        .map(|(staged, _)| staged)
     }
 
     /// Applies data from elsewhere to the entity's document with `apply`, checks the result and
@@ -493,6 +496,9 @@ impl Store {
     /// changes (see `layout::Arrival`); the caller holds the entity's stripe lock until the stage
     /// is committed. An error or a panic in `apply` is [`Error::Decode`] (a panic named by
     /// `doing`), and the half-updated document is dropped, so the next reader reloads it from disk.
+    ///
+    /// Also returns the dependencies of the changes left out because the document lacks them
+    /// (see [`Store::vet_incoming`]), for the caller to ask for.
     pub(crate) fn stage_incoming(
         &self,
         key: &EntityKey,
@@ -500,7 +506,7 @@ impl Store {
         json: AfterJson,
         doing: &str,
         apply: impl FnOnce(&mut Automerge) -> std::result::Result<(), automerge::AutomergeError>,
-    ) -> Result<Staged> {
+    ) -> Result<(Staged, Vec<ChangeHash>)> {
         let mut doc = self.load(key)?;
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
@@ -509,7 +515,11 @@ impl Store {
             Ok(Err(error)) => return Err(Error::Decode(error.to_string())),
             Err(_) => return Err(Error::Decode(format!("automerge panicked {doing}"))),
         }
-        let (doc, changes) = self.vet_incoming(doc, &before)?;
+        let Vetted {
+            doc,
+            changes,
+            missing,
+        } = self.vet_incoming(doc, &before)?;
         let mut staged = self.stage(
             key,
             doc,
@@ -533,12 +543,13 @@ impl Store {
                 Some(serde_json::to_vec(&arrival).expect("an arrival always serializes")),
             ));
         }
-        Ok(staged)
+        Ok((staged, missing))
     }
 
     /// Checks a document that has just taken in data from elsewhere (a merge, a sync message) and
     /// returns the document to persist, with the changes it gained since `before` when the check
-    /// had to build them (for [`Store::stage`], which would build them again).
+    /// had to build them (for [`Store::stage`], which would build them again), and the
+    /// dependencies of the changes it left out because the document lacks them.
     ///
     /// # Errors
     /// [`Error::Decode`] when the data nests objects deeper than [`crate::MAX_DEPTH`].
@@ -546,7 +557,7 @@ impl Store {
         &self,
         doc: Box<Automerge>,
         before: &[ChangeHash],
-    ) -> Result<(Box<Automerge>, Option<Vec<Change>>)> {
+    ) -> Result<Vetted> {
         // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make reads of the
         // entity recurse that deep and its history cost the square of the depth.
         let changes = document::may_nest_deeper_than(&doc, document::MAX_DEPTH)
@@ -559,14 +570,24 @@ impl Store {
                 )));
             }
         }
-        if !doc.get_missing_deps(&[]).is_empty() {
+        let missing = doc.get_missing_deps(&[]);
+        if !missing.is_empty() {
             // Changes whose dependencies this document lacks wait in Automerge's queue, unchecked:
             // their columns are only decoded once the dependencies arrive, maybe in a local write
             // outside `catch_unwind`. They are not persisted, so they are not kept either; a peer
             // sends them again with their dependencies.
-            return Ok((Box::new(without_orphans(&doc, &self.inner.actor)?), None));
+            let doc = without_orphans(&doc, &self.inner.actor)?;
+            return Ok(Vetted {
+                doc: Box::new(doc),
+                changes: None,
+                missing,
+            });
         }
-        Ok((doc, changes))
+        Ok(Vetted {
+            doc,
+            changes,
+            missing,
+        })
     }
 
     /// The entity as it is now, or `None` when it does not exist.
@@ -1372,6 +1393,15 @@ pub(crate) struct Staged {
     /// The feed row's content, when the write changed the document.
     row: Option<StagedRow>,
     written: Written,
+}
+
+/// A document that took in data from elsewhere, checked (see [`Store::vet_incoming`]).
+pub(crate) struct Vetted {
+    doc: Box<Automerge>,
+    /// The changes it gained, when the check had to build them.
+    changes: Option<Vec<Change>>,
+    /// The dependencies of the changes left out because the document lacks them.
+    missing: Vec<ChangeHash>,
 }
 
 struct StagedRow {
