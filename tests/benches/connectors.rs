@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use axum::body::Bytes;
@@ -16,9 +16,8 @@ use connectors::WebhookSecret;
 use lockstep_tests::bench::{
     closed_loop, env_number, ms, release_binary, sled_baseline, summarize, Figures, Server,
 };
+use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
 use serde_json::{json, Value};
-
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn connector(url: Option<&str>) -> String {
     let url = url.map_or(String::new(), |url| format!("url = \"{url}\"\n"));
@@ -28,7 +27,7 @@ fn connector(url: Option<&str>) -> String {
 name = "scheduler"
 kind = "appointment"
 id_field = "apptId"
-webhook_secret = "{SECRET}"
+webhook_secret = "{TEST_SECRET}"
 {url}concurrency = 64
 [connectors.fields]
 scheduledDate = "date"
@@ -39,7 +38,7 @@ officeCode = "site.code"
 
 /// `connections` tasks posting signed webhooks, each with a fresh id, for `seconds`.
 async fn webhook_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {
-    let secret = WebhookSecret::parse(SECRET)?;
+    let secret = WebhookSecret::parse(TEST_SECRET)?;
     let base = base.to_string();
     closed_loop(
         "webhooks",
@@ -56,17 +55,13 @@ async fn webhook_load(base: &str, connections: u64, seconds: u64) -> Result<Figu
             // replay the 1-connection phase's ids (a replay is answered from the inbox, without
             // a write, and would flatter the figure).
             let id = format!("msg_{connections}_{connection}_{round}");
-            let timestamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |elapsed| elapsed.as_secs() as i64);
-            let signature = secret.sign(&id, timestamp, body.as_bytes());
-            client
-                .post(format!("{base}/v1/connectors/scheduler/webhook"))
-                .header("content-type", "application/json")
-                .header("webhook-id", &id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", signature)
-                .body(body)
+            signed(
+                client.post(format!("{base}/v1/connectors/scheduler/webhook")),
+                &secret,
+                &id,
+                unix_now(),
+                body.into_bytes(),
+            )
         },
     )
     .await

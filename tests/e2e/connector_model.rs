@@ -13,12 +13,12 @@ use connectors::{
 };
 use futures::FutureExt;
 use lockstep_tests::fake_api::{Behavior, FakeApi};
+use lockstep_tests::webhooks::{unix_now, TEST_SECRET};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use store::{EntityKey, Origin, Store, StoreConfig, WriteOptions};
 use tokio_util::sync::CancellationToken;
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const IDS: [&str; 3] = ["1", "2", "3"];
 
 #[derive(Clone, Debug)]
@@ -89,8 +89,8 @@ fn config(url: &str) -> Result<ConnectorConfig> {
         kind = "appointment"
         id_field = "apptId"
         url = "{url}/sync"
-        signing_secret = "{SECRET}"
-        webhook_secret = "{SECRET}"
+        signing_secret = "{TEST_SECRET}"
+        webhook_secret = "{TEST_SECRET}"
         version_field = "updatedAt"
         timeout = "2s"
         [fields]
@@ -157,10 +157,8 @@ async fn deliver_webhook(
     webhook_id: &str,
     body: &[u8],
 ) -> Result<WebhookOutcome> {
-    let secret = WebhookSecret::parse(SECRET)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs() as i64;
+    let secret = WebhookSecret::parse(TEST_SECRET)?;
+    let now = unix_now();
     let signature = secret.sign(webhook_id, now, body);
     let timestamp = now.to_string();
     let outcome = running

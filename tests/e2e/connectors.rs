@@ -2,15 +2,14 @@
 //! system, signed webhooks over HTTP.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use connectors::WebhookSecret;
 use lockstep_tests::fake_api::{Behavior, FakeApi, Received};
+use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
 use lockstep_tests::{expect_error, poll_until, within, TestServer};
 use serde_json::{json, Value};
-
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// A connector table for the appointment example, pointing at `url`.
 fn connector(name: &str, url: &str, extra: &str) -> String {
@@ -21,8 +20,8 @@ name = "{name}"
 kind = "appointment"
 id_field = "apptId"
 url = "{url}/appointments/sync"
-signing_secret = "{SECRET}"
-webhook_secret = "{SECRET}"
+signing_secret = "{TEST_SECRET}"
+webhook_secret = "{TEST_SECRET}"
 timeout = "500ms"
 {extra}
 [connectors.fields]
@@ -35,14 +34,7 @@ jitter = 0.0
     )
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_secs() as i64)
-        .unwrap_or_default()
-}
-
-/// Posts a webhook signed at `timestamp` (`now()` when `None`).
+/// Posts a webhook signed at `timestamp` (now when `None`).
 async fn post_webhook(
     server: &TestServer,
     name: &str,
@@ -50,20 +42,17 @@ async fn post_webhook(
     body: &Value,
     timestamp: Option<i64>,
 ) -> Result<reqwest::Response> {
-    let body = serde_json::to_vec(body)?;
-    let timestamp = timestamp.unwrap_or_else(now);
-    let signature = WebhookSecret::parse(SECRET)?.sign(id, timestamp, &body);
+    let request = server
+        .client()
+        .post(server.url(&format!("/v1/connectors/{name}/webhook")));
     server
-        .send(
-            server
-                .client()
-                .post(server.url(&format!("/v1/connectors/{name}/webhook")))
-                .header("content-type", "application/json")
-                .header("webhook-id", id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", signature)
-                .body(body),
-        )
+        .send(signed(
+            request,
+            &WebhookSecret::parse(TEST_SECRET)?,
+            id,
+            timestamp.unwrap_or_else(unix_now),
+            serde_json::to_vec(body)?,
+        ))
         .await
 }
 
@@ -124,12 +113,12 @@ async fn issue_3_booking_reaches_the_scheduler_and_its_reschedule_is_not_echoed(
     assert!(first.header("lockstep-version").is_some());
     assert_eq!(first.header("webhook-id"), Some(key));
     // The request is signed per Standard Webhooks with the signing secret.
-    WebhookSecret::parse(SECRET)?.verify(
+    WebhookSecret::parse(TEST_SECRET)?.verify(
         key,
         first.header("webhook-timestamp").context("a timestamp")?,
         first.header("webhook-signature").context("a signature")?,
         &first.body,
-        now(),
+        unix_now(),
         300,
     )?;
 
@@ -529,9 +518,8 @@ async fn issue_3_one_webhook_id_posted_at_once_makes_one_change() -> Result<()> 
 async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
     let fake = FakeApi::start().await?;
     let config = format!(
-        "{}{}",
+        "{}[[connectors]]\nname = \"outbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nurl = \"http://127.0.0.1:9/x\"\n[connectors.fields]\nscheduledDate = \"date\"\n[[connectors]]\nname = \"inbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nwebhook_secret = \"{TEST_SECRET}\"\n[connectors.fields]\nscheduledDate = \"date\"\n",
         connector("scheduler", &fake.base, ""),
-        "[[connectors]]\nname = \"outbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nurl = \"http://127.0.0.1:9/x\"\n[connectors.fields]\nscheduledDate = \"date\"\n[[connectors]]\nname = \"inbound-only\"\nkind = \"appointment\"\nid_field = \"apptId\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n[connectors.fields]\nscheduledDate = \"date\"\n"
     );
     let server = TestServer::start_with(&config).await?;
     let before = server.feed_len();
@@ -546,9 +534,9 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
             .header("webhook-signature", signature)
             .body(body.to_string())
     };
-    let secret = WebhookSecret::parse(SECRET)?;
+    let secret = WebhookSecret::parse(TEST_SECRET)?;
     let body = good.to_string();
-    let ts = now();
+    let ts = unix_now();
     // Signed for another body, id or timestamp; a bad signature; a missing header.
     expect_error(
         server
@@ -612,14 +600,14 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
             "scheduler",
             &format!("skew{skew}"),
             &good,
-            Some(now() + skew),
+            Some(unix_now() + skew),
         )
         .await?;
         expect_error(response, 401, "stale_timestamp").await?;
     }
     // Bodies that verify but cannot be applied.
     let signed = |id: &str, body: &str| {
-        let ts = now();
+        let ts = unix_now();
         raw(
             id,
             ts.to_string(),
@@ -679,7 +667,7 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
             "scheduler",
             &format!("ok{skew}"),
             &good,
-            Some(now() + skew),
+            Some(unix_now() + skew),
         )
         .await?;
         assert_eq!(response.status(), 200);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lockstep_tests::sites::release_binary;
+use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -177,18 +178,16 @@ async fn crash_cycles() -> Result<()> {
     for cycle in 0..CYCLES {
         let mut process = start(&binary, data.path()).await?;
         let before = acks.lock().expect("lock").len();
-        let tasks: Vec<_> = (0..WRITERS)
-            .map(|index| {
-                tokio::spawn(writer(
-                    client.clone(),
-                    process.base.clone(),
-                    index,
-                    // Leave a gap so a value that was in flight at the kill is never reused.
-                    next_values[index] + 10,
-                    acks.clone(),
-                ))
-            })
-            .collect();
+        let tasks = spawn_each(WRITERS, |index| {
+            writer(
+                client.clone(),
+                process.base.clone(),
+                index,
+                // Leave a gap so a value that was in flight at the kill is never reused.
+                next_values[index] + 10,
+                acks.clone(),
+            )
+        });
         let run_for = Duration::from_millis(rng.gen_range(300..1500));
         let started = Instant::now();
         while started.elapsed() < run_for {
@@ -221,15 +220,7 @@ async fn crash_cycles() -> Result<()> {
         *entry = (*entry).max(ack.value);
     }
     for ((id, field), value) in &newest {
-        let body: Value = client
-            .get(format!("{}/v1/entities/crash/{id}", process.base))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await?
-            .error_for_status()
-            .with_context(|| format!("reading acknowledged entity crash/{id}"))?
-            .json()
-            .await?;
+        let body = entity(&client, &process.base, "crash", id).await?;
         let stored = body["data"][field.as_str()]
             .as_u64()
             .with_context(|| format!("crash/{id} lost field {field}: {body}"))?;
@@ -276,12 +267,15 @@ async fn connector_writer(
     }
 }
 
-/// `GET /v1/entities/appointment/{id}` as JSON.
-async fn appointment(client: &reqwest::Client, base: &str, id: &str) -> Result<Value> {
+/// `GET /v1/entities/{kind}/{id}` as JSON; an error unless it is 2xx.
+async fn entity(client: &reqwest::Client, base: &str, kind: &str, id: &str) -> Result<Value> {
     Ok(client
-        .get(format!("{base}/v1/entities/appointment/{id}"))
+        .get(format!("{base}/v1/entities/{kind}/{id}"))
+        .timeout(Duration::from_secs(10))
         .send()
         .await?
+        .error_for_status()
+        .with_context(|| format!("reading acknowledged entity {kind}/{id}"))?
         .json()
         .await?)
 }
@@ -294,8 +288,6 @@ where
 {
     (0..count).map(|index| tokio::spawn(task(index))).collect()
 }
-
-const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// One acknowledged webhook: its id, its body and the version the server answered with.
 #[derive(Clone, Debug)]
@@ -313,7 +305,7 @@ async fn webhook_writer(
     writer_index: usize,
     start: u64,
 ) -> Result<Vec<WebhookAck>> {
-    let secret = connectors::WebhookSecret::parse(WEBHOOK_SECRET)?;
+    let secret = connectors::WebhookSecret::parse(TEST_SECRET)?;
     let mut acknowledged = Vec::new();
     let mut value = start;
     loop {
@@ -331,10 +323,16 @@ async fn webhook_writer(
         let Ok(answer) = response.json::<Value>().await else {
             return Ok(acknowledged);
         };
+        let version = answer["version"]
+            .as_str()
+            .with_context(|| {
+                format!("webhook {webhook_id} was acknowledged without a version: {answer}")
+            })?
+            .to_string();
         acknowledged.push(WebhookAck {
             webhook_id,
             body,
-            version: answer["version"].as_str().unwrap_or_default().to_string(),
+            version,
         });
     }
 }
@@ -346,19 +344,8 @@ async fn post_webhook(
     webhook_id: &str,
     body: &[u8],
 ) -> reqwest::Result<reqwest::Response> {
-    let timestamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64);
-    client
-        .post(format!("{base}/v1/connectors/scheduler/webhook"))
-        .header("content-type", "application/json")
-        .header("webhook-id", webhook_id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header(
-            "webhook-signature",
-            secret.sign(webhook_id, timestamp, body),
-        )
-        .body(body.to_vec())
+    let request = client.post(format!("{base}/v1/connectors/scheduler/webhook"));
+    signed(request, secret, webhook_id, unix_now(), body.to_vec())
         .timeout(Duration::from_secs(10))
         .send()
         .await
@@ -395,7 +382,7 @@ kind = "appointment"
 id_field = "apptId"
 url = "{}/sync"
 timeout = "2s"
-webhook_secret = "{WEBHOOK_SECRET}"
+webhook_secret = "{TEST_SECRET}"
 [connectors.fields]
 scheduledDate = "date"
 [connectors.retry]
@@ -447,11 +434,11 @@ jitter = 0.0
     let process = start_with(&binary, &data.path().join("data"), &extra).await?;
     // Every acknowledged webhook is there, and its repeat is answered from its idempotency
     // record with the version it was first answered with, changing nothing.
-    let secret = connectors::WebhookSecret::parse(WEBHOOK_SECRET)?;
+    let secret = connectors::WebhookSecret::parse(TEST_SECRET)?;
     for ack in &webhooks {
         let sent: Value = serde_json::from_slice(&ack.body)?;
         let id = sent["apptId"].as_str().context("an id")?;
-        let body = appointment(&client, &process.base, id).await?;
+        let body = entity(&client, &process.base, "appointment", id).await?;
         assert_eq!(
             body["data"]["date"], sent["scheduledDate"],
             "acknowledged webhook {ack:?} was lost: {body}"
@@ -472,7 +459,7 @@ jitter = 0.0
         let mut settled = true;
         let state = fake.state();
         for (id, value) in &expected {
-            let body = appointment(&client, &process.base, id).await?;
+            let body = entity(&client, &process.base, "appointment", id).await?;
             let current = body["data"]["date"]
                 .as_str()
                 .unwrap_or_default()

@@ -8,7 +8,7 @@
 //! # Layout
 //! `TestServer` (start, requests, stop), the error-shape assertion `expect_error`, the SSE reader
 //! `EventReader`, and the timing helpers `within` and `poll_until`. `sites` peers servers for
-//! replication tests and runs release-binary processes.
+//! replication tests and runs release-binary processes; `webhooks` signs webhooks as a sender does.
 //!
 //! # Example
 //! ```
@@ -27,6 +27,7 @@
 pub mod bench;
 pub mod fake_api;
 pub mod sites;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;

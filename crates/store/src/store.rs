@@ -574,8 +574,9 @@ impl Store {
         if !missing.is_empty() {
             // Changes whose dependencies this document lacks wait in Automerge's queue, unchecked:
             // their columns are only decoded once the dependencies arrive, maybe in a local write
-            // outside `catch_unwind`. They are not persisted, so they are not kept either; a peer
-            // sends them again with their dependencies.
+            // outside `catch_unwind`. They are not persisted, so they are not kept either: a sync
+            // session asks for `missing` by name and for the dropped changes again (see
+            // `replica`), and a merge's sender sends them again with their dependencies.
             let doc = without_orphans(&doc, &self.inner.actor)?;
             return Ok(Vetted {
                 doc: Box::new(doc),

@@ -368,16 +368,12 @@ fn a_change_withheld_by_a_bloom_false_positive_is_asked_for_by_name() {
     };
     // Writes on B until B's Bloom filter claims A's last change; a new sync session's filter
     // covers every change B has, and about 1 in 100 filters gives a given hash a false positive.
-    let mut found = false;
-    for m in 1..5_000 {
+    let found = (1..5_000).any(|m| {
         b.patch(&key, &json!({ "m": m }), &alice())
             .expect("write b");
-        let bloom = automerge::sync::BloomFilter::from_hashes(change_hashes(&b, &key).iter());
-        if bloom.contains_hash(withheld) {
-            found = true;
-            break;
-        }
-    }
+        automerge::sync::BloomFilter::from_hashes(change_hashes(&b, &key).iter())
+            .contains_hash(withheld)
+    });
     assert!(found, "no false positive within 5,000 writes");
     // The change that depends on it, which B's filter does not claim.
     a.patch(&key, &json!({"n": "last"}), &alice())
@@ -391,4 +387,61 @@ fn a_change_withheld_by_a_bloom_false_positive_is_asked_for_by_name() {
     assert!(change_hashes(&b, &key).contains(withheld));
     assert_eq!(a.get(&key).expect("read"), b.get(&key).expect("read"));
     assert!(rounds <= 6, "took {rounds} rounds");
+}
+
+/// A peer can send a change that depends on any number of changes this side lacks; the next
+/// message asks for at most `MAX_WANTED` of them (besides the peer's heads).
+#[test]
+fn a_change_with_many_missing_dependencies_asks_for_a_bounded_number() {
+    use automerge::transaction::Transactable;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let key = EntityKey::new("appointment", "1").expect("valid");
+    // 300 changes made apart, and one change that depends on all of them.
+    let mut merged = automerge::Automerge::new();
+    let mut forks = Vec::new();
+    for n in 0..300 {
+        let mut fork = automerge::Automerge::new();
+        let mut tx = fork.transaction();
+        tx.put(automerge::ROOT, format!("f{n}"), n).expect("put");
+        tx.commit();
+        merged.merge(&mut fork).expect("merge");
+        forks.extend(fork.get_heads());
+    }
+    let mut tx = merged.transaction();
+    tx.put(automerge::ROOT, "last", 1).expect("put");
+    tx.commit();
+    let last = merged.get_last_local_change().expect("a change");
+    let message = automerge::sync::Message {
+        heads: merged.get_heads(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: vec![last.raw_bytes().to_vec()].into(),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    let mut state = SyncState::default();
+    let from = Origin::parse("peer:hostile").expect("valid");
+    store
+        .receive_sync_message(&key, &mut state, &message.encode(), &from)
+        .expect("an orphan is dropped, not an error");
+    assert!(
+        store.get(&key).expect("read").is_none(),
+        "the orphan was kept"
+    );
+    let reply = store
+        .generate_sync_message(&key, &mut state)
+        .expect("generate")
+        .expect("a reply that asks for what is missing");
+    let need = automerge::sync::Message::decode(&reply)
+        .expect("decodes")
+        .need;
+    assert_eq!(need.len(), MAX_WANTED + 1, "{need:?}");
+    assert!(need.contains(&last.hash()), "the peer's head");
+    assert!(
+        need.iter()
+            .filter(|hash| **hash != last.hash())
+            .all(|hash| forks.contains(hash)),
+        "only what the dropped change depends on"
+    );
 }
