@@ -125,6 +125,12 @@ async fn issue_4_two_sites_replicate_both_ways_continuously_and_resume_after_a_r
         "{metrics}"
     );
     assert!(metrics.contains("lockstep_replication_entities_synced_total{peer=\"north\"}"));
+    // Two sites in step never had to restart a sync.
+    assert_eq!(at_south["sync_fallbacks"], 0, "{at_south}");
+    assert!(
+        metrics.contains("lockstep_replication_sync_fallbacks_total{peer=\"north\"} 0"),
+        "{metrics}"
+    );
 
     // Cut: south stops; north keeps writing; south resumes from its stored cursor.
     let cursor_before = at_south["cursor"].as_u64().context("a cursor")?;

@@ -63,6 +63,10 @@ pub struct Progress {
     pub rows_received: u64,
     /// Entities this session brought up to date (rows whose version was already here excluded).
     pub entities_synced: u64,
+    /// Times a sync of one entity stalled and was started again from fresh sync states, or
+    /// then fell back to fetching the whole document (an entity never seen here is fetched
+    /// whole from the start, which is not counted).
+    pub sync_fallbacks: u64,
 }
 
 /// One side of one connection between two sites.
@@ -78,6 +82,7 @@ pub struct Session {
     serve: serve::Serve,
     rows_received: u64,
     entities_synced: u64,
+    sync_fallbacks: u64,
 }
 
 /// The record space of the cursors: `replication.cursor/<peer>` holds how far this site has
@@ -133,6 +138,7 @@ impl Session {
             serve: serve::Serve::default(),
             rows_received: 0,
             entities_synced: 0,
+            sync_fallbacks: 0,
         })
     }
 
@@ -236,6 +242,7 @@ impl Session {
             their_cursor: self.serve.their_cursor,
             rows_received: self.rows_received,
             entities_synced: self.entities_synced,
+            sync_fallbacks: self.sync_fallbacks,
         }
     }
 

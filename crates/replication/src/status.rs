@@ -46,6 +46,10 @@ pub struct PeerStatus {
     pub rows_received: u64,
     /// Entities brought up to date from the peer since start.
     pub entities_synced: u64,
+    /// Since start, how often an entity's sync stalled and was started again or fell back to
+    /// fetching the whole document. Rare when all is well: a count that keeps climbing points
+    /// to a peer whose sync messages do not get its entities here.
+    pub sync_fallbacks: u64,
     /// Links that ended with an error since start.
     pub errors: u64,
 }
@@ -58,6 +62,7 @@ pub struct PeerState {
     links: AtomicUsize,
     rows_received: AtomicU64,
     entities_synced: AtomicU64,
+    sync_fallbacks: AtomicU64,
     errors: AtomicU64,
     // A std Mutex: held only to copy a few fields, never across an await.
     observed: Mutex<Observed>,
@@ -83,6 +88,7 @@ impl PeerState {
             links: AtomicUsize::new(0),
             rows_received: AtomicU64::new(0),
             entities_synced: AtomicU64::new(0),
+            sync_fallbacks: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             observed: Mutex::new(Observed {
                 cursor,
@@ -118,6 +124,10 @@ impl PeerState {
         );
         self.entities_synced.fetch_add(
             progress.entities_synced - before.entities_synced,
+            Ordering::Relaxed,
+        );
+        self.sync_fallbacks.fetch_add(
+            progress.sync_fallbacks - before.sync_fallbacks,
             Ordering::Relaxed,
         );
         let mut observed = self.observed();
@@ -169,6 +179,7 @@ impl PeerState {
             last_error_at_ms: observed.last_error_at_ms,
             rows_received: self.rows_received.load(Ordering::Relaxed),
             entities_synced: self.entities_synced.load(Ordering::Relaxed),
+            sync_fallbacks: self.sync_fallbacks.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
         }
     }

@@ -137,7 +137,7 @@ async fn accept(State(state): State<AppState>, mut request: Request) -> Result<R
 pub(crate) fn render_metrics(state: &AppState, out: &mut String) {
     let statuses = state.replication.statuses();
     type Read = fn(&replication::PeerStatus) -> u64;
-    let families: [(&str, &str, &str, Read); 6] = [
+    let families: [(&str, &str, &str, Read); 7] = [
         (
             "lockstep_replication_connected",
             "gauge",
@@ -155,6 +155,12 @@ pub(crate) fn render_metrics(state: &AppState, out: &mut String) {
             "counter",
             "Entities brought up to date from the peer.",
             |s| s.entities_synced,
+        ),
+        (
+            "lockstep_replication_sync_fallbacks_total",
+            "counter",
+            "Entity syncs with the peer that stalled and were restarted or fetched whole.",
+            |s| s.sync_fallbacks,
         ),
         (
             "lockstep_replication_errors_total",

@@ -338,6 +338,7 @@ impl Session {
         }
         let mut entries = Vec::new();
         let mut synced = Vec::new();
+        let mut fallbacks = 0;
         for (key, pending) in &mut current.entities {
             if !answered.contains(key) {
                 continue;
@@ -368,6 +369,7 @@ impl Session {
                 match pending.stage {
                     Stage::First => {
                         tracing::debug!(%key, rounds = pending.rounds, "resetting a sync session");
+                        fallbacks += 1;
                         pending.stage = Stage::Reset;
                         pending.rounds = 0;
                         pending.state = SyncState::default();
@@ -376,6 +378,7 @@ impl Session {
                     }
                     Stage::Reset => {
                         tracing::debug!(%key, "fetching a whole document");
+                        fallbacks += 1;
                         pending.stage = Stage::Whole;
                         pending.rounds = 0;
                         message = None;
@@ -400,6 +403,7 @@ impl Session {
             current.entities.remove(key);
         }
         self.entities_synced += synced.len() as u64;
+        self.sync_fallbacks += fallbacks;
         let mut out = Vec::new();
         if !entries.is_empty() {
             out.push(Frame::Sync { batch, entries });

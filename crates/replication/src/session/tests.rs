@@ -151,6 +151,8 @@ fn an_entity_that_never_converges_is_reset_then_fetched_whole_then_reported() {
                 assert!(modes.contains(&Mode::Reset), "{modes:?}");
                 assert_eq!(modes.last(), Some(&Mode::Whole), "{modes:?}");
                 assert!(modes.len() <= 2 * 3 + 1, "{modes:?}");
+                // The reset and the whole document are counted, for status and metrics.
+                assert_eq!(session.progress().sync_fallbacks, 2);
                 assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq::ZERO);
                 return;
             }
@@ -184,6 +186,8 @@ fn an_entity_never_seen_here_is_fetched_whole_in_one_round_trip() {
         .expect("the document is applied");
     assert_eq!(out, vec![done(0, 1)]);
     assert_eq!(store.version(&key("1")).expect("read"), Some(version));
+    // Fetching a new entity whole is the plan from the start, not a fallback.
+    assert_eq!(session.progress().sync_fallbacks, 0);
     assert_eq!(
         store.feed(Seq::ZERO, None, 1).expect("feed")[0]
             .origin
