@@ -221,6 +221,42 @@ async fn issue_3_retry_after_holds_the_next_attempt_back() -> Result<()> {
     Ok(())
 }
 
+/// The retry schedule's first entry is the wait before a delta's first attempt, and each later
+/// entry the wait after one more failure: with `["600ms", "300ms"]` the first attempt comes
+/// 600 ms after the edit and the retries 300 ms apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_the_retry_schedule_starts_with_the_wait_before_the_first_attempt() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    fake.set(Behavior::Status(500));
+    let config = connector("scheduler", &fake.base, "")
+        .replace(r#"["0s", "50ms", "100ms"]"#, r#"["600ms", "300ms"]"#);
+    let server = TestServer::start_with(&config).await?;
+    let edited_at = Instant::now();
+    server
+        .patch(
+            "/v1/entities/appointment/s1",
+            &json!({"date": "2027-06-01"}),
+        )
+        .await?;
+    fake.wait_for(Duration::from_secs(10), "the first attempt", |r| {
+        r.len() == 1
+    })
+    .await?;
+    let first = edited_at.elapsed();
+    assert!(
+        first >= Duration::from_millis(600),
+        "the first attempt came {first:?} after the edit, before the schedule's 600 ms"
+    );
+    fake.wait_for(Duration::from_secs(10), "two retries", |r| r.len() == 3)
+        .await?;
+    let retries = edited_at.elapsed() - first;
+    assert!(
+        retries >= Duration::from_millis(2 * 300),
+        "two retries took {retries:?}, less than the schedule's 300 ms each"
+    );
+    Ok(())
+}
+
 /// A redirect is not followed: the delta is dead-lettered, its reason names the status, and
 /// nothing is sent where the redirect points.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,6 +505,43 @@ async fn issue_3_after_a_concurrent_edit_the_system_gets_the_winner() -> Result<
     Ok(())
 }
 
+/// A webhook id is remembered for `dedupe_retention` and no longer: within it a repeat with
+/// another body is a 409, after it the id is free again, though the hourly clean-up has not
+/// removed its record yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_a_webhook_id_is_forgotten_after_the_retention() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    let server = TestServer::start_with(&connector(
+        "scheduler",
+        &fake.base,
+        "dedupe_retention = \"1s\"",
+    ))
+    .await?;
+    let first = json!({"apptId": "7", "scheduledDate": "2027-07-01"});
+    let second = json!({"apptId": "7", "scheduledDate": "2027-07-02"});
+    let sent_at = Instant::now();
+    assert_eq!(
+        post_webhook(&server, "scheduler", "again", &first, None)
+            .await?
+            .status(),
+        200
+    );
+    let reused = post_webhook(&server, "scheduler", "again", &second, None).await?;
+    if sent_at.elapsed() < Duration::from_millis(900) {
+        expect_error(reused, 409, "webhook_id_reused").await?;
+    }
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(sent_at.elapsed())).await;
+    let response = post_webhook(&server, "scheduler", "again", &second, None).await?;
+    assert_eq!(response.status(), 200);
+    assert!(response
+        .headers()
+        .get("lockstep-idempotent-replay")
+        .is_none());
+    let (_, entity) = server.get("/v1/entities/appointment/7").await?;
+    assert_eq!(entity["data"]["date"], "2027-07-02");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue_3_one_webhook_id_posted_at_once_makes_one_change() -> Result<()> {
     let fake = FakeApi::start().await?;
@@ -529,6 +602,7 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
         server
             .client()
             .post(&url)
+            .header("content-type", "application/json")
             .header("webhook-id", id)
             .header("webhook-timestamp", ts)
             .header("webhook-signature", signature)
@@ -587,12 +661,55 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
     .await?;
     expect_error(
         server
-            .send(server.client().post(&url).body(body.clone()))
+            .send(
+                server
+                    .client()
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone()),
+            )
             .await?,
         401,
         "invalid_signature",
     )
     .await?;
+    // Not JSON by its media type, and too large (declared, or streamed without a length):
+    // refused in our JSON shape, before the signature is even looked at.
+    let text = server
+        .client()
+        .post(&url)
+        .header("content-type", "text/plain")
+        .header("webhook-id", "t1")
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", secret.sign("t1", ts, body.as_bytes()))
+        .body(body.clone());
+    expect_error(server.send(text).await?, 415, "unsupported_media_type").await?;
+    let huge = format!(
+        r#"{{"apptId": "1", "scheduledDate": "{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let declared = raw(
+        "h1",
+        ts.to_string(),
+        secret.sign("h1", ts, huge.as_bytes()),
+        &huge,
+    );
+    expect_error(server.send(declared).await?, 413, "body_too_large").await?;
+    let chunks = futures::stream::iter(
+        huge.clone()
+            .into_bytes()
+            .chunks(64 * 1024)
+            .map(|chunk| Ok::<_, std::io::Error>(chunk.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let streamed = raw(
+        "h2",
+        ts.to_string(),
+        secret.sign("h2", ts, huge.as_bytes()),
+        "",
+    )
+    .body(reqwest::Body::wrap_stream(chunks));
+    expect_error(server.send(streamed).await?, 413, "body_too_large").await?;
     // Timestamps: 299 s either way is fine, 301 s is not.
     for skew in [-301, 301] {
         let response = post_webhook(
@@ -717,6 +834,24 @@ async fn issue_3_an_older_version_field_is_acknowledged_and_ignored() -> Result<
     assert_eq!(server.feed_len(), before);
     let (_, entity) = server.get("/v1/entities/appointment/4").await?;
     assert_eq!(entity["data"]["date"], "2027-04-04");
+    // A version that cannot be ordered against the last one is refused, and changes nothing:
+    // were it taken as the new mark, the older delta after it would be applied.
+    for (id, mark) in [
+        ("obj", json!({})),
+        ("arr", json!([1])),
+        ("num", json!(1)),
+        ("bool", json!(true)),
+    ] {
+        let body = json!({"apptId": "4", "scheduledDate": "2027-02-02", "updatedAt": mark});
+        let response = post_webhook(&server, "scheduler", id, &body, None).await?;
+        expect_error(response, 422, "uncastable_value").await?;
+    }
+    assert_eq!(server.feed_len(), before);
+    let response = post_webhook(&server, "scheduler", "o2", &older, None).await?;
+    let answer: Value = response.json().await?;
+    assert_eq!(answer["status"], "stale", "{answer}");
+    let (_, entity) = server.get("/v1/entities/appointment/4").await?;
+    assert_eq!(entity["data"]["date"], "2027-04-04");
     let metrics = server
         .send(server.client().get(server.url("/metrics")))
         .await?
@@ -724,7 +859,7 @@ async fn issue_3_an_older_version_field_is_acknowledged_and_ignored() -> Result<
         .await?;
     assert!(
         metrics.contains(
-            "lockstep_connector_webhooks_total{connector=\"scheduler\",result=\"stale\"} 1"
+            "lockstep_connector_webhooks_total{connector=\"scheduler\",result=\"stale\"} 2"
         ),
         "{metrics}"
     );

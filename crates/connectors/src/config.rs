@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use store::Kind;
 
-use crate::mapping::{FieldSpec, Mapping};
+use crate::mapping::{FieldSpec, Mapping, MappingError};
 use crate::signature::WebhookSecret;
 
 /// A string that must not appear in logs; its `Debug` prints `***`.
@@ -204,6 +204,23 @@ pub struct Connector {
     pub timestamp_tolerance: Duration,
 }
 
+/// Outbound headers Lockstep sets on every delivery (or that HTTP framing owns); a configured
+/// one would be sent beside Lockstep's own and make them ambiguous.
+const RESERVED_HEADERS: [&str; 12] = [
+    "idempotency-key",
+    "lockstep-version",
+    "lockstep-previous-version",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "te",
+];
+
 impl ConnectorConfig {
     /// Validates this table. `env` resolves `${NAME}` in header values.
     ///
@@ -216,6 +233,8 @@ impl ConnectorConfig {
             detail,
         };
         if self.name.is_empty()
+            || self.name == "."
+            || self.name == ".."
             || self.name.len() > 64
             || !self
                 .name
@@ -228,11 +247,26 @@ impl ConnectorConfig {
             ));
         }
         let kind = Kind::new(self.kind.clone()).map_err(|e| error("kind", e.to_string()))?;
-        let mapping = Mapping::new(&self.id_field, &self.fields)
-            .map_err(|e| error("fields", e.to_string()))?;
+        if self.fields.is_empty() {
+            return Err(error(
+                "fields",
+                "maps no field; a connector needs at least one".into(),
+            ));
+        }
+        let mapping = Mapping::new(&self.id_field, &self.fields).map_err(|e| match e {
+            MappingError::Invalid { key, detail } if key == "id_field" => error("id_field", detail),
+            other => error("fields", other.to_string()),
+        })?;
         if let Some(url) = &self.url {
-            let lower = url.to_ascii_lowercase();
-            if !(lower.starts_with("http://") || lower.starts_with("https://")) || url.len() < 10 {
+            let parsed = reqwest::Url::parse(url)
+                .map_err(|e| error("url", format!("{url:?} is not a URL: {e}")))?;
+            if url.chars().any(char::is_whitespace) {
+                return Err(error(
+                    "url",
+                    format!("{url:?} contains whitespace; percent-encode it (%20)"),
+                ));
+            }
+            if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
                 return Err(error(
                     "url",
                     format!("{url:?} is not an http:// or https:// URL"),
@@ -267,6 +301,17 @@ impl ConnectorConfig {
                     "is not a valid header name".into(),
                 ));
             }
+            if RESERVED_HEADERS
+                .iter()
+                .any(|reserved| reserved.eq_ignore_ascii_case(name))
+            {
+                return Err(error(
+                    &format!("headers.{name}"),
+                    "is set by Lockstep itself (idempotency, versions, signature, or HTTP \
+                     framing); it cannot be configured"
+                        .into(),
+                ));
+            }
             let resolved = resolve_env(&value.0, env)
                 .map_err(|detail| error(&format!("headers.{name}"), detail))?;
             if resolved.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
@@ -280,6 +325,20 @@ impl ConnectorConfig {
         if let Some(field) = &self.version_field {
             if field.is_empty() {
                 return Err(error("version_field", "must not be empty".into()));
+            }
+            if field == &self.id_field || self.fields.contains_key(field) {
+                return Err(error(
+                    "version_field",
+                    format!("{field:?} is the id field or a mapped field; it must be a field of its own"),
+                ));
+            }
+        }
+        for (key, duration) in [
+            ("dedupe_retention", self.dedupe_retention.0),
+            ("timestamp_tolerance", self.timestamp_tolerance.0),
+        ] {
+            if duration.is_zero() {
+                return Err(error(key, "must be more than zero".into()));
             }
         }
         if self.retry.schedule.is_empty() {

@@ -29,6 +29,8 @@ use crate::state::{sha256_hex, Attempt, Shadow};
 const FEED_BATCH: usize = 512;
 /// How often expired inbound ids are forgotten.
 const INBOX_GC_EVERY: Duration = Duration::from_secs(3600);
+/// The most expired inbox records deleted in one write.
+const INBOX_GC_BATCH: usize = 4096;
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -91,6 +93,13 @@ pub(crate) fn plan(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Vec<R
     plan_with(handle, entity, existing, &shadow)
 }
 
+/// The wait before a delta's first attempt, in milliseconds: the retry schedule's first entry.
+fn first_wait(schedule: &[Duration]) -> u64 {
+    schedule.first().map_or(0, |wait| {
+        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
 /// [`plan`] against a given outbox entry and shadow (those about to be written, when a delivery
 /// outcome and the next plan go to disk in one write).
 fn plan_with(
@@ -141,7 +150,8 @@ fn plan_with(
         version,
         previous_version: shadow.version.clone(),
         attempts: 0,
-        next_at_ms: now,
+        // The schedule's first entry is the wait before the first attempt ("0s": at once).
+        next_at_ms: now.saturating_add(first_wait(&handle.connector.retry_schedule)),
         created_at_ms: now,
         last_error: None,
         dead: None,
@@ -335,6 +345,7 @@ fn record(
         }
         Outcome::Retry { error, retry_after } => {
             handle.counters.delivery_failures.inc();
+            // Entry n waits before attempt n + 1, counting from 0; the last entry repeats.
             let schedule = &connector.retry_schedule;
             let index = (attempt.attempts as usize + 1).min(schedule.len() - 1);
             let jitter = connector.retry_jitter;
@@ -707,8 +718,14 @@ async fn step(
         let gc = handle.clone();
         tokio::task::spawn_blocking(move || {
             let cutoff = now_ms().saturating_sub(gc.connector.dedupe_retention.as_millis() as u64);
-            let expired = gc.records.expired_inbox(cutoff)?;
-            gc.records.write(expired)
+            let mut expired = gc.records.expired_inbox(cutoff)?;
+            // In bounded batches: after a long stop, a day's ids may expire at once.
+            while !expired.is_empty() {
+                let rest = expired.split_off(expired.len().min(INBOX_GC_BATCH));
+                gc.records.write(expired)?;
+                expired = rest;
+            }
+            Ok::<_, crate::error::Error>(())
         })
         .await??;
     }

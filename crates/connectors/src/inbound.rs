@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value as Json};
 use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
 
 use crate::error::{Error, Result};
+use crate::mapping::MappingError;
 use crate::registry::{ConnectorHandle, Connectors};
 use crate::signature::SignatureError;
 use crate::state::{sha256_hex, InboxRecord, Records};
@@ -45,8 +46,33 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Refuses a `version_field` value that cannot be ordered against the last one applied: only
+/// numbers and strings order, and only against their own kind. Letting such a value through
+/// would make it the entity's new mark, and an older delta after it would then be applied,
+/// since nothing could say it is older.
+fn check_mark(field: &str, mark: &Json, applied: Option<&Json>) -> Result<()> {
+    let uncastable = |detail: String| {
+        Error::Mapping(MappingError::Uncastable {
+            field: field.to_string(),
+            detail,
+        })
+    };
+    if !matches!(mark, Json::Number(_) | Json::String(_)) {
+        return Err(uncastable(format!(
+            "{mark} is not a version: a version must be a number or a string"
+        )));
+    }
+    match applied {
+        Some(applied) if compare_marks(mark, applied).is_none() => Err(uncastable(format!(
+            "{mark} cannot be ordered against the last version applied, {applied}: an entity's \
+             versions must be all numbers or all strings"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Orders two `version_field` values: numbers numerically, strings lexically (ISO 8601 timestamps
-/// sort that way); values of different types are not comparable, and never make a delta stale.
+/// sort that way); values of different types are not comparable ([`check_mark`] refuses them).
 fn compare_marks(a: &Json, b: &Json) -> Option<Ordering> {
     match (a, b) {
         (Json::Number(a), Json::Number(b)) => a.as_f64()?.partial_cmp(&b.as_f64()?),
@@ -147,7 +173,15 @@ async fn apply(
 ) -> Result<WebhookOutcome> {
     let records = &handle.records;
     let inbox_key = records.inbox_key(webhook_id);
-    if let Some(previous) = records.inbox(&inbox_key)? {
+    // An id is remembered for `dedupe_retention`: a record older than that, which the hourly
+    // clean-up has not removed yet, no longer makes the webhook a repeat.
+    let retention_ms =
+        u64::try_from(handle.connector.dedupe_retention.as_millis()).unwrap_or(u64::MAX);
+    let remembered_since = now_ms().saturating_sub(retention_ms);
+    let previous = records
+        .inbox(&inbox_key)?
+        .filter(|previous| previous.at_ms >= remembered_since);
+    if let Some(previous) = previous {
         if previous.body_sha256 != body_sha256 {
             return Err(Error::IdReused {
                 id: webhook_id.to_string(),
@@ -177,6 +211,13 @@ async fn apply(
         response: response.clone(),
         at_ms: now_ms(),
     };
+    if let Some(mark) = &mark {
+        check_mark(
+            connector.version_field.as_deref().unwrap_or_default(),
+            mark,
+            shadow.inbound_mark.as_ref(),
+        )?;
+    }
     if let (Some(mark), Some(applied)) = (&mark, &shadow.inbound_mark) {
         if compare_marks(mark, applied) == Some(Ordering::Less) {
             let response = json!({

@@ -119,6 +119,36 @@ fn check_format(key: &str, format: &str) -> Result<(), MappingError> {
     Ok(())
 }
 
+/// Checks that a pair of date formats carries a value out and back unchanged, on sample dates
+/// and times: one whose external form drops what the entity's keeps (`%d/%m` against
+/// `%Y-%m-%d`), or that holds no date at all, would send values the connector then refuses when
+/// the system sends them back, or loses part of them.
+fn check_round_trip(entity_format: &str, external_format: &str) -> Result<(), String> {
+    use std::fmt::Write;
+    let samples = [(2026, 12, 24, 13, 45, 56), (2027, 1, 5, 9, 7, 8)];
+    for (year, month, day, hour, minute, second) in samples {
+        let sample = NaiveDate::from_ymd_opt(year, month, day)
+            .and_then(|date| date.and_hms_opt(hour, minute, second))
+            .expect("the sample dates are valid");
+        let mut entity = String::new();
+        write!(entity, "{}", sample.format(entity_format)).map_err(|_| {
+            format!("the date format {entity_format:?} cannot write a date and time")
+        })?;
+        let round_trip = reformat_date(&entity, entity_format, external_format)
+            .and_then(|external| reformat_date(&external, external_format, entity_format));
+        match round_trip {
+            Ok(back) if back == entity => {}
+            _ => {
+                return Err(format!(
+                    "the date formats {entity_format:?} and {external_format:?} do not carry \
+                     {entity:?} out and back unchanged; each must hold the same parts of a date"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Mapping {
     /// Validates a declaration.
     ///
@@ -142,6 +172,9 @@ impl Mapping {
                 key: external.clone(),
                 detail,
             };
+            if external.is_empty() {
+                return Err(invalid("an external field name must not be empty".into()));
+            }
             if external == id_field {
                 return Err(invalid(
                     "the id field is sent and read automatically; do not map it".into(),
@@ -175,6 +208,7 @@ impl Mapping {
                 (Some(entity), Some(external_format)) => {
                     check_format(external, entity)?;
                     check_format(external, external_format)?;
+                    check_round_trip(entity, external_format).map_err(invalid)?;
                     if entity_type.is_some_and(|t| t != ValueType::String)
                         || external_type.is_some_and(|t| t != ValueType::String)
                     {

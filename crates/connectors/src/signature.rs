@@ -26,7 +26,7 @@ pub enum SignatureError {
     /// A required header is absent or not text.
     #[error("the {0} header is missing")]
     MissingHeader(&'static str),
-    /// `webhook-timestamp` is not a whole number of seconds.
+    /// `webhook-timestamp` is not a whole number of seconds, written in plain decimal digits.
     #[error("the webhook-timestamp header is not a Unix time in seconds")]
     InvalidTimestamp,
     /// The timestamp is further from now than the tolerance allows.
@@ -100,10 +100,14 @@ impl WebhookSecret {
         if id.is_empty() {
             return Err(SignatureError::MissingHeader("webhook-id"));
         }
-        let timestamp: i64 = timestamp
-            .trim()
-            .parse()
-            .map_err(|_| SignatureError::InvalidTimestamp)?;
+        // Only the plain decimal form: the signature covers the header's text, which is then
+        // the number's own, so "+1614265330" or "01614265330" cannot pass as 1614265330.
+        let canonical = timestamp.bytes().all(|byte| byte.is_ascii_digit())
+            && (timestamp == "0" || !timestamp.starts_with('0'));
+        let timestamp: i64 = canonical
+            .then(|| timestamp.parse().ok())
+            .flatten()
+            .ok_or(SignatureError::InvalidTimestamp)?;
         let skew_seconds = now.abs_diff(timestamp);
         if skew_seconds > tolerance_seconds {
             return Err(SignatureError::StaleTimestamp {

@@ -250,15 +250,19 @@ impl Records {
     }
 
     /// Inbox records older than `cutoff_ms`, as deletions.
+    ///
+    /// The inbox holds every id of the retention period (millions, for a busy sender), so it is
+    /// read one record at a time; only the keys of the expired ones are kept.
     pub(crate) fn expired_inbox(&self, cutoff_ms: u64) -> Result<Vec<RecordWrite>> {
         let prefix = RecordKey::new(INBOX, &[&self.connector]);
         let mut expired = Vec::new();
-        for (key, bytes) in self.store.scan_records(&prefix)? {
-            let record: InboxRecord = decode(&key, &bytes)?;
+        self.store.visit_records(&prefix, |key, bytes| {
+            let record: InboxRecord = decode(&key, bytes)?;
             if record.at_ms < cutoff_ms {
                 expired.push(RecordWrite::delete(key));
             }
-        }
+            Ok::<_, Error>(())
+        })?;
         Ok(expired)
     }
 

@@ -6,7 +6,6 @@
 
 use std::fmt::Write;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +16,7 @@ use serde_json::{json, Value};
 use store::{EntityKey, Seq};
 
 use crate::api_error::ApiError;
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, RawJsonBody};
 use crate::state::AppState;
 
 /// `POST /v1/connectors/{name}/webhook`.
@@ -49,7 +48,7 @@ async fn receive_webhook(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    RawJsonBody(body): RawJsonBody,
 ) -> Result<Response, ApiError> {
     let request = WebhookRequest {
         id: header(&headers, "webhook-id"),

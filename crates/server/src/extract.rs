@@ -22,6 +22,31 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let RawJsonBody(bytes) = RawJsonBody::from_request(request, state).await?;
+        if bytes.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                "the request body is empty; send a JSON object",
+            ));
+        }
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|error| {
+                ApiError::bad_request("invalid_json", format!("invalid JSON: {error}"))
+            })
+    }
+}
+
+/// A request body of a JSON media type, as raw bytes, for a handler that needs them exactly as
+/// sent (a webhook's signature covers its bytes, not its JSON). Refused with our JSON errors:
+/// 415 for another media type, 413 beyond the body limit, whether the length is declared or the
+/// body is streamed.
+pub(crate) struct RawJsonBody(pub(crate) Bytes);
+
+impl FromRequest<AppState> for RawJsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
         check_json_media_type(request.headers())?;
         let limit = state.config.limits.max_body_bytes;
         // Refuse a declared oversize body before reading any of it.
@@ -33,23 +58,12 @@ impl FromRequest<AppState> for JsonBody {
         if declared.is_some_and(|length| length > limit as u64) {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection| match rejection.status() {
-                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
-                    _ => ApiError::bad_request("unreadable_body", rejection.body_text()),
-                })?;
-        if bytes.is_empty() {
-            return Err(ApiError::bad_request(
-                "invalid_json",
-                "the request body is empty; send a JSON object",
-            ));
-        }
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|error| {
-                ApiError::bad_request("invalid_json", format!("invalid JSON: {error}"))
+        Bytes::from_request(request, state)
+            .await
+            .map(RawJsonBody)
+            .map_err(|rejection| match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+                _ => ApiError::bad_request("unreadable_body", rejection.body_text()),
             })
     }
 }

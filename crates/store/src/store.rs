@@ -353,6 +353,24 @@ impl Store {
             .collect()
     }
 
+    /// Calls `visit` with each side record under `prefix` (its children, not `prefix` itself), in
+    /// key order, one at a time: for a scan of more records than should be held in memory at
+    /// once. Stops at the first error `visit` returns.
+    ///
+    /// # Errors
+    /// Storage errors, and whatever `visit` returns.
+    pub fn visit_records<E: From<Error>>(
+        &self,
+        prefix: &RecordKey,
+        mut visit: impl FnMut(RecordKey, &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        for entry in self.inner.db.scan_prefix(prefix.child_prefix()) {
+            let (key, value) = entry.map_err(Error::from)?;
+            visit(RecordKey::from_bytes(&key), &value)?;
+        }
+        Ok(())
+    }
+
     /// Writes side records in one atomic batch and returns once it is durable.
     ///
     /// # Errors

@@ -85,6 +85,57 @@ fn errors_name_the_key() {
             "schedule = []",
             "retry.schedule",
         ),
+        ("id_field = \"apptId\"", "id_field = \"\"", "id_field"),
+        (
+            "url = \"http://127.0.0.1:9000/appointments/sync\"",
+            "url = \"http://127.0.0.1:99999/x\"",
+            "url",
+        ),
+        (
+            "url = \"http://127.0.0.1:9000/appointments/sync\"",
+            "url = \"http://127.0.0.1:9000/a b\"",
+            "url",
+        ),
+        (
+            "Authorization = \"Bearer ${SCHEDULER_TOKEN}\"",
+            "Idempotency-Key = \"fixed\"",
+            "headers.Idempotency-Key",
+        ),
+        (
+            "Authorization = \"Bearer ${SCHEDULER_TOKEN}\"",
+            "lockstep-version = \"forged\"",
+            "headers.lockstep-version",
+        ),
+        (
+            "Authorization = \"Bearer ${SCHEDULER_TOKEN}\"",
+            "Host = \"evil.example\"",
+            "headers.Host",
+        ),
+        (
+            "version_field = \"updatedAt\"",
+            "version_field = \"scheduledDate\"",
+            "version_field",
+        ),
+        (
+            "version_field = \"updatedAt\"",
+            "version_field = \"apptId\"",
+            "version_field",
+        ),
+        (
+            "version_field = \"updatedAt\"",
+            "version_field = \"updatedAt\"\ndedupe_retention = \"0s\"",
+            "dedupe_retention",
+        ),
+        (
+            "version_field = \"updatedAt\"",
+            "version_field = \"updatedAt\"\ntimestamp_tolerance = \"0s\"",
+            "timestamp_tolerance",
+        ),
+        (
+            "scheduledDate = \"date\"\nofficeCode = \"site.code\"\n",
+            "",
+            "fields",
+        ),
     ];
     for (from, to, key) in cases {
         let text = EXAMPLE.replace(from, to);
@@ -107,6 +158,15 @@ fn unknown_keys_and_bad_durations_are_parse_errors() {
     let bad = EXAMPLE.replace("\"30m\"", "\"soon\"");
     let error = toml::from_str::<File>(&bad).expect_err("bad duration");
     assert!(error.to_string().contains("soon"), "{error}");
+}
+
+#[test]
+fn dot_names_are_refused() {
+    for name in [".", ".."] {
+        let text = EXAMPLE.replace("name = \"state-scheduler\"", &format!("name = \"{name}\""));
+        let error = validate_all(&parse(&text), &env()).expect_err(name);
+        assert_eq!(error.key, "name", "{error}");
+    }
 }
 
 #[test]

@@ -117,7 +117,7 @@ fn uncastable_values_are_named() {
 fn a_time_format_on_a_bare_date_is_an_error_not_a_panic() {
     let mapping = Mapping::new(
         "id",
-        &declare(r#"when = { field = "when", entity_format = "%Y-%m-%d", external_format = "%Y-%m-%dT%H:%M" }"#),
+        &declare(r#"when = { field = "when", entity_format = "%Y-%m-%dT%H:%M", external_format = "%Y-%m-%dT%H:%M" }"#),
     )
     .expect("valid");
     assert!(mapping
@@ -125,10 +125,40 @@ fn a_time_format_on_a_bare_date_is_an_error_not_a_panic() {
         .is_err());
 }
 
+/// Formats that cannot carry a value out and back unchanged are refused when declared: what
+/// one sends, the other would refuse or lose part of.
+#[test]
+fn date_formats_must_carry_a_value_out_and_back() {
+    for (entity, external) in [
+        ("%Y-%m-%d", "%d/%m"),
+        ("abc", "def"),
+        ("%Y-%m-%d", "%Y-%m-%dT%H:%M"),
+        ("%Y-%m-%dT%H:%M", "%Y-%m-%d"),
+    ] {
+        let text = format!(
+            r#"when = {{ field = "when", entity_format = "{entity}", external_format = "{external}" }}"#
+        );
+        match Mapping::new("id", &declare(&text)) {
+            Err(MappingError::Invalid { key, .. }) => assert_eq!(key, "when", "{text}"),
+            other => panic!("{text} gave {other:?}"),
+        }
+    }
+    for (entity, external) in [
+        ("%Y-%m-%d", "%d/%m/%Y"),
+        ("%Y-%m-%dT%H:%M:%S", "%d.%m.%Y %H:%M:%S"),
+    ] {
+        let text = format!(
+            r#"when = {{ field = "when", entity_format = "{entity}", external_format = "{external}" }}"#
+        );
+        assert!(Mapping::new("id", &declare(&text)).is_ok(), "{text}");
+    }
+}
+
 #[test]
 fn inconsistent_declarations_name_the_field() {
     let cases = [
         ("a = \"\"", "a"),
+        ("\"\" = \"x\"", ""),
         ("a = \"x..y\"", "a"),
         ("a = \"site\"\nb = \"site.code\"", "b"),
         ("a = \"x\"\nb = \"x\"", "b"),
