@@ -238,22 +238,22 @@ async fn issue_3_the_retry_schedule_starts_with_the_wait_before_the_first_attemp
             &json!({"date": "2027-06-01"}),
         )
         .await?;
-    fake.wait_for(Duration::from_secs(10), "the first attempt", |r| {
-        r.len() == 1
-    })
-    .await?;
-    let first = edited_at.elapsed();
+    let received = fake
+        .wait_for(Duration::from_secs(10), "two retries", |r| r.len() == 3)
+        .await?;
+    // The fake's own arrival times: the edit's answer came before the first attempt's.
+    let first = received[0].arrived - edited_at;
     assert!(
         first >= Duration::from_millis(600),
         "the first attempt came {first:?} after the edit, before the schedule's 600 ms"
     );
-    fake.wait_for(Duration::from_secs(10), "two retries", |r| r.len() == 3)
-        .await?;
-    let retries = edited_at.elapsed() - first;
-    assert!(
-        retries >= Duration::from_millis(2 * 300),
-        "two retries took {retries:?}, less than the schedule's 300 ms each"
-    );
+    for pair in received.windows(2) {
+        let gap = pair[1].arrived - pair[0].arrived;
+        assert!(
+            gap >= Duration::from_millis(300),
+            "a retry came {gap:?} after the attempt before it, before the schedule's 300 ms"
+        );
+    }
     Ok(())
 }
 
@@ -804,6 +804,15 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
         )
         .await?;
     expect_error(replay, 409, "outbound_disabled").await?;
+    // Nor anything to preview.
+    expect_error(
+        server
+            .get_response("/v1/connectors/inbound-only/preview/appointment/1")
+            .await?,
+        409,
+        "outbound_disabled",
+    )
+    .await?;
     Ok(())
 }
 
@@ -1005,6 +1014,22 @@ async fn issue_3_admin_pause_dead_letters_gone_replay_and_preview() -> Result<()
         server.send(post("/replay", json!({"bogus": 1}))).await?,
         400,
         "invalid_replay",
+    )
+    .await?;
+    // An entity of a kind the connector does not sync would never be delivered.
+    let other_kind = json!({"entity": {"kind": "permit", "id": "p1"}});
+    expect_error(
+        server.send(post("/replay", other_kind)).await?,
+        400,
+        "wrong_kind",
+    )
+    .await?;
+    expect_error(
+        server
+            .get_response(&format!("{path}/preview/permit/p1"))
+            .await?,
+        400,
+        "wrong_kind",
     )
     .await?;
     let (_, list) = server.get("/v1/connectors").await?;

@@ -33,6 +33,16 @@ pub enum Error {
         /// The webhook id.
         id: String,
     },
+    /// The entity is of a kind the connector does not sync.
+    #[error("connector {connector:?} syncs entities of kind {expected:?}, not {kind:?}")]
+    WrongKind {
+        /// The connector.
+        connector: String,
+        /// Its kind.
+        expected: String,
+        /// The kind asked for.
+        kind: String,
+    },
     /// Nothing is dead-lettered for this entity.
     #[error("no dead letter for {0}")]
     NoDeadLetter(String),

@@ -455,7 +455,10 @@ impl Connectors {
             let mut state = records.state()?;
             let mut writes = Vec::new();
             let entities: Vec<EntityKey> = match &replay {
-                Replay::Entity(entity) => vec![entity.clone()],
+                Replay::Entity(entity) => {
+                    check_kind(&handle, entity)?;
+                    vec![entity.clone()]
+                }
                 Replay::All => {
                     state.cursor = Seq::ZERO;
                     records.shadowed_entities()?
@@ -500,7 +503,26 @@ impl Connectors {
     /// # Errors
     /// [`Error::UnknownConnector`], [`Error::Mapping`] when the entity cannot be mapped, store errors.
     pub async fn preview(&self, name: &str, entity: EntityKey) -> Result<Preview> {
-        self.blocking(name, move |handle| delivery::preview(&handle, &entity))
-            .await
+        self.blocking(name, move |handle| {
+            if handle.connector.url.is_none() {
+                return Err(Error::OutboundDisabled(handle.connector.name.clone()));
+            }
+            check_kind(&handle, &entity)?;
+            delivery::preview(&handle, &entity)
+        })
+        .await
+    }
+}
+
+/// Refuses an entity of another kind than the connector's: it would never be delivered.
+fn check_kind(handle: &ConnectorHandle, entity: &EntityKey) -> Result<()> {
+    if entity.kind == handle.connector.kind {
+        Ok(())
+    } else {
+        Err(Error::WrongKind {
+            connector: handle.connector.name.clone(),
+            expected: handle.connector.kind.to_string(),
+            kind: entity.kind.to_string(),
+        })
     }
 }

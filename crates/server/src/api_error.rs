@@ -139,6 +139,7 @@ impl ApiError {
                     }
                     C::IdReused { .. } => client(StatusCode::CONFLICT, "webhook_id_reused", detail),
                     C::NoDeadLetter(_) => client(StatusCode::NOT_FOUND, "no_dead_letter", detail),
+                    C::WrongKind { .. } => client(StatusCode::BAD_REQUEST, "wrong_kind", detail),
                     // `From` turns a wrapped store error into `Self::Store`.
                     C::Store(_) | C::CorruptRecord { .. } | C::Task(_) => {
                         (StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), None)
