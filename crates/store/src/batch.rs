@@ -269,7 +269,7 @@ fn writable_object<'a>(value: &'a Json, what: &str) -> Result<&'a Map<String, Js
     let object = value
         .as_object()
         .ok_or_else(|| Error::UnwritableValue(format!("{what} must be a JSON object")))?;
-    document::check_writable(value, 0)?;
+    document::check_writable(value)?;
     Ok(object)
 }
 

@@ -46,9 +46,30 @@ pub(crate) fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
     doc.get_missing_deps(&[*hash]).is_empty()
 }
 
+/// The most values (fields and list items, `null`s included) one write may hold.
+///
+/// Automerge 0.12 edits an existing document one operation at a time, each costing time that
+/// grows with the document, so a write of tens of thousands of changed or deleted fields takes
+/// seconds, on the one writer thread every write waits for. The bound keeps any write's stall
+/// to about a tenth of a second on a small machine.
+pub const MAX_VALUES_PER_WRITE: usize = 4096;
+
+/// The most nested objects one write may hold. Each new one is made by a change of its own (see
+/// `nested`), applied to the whole document, which makes their cost grow with the square of
+/// their number: 8,000 took 8 seconds.
+pub const MAX_OBJECTS_PER_WRITE: usize = 256;
+
 /// Checks that a value is something the store can hold: objects and arrays nested at most
-/// [`MAX_DEPTH`] deep, and no key that is empty.
-pub(crate) fn check_writable(value: &Json, depth: usize) -> Result<()> {
+/// [`MAX_DEPTH`] deep, no key that is empty, and at most [`MAX_VALUES_PER_WRITE`] values and
+/// [`MAX_OBJECTS_PER_WRITE`] nested objects.
+pub(crate) fn check_writable(value: &Json) -> Result<()> {
+    let mut counts = (0, 0);
+    check_value(value, 0, &mut counts)
+}
+
+/// [`check_writable`] of a value `depth` levels down, adding its values and nested objects to
+/// `counts`.
+fn check_value(value: &Json, depth: usize, counts: &mut (usize, usize)) -> Result<()> {
     if depth > MAX_DEPTH {
         return Err(Error::UnwritableValue(format!(
             "fields are nested more than {MAX_DEPTH} levels deep"
@@ -56,19 +77,40 @@ pub(crate) fn check_writable(value: &Json, depth: usize) -> Result<()> {
     }
     match value {
         Json::Object(map) => {
+            if depth > 0 {
+                counts.1 += 1;
+                if counts.1 > MAX_OBJECTS_PER_WRITE {
+                    return Err(Error::UnwritableValue(format!(
+                        "a write may hold at most {MAX_OBJECTS_PER_WRITE} nested objects; \
+                         split it into several writes"
+                    )));
+                }
+            }
             for (key, child) in map {
                 if key.is_empty() {
                     return Err(Error::UnwritableValue("a field name is empty".into()));
                 }
-                check_writable(child, depth + 1)?;
+                check_value(child, depth + 1, counts)?;
             }
         }
         Json::Array(items) => {
+            count_value(counts)?;
             for item in items {
-                check_writable(item, depth + 1)?;
+                check_value(item, depth + 1, counts)?;
             }
         }
-        _ => {}
+        _ => count_value(counts)?,
+    }
+    Ok(())
+}
+
+fn count_value(counts: &mut (usize, usize)) -> Result<()> {
+    counts.0 += 1;
+    if counts.0 > MAX_VALUES_PER_WRITE {
+        return Err(Error::UnwritableValue(format!(
+            "a write may hold at most {MAX_VALUES_PER_WRITE} values (fields and list items, \
+             nulls included); split it into several writes"
+        )));
     }
     Ok(())
 }

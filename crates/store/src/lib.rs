@@ -43,7 +43,9 @@ mod store;
 mod version;
 
 pub use batch::{Edit, Records, WriteRequest};
-pub use document::{ConflictValue, FieldConflict, MAX_DEPTH};
+pub use document::{
+    ConflictValue, FieldConflict, MAX_DEPTH, MAX_OBJECTS_PER_WRITE, MAX_VALUES_PER_WRITE,
+};
 pub use durability::SyncMode;
 pub use error::{Error, Result};
 pub use feed::{FeedRow, Seq};

@@ -162,6 +162,60 @@ fn patch_refuses_what_it_cannot_write() {
     assert_eq!(store.last_seq(), store::Seq::ZERO);
 }
 
+/// A write holds at most `MAX_VALUES_PER_WRITE` values and `MAX_OBJECTS_PER_WRITE` nested
+/// objects: beyond them Automerge's per-operation cost would stall the writer for seconds. One
+/// over either bound is refused and changes nothing; exactly at them, the write lands.
+#[test]
+fn a_write_is_bounded_in_values_and_nested_objects() {
+    let harness = Harness::open();
+    let store = harness.store();
+    let entity = key("appointment", "big");
+    let flat = |count: usize, value: serde_json::Value| {
+        let fields: serde_json::Map<String, serde_json::Value> = (0..count)
+            .map(|index| (format!("f{index}"), value.clone()))
+            .collect();
+        serde_json::Value::Object(fields)
+    };
+    let objects = |count: usize| flat(count, json!({"x": 1}));
+    let too_many = [
+        flat(store::MAX_VALUES_PER_WRITE + 1, json!(1)),
+        flat(store::MAX_VALUES_PER_WRITE + 1, json!(null)),
+        json!({"list": vec![1; store::MAX_VALUES_PER_WRITE]}),
+        objects(store::MAX_OBJECTS_PER_WRITE + 1),
+    ];
+    for value in &too_many {
+        assert!(matches!(
+            store.patch(&entity, value, &local("u")),
+            Err(Error::UnwritableValue(_))
+        ));
+        assert!(matches!(
+            store.replace(&entity, value, &local("u")),
+            Err(Error::UnwritableValue(_))
+        ));
+    }
+    assert_eq!(store.get(&entity).unwrap(), None);
+    assert_eq!(store.last_seq(), store::Seq::ZERO);
+    store
+        .replace(
+            &entity,
+            &flat(store::MAX_VALUES_PER_WRITE, json!(1)),
+            &local("u"),
+        )
+        .unwrap();
+    store
+        .patch(
+            &entity,
+            &flat(store::MAX_VALUES_PER_WRITE, json!(null)),
+            &local("u"),
+        )
+        .unwrap();
+    store
+        .patch(&entity, &objects(store::MAX_OBJECTS_PER_WRITE), &local("u"))
+        .unwrap();
+    let data = store.get(&entity).unwrap().expect("written").data;
+    assert_eq!(data.len(), store::MAX_OBJECTS_PER_WRITE);
+}
+
 #[test]
 fn patching_an_absent_entity_with_nothing_creates_nothing() {
     let harness = Harness::open();
