@@ -177,3 +177,31 @@ fn merge_many_new_entities(bencher: divan::Bencher) {
             .expect("the batch merges")
     });
 }
+
+/// History of an entity with `edits` changes, each setting one of its 10 fields: what
+/// `GET /v1/entities/{kind}/{id}/history` costs. Its time should grow with the number of
+/// changes, not with changes times the document's size.
+#[divan::bench(args = [100, 1000, 4000], sample_count = 10)]
+fn history(bencher: divan::Bencher, edits: usize) {
+    let fixture = Fixture::open(4096);
+    let entity = key(1);
+    let inputs = patches(1);
+    fixture
+        .store
+        .patch(&entity, &inputs[0], &options())
+        .expect("the entity is created");
+    for edit in 1..edits {
+        let patch = json!({ format!("field{}", edit % 8): edit });
+        fixture
+            .store
+            .patch(&entity, &patch, &options())
+            .expect("the edit applies");
+    }
+    bencher.bench_local(|| {
+        fixture
+            .store
+            .history(&entity)
+            .expect("history reads")
+            .expect("the entity exists")
+    });
+}

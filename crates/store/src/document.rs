@@ -762,9 +762,9 @@ pub(crate) fn may_nest_deeper_than(doc: &Automerge, limit: usize) -> bool {
 /// than `limit` levels below the root, at the moment they create it.
 ///
 /// Objects never move, so this bounds the depth of every version of the document, not just the
-/// current one: reading history diffs each change, and Automerge's cost for that grows with the
-/// square of the depth. The store never writes deeper than [`MAX_DEPTH`], so objects that were
-/// already there are trusted to be within the limit.
+/// current one: a merge's feed row diffs the document before and after it, and `?at=` reads an
+/// earlier version, whose cost grows with the square of the depth. The store never writes deeper
+/// than [`MAX_DEPTH`], so objects that were already there are trusted to be within the limit.
 pub(crate) fn creates_deeper_than(doc: &Automerge, changes: &[Change], limit: usize) -> bool {
     let mut depths: HashMap<legacy::OpId, usize> = HashMap::new();
     for change in changes {
@@ -858,6 +858,125 @@ pub(crate) fn changed_fields(patches: &[Patch]) -> Vec<String> {
         }
     }
     fields.into_iter().collect()
+}
+
+/// The dotted paths each change of a document set or removed, as history shows them: one list
+/// per change of `changes`, which must be every change of the document (as `get_changes(&[])`
+/// gives them), so the change that made each object is among them.
+///
+/// Read from the changes' own operations: a value put in or removed from `site`'s map is
+/// `site.code`, a map a change makes is its own path, and paths stop at the first list (an edit
+/// inside `tags[2]` is `tags`), as [`changed_fields`] reports a diff. Diffing each change against
+/// its dependencies instead costs time that grows with the document, for every change: history
+/// of an entity with thousands of changes took seconds. A structural change (see `nested`) has
+/// no entry of its own; the maps it made count as fields of the edits that depend on it.
+pub(crate) fn fields_of_changes(changes: &[Change]) -> Vec<Vec<String>> {
+    let expanded: Vec<legacy::Change> = changes.iter().map(Change::decode).collect();
+    let mut places = Places::default();
+    for change in &expanded {
+        for (index, op) in change.operations.iter().enumerate() {
+            if let legacy::OpType::Make(kind) = op.action {
+                let id = legacy::OpId(
+                    change.start_op.get() + index as u64,
+                    change.actor_id.clone(),
+                );
+                let key = match &op.key {
+                    legacy::Key::Map(key) => Some(key.to_string()),
+                    legacy::Key::Seq(_) => None,
+                };
+                let sequence = matches!(kind, ObjType::List | ObjType::Text);
+                places.made.insert(id, (op.obj.clone(), key, sequence));
+            }
+        }
+    }
+    let index_of: HashMap<ChangeHash, usize> = changes
+        .iter()
+        .enumerate()
+        .map(|(index, change)| (change.hash(), index))
+        .collect();
+    let own: Vec<BTreeSet<String>> = expanded
+        .iter()
+        .map(|change| {
+            change
+                .operations
+                .iter()
+                .filter_map(|op| places.op_path(op))
+                .collect()
+        })
+        .collect();
+    changes
+        .iter()
+        .enumerate()
+        .map(|(index, change)| {
+            if nested::is_structural(change) {
+                return Vec::new();
+            }
+            let mut fields = own[index].clone();
+            // The maps this change needed that structural changes made for it.
+            let mut pending = change.deps().to_vec();
+            let mut seen = BTreeSet::new();
+            while let Some(hash) = pending.pop() {
+                match index_of.get(&hash) {
+                    Some(&dep) if nested::is_structural(&changes[dep]) && seen.insert(dep) => {
+                        fields.extend(own[dep].iter().cloned());
+                        pending.extend(changes[dep].deps());
+                    }
+                    _ => {}
+                }
+            }
+            fields.into_iter().collect()
+        })
+        .collect()
+}
+
+/// Where each object of a document was made: its parent, its key there (none for a list item)
+/// and whether it is a list or text, so an operation's path can be named.
+#[derive(Default)]
+struct Places {
+    made: HashMap<legacy::OpId, (legacy::ObjectId, Option<String>, bool)>,
+}
+
+impl Places {
+    /// The dotted path an operation writes, or `None` when it has none (an object this
+    /// document never made, or a list item of the root, which JSON cannot hold).
+    fn op_path(&self, op: &legacy::Op) -> Option<String> {
+        let (mut path, stopped) = self.object_path(&op.obj)?;
+        if !stopped {
+            match &op.key {
+                legacy::Key::Map(key) => path.push(key.to_string()),
+                legacy::Key::Seq(_) => {}
+            }
+        }
+        (!path.is_empty()).then(|| path.join("."))
+    }
+
+    /// The keys from the root down to `object`, stopping after the first list or text (the
+    /// second part is true when it stopped there).
+    fn object_path(&self, object: &legacy::ObjectId) -> Option<(Vec<String>, bool)> {
+        // From the object up to the root; bounded by the number of objects, so a hostile
+        // change that names an object as its own ancestor cannot loop.
+        let mut chain = Vec::new();
+        let mut at = object;
+        while let legacy::ObjectId::Id(id) = at {
+            if chain.len() > self.made.len() {
+                return None;
+            }
+            let place = self.made.get(id)?;
+            chain.push(place);
+            at = &place.0;
+        }
+        let mut path = Vec::new();
+        for (_, key, sequence) in chain.into_iter().rev() {
+            match key {
+                Some(key) => path.push(key.clone()),
+                None => return Some((path, true)),
+            }
+            if *sequence {
+                return Some((path, true));
+            }
+        }
+        Some((path, false))
+    }
 }
 
 /// The dotted paths of every field of `fields`, nested maps and their own fields included, as

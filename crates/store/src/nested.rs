@@ -110,22 +110,6 @@ pub(crate) fn is_structural(change: &Change) -> bool {
     change.message() == Some(STRUCTURE_MESSAGE) && change.timestamp() == 0 && change.len() == 1
 }
 
-/// The heads to diff a change against so that the maps it needed count as its own fields:
-/// its dependencies, with every structural change among them replaced by its own dependencies.
-pub(crate) fn edit_base(doc: &Automerge, deps: &[ChangeHash]) -> Vec<ChangeHash> {
-    let mut base = Vec::new();
-    let mut pending = deps.to_vec();
-    while let Some(hash) = pending.pop() {
-        match doc.get_change_by_hash(&hash) {
-            Some(dep) if is_structural(&dep) => pending.extend(dep.deps()),
-            _ => base.push(hash),
-        }
-    }
-    base.sort();
-    base.dedup();
-    base
-}
-
 /// Where a structural change puts its map; the change is a function of this alone.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Place {

@@ -644,27 +644,26 @@ impl Store {
     pub fn history(&self, key: &EntityKey) -> Result<Option<Vec<HistoryEntry>>> {
         // A copy of the document and its arrival records, taken together under the entity's
         // lock (so a merge cannot land between the two reads); the entries are worked out after
-        // the lock is let go: each costs a diff, which grows with the document, and writers of
-        // the entity (and of every entity sharing its lock stripe) must not wait for them all.
+        // the lock is let go, so writers of the entity do not wait for them.
         let (doc, arrivals) = self.read(key, |doc| Ok((doc.clone(), self.arrivals(key)?)))?;
         let changes = doc.get_changes(&[]);
         if changes.is_empty() {
             return Ok(None);
         }
+        let fields = document::fields_of_changes(&changes);
         Ok(Some(
             changes
                 .iter()
-                .filter(|change| !nested::is_structural(change))
-                .map(|change| {
+                .zip(fields)
+                .filter(|(change, _)| !nested::is_structural(change))
+                .map(|(change, fields)| {
                     let author = change.message().map(document::origin_of_message);
                     HistoryEntry {
                         version: change.hash().to_string(),
                         origin: arrivals.get(&change.hash()).cloned().or(author.clone()),
                         author,
                         time: change.timestamp(),
-                        fields: document::changed_fields(
-                            &doc.diff(&nested::edit_base(&doc, change.deps()), &[change.hash()]),
-                        ),
+                        fields,
                     }
                 })
                 .collect(),

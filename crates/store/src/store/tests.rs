@@ -1,6 +1,8 @@
 //! What the public API cannot show: how an entity is laid out in sled as it is edited and
 //! compacted (chunks after a snapshot, then a snapshot alone).
 
+use std::collections::BTreeSet;
+
 use serde_json::json;
 
 use super::*;
@@ -245,4 +247,120 @@ fn a_damaged_arrival_record_makes_history_a_corruption_error() {
         store.inner.db.remove(&raw_key).unwrap();
     }
     assert_eq!(store.history(&key).unwrap().unwrap().len(), 1);
+}
+
+/// A value for the oracle test below: scalars, `null`, small lists and nested objects over a
+/// few keys, so random edits on different stores write into the same places.
+fn history_value() -> impl proptest::strategy::Strategy<Value = Json> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        3 => (0i64..3).prop_map(Json::from),
+        1 => Just(Json::Null),
+    ];
+    leaf.prop_recursive(3, 10, 3, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Json::Array),
+            prop::collection::btree_map(prop_oneof![Just("x"), Just("y")], inner, 0..3).prop_map(
+                |fields| {
+                    Json::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                }
+            ),
+        ]
+    })
+}
+
+#[derive(Clone, Debug)]
+enum HistoryStep {
+    Patch(usize, Json),
+    Replace(usize, Json),
+    Delete(usize),
+    Merge { from: usize, to: usize },
+}
+
+fn history_fields() -> impl proptest::strategy::Strategy<Value = Json> {
+    use proptest::prelude::*;
+    prop::collection::btree_map(
+        prop_oneof![Just("a"), Just("site"), Just("tags")],
+        history_value(),
+        0..3,
+    )
+    .prop_map(|fields| Json::Object(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+}
+
+fn history_step() -> impl proptest::strategy::Strategy<Value = HistoryStep> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..3usize, history_fields()).prop_map(|(at, patch)| HistoryStep::Patch(at, patch)),
+        1 => (0..3usize, history_fields()).prop_map(|(at, fields)| HistoryStep::Replace(at, fields)),
+        1 => (0..3usize).prop_map(HistoryStep::Delete),
+        3 => (0..3usize, 0..3usize).prop_map(|(from, to)| HistoryStep::Merge { from, to }),
+    ]
+}
+
+/// The fields a diff of one change against its dependencies shows.
+fn diffed_fields(doc: &Automerge, deps: &[ChangeHash], hash: ChangeHash) -> Vec<String> {
+    document::changed_fields(&doc.diff(deps, &[hash]))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::test_runner::Config {
+        // As the integration tests' properties: `LOCKSTEP_PROPTEST_CASES` (CI sets 2000).
+        cases: std::env::var_os("LOCKSTEP_PROPTEST_CASES")
+            .and_then(|cases| cases.into_string().ok())
+            .map_or(256, |cases| cases.parse().expect("LOCKSTEP_PROPTEST_CASES is a number")),
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    })]
+
+    /// History names each change's fields from its operations; a diff of the change against its
+    /// dependencies, with the maps structural changes made for it, names the same fields and
+    /// is the oracle here, whatever mix of edits, deletes, replaces and merges made them.
+    #[test]
+    fn history_fields_from_operations_match_a_diff_of_each_change(
+        steps in proptest::collection::vec(history_step(), 1..16)
+    ) {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let stores: Vec<Store> = dirs.iter().map(|dir| open(dir.path(), 4)).collect();
+        let key = EntityKey::new("appointment", "1").unwrap();
+        let options = WriteOptions::new(Origin::local("alice").unwrap());
+        let peer = Origin::parse("peer:other").unwrap();
+        for step in steps {
+            // Refusals (an empty entity, a write of nothing) are part of the game.
+            let _ = match step {
+                HistoryStep::Patch(at, patch) => stores[at].patch(&key, &patch, &options).map(drop),
+                HistoryStep::Replace(at, fields) => {
+                    stores[at].replace(&key, &fields, &options).map(drop)
+                }
+                HistoryStep::Delete(at) => stores[at].delete(&key, &options).map(drop),
+                HistoryStep::Merge { from, to } => match stores[from].save(&key).unwrap() {
+                    Some(bytes) => stores[to].merge(&key, &bytes, &peer).map(drop),
+                    None => Ok(()),
+                },
+            };
+        }
+        for store in &stores {
+            let doc = store.read(&key, |doc| Ok(doc.clone())).unwrap();
+            let changes = doc.get_changes(&[]);
+            let fields = document::fields_of_changes(&changes);
+            for (change, fields) in changes.iter().zip(fields) {
+                if nested::is_structural(change) {
+                    continue;
+                }
+                let mut expected: BTreeSet<String> =
+                    diffed_fields(&doc, change.deps(), change.hash()).into_iter().collect();
+                // The maps structural changes made for it (or for an earlier write that made
+                // nothing else) count as its fields.
+                let mut pending = change.deps().to_vec();
+                while let Some(hash) = pending.pop() {
+                    let dep = doc.get_change_by_hash(&hash).unwrap();
+                    if nested::is_structural(&dep) {
+                        expected.extend(diffed_fields(&doc, dep.deps(), hash));
+                        pending.extend(dep.deps());
+                    }
+                }
+                let expected: Vec<String> = expected.into_iter().collect();
+                proptest::prop_assert_eq!(fields, expected, "change {}", change.hash());
+            }
+        }
+    }
 }

@@ -195,8 +195,9 @@ fn nest(doc: &mut automerge::Automerge, obj: automerge::ObjId, levels: usize) ->
 #[test]
 fn issue_2_deep_nesting_is_refused_even_when_it_is_deleted_or_comes_in_pieces() {
     use automerge::transaction::Transactable;
-    // A document that was deep once and no longer is: reading its history diffs the deep
-    // version, which took Automerge seconds for 4,000 levels and grows with the square.
+    // A document that was deep once and no longer is: reading it at an earlier version, or
+    // diffing across the deep one, took Automerge seconds for 4,000 levels and grows with the
+    // square.
     let mut once_deep = automerge::Automerge::new();
     nest(&mut once_deep, automerge::ROOT, 50_000);
     once_deep
