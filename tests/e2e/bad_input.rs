@@ -111,7 +111,14 @@ async fn malformed_json_is_400() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_that_are_not_objects_are_422() -> Result<()> {
-    let fixture = Fixture::start().await?;
+    let mut fixture = Fixture::start().await?;
+    // A deleted entity is as absent as one that never existed.
+    let gone = "/v1/entities/appointment/gone";
+    let (status, _) = fixture.server.put(gone, &json!({"a": 1})).await?;
+    assert_eq!(status, 201);
+    let deleted = fixture.write(Method::DELETE, gone, None, "");
+    assert_eq!(fixture.server.send(deleted).await?.status(), 204);
+    fixture.feed_len = fixture.server.feed_len();
     let deep = format!("{}1{}", "{\"a\":".repeat(40), "}".repeat(40));
     let mut cases = Vec::new();
     for method in [Method::PUT, Method::PATCH] {
@@ -125,12 +132,16 @@ async fn bodies_that_are_not_objects_are_422() -> Result<()> {
         (Method::PUT, ENTITY, r#"{"a": null}"#),
         (Method::PATCH, ENTITY, r#"{"": 1}"#),
         (Method::PATCH, ENTITY, deep.as_str()),
-        // A patch of only nulls cannot create an entity.
+        // A patch of only nulls, or of nothing, cannot create an entity, nor bring a deleted
+        // one back.
         (
             Method::PATCH,
             "/v1/entities/appointment/new",
             r#"{"a": null}"#,
         ),
+        (Method::PATCH, "/v1/entities/appointment/new", "{}"),
+        (Method::PATCH, gone, r#"{"a": null}"#),
+        (Method::PATCH, gone, "{}"),
     ]);
     for (method, path, body) in cases {
         let expected = (422, "unwritable_value");
@@ -138,6 +149,7 @@ async fn bodies_that_are_not_objects_are_422() -> Result<()> {
             .refuses_write((method, path), (JSON, body), expected)
             .await?;
     }
+    assert_eq!(fixture.server.get(gone).await?.0, 404);
     fixture.stop().await
 }
 
@@ -181,9 +193,18 @@ async fn bad_kinds_and_ids_are_400() -> Result<()> {
         ("/v1/entities/bad%2Fkind", "invalid_kind"),
         ("/v1/entities/appointment?after=bad$id", "invalid_id"),
         ("/v1/changes?kind=bad$kind", "invalid_kind"),
+        // Segments that are not UTF-8 once decoded.
+        ("/v1/connectors/%FF", "invalid_path"),
+        ("/v1/connectors/%FF/dead-letters", "invalid_path"),
+        ("/v1/peers/%FF", "invalid_path"),
+        ("/v1/entities/%FF/1", "invalid_path"),
     ] {
         fixture.refuses_get(path, 400, code).await?;
     }
+    let webhook = (Method::POST, "/v1/connectors/%FF/webhook");
+    fixture
+        .refuses_write(webhook, (JSON, "{}"), (400, "invalid_path"))
+        .await?;
     fixture.stop().await
 }
 
@@ -193,7 +214,18 @@ async fn bad_version_strings_are_400() -> Result<()> {
     let short = "ab".repeat(10);
     let not_hex = "zz".repeat(32);
     let weak = format!("W/\"{}\"", "ab".repeat(32));
-    for version in ["abc", &short, &not_hex, &weak, "\"\"", "a.b"] {
+    let current = fixture.entity["version"].as_str().unwrap().to_owned();
+    let unbalanced = [format!("\"{current}"), format!("{current}\"\"")];
+    for version in [
+        "abc",
+        &short,
+        &not_hex,
+        &weak,
+        "\"\"",
+        "a.b",
+        &unbalanced[0],
+        &unbalanced[1],
+    ] {
         for (method, content_type, body) in [
             (Method::PATCH, JSON, r#"{"status": "x"}"#),
             (Method::DELETE, None, ""),
@@ -227,13 +259,34 @@ async fn bad_query_parameters_are_400() -> Result<()> {
     ] {
         fixture.refuses_get(path, 400, code).await?;
     }
-    let resume = fixture
-        .get("/v1/changes")
-        .header("accept", "text/event-stream")
-        .header("last-event-id", "yesterday");
-    fixture
-        .refuses(resume, 400, "invalid_last_event_id")
-        .await?;
+    // Routes that take no query refuse one rather than ignore it.
+    for path in [
+        "/v1/entities/appointment/1/history?limit=5",
+        "/v1/entities/appointment/1/conflicts?all=true",
+        "/v1/connectors?state=paused",
+        "/v1/peers?name=north",
+    ] {
+        fixture.refuses_get(path, 400, "invalid_query").await?;
+    }
+    let at = format!(
+        "{ENTITY}?at={}",
+        fixture.entity["version"].as_str().unwrap()
+    );
+    for method in [Method::PUT, Method::PATCH] {
+        let body = (JSON, r#"{"status": "moved"}"#);
+        fixture
+            .refuses_write((method, &at), body, (400, "invalid_query"))
+            .await?;
+    }
+    for last_event_id in ["yesterday", "+5", "-1", "", "1e3"] {
+        let resume = fixture
+            .get("/v1/changes")
+            .header("accept", "text/event-stream")
+            .header("last-event-id", last_event_id);
+        fixture
+            .refuses(resume, 400, "invalid_last_event_id")
+            .await?;
+    }
     fixture.stop().await
 }
 

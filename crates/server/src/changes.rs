@@ -109,7 +109,10 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<Seq>, ApiError> {
     value
         .to_str()
         .ok()
-        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map(str::trim)
+        // Plain digits: `parse` would also take a sign (`+5`).
+        .filter(|text| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()))
+        .and_then(|text| text.parse::<u64>().ok())
         .map(|seq| Some(Seq(seq)))
         .ok_or_else(|| {
             ApiError::bad_request(

@@ -541,11 +541,15 @@ fn apply_env(table: &mut Table, env: Vec<(String, String)>) -> Result<(), Config
         };
         let value = match kind {
             EnvValue::Text => Value::String(raw),
-            EnvValue::Integer => raw
-                .trim()
-                .parse::<i64>()
+            EnvValue::Integer => Some(raw.trim())
+                // Digits, as TOML writes a whole number: `parse` would also take `+5`.
+                .filter(|text| {
+                    let digits = text.strip_prefix('-').unwrap_or(text);
+                    !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit())
+                })
+                .and_then(|text| text.parse::<i64>().ok())
                 .map(Value::Integer)
-                .map_err(|_| bad(format!("{raw:?} is not a whole number")))?,
+                .ok_or_else(|| bad(format!("{raw:?} is not a whole number")))?,
             // An empty list would silently open an API the file protects: refuse it.
             EnvValue::Tokens if raw.trim().is_empty() => {
                 return Err(bad(

@@ -6,7 +6,7 @@
 
 use std::fmt::Write;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use store::{EntityKey, Seq};
 
 use crate::api_error::ApiError;
-use crate::extract::{JsonBody, RawJsonBody};
+use crate::extract::{ApiPath, JsonBody, NoQuery, RawJsonBody};
 use crate::state::AppState;
 
 /// `POST /v1/connectors/{name}/webhook`.
@@ -46,7 +46,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 async fn receive_webhook(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
     RawJsonBody(body): RawJsonBody,
 ) -> Result<Response, ApiError> {
@@ -67,35 +67,39 @@ async fn receive_webhook(
     Ok(response)
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn list(State(state): State<AppState>, _: NoQuery) -> Result<Json<Value>, ApiError> {
     let statuses = state.connectors.statuses().await?;
     Ok(Json(json!({ "connectors": statuses })))
 }
 
 async fn status(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
+    _: NoQuery,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(state.connectors.status(&name).await?)))
 }
 
 async fn pause(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
+    _: NoQuery,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(state.connectors.pause(&name).await?)))
 }
 
 async fn resume(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
+    _: NoQuery,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(state.connectors.resume(&name).await?)))
 }
 
 async fn dead_letters(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
+    _: NoQuery,
 ) -> Result<Json<Value>, ApiError> {
     let dead = state.connectors.dead_letters(&name).await?;
     Ok(Json(json!({ "dead_letters": dead })))
@@ -103,7 +107,8 @@ async fn dead_letters(
 
 async fn retry_dead_letter(
     State(state): State<AppState>,
-    Path((name, kind, id)): Path<(String, String, String)>,
+    ApiPath((name, kind, id)): ApiPath<(String, String, String)>,
+    _: NoQuery,
 ) -> Result<Json<Value>, ApiError> {
     let entity = EntityKey::new(kind, id)?;
     state
@@ -148,7 +153,8 @@ fn replay_of(body: &Value) -> Result<Replay, ApiError> {
 
 async fn replay(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
+    _: NoQuery,
     JsonBody(body): JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     let replay = replay_of(&body)?;
@@ -158,7 +164,8 @@ async fn replay(
 
 async fn preview(
     State(state): State<AppState>,
-    Path((name, kind, id)): Path<(String, String, String)>,
+    ApiPath((name, kind, id)): ApiPath<(String, String, String)>,
+    _: NoQuery,
 ) -> Result<Json<Value>, ApiError> {
     let entity = EntityKey::new(kind, id)?;
     Ok(Json(json!(state.connectors.preview(&name, entity).await?)))

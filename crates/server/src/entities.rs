@@ -20,7 +20,7 @@ use store::{
 
 use crate::api_error::ApiError;
 use crate::auth::Caller;
-use crate::extract::{ApiQuery, EntityPath, JsonBody, KindPath};
+use crate::extract::{ApiQuery, EntityPath, JsonBody, KindPath, NoQuery};
 use crate::state::AppState;
 
 /// The page size when `limit` is not given.
@@ -132,8 +132,9 @@ fn entity_response(status: StatusCode, entity: &Entity) -> Response {
 
 /// The answer to a PUT or PATCH.
 fn written_response(key: EntityKey, written: store::Written) -> Result<Response, ApiError> {
-    if written.version.is_empty() {
-        // The entity did not exist and the write changed nothing (a patch of only nulls).
+    if !written.exists && written.seq.is_none() {
+        // The entity did not exist (never, or not since it was deleted) and the write changed
+        // nothing: a patch of `{}` or of only nulls.
         return Err(store::Error::UnwritableValue(
             "the entity does not exist and the write gives it no fields".into(),
         )
@@ -193,6 +194,7 @@ enum BodyWrite {
 async fn replace(
     State(state): State<AppState>,
     EntityPath(key): EntityPath,
+    _: NoQuery,
     caller: Caller,
     headers: HeaderMap,
     JsonBody(fields): JsonBody,
@@ -203,6 +205,7 @@ async fn replace(
 async fn patch(
     State(state): State<AppState>,
     EntityPath(key): EntityPath,
+    _: NoQuery,
     caller: Caller,
     headers: HeaderMap,
     JsonBody(merge_patch): JsonBody,
@@ -238,6 +241,7 @@ async fn write_body(
 async fn delete(
     State(state): State<AppState>,
     EntityPath(key): EntityPath,
+    _: NoQuery,
     caller: Caller,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
@@ -286,6 +290,7 @@ struct HistoryBody {
 async fn history(
     State(state): State<AppState>,
     EntityPath(key): EntityPath,
+    _: NoQuery,
 ) -> Result<Json<HistoryBody>, ApiError> {
     let lookup_key = key.clone();
     let changes = state
@@ -309,6 +314,7 @@ struct ConflictsBody {
 async fn conflicts(
     State(state): State<AppState>,
     EntityPath(key): EntityPath,
+    _: NoQuery,
 ) -> Result<Json<ConflictsBody>, ApiError> {
     let lookup_key = key.clone();
     let conflicts = state

@@ -113,6 +113,34 @@ where
     }
 }
 
+/// A route's path parameters, with a rejection (a segment that is not UTF-8 once decoded, say)
+/// as a JSON `invalid_path` error.
+pub(crate) struct ApiPath<T>(pub(crate) T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| ApiPath(value))
+            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))
+    }
+}
+
+/// The query of a route that takes none: any parameter is an `invalid_query` error rather than
+/// silently ignored (a misspelt or misplaced `?at=` on a write, say).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoParameters {}
+
+/// Refuses any query parameter; see [`NoParameters`].
+pub(crate) type NoQuery = ApiQuery<NoParameters>;
+
 /// The `{kind}/{id}` of an entity route, validated.
 pub(crate) struct EntityPath(pub(crate) EntityKey);
 
@@ -120,9 +148,8 @@ impl<S: Send + Sync> FromRequestParts<S> for EntityPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path((kind, id)) = Path::<(String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))?;
+        let ApiPath((kind, id)) =
+            ApiPath::<(String, String)>::from_request_parts(parts, state).await?;
         Ok(Self(EntityKey::new(kind, id)?))
     }
 }
@@ -134,9 +161,7 @@ impl<S: Send + Sync> FromRequestParts<S> for KindPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(kind) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|rejection| ApiError::bad_request("invalid_path", rejection.body_text()))?;
+        let ApiPath(kind) = ApiPath::<String>::from_request_parts(parts, state).await?;
         Ok(Self(Kind::new(kind)?))
     }
 }

@@ -10,7 +10,7 @@
 
 use std::fmt::Write;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tracing::Instrument;
 
 use crate::api_error::ApiError;
+use crate::extract::{ApiPath, NoQuery};
 use crate::state::AppState;
 
 /// `GET /v1/replication`: the websocket peers connect to.
@@ -34,7 +35,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/peers/{name}", get(status))
 }
 
-async fn list(State(state): State<AppState>) -> Json<Value> {
+async fn list(State(state): State<AppState>, _: NoQuery) -> Json<Value> {
     Json(json!({
         "site": state.replication.site(),
         "peers": state.replication.statuses(),
@@ -43,7 +44,8 @@ async fn list(State(state): State<AppState>) -> Json<Value> {
 
 async fn status(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
+    _: NoQuery,
 ) -> Result<Json<Value>, ApiError> {
     let status = state
         .replication

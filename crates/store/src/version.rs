@@ -33,7 +33,14 @@ impl Version {
             what: "version",
             detail,
         };
-        let value = value.trim().trim_matches('"');
+        let value = value.trim();
+        // An ETag's quotes, both or neither.
+        let value = match value.strip_prefix('"') {
+            Some(quoted) => quoted.strip_suffix('"').ok_or_else(|| {
+                invalid("a quoted version must end with its closing quote".into())
+            })?,
+            None => value,
+        };
         if value.is_empty() {
             return Err(invalid("empty version".into()));
         }
@@ -46,11 +53,12 @@ impl Version {
             .map(|part| {
                 if part.len() != 64 {
                     return Err(invalid(format!(
-                        "{part:?} is not a 64-digit hex change hash"
+                        "{} is not a 64-digit hex change hash",
+                        shown(part)
                     )));
                 }
                 part.parse::<ChangeHash>()
-                    .map_err(|_| invalid(format!("{part:?} is not a hex change hash")))
+                    .map_err(|_| invalid(format!("{} is not a hex change hash", shown(part))))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_heads(heads))
@@ -59,6 +67,16 @@ impl Version {
     /// The heads, sorted.
     pub fn heads(&self) -> &[ChangeHash] {
         &self.0
+    }
+}
+
+/// A part of a version as an error shows it: quoted, and cut short when it is much longer than
+/// a hash, so that an error does not echo a large header back.
+fn shown(part: &str) -> String {
+    const SHOWN: usize = 80;
+    match part.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{:?}... ({} bytes)", &part[..end], part.len()),
+        None => format!("{part:?}"),
     }
 }
 

@@ -151,15 +151,23 @@ fn tooling_variables_are_ignored() {
 
 #[test]
 fn bad_values_name_their_key_or_variable() {
-    let error = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_MAX_BODY_BYTES", "lots")]),
+    for raw in ["lots", "+5", "5.0", "1_000", "", "-"] {
+        let error = Config::load(ConfigSources {
+            env: env(&[("LOCKSTEP_MAX_BODY_BYTES", raw)]),
+            ..ConfigSources::default()
+        })
+        .expect_err("not a number");
+        assert!(
+            error.to_string().contains("LOCKSTEP_MAX_BODY_BYTES"),
+            "{raw:?}: {error}"
+        );
+    }
+    let loaded = Config::load(ConfigSources {
+        env: env(&[("LOCKSTEP_MAX_BODY_BYTES", " 2048 ")]),
         ..ConfigSources::default()
     })
-    .expect_err("not a number");
-    assert!(
-        error.to_string().contains("LOCKSTEP_MAX_BODY_BYTES"),
-        "{error}"
-    );
+    .expect("a whole number, spaces around it");
+    assert_eq!(loaded.limits.max_body_bytes, 2048);
 
     let error =
         load_toml("[limits]\nrequest_timeout = \"soon\"\n", &[]).expect_err("not a duration");

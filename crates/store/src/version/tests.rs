@@ -35,6 +35,10 @@ fn refuses_malformed_versions() {
         &format!("{good}..{good}"),
         &too_many,
         "é".repeat(32).as_str(),
+        // Quotes come in pairs, once.
+        &format!("\"{good}"),
+        &format!("{good}\""),
+        &format!("\"\"{good}\"\""),
     ] {
         assert!(
             matches!(
@@ -54,4 +58,19 @@ fn refuses_malformed_versions() {
 fn empty_version_displays_as_empty() {
     assert_eq!(Version::default().to_string(), "");
     assert!(Version::default().heads().is_empty());
+}
+
+#[test]
+fn an_error_does_not_echo_a_long_input_whole() {
+    let long = "x".repeat(60_000);
+    let Err(Error::Invalid { detail, .. }) = Version::parse(&long) else {
+        panic!("a 60,000-byte version was accepted");
+    };
+    assert!(detail.len() < 200, "{} bytes of detail", detail.len());
+    assert!(detail.contains("60000 bytes"), "{detail}");
+    // A multi-byte character where the cut falls does not panic.
+    let Err(Error::Invalid { detail, .. }) = Version::parse(&"é".repeat(100)) else {
+        panic!("accepted");
+    };
+    assert!(detail.contains("200 bytes"), "{detail}");
 }
