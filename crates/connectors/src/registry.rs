@@ -442,7 +442,8 @@ impl Connectors {
         .await
     }
 
-    /// Forgets what the external system is known to have, so the affected entities are sent again.
+    /// Forgets what the external system is known to have, so the affected entities are sent again
+    /// (dead-lettered ones among them too); returns how many entities are affected.
     ///
     /// # Errors
     /// [`Error::UnknownConnector`], [`Error::OutboundDisabled`], store errors.
@@ -454,6 +455,12 @@ impl Connectors {
             let records = &handle.records;
             let mut state = records.state()?;
             let mut writes = Vec::new();
+            let dead: std::collections::BTreeSet<EntityKey> = records
+                .attempts()?
+                .into_iter()
+                .filter(|(_, attempt)| attempt.dead.is_some())
+                .map(|(entity, _)| entity)
+                .collect();
             let entities: Vec<EntityKey> = match &replay {
                 Replay::Entity(entity) => {
                     check_kind(&handle, entity)?;
@@ -461,7 +468,11 @@ impl Connectors {
                 }
                 Replay::All => {
                     state.cursor = Seq::ZERO;
-                    records.shadowed_entities()?
+                    // Dead letters of entities the system never acknowledged have no shadow.
+                    let mut all: std::collections::BTreeSet<EntityKey> =
+                        records.shadowed_entities()?.into_iter().collect();
+                    all.extend(dead.iter().cloned());
+                    all.into_iter().collect()
                 }
                 Replay::SinceSeq(since) => {
                     let mut entities = std::collections::BTreeSet::new();
@@ -483,7 +494,21 @@ impl Connectors {
                 }
             };
             for entity in &entities {
-                writes.push(records.forget_shadow(entity)?);
+                if dead.contains(entity) {
+                    // A replay resends a dead-lettered entity too: its dead delta goes with its
+                    // shadow, and it is planned afresh under a new key at once (planning alone
+                    // leaves a delta dead at the same version where it is).
+                    let _locked = handle.lock_entity(entity);
+                    let mut forget = vec![records.forget_shadow(entity)?];
+                    if records.attempt(entity)?.is_some_and(|a| a.dead.is_some()) {
+                        forget.push(records.delete_attempt(entity));
+                    }
+                    records.write(forget)?;
+                    let planned = delivery::plan(&handle, entity)?;
+                    records.write(planned)?;
+                } else {
+                    writes.push(records.forget_shadow(entity)?);
+                }
             }
             writes.push(records.put_state(&state));
             records.write(writes)?;
