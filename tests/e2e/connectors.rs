@@ -794,6 +794,9 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
     assert_eq!(inbound_only.status(), 200);
     let (_, status) = server.get("/v1/connectors/inbound-only").await?;
     assert_eq!(status["state"], "inbound_only", "{status}");
+    // It has no feed to follow, so it never lags behind one.
+    assert!(server.feed_len() > 0);
+    assert_eq!(status["feed_lag"], 0, "{status}");
     let replay = server
         .send(
             server

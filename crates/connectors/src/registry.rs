@@ -323,7 +323,12 @@ impl Connectors {
                 disabled_reason: state.disabled.clone(),
                 inbound: handle.connector.webhook_secret.is_some(),
                 cursor: state.cursor,
-                feed_lag: last_seq.0.saturating_sub(state.cursor.0),
+                // An inbound-only connector follows no feed, so nothing lags.
+                feed_lag: if handle.connector.url.is_none() {
+                    0
+                } else {
+                    last_seq.0.saturating_sub(state.cursor.0)
+                },
                 entities_pending: attempts
                     .iter()
                     .filter(|(entity, attempt)| attempt.dead.is_none() && !marked.contains(entity))
