@@ -161,6 +161,8 @@ async fn a_body_that_is_not_json_by_content_type_is_415() -> Result<()> {
             Some("text/plain"),
             Some("application/xml"),
             Some("application/x-www-form-urlencoded"),
+            Some("application/json; charset=latin1"),
+            Some("application/json; charset=\"utf-16\""),
             None,
         ] {
             let body = (content_type, r#"{"status": "moved"}"#);
@@ -169,6 +171,30 @@ async fn a_body_that_is_not_json_by_content_type_is_415() -> Result<()> {
                 .refuses_write((method.clone(), ENTITY), body, expected)
                 .await?;
         }
+        // A body in an encoding nothing here decodes.
+        for encoding in ["gzip", "br, identity"] {
+            let request = fixture
+                .write(method.clone(), ENTITY, JSON, r#"{"status": "moved"}"#)
+                .header("content-encoding", encoding);
+            fixture
+                .refuses(request, 415, "unsupported_media_type")
+                .await?;
+        }
+    }
+    // UTF-8, however it is spelt, and an identity encoding are fine.
+    for (content_type, encoding) in [
+        ("application/json; charset=UTF-8", "identity"),
+        ("application/merge-patch+json;charset=\"utf-8\"", "identity"),
+    ] {
+        let request = fixture
+            .write(
+                Method::PATCH,
+                ENTITY,
+                Some(content_type),
+                r#"{"status": "booked"}"#,
+            )
+            .header("content-encoding", encoding);
+        assert_eq!(fixture.server.send(request).await?.status(), 200);
     }
     fixture.stop().await
 }

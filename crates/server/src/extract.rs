@@ -68,6 +68,8 @@ impl FromRequest<AppState> for RawJsonBody {
     }
 }
 
+/// A JSON media type, in UTF-8 (JSON's only encoding: RFC 8259), and a body that is not
+/// compressed or otherwise encoded, since nothing here decodes one.
 fn check_json_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let expected =
         "send Content-Type: application/json (or application/merge-patch+json for PATCH)";
@@ -76,23 +78,36 @@ fn check_json_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
             "the request has no Content-Type; {expected}"
         )));
     };
-    let essence = value
-        .to_str()
-        .unwrap_or_default()
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let mut parts = value.to_str().unwrap_or_default().split(';');
+    let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
     let is_json = essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"));
-    if is_json {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedMediaType(format!(
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType(format!(
             "Content-Type {essence:?} is not JSON; {expected}"
-        )))
+        )));
     }
+    for parameter in parts {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        if !name.trim().eq_ignore_ascii_case("charset") {
+            continue;
+        }
+        let charset = value.trim().trim_matches('"');
+        if !charset.eq_ignore_ascii_case("utf-8") && !charset.eq_ignore_ascii_case("utf8") {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "charset {charset:?} is not UTF-8; JSON bodies are UTF-8 (send charset=utf-8, or no charset)"
+            )));
+        }
+    }
+    for encoding in headers.get_all(header::CONTENT_ENCODING) {
+        let encoding = encoding.to_str().unwrap_or("?").trim();
+        if !encoding.eq_ignore_ascii_case("identity") {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Encoding {encoding:?} is not supported; send the body uncompressed"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Query parameters, deserialized into `T`.
