@@ -90,6 +90,11 @@ fn check_value(value: &Json, depth: usize, counts: &mut (usize, usize)) -> Resul
                 if key.is_empty() {
                     return Err(Error::UnwritableValue("a field name is empty".into()));
                 }
+                if key == WRITE_MARKER {
+                    return Err(Error::UnwritableValue(format!(
+                        "the field name {WRITE_MARKER:?} is reserved"
+                    )));
+                }
                 check_value(child, depth + 1, counts)?;
             }
         }
@@ -156,7 +161,8 @@ fn merge_patch(
     let settled = current.is_some_and(|current| current.settled);
     let current = current.map(|current| current.fields);
     transact(doc, stamp, |tx| {
-        apply_merge_patch(tx, &ROOT, patch, current, settled, "", &mut touched)
+        apply_merge_patch(tx, &ROOT, patch, current, settled, "", &mut touched)?;
+        mark_write(tx, &touched)
     })?;
     Ok(touched)
 }
@@ -169,13 +175,17 @@ fn merge_patch(
 pub(crate) struct Touched {
     paths: BTreeSet<String>,
     unknown: bool,
+    /// The first shared map the write made, if any (see [`mark_write`]).
+    made: Option<ObjId>,
+    /// Whether the write has made a change stamped with its origin before its edit.
+    stamped: bool,
 }
 
 impl Touched {
     fn unknown() -> Self {
         Self {
-            paths: BTreeSet::new(),
             unknown: true,
+            ..Self::default()
         }
     }
 
@@ -222,7 +232,8 @@ fn replace(doc: &mut Automerge, fields: &Map<String, Json>, stamp: &Stamp) -> Re
         return Ok(Touched::unknown());
     }
     transact(doc, stamp, |tx| {
-        replace_fields(tx, &ROOT, fields, "", &mut touched)
+        replace_fields(tx, &ROOT, fields, "", &mut touched)?;
+        mark_write(tx, &touched)
     })?;
     Ok(touched)
 }
@@ -381,6 +392,26 @@ fn transact(
         .map_err(|failure| failure.error)
 }
 
+/// The key of [`mark_write`]'s operations; a write of JSON fields may not use it (see
+/// `check_writable`), and history leaves it out.
+pub(crate) const WRITE_MARKER: &str = "\u{0}lockstep:write";
+
+/// Gives a write an operation of its own when all it did was make empty maps (`{"notes": {}}`):
+/// a map is made by a structural change of its own (see `nested`), which history leaves out, so
+/// without this the write would have no change stamped with its origin and time, and history
+/// would show its fields under the next write. The put and delete of [`WRITE_MARKER`] in the
+/// first map it made leave that map empty.
+fn mark_write<T: Transactable>(tx: &mut T, touched: &Touched) -> Result<()> {
+    if tx.pending_ops() > 0 || touched.stamped {
+        return Ok(());
+    }
+    if let Some(map) = &touched.made {
+        tx.put(map, WRITE_MARKER, ScalarValue::Null)?;
+        tx.delete(map, WRITE_MARKER)?;
+    }
+    Ok(())
+}
+
 fn is_map(value: &Value<'_>) -> bool {
     matches!(value, Value::Object(ObjType::Map | ObjType::Table))
 }
@@ -416,11 +447,16 @@ fn create_maps(
             }
             Ok(())
         })?;
+        touched.stamped = true;
     }
     for (key, occupied) in &missing {
         // `None` leaves the place empty; the edit then creates an ordinary map there.
-        if nested::create_shared_map(doc, obj, key)?.is_some() || *occupied {
+        let made = nested::create_shared_map(doc, obj, key)?;
+        if made.is_some() || *occupied {
             touched.add(prefix, key);
+        }
+        if touched.made.is_none() {
+            touched.made = made;
         }
     }
     for (key, value) in fields {
@@ -940,6 +976,9 @@ impl Places {
     /// The dotted path an operation writes, or `None` when it has none (an object this
     /// document never made, or a list item of the root, which JSON cannot hold).
     fn op_path(&self, op: &legacy::Op) -> Option<String> {
+        if matches!(&op.key, legacy::Key::Map(key) if key == WRITE_MARKER) {
+            return None;
+        }
         let (mut path, stopped) = self.object_path(&op.obj)?;
         if !stopped {
             match &op.key {

@@ -4,7 +4,7 @@
 use serde_json::json;
 use store::{Error, Version};
 
-use crate::harness::{if_match, key, local, object, Harness};
+use crate::harness::{data, if_match, key, local, object, Harness};
 
 #[test]
 fn patch_creates_then_merges_fields() {
@@ -485,6 +485,67 @@ fn history_lists_origin_time_and_fields() {
         store.get(&entity).unwrap().unwrap().version
     );
     assert_eq!(store.history(&absent_key()).unwrap(), None);
+}
+
+#[test]
+fn history_keeps_a_write_that_only_adds_empty_objects() {
+    let harness = Harness::open();
+    let store = harness.store();
+    let summary = |entity: &store::EntityKey| -> Vec<(String, Vec<String>)> {
+        store
+            .history(entity)
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|entry| (entry.origin.unwrap(), entry.fields))
+            .collect()
+    };
+    let strings = |fields: &[&str]| fields.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+    // On an existing entity, then on a new one, by PATCH and by PUT.
+    let existing = key("appointment", "1");
+    store
+        .patch(&existing, &json!({"a": 1}), &local("alice"))
+        .unwrap();
+    let written = store
+        .patch(&existing, &json!({"notes": {}}), &local("bob"))
+        .unwrap();
+    store
+        .patch(&existing, &json!({"b": 2}), &local("carol"))
+        .unwrap();
+    assert_eq!(
+        summary(&existing),
+        vec![
+            ("local:alice".into(), strings(&["a"])),
+            ("local:bob".into(), strings(&["notes"])),
+            ("local:carol".into(), strings(&["b"])),
+        ]
+    );
+    // The write's version is its own change, and the object reads back empty.
+    assert_eq!(
+        store.history(&existing).unwrap().unwrap()[1].version,
+        written.version
+    );
+    assert_eq!(data(store, &existing), json!({"a": 1, "b": 2, "notes": {}}));
+    let new = key("appointment", "2");
+    store
+        .patch(&new, &json!({"notes": {"inner": {}}}), &local("dave"))
+        .unwrap();
+    store
+        .replace(&new, &json!({"notes": {}, "site": {}}), &local("erin"))
+        .unwrap();
+    assert_eq!(
+        summary(&new),
+        vec![
+            ("local:dave".into(), strings(&["notes", "notes.inner"])),
+            ("local:erin".into(), strings(&["notes.inner", "site"])),
+        ]
+    );
+    assert_eq!(data(store, &new), json!({"notes": {}, "site": {}}));
+    // The name the store uses for that is not a field name a write may use.
+    assert!(matches!(
+        store.patch(&new, &json!({"\u{0}lockstep:write": 1}), &local("dave")),
+        Err(Error::UnwritableValue(_))
+    ));
 }
 
 fn unix_seconds() -> i64 {

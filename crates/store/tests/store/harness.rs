@@ -67,3 +67,8 @@ pub fn object(value: Json) -> Map<String, Json> {
         other => panic!("{other} is not an object"),
     }
 }
+
+/// The fields of an entity that exists, as one JSON object.
+pub fn data(store: &Store, entity: &EntityKey) -> Json {
+    Json::Object(store.get(entity).unwrap().expect("the entity exists").data)
+}

@@ -4,7 +4,7 @@
 use serde_json::{json, Value as Json};
 use store::{EntityKey, Origin, Store};
 
-use crate::harness::{key, local, object, Harness};
+use crate::harness::{data, key, local, object, Harness};
 
 fn peer(name: &str) -> Origin {
     Origin::parse(&format!("peer:{name}")).unwrap()
@@ -41,10 +41,6 @@ fn edited_apart(base: Json, north_edit: Json, south_edit: Json) -> (Harness, Har
     edit(&north, &appointment, north_edit, "ann");
     edit(&south, &appointment, south_edit, "bob");
     (north, south, appointment)
-}
-
-fn data(store: &Store, entity: &EntityKey) -> Json {
-    Json::Object(store.get(entity).unwrap().expect("the entity exists").data)
 }
 
 #[test]
