@@ -789,6 +789,23 @@ async fn issue_3_bad_webhooks_are_refused_and_change_nothing() -> Result<()> {
         .await?;
         assert_eq!(response.status(), 200);
     }
+    // An id alone, for an entity this site does not hold, changes nothing and has no version.
+    let id_only = post_webhook(
+        &server,
+        "scheduler",
+        "id-only",
+        &json!({"apptId": "none"}),
+        None,
+    )
+    .await?;
+    assert_eq!(id_only.status(), 200);
+    let answer: Value = id_only.json().await?;
+    assert_eq!(
+        (answer["status"].clone(), answer["version"].clone()),
+        (json!("unchanged"), Value::Null),
+        "{answer}"
+    );
+    assert_eq!(server.get("/v1/entities/appointment/none").await?.0, 404);
     // A connector without a url accepts webhooks but has nothing to replay.
     let inbound_only = post_webhook(&server, "inbound-only", "in1", &good, None).await?;
     assert_eq!(inbound_only.status(), 200);

@@ -298,7 +298,9 @@ fn applied(key: &EntityKey, changed: bool, version: &str, unknown: &[String]) ->
     json!({
         "status": if changed { "applied" } else { "unchanged" },
         "kind": key.kind, "id": key.id,
-        "version": version,
+        // An entity that does not exist has no version (a webhook of only unmapped fields, or
+        // of nulls, for an entity this site does not hold changes nothing).
+        "version": (!version.is_empty()).then_some(version),
         "unknown_fields": unknown,
     })
 }
