@@ -69,6 +69,24 @@ async fn json_lines_honour_since_kind_and_limit() -> Result<()> {
         [3]
     );
     assert!(feed_lines(&server, "?since=5").await?.is_empty());
+    // An Accept that refuses the event stream (`q=0`) gets the JSON lines, which end.
+    for accept in [
+        "text/event-stream;q=0",
+        "text/event-stream; q=0.0, application/x-ndjson",
+    ] {
+        let request = server
+            .client()
+            .get(server.url("/v1/changes?since=4"))
+            .header("accept", accept);
+        let response = server.send(request).await?;
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/x-ndjson",
+            "{accept}"
+        );
+        let text = within("the JSON lines", response.text()).await??;
+        assert_eq!(text.lines().count(), 1, "{accept}: {text}");
+    }
     server.stop().await?;
     Ok(())
 }

@@ -95,11 +95,22 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|media| {
-            media
-                .split(';')
+            let mut parts = media.split(';');
+            let is_event_stream = parts
                 .next()
-                .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/event-stream"))
+                .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/event-stream"));
+            // `q=0` says "not this one" (RFC 9110, 12.4.2).
+            is_event_stream && !parts.any(refuses)
         })
+}
+
+/// Whether a media-range parameter is a quality of zero (`q=0`, `q=0.0`, `q=0.000`).
+fn refuses(parameter: &str) -> bool {
+    parameter
+        .split_once('=')
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+        .and_then(|(_, value)| value.trim().parse::<f64>().ok())
+        .is_some_and(|quality| quality == 0.0)
 }
 
 fn last_event_id(headers: &HeaderMap) -> Result<Option<Seq>, ApiError> {
