@@ -373,9 +373,10 @@ impl Config {
         // Connector headers may name any environment variable as `${NAME}`.
         let env_map: std::collections::BTreeMap<String, String> =
             sources.env.iter().cloned().collect();
-        apply_env(&mut table, sources.env)?;
-        let mut config: Config =
-            serde_path_to_error::deserialize(Value::Table(table)).map_err(|error| {
+        let from_env = apply_env(&mut table, sources.env)?;
+        let named = |error: ConfigError| name_variable(error, &from_env);
+        let mut config: Config = serde_path_to_error::deserialize(Value::Table(table))
+            .map_err(|error| {
                 let key = error.path().to_string();
                 ConfigError::Invalid {
                     key: if key == "." {
@@ -392,14 +393,15 @@ impl Config {
                         .unwrap_or_default()
                         .to_string(),
                 }
-            })?;
+            })
+            .map_err(named)?;
         if let Some(listen) = sources.listen {
             config.listen = listen;
         }
         if let Some(data_dir) = sources.data_dir {
             config.store.data_dir = data_dir;
         }
-        config.validate()?;
+        config.validate().map_err(named)?;
         config.validated_peers = replication::validate(&config.replication, &config.peers)
             .map_err(|error| ConfigError::Invalid {
                 key: error.key,
@@ -523,7 +525,29 @@ fn merge(base: &mut Table, overlay: Table) {
     }
 }
 
-fn apply_env(table: &mut Table, env: Vec<(String, String)>) -> Result<(), ConfigError> {
+/// Names the environment variable behind a key in an error about that key's value, since the
+/// person who set `LOCKSTEP_WRITER_THREADS=0` may never have seen `store.writer_threads`.
+fn name_variable(error: ConfigError, from_env: &[(String, &'static str)]) -> ConfigError {
+    match error {
+        ConfigError::Invalid { key, detail } => {
+            let detail = match from_env.iter().find(|(path, _)| *path == key) {
+                Some((_, variable)) => {
+                    format!("{detail} (set by the environment variable {variable})")
+                }
+                None => detail,
+            };
+            ConfigError::Invalid { key, detail }
+        }
+        other => other,
+    }
+}
+
+/// Applies the `LOCKSTEP_*` variables to `table`; returns the dotted key each one set.
+fn apply_env(
+    table: &mut Table,
+    env: Vec<(String, String)>,
+) -> Result<Vec<(String, &'static str)>, ConfigError> {
+    let mut applied = Vec::new();
     for (name, raw) in env {
         if !name.starts_with("LOCKSTEP_")
             || TOOLING_ENV_PREFIXES
@@ -532,7 +556,8 @@ fn apply_env(table: &mut Table, env: Vec<(String, String)>) -> Result<(), Config
         {
             continue;
         }
-        let Some((_, path, kind)) = ENV_KEYS.iter().find(|(known, _, _)| *known == name) else {
+        let Some((variable, path, kind)) = ENV_KEYS.iter().find(|(known, _, _)| *known == name)
+        else {
             return Err(ConfigError::UnknownVariable { name });
         };
         let bad = |detail: String| ConfigError::BadVariable {
@@ -560,8 +585,9 @@ fn apply_env(table: &mut Table, env: Vec<(String, String)>) -> Result<(), Config
             EnvValue::Tokens => parse_env_tokens(&raw).map_err(bad)?,
         };
         set_path(table, path, value);
+        applied.push((path.join("."), *variable));
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// Parses `name:role:token,name:role:token` into the array `[[auth.tokens]]` would give.

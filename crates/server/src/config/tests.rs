@@ -185,6 +185,21 @@ fn bad_values_name_their_key_or_variable() {
         "{error}"
     );
 
+    // Set from the environment, the error names the variable as well as the key.
+    for (variable, raw, key) in [
+        ("LOCKSTEP_WRITER_THREADS", "0", "store.writer_threads"),
+        ("LOCKSTEP_SYNC_MODE", "always", "store.sync_mode"),
+        ("LOCKSTEP_REQUEST_TIMEOUT", "soon", "limits.request_timeout"),
+    ] {
+        let error = Config::load(ConfigSources {
+            env: env(&[(variable, raw)]),
+            ..ConfigSources::default()
+        })
+        .expect_err("out of range");
+        let text = error.to_string();
+        assert!(text.contains(key) && text.contains(variable), "{text}");
+    }
+
     for threads in [0, 65] {
         let error = load_toml(&format!("[store]\nwriter_threads = {threads}\n"), &[])
             .expect_err("out of range");
