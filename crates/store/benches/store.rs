@@ -183,6 +183,25 @@ fn merge_many_new_entities(bencher: divan::Bencher) {
 /// changes, not with changes times the document's size.
 #[divan::bench(args = [100, 1000, 4000], sample_count = 10)]
 fn history(bencher: divan::Bencher, edits: usize) {
+    bench_history(
+        bencher,
+        edits,
+        |edit| json!({ format!("field{}", edit % 8): edit }),
+    );
+}
+
+/// As [`history`], but each edit adds a record to one nested map (`items.k<N>`), so every edit
+/// makes a map of its own under a map that an earlier edit made.
+#[divan::bench(args = [100, 1000, 4000], sample_count = 10)]
+fn history_of_added_records(bencher: divan::Bencher, edits: usize) {
+    bench_history(
+        bencher,
+        edits,
+        |edit| json!({ "items": { format!("k{edit}"): { "n": edit } } }),
+    );
+}
+
+fn bench_history(bencher: divan::Bencher, edits: usize, edit: impl Fn(usize) -> Json) {
     let fixture = Fixture::open(4096);
     let entity = key(1);
     let inputs = patches(1);
@@ -190,11 +209,10 @@ fn history(bencher: divan::Bencher, edits: usize) {
         .store
         .patch(&entity, &inputs[0], &options())
         .expect("the entity is created");
-    for edit in 1..edits {
-        let patch = json!({ format!("field{}", edit % 8): edit });
+    for number in 1..edits {
         fixture
             .store
-            .patch(&entity, &patch, &options())
+            .patch(&entity, &edit(number), &options())
             .expect("the edit applies");
     }
     bencher.bench_local(|| {

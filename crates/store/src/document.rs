@@ -27,8 +27,8 @@ use std::collections::{BTreeSet, HashMap};
 use automerge::legacy;
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
-    hydrate, Automerge, Change, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop, ReadDoc,
-    ScalarValue, Value, ValueRef, ROOT,
+    hydrate, ActorId, Automerge, Change, ChangeHash, ObjId, ObjType, Patch, PatchAction, Prop,
+    ReadDoc, ScalarValue, Value, ValueRef, ROOT,
 };
 use serde::Serialize;
 use serde_json::{Map, Number, Value as Json};
@@ -177,8 +177,6 @@ pub(crate) struct Touched {
     unknown: bool,
     /// The first shared map the write made, if any (see [`mark_write`]).
     made: Option<ObjId>,
-    /// Whether the write has made a change stamped with its origin before its edit.
-    stamped: bool,
 }
 
 impl Touched {
@@ -400,9 +398,10 @@ pub(crate) const WRITE_MARKER: &str = "\u{0}lockstep:write";
 /// a map is made by a structural change of its own (see `nested`), which history leaves out, so
 /// without this the write would have no change stamped with its origin and time, and history
 /// would show its fields under the next write. The put and delete of [`WRITE_MARKER`] in the
-/// first map it made leave that map empty.
+/// first map it made leave that map empty. (A write that first deleted a value in a map's place
+/// has a change of its own for that, but the maps come after it and belong to the edit.)
 fn mark_write<T: Transactable>(tx: &mut T, touched: &Touched) -> Result<()> {
-    if tx.pending_ops() > 0 || touched.stamped {
+    if tx.pending_ops() > 0 {
         return Ok(());
     }
     if let Some(map) = &touched.made {
@@ -447,7 +446,6 @@ fn create_maps(
             }
             Ok(())
         })?;
-        touched.stamped = true;
     }
     for (key, occupied) in &missing {
         // `None` leaves the place empty; the edit then creates an ordinary map there.
@@ -905,7 +903,9 @@ pub(crate) fn changed_fields(patches: &[Patch]) -> Vec<String> {
 /// inside `tags[2]` is `tags`), as [`changed_fields`] reports a diff. Diffing each change against
 /// its dependencies instead costs time that grows with the document, for every change: history
 /// of an entity with thousands of changes took seconds. A structural change (see `nested`) has
-/// no entry of its own; the maps it made count as fields of the edits that depend on it.
+/// no entry of its own; the map it made counts as a field of the edit it was made for: an edit
+/// that depends on it, unless the edit has seen another edit that needed the same map, as a diff
+/// of the edit against its dependencies (structural ones replaced by theirs) would show.
 pub(crate) fn fields_of_changes(changes: &[Change]) -> Vec<Vec<String>> {
     let expanded: Vec<legacy::Change> = changes.iter().map(Change::decode).collect();
     let mut places = Places::default();
@@ -925,11 +925,6 @@ pub(crate) fn fields_of_changes(changes: &[Change]) -> Vec<Vec<String>> {
             }
         }
     }
-    let index_of: HashMap<ChangeHash, usize> = changes
-        .iter()
-        .enumerate()
-        .map(|(index, change)| (change.hash(), index))
-        .collect();
     let own: Vec<BTreeSet<String>> = expanded
         .iter()
         .map(|change| {
@@ -940,29 +935,140 @@ pub(crate) fn fields_of_changes(changes: &[Change]) -> Vec<Vec<String>> {
                 .collect()
         })
         .collect();
-    changes
-        .iter()
-        .enumerate()
-        .map(|(index, change)| {
-            if nested::is_structural(change) {
-                return Vec::new();
+    let graph = ChangeGraph::of(changes);
+    let mut fields: Vec<Vec<String>> = vec![Vec::new(); changes.len()];
+    // For each structural change, the edits it was made for so far: those that needed it and
+    // had not seen another edit that did. Edits are visited after everything they depend on.
+    let mut made_for: HashMap<usize, Vec<usize>> = HashMap::new();
+    for &edit in &graph.order {
+        if graph.structural[edit] {
+            continue;
+        }
+        let mut paths = own[edit].clone();
+        // The structural changes the edit needed: reached from its dependencies through
+        // structural changes only.
+        let mut pending = graph.deps[edit].clone();
+        let mut seen = BTreeSet::new();
+        while let Some(dep) = pending.pop() {
+            if !graph.structural[dep] || !seen.insert(dep) {
+                continue;
             }
-            let mut fields = own[index].clone();
-            // The maps this change needed that structural changes made for it.
-            let mut pending = change.deps().to_vec();
-            let mut seen = BTreeSet::new();
-            while let Some(hash) = pending.pop() {
-                match index_of.get(&hash) {
-                    Some(&dep) if nested::is_structural(&changes[dep]) && seen.insert(dep) => {
-                        fields.extend(own[dep].iter().cloned());
-                        pending.extend(changes[dep].deps());
-                    }
-                    _ => {}
+            pending.extend(graph.deps[dep].iter().copied());
+            let earlier = made_for.entry(dep).or_default();
+            if !earlier.iter().any(|&other| graph.precedes(other, edit)) {
+                paths.extend(own[dep].iter().cloned());
+                earlier.push(edit);
+            }
+        }
+        fields[edit] = paths.into_iter().collect();
+    }
+    fields
+}
+
+/// The dependencies between a document's changes, by position in the list, with a causal order
+/// of them and, for each change, which edits (non-structural changes) it has seen.
+struct ChangeGraph {
+    deps: Vec<Vec<usize>>,
+    structural: Vec<bool>,
+    /// Every change after its dependencies.
+    order: Vec<usize>,
+    /// Per change, per actor of an edit (by number), the highest sequence number of that
+    /// actor's edits it has seen: a vector clock over the edits' actors, which are the sites
+    /// that wrote (structural changes each have an actor of their own and are left out).
+    clocks: Vec<Vec<(usize, u64)>>,
+    /// Per change: its actor's number among the edits' actors (structural changes: none), and
+    /// its sequence number.
+    ids: Vec<(Option<usize>, u64)>,
+}
+
+impl ChangeGraph {
+    fn of(changes: &[Change]) -> Self {
+        let index_of: HashMap<ChangeHash, usize> = changes
+            .iter()
+            .enumerate()
+            .map(|(index, change)| (change.hash(), index))
+            .collect();
+        let deps: Vec<Vec<usize>> = changes
+            .iter()
+            .map(|change| {
+                change
+                    .deps()
+                    .iter()
+                    .filter_map(|hash| index_of.get(hash).copied())
+                    .collect()
+            })
+            .collect();
+        let structural: Vec<bool> = changes.iter().map(nested::is_structural).collect();
+        // Kahn's algorithm; Automerge lists changes in a causal order already, so this is one
+        // pass in practice.
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); changes.len()];
+        let mut waiting: Vec<usize> = deps.iter().map(Vec::len).collect();
+        for (index, deps) in deps.iter().enumerate() {
+            for &dep in deps {
+                dependents[dep].push(index);
+            }
+        }
+        let mut ready: Vec<usize> = (0..changes.len())
+            .rev()
+            .filter(|&index| waiting[index] == 0)
+            .collect();
+        let mut order = Vec::with_capacity(changes.len());
+        while let Some(index) = ready.pop() {
+            order.push(index);
+            for &dependent in dependents[index].iter().rev() {
+                waiting[dependent] -= 1;
+                if waiting[dependent] == 0 {
+                    ready.push(dependent);
                 }
             }
-            fields.into_iter().collect()
-        })
-        .collect()
+        }
+        let mut actors: HashMap<&ActorId, usize> = HashMap::new();
+        let ids: Vec<(Option<usize>, u64)> = changes
+            .iter()
+            .zip(&structural)
+            .map(|(change, structural)| {
+                let actor = (!structural).then(|| {
+                    let next = actors.len();
+                    *actors.entry(change.actor_id()).or_insert(next)
+                });
+                (actor, change.seq())
+            })
+            .collect();
+        let mut clocks: Vec<Vec<(usize, u64)>> = vec![Vec::new(); changes.len()];
+        for &index in &order {
+            let mut clock: Vec<(usize, u64)> = Vec::new();
+            let own = ids[index].0.map(|actor| (actor, ids[index].1));
+            for entry in deps[index]
+                .iter()
+                .flat_map(|&dep| clocks[dep].iter().copied())
+                .chain(own)
+            {
+                match clock.binary_search_by_key(&entry.0, |&(actor, _)| actor) {
+                    Ok(at) => clock[at].1 = clock[at].1.max(entry.1),
+                    Err(at) => clock.insert(at, entry),
+                }
+            }
+            clocks[index] = clock;
+        }
+        Self {
+            deps,
+            structural,
+            order,
+            clocks,
+            ids,
+        }
+    }
+
+    /// Whether edit `earlier` is edit `later` or one of its ancestors.
+    fn precedes(&self, earlier: usize, later: usize) -> bool {
+        let (Some(actor), seq) = self.ids[earlier] else {
+            return false;
+        };
+        let clock = &self.clocks[later];
+        clock
+            .binary_search_by_key(&actor, |&(known, _)| known)
+            .is_ok_and(|at| clock[at].1 >= seq)
+    }
 }
 
 /// Where each object of a document was made: its parent, its key there (none for a list item)

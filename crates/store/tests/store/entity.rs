@@ -541,6 +541,32 @@ fn history_keeps_a_write_that_only_adds_empty_objects() {
         ]
     );
     assert_eq!(data(store, &new), json!({"notes": {}, "site": {}}));
+    // A map made for an earlier write stays that write's field, and a write that had to
+    // delete a value in a map's place still names the maps it made.
+    let nested = key("appointment", "3");
+    for (patch, who) in [
+        (json!({"a": 1, "site": {"x": {}}}), "alice"),
+        (json!({"b": 1, "site": {"y": {}}}), "bob"),
+        (json!({"c": 1, "site": {"z": {"q": 1}}}), "carol"),
+        (json!({"d": "text"}), "dave"),
+        (json!({"d": {"inner": {}}}), "erin"),
+        (json!({"e": 1}), "frank"),
+    ] {
+        store.patch(&nested, &patch, &local(who)).unwrap();
+    }
+    assert_eq!(
+        summary(&nested),
+        vec![
+            ("local:alice".into(), strings(&["a", "site", "site.x"])),
+            ("local:bob".into(), strings(&["b", "site.y"])),
+            ("local:carol".into(), strings(&["c", "site.z", "site.z.q"])),
+            ("local:dave".into(), strings(&["d"])),
+            // The value in the map's place is deleted by a change of its own.
+            ("local:erin".into(), strings(&["d"])),
+            ("local:erin".into(), strings(&["d", "d.inner"])),
+            ("local:frank".into(), strings(&["e"])),
+        ]
+    );
     // The name the store uses for that is not a field name a write may use.
     assert!(matches!(
         store.patch(&new, &json!({"\u{0}lockstep:write": 1}), &local("dave")),
