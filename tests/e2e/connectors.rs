@@ -514,7 +514,8 @@ async fn issue_3_a_webhook_id_is_forgotten_after_the_retention() -> Result<()> {
     let server = TestServer::start_with(&connector(
         "scheduler",
         &fake.base,
-        "dedupe_retention = \"1s\"",
+        // The retention may not be shorter than the timestamp tolerance.
+        "dedupe_retention = \"1s\"\ntimestamp_tolerance = \"1s\"",
     ))
     .await?;
     let first = json!({"apptId": "7", "scheduledDate": "2027-07-01"});

@@ -341,6 +341,22 @@ impl ConnectorConfig {
                 return Err(error(key, "must be more than zero".into()));
             }
         }
+        // Timestamps are whole seconds, and the check counts them so.
+        let tolerance = self.timestamp_tolerance.0;
+        if tolerance.subsec_nanos() != 0 {
+            return Err(error(
+                "timestamp_tolerance",
+                "must be a whole number of seconds".into(),
+            ));
+        }
+        // An id forgotten while its signed webhook is still within the tolerance could be
+        // replayed by whoever captured it, and applied again.
+        if self.dedupe_retention.0 < tolerance {
+            return Err(error(
+                "dedupe_retention",
+                "must be at least timestamp_tolerance, or a captured webhook could be replayed once its id is forgotten".into(),
+            ));
+        }
         if self.retry.schedule.is_empty() {
             return Err(error("retry.schedule", "needs at least one entry".into()));
         }

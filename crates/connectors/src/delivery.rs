@@ -102,7 +102,7 @@ fn first_wait(schedule: &[Duration]) -> u64 {
 
 /// [`plan`] against a given outbox entry and shadow (those about to be written, when a delivery
 /// outcome and the next plan go to disk in one write).
-fn plan_with(
+pub(crate) fn plan_with(
     handle: &ConnectorHandle,
     entity: &EntityKey,
     existing: Option<Attempt>,
@@ -319,7 +319,7 @@ fn record(
     mut attempt: Attempt,
     outcome: Outcome,
 ) -> Result<()> {
-    let _locked = handle.lock_entity(entity);
+    let locked = handle.lock_entity(entity);
     let records = &handle.records;
     let connector = &handle.connector;
     // The outcome and the next plan (edits made while the request was in flight, coalesced) are
@@ -377,15 +377,18 @@ fn record(
         Outcome::Gone(reason) => {
             handle.counters.delivery_failures.inc();
             tracing::error!(connector = %connector.name, %entity, reason = %reason, "external system answered 410 Gone; connector disabled");
-            let mut state = records.state()?;
-            state.disabled = Some(reason.clone());
             attempt.attempts += 1;
             attempt.last_error = Some(reason.clone());
-            handle.note_error(Some(reason));
-            records.write(vec![
-                records.put_attempt(entity, &attempt),
-                records.put_state(&state),
-            ])?;
+            handle.note_error(Some(reason.clone()));
+            records.write(vec![records.put_attempt(entity, &attempt)])?;
+            drop(locked);
+            // Then the connector is disabled, under the state's lock, which is never taken
+            // while an entity's lock is held. A crash in between leaves the attempt to be
+            // sent again after a restart, which meets the 410 again.
+            let _state_locked = handle.lock_state();
+            let mut state = records.state()?;
+            state.disabled = Some(reason);
+            records.write(vec![records.put_state(&state)])?;
             handle.rescan.store(true, Ordering::Release);
             return Ok(());
         }
@@ -421,6 +424,7 @@ fn advance(
     in_flight: &HashSet<EntityKey>,
 ) -> Result<(bool, Vec<(EntityKey, Due)>)> {
     let records = &handle.records;
+    let _state_locked = handle.lock_state();
     let mut state = records.state()?;
     // Read before the feed: every row up to here that is of our kind is in `rows`, so skipping to
     // it is safe. Read after, a row written in between would be skipped unseen.

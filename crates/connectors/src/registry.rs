@@ -75,9 +75,20 @@ pub struct ConnectorHandle {
     /// delivery outcomes, planning, admin), by entity (see `locks`). Webhooks hold it across the
     /// wait for their flush without holding a thread; the others lock it from blocking threads.
     entity_locks: KeyedLocks<EntityKey>,
+    /// Serializes read-modify-write of the connector's state record (cursor, paused, disabled):
+    /// the worker's cursor, pause and resume, a 410 and replays. Taken before any entity lock,
+    /// never while one is held.
+    state_lock: Mutex<()>,
 }
 
 impl ConnectorHandle {
+    /// Locks the connector's state record from a blocking thread; see `state_lock`.
+    pub(crate) fn lock_state(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.state_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Locks `entity`'s connector records from a blocking thread (never from async code).
     pub(crate) fn lock_entity(&self, entity: &EntityKey) -> KeyedGuard<'_, EntityKey> {
         self.entity_locks.blocking_lock(entity.clone())
@@ -220,6 +231,7 @@ impl Connectors {
                     rescan: AtomicBool::new(false),
                     observed: Mutex::new(Observed::default()),
                     entity_locks: KeyedLocks::new(),
+                    state_lock: Mutex::new(()),
                 };
                 (handle.connector.name.clone(), Arc::new(handle))
             })
@@ -379,6 +391,7 @@ impl Connectors {
 
     async fn set_paused(&self, name: &str, paused: bool) -> Result<ConnectorStatus> {
         self.blocking(name, move |handle| {
+            let _state_locked = handle.lock_state();
             let mut state = handle.records.state()?;
             state.paused = paused;
             if !paused {
@@ -435,11 +448,12 @@ impl Connectors {
             {
                 return Err(Error::NoDeadLetter(entity.to_string()));
             }
-            // The dead delta was never acknowledged; recompute from the entity as it is now.
-            handle
-                .records
-                .write(vec![handle.records.delete_attempt(&entity)])?;
-            let writes = delivery::plan(&handle, &entity)?;
+            // The dead delta was never acknowledged; recompute from the entity as it is now, in
+            // the same write that drops the dead one.
+            let shadow = handle.records.shadow(&entity)?;
+            let mut writes = vec![handle.records.delete_attempt(&entity)];
+            // A later write to the same key wins within one batch.
+            writes.extend(delivery::plan_with(&handle, &entity, None, &shadow)?);
             handle.records.write(writes)?;
             handle.rescan_and_wake();
             Ok(())
@@ -458,8 +472,8 @@ impl Connectors {
                 return Err(Error::OutboundDisabled(handle.connector.name.clone()));
             }
             let records = &handle.records;
+            let _state_locked = handle.lock_state();
             let mut state = records.state()?;
-            let mut writes = Vec::new();
             let dead: std::collections::BTreeSet<EntityKey> = records
                 .attempts()?
                 .into_iter()
@@ -498,30 +512,29 @@ impl Connectors {
                     entities.into_iter().collect()
                 }
             };
+            // Shadows and attempts are read and written under the entities' locks, so a webhook
+            // or a delivery outcome cannot land in between; everything goes in one write.
+            let _locked = handle.lock_entities(&entities);
+            let mut writes = Vec::new();
             for entity in &entities {
-                if dead.contains(entity) {
-                    // A replay resends a dead-lettered entity too: its dead delta goes with its
-                    // shadow, and it is planned afresh under a new key at once (planning alone
-                    // leaves a delta dead at the same version where it is).
-                    let _locked = handle.lock_entity(entity);
-                    let mut forget = vec![records.forget_shadow(entity)?];
-                    if records.attempt(entity)?.is_some_and(|a| a.dead.is_some()) {
-                        forget.push(records.delete_attempt(entity));
+                let forgotten = records.forgotten_shadow(entity)?;
+                writes.push(records.put_shadow(entity, &forgotten));
+                let attempt = records.attempt(entity)?;
+                let is_dead = attempt.as_ref().is_some_and(|a| a.dead.is_some());
+                // A dead letter is planned afresh here (planning alone leaves a delta dead at
+                // its version where it is), and so is the one entity asked for; the rest are
+                // planned by the worker, from the cursor.
+                if is_dead || matches!(replay, Replay::Entity(_)) {
+                    let existing = if is_dead { None } else { attempt };
+                    let planned = delivery::plan_with(&handle, entity, existing, &forgotten)?;
+                    if is_dead && planned.is_empty() {
+                        writes.push(records.delete_attempt(entity));
                     }
-                    records.write(forget)?;
-                    let planned = delivery::plan(&handle, entity)?;
-                    records.write(planned)?;
-                } else {
-                    writes.push(records.forget_shadow(entity)?);
+                    writes.extend(planned);
                 }
             }
             writes.push(records.put_state(&state));
             records.write(writes)?;
-            if let Replay::Entity(entity) = &replay {
-                let _locked = handle.lock_entity(entity);
-                let planned = delivery::plan(&handle, entity)?;
-                records.write(planned)?;
-            }
             handle.rescan_and_wake();
             Ok(entities.len())
         })

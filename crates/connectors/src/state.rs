@@ -156,18 +156,16 @@ impl Records {
         RecordWrite::put(self.entity_key(SHADOW, entity), encode(shadow))
     }
 
-    /// Forgets what the system has for `entity` (its fields and version), counting a replay.
-    pub(crate) fn forget_shadow(&self, entity: &EntityKey) -> Result<RecordWrite> {
+    /// `entity`'s shadow with what the system has forgotten (its fields and version), counting a
+    /// replay; the caller writes it with [`Self::put_shadow`].
+    pub(crate) fn forgotten_shadow(&self, entity: &EntityKey) -> Result<Shadow> {
         let shadow = self.shadow(entity)?;
-        Ok(self.put_shadow(
-            entity,
-            &Shadow {
-                fields: BTreeMap::new(),
-                version: None,
-                inbound_mark: shadow.inbound_mark,
-                replays: shadow.replays + 1,
-            },
-        ))
+        Ok(Shadow {
+            fields: BTreeMap::new(),
+            version: None,
+            inbound_mark: shadow.inbound_mark,
+            replays: shadow.replays + 1,
+        })
     }
 
     /// Every shadow of this connector, as entity keys.

@@ -132,6 +132,16 @@ fn errors_name_the_key() {
             "timestamp_tolerance",
         ),
         (
+            "version_field = \"updatedAt\"",
+            "version_field = \"updatedAt\"\ntimestamp_tolerance = \"1500ms\"",
+            "timestamp_tolerance",
+        ),
+        (
+            "version_field = \"updatedAt\"",
+            "version_field = \"updatedAt\"\ndedupe_retention = \"4m\"\ntimestamp_tolerance = \"5m\"",
+            "dedupe_retention",
+        ),
+        (
             "scheduledDate = \"date\"\nofficeCode = \"site.code\"\n",
             "",
             "fields",
