@@ -54,6 +54,35 @@ async fn a_body_over_the_limit_is_413_and_writes_nothing() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_target_or_large_headers_get_json_errors() -> Result<()> {
+    let server = TestServer::start().await?;
+    let long_path = format!("/v1/entities/appointment/1?at={}", "a".repeat(9000));
+    let big_header = "x".repeat(70 * 1024);
+    for (request, status, code) in [
+        (
+            format!("GET {long_path} HTTP/1.1\r\nhost: test\r\n\r\n"),
+            414,
+            "uri_too_long",
+        ),
+        (
+            format!("GET /healthz HTTP/1.1\r\nhost: test\r\nx-padding: {big_header}\r\n\r\n"),
+            431,
+            "headers_too_large",
+        ),
+    ] {
+        let mut stream = server.send_raw(request.as_bytes()).await?;
+        let response = read_raw_response(&mut stream).await?;
+        assert_eq!(response.status, status, "{response:?}");
+        assert_eq!(response.json()?["code"], code);
+    }
+    // Within the limits, both are served.
+    let (status, _) = server.get(&format!("/healthz?{}", "a".repeat(100))).await?;
+    assert_eq!(status, 200);
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_sends_half_a_head_is_disconnected() -> Result<()> {
     let server = TestServer::start_with("[limits]\nheader_read_timeout = \"300ms\"\n").await?;
     let started = Instant::now();

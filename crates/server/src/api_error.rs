@@ -34,6 +34,10 @@ pub(crate) enum ApiError {
     Forbidden(String),
     /// The body is larger than `limits.max_body_bytes`.
     PayloadTooLarge { limit: usize },
+    /// The request target (path and query) is longer than `limit` bytes.
+    UriTooLong { limit: usize },
+    /// The request's headers are larger than `limit` bytes in all.
+    HeadersTooLarge { limit: usize },
     /// The body's `Content-Type` is not one this endpoint reads.
     UnsupportedMediaType(String),
     /// The request took longer than `limits.request_timeout`.
@@ -166,6 +170,16 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("the request body is larger than {limit} bytes"),
+            ),
+            Self::UriTooLong { limit } => client(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                format!("the path and query are longer than {limit} bytes"),
+            ),
+            Self::HeadersTooLarge { limit } => client(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!("the request's headers are larger than {limit} bytes in all"),
             ),
             Self::UnsupportedMediaType(detail) => client(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -1,4 +1,5 @@
-//! Request limits that are middleware: the concurrency cap and the request timeout.
+//! Request limits that are middleware: the size of a request's head, the concurrency cap and the
+//! request timeout.
 //!
 //! The other limits live where they act: the body size in `extract::JsonBody` (with axum's
 //! `DefaultBodyLimit` as the backstop), and the header-read timeout in `connection`, because only
@@ -13,6 +14,37 @@ use axum::response::Response;
 
 use crate::api_error::ApiError;
 use crate::state::AppState;
+
+/// The longest request target (path and query) served: far more than any route needs.
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
+/// The most header bytes (names and values) a request may carry in all.
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Middleware: refuses a request whose target or headers are larger than the limits above, with
+/// our JSON errors (414, 431). Hyper answers heads larger than its own buffer (about 400 KiB),
+/// or with more than 100 headers, with 431 and no body before any of this runs.
+pub(crate) async fn check_head(request: Request, next: Next) -> Result<Response, ApiError> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if target > MAX_URI_BYTES {
+        return Err(ApiError::UriTooLong {
+            limit: MAX_URI_BYTES,
+        });
+    }
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return Err(ApiError::HeadersTooLarge {
+            limit: MAX_HEADER_BYTES,
+        });
+    }
+    Ok(next.run(request).await)
+}
 
 /// Middleware: admits a request only if fewer than `limits.max_concurrent_requests` are in
 /// progress, and refuses it with 503 otherwise, rather than letting requests queue without bound.

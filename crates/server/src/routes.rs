@@ -40,6 +40,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn(limits::check_head))
         .layer(from_fn_with_state(state.clone(), telemetry::observe))
         .with_state(state)
 }
