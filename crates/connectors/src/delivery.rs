@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::Result;
 use crate::inbound::now_ms;
 use crate::registry::{ConnectorHandle, Preview};
-use crate::state::{sha256_hex, Attempt, Shadow};
+use crate::state::{sha256_hex, Attempt, Records, Shadow};
 
 /// Feed rows read per step.
 const FEED_BATCH: usize = 512;
@@ -722,12 +722,13 @@ async fn step(
         let gc = handle.clone();
         tokio::task::spawn_blocking(move || {
             let cutoff = now_ms().saturating_sub(gc.connector.dedupe_retention.as_millis() as u64);
-            let mut expired = gc.records.expired_inbox(cutoff)?;
-            // In bounded batches: after a long stop, a day's ids may expire at once.
-            while !expired.is_empty() {
-                let rest = expired.split_off(expired.len().min(INBOX_GC_BATCH));
-                gc.records.write(expired)?;
-                expired = rest;
+            let expired = gc.records.expired_inbox(cutoff)?;
+            // In bounded batches (after a long stop, a day's ids may expire at once), each under
+            // its ids' locks, so an id reused since the listing keeps its fresh record.
+            for batch in expired.chunks(INBOX_GC_BATCH) {
+                let names: Vec<String> = batch.iter().map(Records::inbox_lock_name).collect();
+                let _locked = gc.inbound_locks.blocking_lock_all(&names);
+                gc.records.delete_expired_inbox(batch, cutoff)?;
             }
             Ok::<_, crate::error::Error>(())
         })

@@ -140,7 +140,9 @@ impl Connectors {
         let (task_handle, task_id) = (handle.clone(), id.to_string());
         // The outcome is counted on that task too, so a dropped request's webhook still counts.
         tokio::spawn(async move {
-            let _serialized = inbound_locks.lock(task_id.clone()).await;
+            // By the hash its inbox record is kept under, which the clean-up locks too.
+            let lock_name = Records::inbox_lock_name(&task_handle.records.inbox_key(&task_id));
+            let _serialized = inbound_locks.lock(lock_name).await;
             let outcome = apply(&task_handle, &task_id, &body, body_sha256).await;
             let counters = &task_handle.counters;
             match &outcome {

@@ -75,6 +75,9 @@ pub struct ConnectorHandle {
     /// delivery outcomes, planning, admin), by entity (see `locks`). Webhooks hold it across the
     /// wait for their flush without holding a thread; the others lock it from blocking threads.
     entity_locks: KeyedLocks<EntityKey>,
+    /// Serializes webhooks by id, shared by every connector (see `Connectors::inbound_locks`), so
+    /// the inbox clean-up can hold an id's lock while it deletes its record.
+    pub(crate) inbound_locks: Arc<KeyedLocks<String>>,
     /// Serializes read-modify-write of the connector's state record (cursor, paused, disabled):
     /// the worker's cursor, pause and resume, a 410 and replays. Taken before any entity lock,
     /// never while one is held.
@@ -220,6 +223,7 @@ pub struct Preview {
 impl Connectors {
     /// Wraps validated connectors around the store. Start their workers with [`Connectors::workers`].
     pub fn new(store: Store, connectors: Vec<Connector>) -> Self {
+        let inbound_locks = Arc::new(KeyedLocks::new());
         let by_name = connectors
             .into_iter()
             .map(|connector| {
@@ -232,6 +236,7 @@ impl Connectors {
                     observed: Mutex::new(Observed::default()),
                     entity_locks: KeyedLocks::new(),
                     state_lock: Mutex::new(()),
+                    inbound_locks: Arc::clone(&inbound_locks),
                 };
                 (handle.connector.name.clone(), Arc::new(handle))
             })
@@ -239,7 +244,7 @@ impl Connectors {
         Self {
             store,
             by_name: Arc::new(by_name),
-            inbound_locks: Arc::new(KeyedLocks::new()),
+            inbound_locks,
         }
     }
 

@@ -247,21 +247,41 @@ impl Records {
         RecordWrite::put(key, encode(record))
     }
 
-    /// Inbox records older than `cutoff_ms`, as deletions.
-    ///
-    /// The inbox holds every id of the retention period (millions, for a busy sender), so it is
-    /// read one record at a time; only the keys of the expired ones are kept.
-    pub(crate) fn expired_inbox(&self, cutoff_ms: u64) -> Result<Vec<RecordWrite>> {
+    /// The keys of this connector's inbox records received before `cutoff_ms`. They are only
+    /// candidates: [`Self::delete_expired_inbox`] checks each again before deleting it.
+    pub(crate) fn expired_inbox(&self, cutoff_ms: u64) -> Result<Vec<RecordKey>> {
         let prefix = RecordKey::new(INBOX, &[&self.connector]);
         let mut expired = Vec::new();
         self.store.visit_records(&prefix, |key, bytes| {
             let record: InboxRecord = decode(&key, bytes)?;
             if record.at_ms < cutoff_ms {
-                expired.push(RecordWrite::delete(key));
+                expired.push(key);
             }
             Ok::<_, Error>(())
         })?;
         Ok(expired)
+    }
+
+    /// Deletes those of `keys` whose inbox record is still older than `cutoff_ms`, in one write.
+    /// The caller holds their ids' locks (see [`Self::inbox_lock_name`]): a webhook that reused an
+    /// expired id after `keys` were listed wrote a fresh record, which must stay.
+    pub(crate) fn delete_expired_inbox(&self, keys: &[RecordKey], cutoff_ms: u64) -> Result<()> {
+        let mut deletes = Vec::new();
+        for key in keys {
+            if self
+                .inbox(key)?
+                .is_some_and(|record| record.at_ms < cutoff_ms)
+            {
+                deletes.push(RecordWrite::delete(key.clone()));
+            }
+        }
+        self.write(deletes)
+    }
+
+    /// The name a webhook id's lock goes by: the hash its inbox record is kept under, so the
+    /// clean-up, which sees only records, can take the same lock.
+    pub(crate) fn inbox_lock_name(key: &RecordKey) -> String {
+        key.parts().last().cloned().unwrap_or_default()
     }
 
     /// Writes records atomically and durably.

@@ -32,8 +32,8 @@ fn inbox_records_expire_after_the_cutoff_and_only_the_connectors_own() {
         ])
         .unwrap();
     let expired = records.expired_inbox(2_000).unwrap();
-    assert_eq!(expired.len(), 1);
-    records.write(expired).unwrap();
+    assert_eq!(expired, vec![records.inbox_key("old")]);
+    records.delete_expired_inbox(&expired, 2_000).unwrap();
     assert_eq!(records.inbox(&records.inbox_key("old")).unwrap(), None);
     for kept in ["at-cutoff", "new"] {
         assert!(records.inbox(&records.inbox_key(kept)).unwrap().is_some());
@@ -41,5 +41,29 @@ fn inbox_records_expire_after_the_cutoff_and_only_the_connectors_own() {
     assert_eq!(
         other.inbox(&other.inbox_key("old")).unwrap(),
         Some(received_at(1_000))
+    );
+}
+
+#[test]
+fn an_id_reused_after_the_listing_keeps_its_fresh_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+    let records = Records::new(store, "scheduler");
+    let key = records.inbox_key("reused");
+    records
+        .write(vec![Records::put_inbox(key.clone(), &received_at(1_000))])
+        .unwrap();
+    let expired = records.expired_inbox(2_000).unwrap();
+    assert_eq!(expired, vec![key.clone()]);
+    // The id comes back (its webhook applied again) before the clean-up deletes.
+    records
+        .write(vec![Records::put_inbox(key.clone(), &received_at(5_000))])
+        .unwrap();
+    records.delete_expired_inbox(&expired, 2_000).unwrap();
+    assert_eq!(records.inbox(&key).unwrap(), Some(received_at(5_000)));
+    // Its lock goes by the hash its record is kept under.
+    assert_eq!(
+        Records::inbox_lock_name(&key),
+        crate::state::sha256_hex(b"reused")
     );
 }
