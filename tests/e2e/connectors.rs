@@ -514,8 +514,8 @@ async fn issue_3_a_webhook_id_is_forgotten_after_the_retention() -> Result<()> {
     let server = TestServer::start_with(&connector(
         "scheduler",
         &fake.base,
-        // The retention may not be shorter than the timestamp tolerance.
-        "dedupe_retention = \"1s\"\ntimestamp_tolerance = \"1s\"",
+        // The retention may not be shorter than twice the timestamp tolerance.
+        "dedupe_retention = \"2s\"\ntimestamp_tolerance = \"1s\"",
     ))
     .await?;
     let first = json!({"apptId": "7", "scheduledDate": "2027-07-01"});
@@ -528,10 +528,10 @@ async fn issue_3_a_webhook_id_is_forgotten_after_the_retention() -> Result<()> {
         200
     );
     let reused = post_webhook(&server, "scheduler", "again", &second, None).await?;
-    if sent_at.elapsed() < Duration::from_millis(900) {
+    if sent_at.elapsed() < Duration::from_millis(1900) {
         expect_error(reused, 409, "webhook_id_reused").await?;
     }
-    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(sent_at.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(2100).saturating_sub(sent_at.elapsed())).await;
     let response = post_webhook(&server, "scheduler", "again", &second, None).await?;
     assert_eq!(response.status(), 200);
     assert!(response

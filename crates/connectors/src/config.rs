@@ -350,11 +350,13 @@ impl ConnectorConfig {
             ));
         }
         // An id forgotten while its signed webhook is still within the tolerance could be
-        // replayed by whoever captured it, and applied again.
-        if self.dedupe_retention.0 < tolerance {
+        // replayed by whoever captured it, and applied again. A webhook stamped `tolerance` in
+        // the future is remembered from when it arrives and stays acceptable for twice the
+        // tolerance from then.
+        if self.dedupe_retention.0 < tolerance.saturating_mul(2) {
             return Err(error(
                 "dedupe_retention",
-                "must be at least timestamp_tolerance, or a captured webhook could be replayed once its id is forgotten".into(),
+                "must be at least twice timestamp_tolerance, or a captured webhook could be replayed once its id is forgotten".into(),
             ));
         }
         if self.retry.schedule.is_empty() {

@@ -10,6 +10,11 @@ use store::{EntityKey, Seq};
 
 use crate::error::{Error, Result};
 
+/// The most items a decoder reserves room for before reading them: a count is checked only
+/// against the bytes left, and an item takes about 80 bytes in memory for every few on the
+/// wire, so reserving a hostile frame's whole count at once could ask for gigabytes.
+const MAX_PREALLOCATED: usize = 1024;
+
 /// The protocol version sent in [`Frame::Hello`]; a peer with another version is refused.
 /// Version 2 announces up to [`BATCHES_IN_FLIGHT`] batches at once (version 1: one).
 pub const PROTOCOL_VERSION: u64 = 2;
@@ -193,7 +198,7 @@ impl Frame {
                 let through = Seq(input.number()?);
                 let head = Seq(input.number()?);
                 let count = input.count()?;
-                let mut rows = Vec::with_capacity(count);
+                let mut rows = Vec::with_capacity(count.min(MAX_PREALLOCATED));
                 for _ in 0..count {
                     rows.push(Row {
                         key: input.key()?,
@@ -211,7 +216,7 @@ impl Frame {
             SYNC => {
                 let batch = input.number()?;
                 let count = input.count()?;
-                let mut entries = Vec::with_capacity(count);
+                let mut entries = Vec::with_capacity(count.min(MAX_PREALLOCATED));
                 for _ in 0..count {
                     let key = input.key()?;
                     let mode = match input.byte()? {
@@ -231,7 +236,7 @@ impl Frame {
             REPLY => {
                 let batch = input.number()?;
                 let count = input.count()?;
-                let mut entries = Vec::with_capacity(count);
+                let mut entries = Vec::with_capacity(count.min(MAX_PREALLOCATED));
                 for _ in 0..count {
                     entries.push(ReplyEntry {
                         key: input.key()?,

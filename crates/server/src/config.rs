@@ -609,6 +609,14 @@ fn parse_env_tokens(raw: &str) -> Result<Value, String> {
         entry.insert("token".into(), Value::String(token.into()));
         tokens.push(Value::Table(entry));
     }
+    // Only separators (`,`, say from a template whose variables were unset) would turn
+    // authentication off as surely as an empty value.
+    if tokens.is_empty() {
+        return Err(
+            "holds no name:role:token entry; unset it to keep the file's tokens (an empty list would turn authentication off)"
+                .into(),
+        );
+    }
     Ok(Value::Array(tokens))
 }
 

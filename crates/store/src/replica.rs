@@ -6,7 +6,7 @@
 //! a state the other side no longer shares can loop forever. Which entities to sync, with whom,
 //! and over which transport is the `replication` crate's business.
 
-use std::panic::catch_unwind;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, SyncDoc};
 use automerge::ChangeHash;
@@ -62,7 +62,19 @@ impl Store {
     ) -> Result<Option<Vec<u8>>> {
         self.read(key, |doc| {
             state.wanted.retain(|hash| !document::has_change(doc, hash));
-            let mut message = doc.generate_sync_message(&mut state.automerge);
+            // A peer's message can hold a Bloom filter that decodes and is received without
+            // complaint but that Automerge 0.12 divides by zero on (no bits per entry) when it
+            // builds the reply from it: that panic is the peer's bad data, so an error too.
+            let automerge_state = &mut state.automerge;
+            let generated =
+                catch_unwind(AssertUnwindSafe(|| doc.generate_sync_message(automerge_state)));
+            let Ok(mut message) = generated else {
+                state.automerge = sync::State::new();
+                return Err(Error::Decode(
+                    "automerge panicked building a reply to the peer's sync state (a malformed Bloom filter)"
+                        .into(),
+                ));
+            };
             // Automerge asks only for the peer's heads it lacks. When the peer's Bloom filter test
             // of our changes gave a false positive, it sent a change without the one it depends
             // on; asking for that head again would bring the same change alone, forever.

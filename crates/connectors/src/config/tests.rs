@@ -138,7 +138,7 @@ fn errors_name_the_key() {
         ),
         (
             "version_field = \"updatedAt\"",
-            "version_field = \"updatedAt\"\ndedupe_retention = \"4m\"\ntimestamp_tolerance = \"5m\"",
+            "version_field = \"updatedAt\"\ndedupe_retention = \"9m\"\ntimestamp_tolerance = \"5m\"",
             "dedupe_retention",
         ),
         (

@@ -272,13 +272,16 @@ fn a_token_of_the_wrong_type_is_refused_without_echoing_it() {
 
 #[test]
 fn an_empty_token_variable_is_refused_rather_than_opening_the_api() {
-    let error = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_AUTH_TOKENS", "  ")]),
-        ..ConfigSources::default()
-    })
-    .expect_err("an empty token list from the environment");
-    assert!(
-        error.to_string().contains("LOCKSTEP_AUTH_TOKENS"),
-        "{error}"
-    );
+    // Blank, or only separators (a template whose variables were unset).
+    for raw in ["  ", ",", " , ,"] {
+        let error = Config::load(ConfigSources {
+            env: env(&[("LOCKSTEP_AUTH_TOKENS", raw)]),
+            ..ConfigSources::default()
+        })
+        .expect_err("an empty token list from the environment");
+        assert!(
+            error.to_string().contains("LOCKSTEP_AUTH_TOKENS"),
+            "{raw:?}: {error}"
+        );
+    }
 }

@@ -115,6 +115,35 @@ fn hostile_sync_messages_are_errors_and_change_nothing() {
 }
 
 #[test]
+fn a_bloom_filter_without_bits_is_an_error_when_the_reply_is_built() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let key = EntityKey::new("appointment", "1").expect("valid");
+    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
+    store
+        .patch(&key, &json!({"date": "2026-12-01"}), &options)
+        .expect("write");
+    let before = store.get(&key).expect("read");
+    // A version 1 sync message: no heads, no needs, one `have` whose Bloom filter claims one
+    // entry at zero bits per entry (seven probes), no changes. It decodes and is received;
+    // Automerge 0.12 then divides by zero building the reply.
+    let message = [0x42, 0, 0, 1, 0, 3, 1, 0, 7, 0];
+    let peer = Origin::parse("peer:evil").expect("valid");
+    let mut state = SyncState::default();
+    store
+        .receive_sync_message(&key, &mut state, &message, &peer)
+        .expect("received");
+    let reply = store.generate_sync_message(&key, &mut state);
+    assert!(matches!(reply, Err(Error::Decode(_))), "{reply:?}");
+    // The bad state is gone, the entity is as it was and the store still serves.
+    assert!(store.generate_sync_message(&key, &mut state).is_ok());
+    assert_eq!(store.get(&key).expect("read"), before);
+    store
+        .patch(&key, &json!({"room": "1"}), &options)
+        .expect("still writable");
+}
+
+#[test]
 fn issue_2_writing_the_winning_value_settles_a_conflict() {
     let (_dirs, a, b, key) =
         edited_apart(json!({"date": "2026-12-01"}), json!({"date": "2026-12-02"}));
