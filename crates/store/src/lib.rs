@@ -33,6 +33,7 @@ mod document;
 mod durability;
 mod error;
 mod feed;
+mod inflation;
 mod key;
 mod layout;
 mod nested;
@@ -49,6 +50,7 @@ pub use document::{
 pub use durability::SyncMode;
 pub use error::{Error, Result};
 pub use feed::{FeedRow, Seq};
+pub use inflation::MAX_INFLATED_BYTES;
 pub use key::{EntityId, EntityKey, Kind};
 pub use origin::Origin;
 pub use records::{CommitView, RecordKey, RecordWrite};

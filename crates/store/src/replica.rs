@@ -141,6 +141,9 @@ impl Store {
                 ))
             }
         };
+        // Its changes (or the whole document a version 2 message may carry) are inflated under a
+        // bound first: Automerge would inflate them whole.
+        crate::inflation::check(message.changes.iter())?;
         let (staged, missing) =
             self.stage_incoming(key, origin, json, "applying the sync message", |doc| {
                 doc.receive_sync_message(&mut state.automerge, message)

@@ -501,6 +501,8 @@ impl Store {
         origin: &Origin,
         json: AfterJson,
     ) -> Result<Staged> {
+        // Compressed parts are inflated under a bound first: Automerge would inflate them whole.
+        crate::inflation::check([bytes])?;
         // Changes left out for lack of their dependencies are the sender's to send again, with
         // them (replication falls back to sending the whole document).
         self.stage_incoming(key, origin, json, "decoding the data", |doc| {

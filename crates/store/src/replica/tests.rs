@@ -144,6 +144,25 @@ fn a_bloom_filter_without_bits_is_an_error_when_the_reply_is_built() {
 }
 
 #[test]
+fn a_sync_message_whose_changes_inflate_too_far_is_refused_unread() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(&dir);
+    let key = EntityKey::new("appointment", "1").expect("valid");
+    let bomb = include_bytes!("../../tests/fuzz-crashers/compressed-change-inflating-to-96MiB.bin");
+    // A version 1 sync message: no heads, needs or haves, and the bomb as its one change.
+    let mut message = vec![0x42, 0, 0, 0, 1];
+    crate::inflation::tests::uleb(bomb.len() as u64, &mut message);
+    message.extend_from_slice(bomb);
+    let peer = Origin::parse("peer:evil").expect("valid");
+    let mut state = SyncState::default();
+    match store.receive_sync_message(&key, &mut state, &message, &peer) {
+        Err(Error::Decode(detail)) => assert!(detail.contains("inflate"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.get(&key).expect("read"), None);
+}
+
+#[test]
 fn issue_2_writing_the_winning_value_settles_a_conflict() {
     let (_dirs, a, b, key) =
         edited_apart(json!({"date": "2026-12-01"}), json!({"date": "2026-12-02"}));

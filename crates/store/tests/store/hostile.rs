@@ -26,6 +26,16 @@ fn crashers() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// One file of `tests/fuzz-crashers`.
+fn crasher(name: &str) -> Vec<u8> {
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fuzz-crashers")
+            .join(name),
+    )
+    .unwrap()
+}
+
 fn peer() -> Origin {
     Origin::parse("peer:hostile").unwrap()
 }
@@ -34,11 +44,7 @@ fn peer() -> Origin {
 fn issue_2_load_panic_is_a_decode_error_on_a_new_entity() {
     let harness = Harness::open();
     let store = harness.store();
-    let bytes = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fuzz-crashers/automerge-0.12.0-load-panic.bin"),
-    )
-    .unwrap();
+    let bytes = crasher("automerge-0.12.0-load-panic.bin");
     let entity = key("appointment", "1");
     assert!(matches!(
         store.merge(&entity, &bytes, &peer()),
@@ -50,6 +56,32 @@ fn issue_2_load_panic_is_a_decode_error_on_a_new_entity() {
     // The store keeps working, for this entity too.
     let written = store.patch(&entity, &json!({"a": 1}), &local("u")).unwrap();
     assert!(written.created);
+}
+
+/// A 98 KB compressed change that inflates to 96 MiB (a megabyte of it inflates to gigabytes
+/// just as well): refused before Automerge inflates it, which it would do whole.
+#[test]
+fn a_compressed_chunk_that_inflates_too_far_is_refused_unread() {
+    let harness = Harness::open();
+    let store = harness.store();
+    let bomb = crasher("compressed-change-inflating-to-96MiB.bin");
+    assert!(bomb.len() < 100_000);
+    let existing = key("appointment", "existing");
+    store
+        .patch(&existing, &json!({"a": 1}), &local("u"))
+        .unwrap();
+    let before = store.get(&existing).unwrap();
+    for entity in [key("appointment", "fresh"), existing.clone()] {
+        match store.merge(&entity, &bomb, &peer()) {
+            Err(Error::Decode(detail)) => assert!(
+                detail.contains(&store::MAX_INFLATED_BYTES.to_string()),
+                "{detail}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(store.get(&existing).unwrap(), before);
+    assert_eq!(store.get(&key("appointment", "fresh")).unwrap(), None);
 }
 
 #[test]
