@@ -939,6 +939,15 @@ async fn issue_3_a_replay_resends_dead_lettered_entities_too() -> Result<()> {
         Ok((dead_ids().await?.len() == 2).then_some(()))
     })
     .await?;
+    // A dead letter's reason names the system by scheme, host and port only: a URL's path or
+    // query may hold a secret, and read tokens see reasons.
+    let (_, dead) = server.get(&format!("{path}/dead-letters")).await?;
+    let reason = dead["dead_letters"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("answered 422"), "{reason}");
+    assert!(reason.contains(fake.base.as_str()), "{reason}");
+    assert!(!reason.contains("/appointments"), "{reason}");
     fake.set(Behavior::Status(200));
 
     // Replaying one entity sends it again, and it leaves the dead letters.

@@ -34,6 +34,21 @@ const INBOX_GC_BATCH: usize = 4096;
 /// The longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
 
+/// A delivery URL as errors, logs and dead letters show it: scheme, host and port only, since
+/// its path or query may hold a secret (as some webhook URLs do) and read tokens see errors.
+fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) => {
+            let host = parsed.host_str().unwrap_or("");
+            match parsed.port() {
+                Some(port) => format!("{}://{host}:{port}", parsed.scheme()),
+                None => format!("{}://{host}", parsed.scheme()),
+            }
+        }
+        Err(_) => "the connector's url".into(),
+    }
+}
+
 /// The idempotency key of the delta that brings `entity` to `version` for `connector`, after
 /// `replays` operator replays of the entity (a replay is new, so it must not reuse the key a
 /// receiver already acknowledged).
@@ -246,7 +261,7 @@ async fn send(
                 "could not connect"
             };
             return Outcome::Retry {
-                error: format!("{url} {kind}: {error}"),
+                error: format!("{} {kind}: {}", shown_url(url), error.without_url()),
                 retry_after: None,
             };
         }
@@ -258,7 +273,7 @@ async fn send(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok())
         .map(|seconds| Duration::from_secs(seconds).min(MAX_RETRY_AFTER));
-    let detail = format!("{url} answered {status}");
+    let detail = format!("{} answered {status}", shown_url(url));
     if status.is_success() {
         Outcome::Acknowledged
     } else if status == reqwest::StatusCode::GONE {
