@@ -950,38 +950,28 @@ async fn issue_3_a_replay_resends_dead_lettered_entities_too() -> Result<()> {
     assert!(!reason.contains("/appointments"), "{reason}");
     fake.set(Behavior::Status(200));
 
-    // Replaying one entity sends it again, and it leaves the dead letters.
-    let (status, answer) = server
-        .json(replay(
+    // Replaying one entity sends it again, and it leaves the dead letters; replaying all counts
+    // and sends the other, which the system never acknowledged.
+    for (body, count, sent, still_dead) in [
+        (
             json!({"entity": {"kind": "appointment", "id": "d1"}}),
-        ))
-        .await?;
-    assert_eq!(
-        (status.as_u16(), answer["entities"].clone()),
-        (200, json!(1))
-    );
-    fake.wait_for(
-        Duration::from_secs(10),
-        "d1 after its replay",
-        delivered("d1"),
-    )
-    .await?;
-    assert_eq!(dead_ids().await?, BTreeSet::from(["d2".to_owned()]));
-
-    // Replaying all counts and sends the other, which the system never acknowledged.
-    let (status, answer) = server.json(replay(json!({"all": true}))).await?;
-    assert_eq!(
-        (status.as_u16(), answer["entities"].clone()),
-        (200, json!(2))
-    );
-    fake.wait_for(
-        Duration::from_secs(10),
-        "d2 after replaying all",
-        delivered("d2"),
-    )
-    .await?;
-    settle(&server, "scheduler").await?;
-    assert!(dead_ids().await?.is_empty());
+            1,
+            "d1",
+            vec!["d2"],
+        ),
+        (json!({"all": true}), 2, "d2", vec![]),
+    ] {
+        let (status, answer) = server.json(replay(body)).await?;
+        assert_eq!(
+            (status.as_u16(), answer["entities"].clone()),
+            (200, json!(count))
+        );
+        fake.wait_for(Duration::from_secs(10), sent, delivered(sent))
+            .await?;
+        settle(&server, "scheduler").await?;
+        let still_dead: BTreeSet<String> = still_dead.into_iter().map(str::to_owned).collect();
+        assert_eq!(dead_ids().await?, still_dead);
+    }
     let received = fake.received();
     for id in ["d1", "d2"] {
         let keys: BTreeSet<&str> = received

@@ -115,6 +115,19 @@ fn first_wait(schedule: &[Duration]) -> u64 {
     })
 }
 
+/// The writes that drop `entity`'s dead delta and plan its delta afresh against `shadow`, for
+/// one atomic write: a crash cannot drop the dead letter without its replacement.
+pub(crate) fn replan_dead(
+    handle: &ConnectorHandle,
+    entity: &EntityKey,
+    shadow: &Shadow,
+) -> Result<Vec<RecordWrite>> {
+    let mut writes = vec![handle.records.delete_attempt(entity)];
+    // A later write to the same key wins within one batch.
+    writes.extend(plan_with(handle, entity, None, shadow)?);
+    Ok(writes)
+}
+
 /// [`plan`] against a given outbox entry and shadow (those about to be written, when a delivery
 /// outcome and the next plan go to disk in one write).
 pub(crate) fn plan_with(

@@ -453,12 +453,9 @@ impl Connectors {
             {
                 return Err(Error::NoDeadLetter(entity.to_string()));
             }
-            // The dead delta was never acknowledged; recompute from the entity as it is now, in
-            // the same write that drops the dead one.
+            // The dead delta was never acknowledged; recompute from the entity as it is now.
             let shadow = handle.records.shadow(&entity)?;
-            let mut writes = vec![handle.records.delete_attempt(&entity)];
-            // A later write to the same key wins within one batch.
-            writes.extend(delivery::plan_with(&handle, &entity, None, &shadow)?);
+            let writes = delivery::replan_dead(&handle, &entity, &shadow)?;
             handle.records.write(writes)?;
             handle.rescan_and_wake();
             Ok(())
@@ -479,12 +476,6 @@ impl Connectors {
             let records = &handle.records;
             let _state_locked = handle.lock_state();
             let mut state = records.state()?;
-            let dead: std::collections::BTreeSet<EntityKey> = records
-                .attempts()?
-                .into_iter()
-                .filter(|(_, attempt)| attempt.dead.is_some())
-                .map(|(entity, _)| entity)
-                .collect();
             let entities: Vec<EntityKey> = match &replay {
                 Replay::Entity(entity) => {
                     check_kind(&handle, entity)?;
@@ -495,7 +486,13 @@ impl Connectors {
                     // Dead letters of entities the system never acknowledged have no shadow.
                     let mut all: std::collections::BTreeSet<EntityKey> =
                         records.shadowed_entities()?.into_iter().collect();
-                    all.extend(dead.iter().cloned());
+                    all.extend(
+                        records
+                            .attempts()?
+                            .into_iter()
+                            .filter(|(_, attempt)| attempt.dead.is_some())
+                            .map(|(entity, _)| entity),
+                    );
                     all.into_iter().collect()
                 }
                 Replay::SinceSeq(since) => {
@@ -524,18 +521,17 @@ impl Connectors {
             for entity in &entities {
                 let forgotten = records.forgotten_shadow(entity)?;
                 writes.push(records.put_shadow(entity, &forgotten));
-                let attempt = records.attempt(entity)?;
-                let is_dead = attempt.as_ref().is_some_and(|a| a.dead.is_some());
                 // A dead letter is planned afresh here (planning alone leaves a delta dead at
                 // its version where it is), and so is the one entity asked for; the rest are
                 // planned by the worker, from the cursor.
-                if is_dead || matches!(replay, Replay::Entity(_)) {
-                    let existing = if is_dead { None } else { attempt };
-                    let planned = delivery::plan_with(&handle, entity, existing, &forgotten)?;
-                    if is_dead && planned.is_empty() {
-                        writes.push(records.delete_attempt(entity));
+                match records.attempt(entity)? {
+                    Some(attempt) if attempt.dead.is_some() => {
+                        writes.extend(delivery::replan_dead(&handle, entity, &forgotten)?);
                     }
-                    writes.extend(planned);
+                    attempt if matches!(replay, Replay::Entity(_)) => {
+                        writes.extend(delivery::plan_with(&handle, entity, attempt, &forgotten)?);
+                    }
+                    _ => {}
                 }
             }
             writes.push(records.put_state(&state));

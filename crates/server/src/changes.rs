@@ -26,7 +26,7 @@ use store::{FeedRow, Kind, Seq};
 use tokio::sync::watch;
 
 use crate::api_error::ApiError;
-use crate::extract::ApiQuery;
+use crate::extract::{media_type, ApiQuery};
 use crate::state::AppState;
 
 /// Rows per JSON-lines response when `limit` is not given.
@@ -95,22 +95,13 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|media| {
-            let mut parts = media.split(';');
-            let is_event_stream = parts
-                .next()
-                .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("text/event-stream"));
-            // `q=0` says "not this one" (RFC 9110, 12.4.2).
-            is_event_stream && !parts.any(refuses)
+            let (essence, mut parameters) = media_type(media);
+            // A quality of zero (`q=0`, `q=0.000`) says "not this one" (RFC 9110, 12.4.2).
+            essence.eq_ignore_ascii_case("text/event-stream")
+                && !parameters.any(|(name, value)| {
+                    name.eq_ignore_ascii_case("q") && value.parse::<f64>() == Ok(0.0)
+                })
         })
-}
-
-/// Whether a media-range parameter is a quality of zero (`q=0`, `q=0.0`, `q=0.000`).
-fn refuses(parameter: &str) -> bool {
-    parameter
-        .split_once('=')
-        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
-        .and_then(|(_, value)| value.trim().parse::<f64>().ok())
-        .is_some_and(|quality| quality == 0.0)
 }
 
 fn last_event_id(headers: &HeaderMap) -> Result<Option<Seq>, ApiError> {

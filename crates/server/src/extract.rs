@@ -68,6 +68,19 @@ impl FromRequest<AppState> for RawJsonBody {
     }
 }
 
+/// A media type or range (`application/json; charset=utf-8`, `text/event-stream;q=0`): its
+/// essence, trimmed, and its parameters as trimmed `(name, value)` pairs, a value's quotes
+/// taken off.
+pub(crate) fn media_type(value: &str) -> (&str, impl Iterator<Item = (&str, &str)>) {
+    let mut parts = value.split(';');
+    let essence = parts.next().unwrap_or_default().trim();
+    let parameters = parts.map(|parameter| {
+        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+        (name.trim(), value.trim().trim_matches('"'))
+    });
+    (essence, parameters)
+}
+
 /// A JSON media type, in UTF-8 (JSON's only encoding: RFC 8259), and a body that is not
 /// compressed or otherwise encoded, since nothing here decodes one.
 fn check_json_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -78,8 +91,8 @@ fn check_json_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
             "the request has no Content-Type; {expected}"
         )));
     };
-    let mut parts = value.to_str().unwrap_or_default().split(';');
-    let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let (essence, parameters) = media_type(value.to_str().unwrap_or_default());
+    let essence = essence.to_ascii_lowercase();
     let is_json = essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"));
     if !is_json {
@@ -87,12 +100,10 @@ fn check_json_media_type(headers: &HeaderMap) -> Result<(), ApiError> {
             "Content-Type {essence:?} is not JSON; {expected}"
         )));
     }
-    for parameter in parts {
-        let (name, value) = parameter.split_once('=').unwrap_or((parameter, ""));
-        if !name.trim().eq_ignore_ascii_case("charset") {
+    for (name, charset) in parameters {
+        if !name.eq_ignore_ascii_case("charset") {
             continue;
         }
-        let charset = value.trim().trim_matches('"');
         if !charset.eq_ignore_ascii_case("utf-8") && !charset.eq_ignore_ascii_case("utf8") {
             return Err(ApiError::UnsupportedMediaType(format!(
                 "charset {charset:?} is not UTF-8; JSON bodies are UTF-8 (send charset=utf-8, or no charset)"

@@ -803,10 +803,7 @@ pub(crate) fn creates_deeper_than(doc: &Automerge, changes: &[Change], limit: us
     let mut depths: HashMap<legacy::OpId, usize> = HashMap::new();
     for change in changes {
         let expanded = change.decode();
-        for (index, op) in expanded.operations.iter().enumerate() {
-            if !matches!(op.action, legacy::OpType::Make(_)) {
-                continue;
-            }
+        for (id, op, _) in made_objects(&expanded) {
             let parent_depth = match &op.obj {
                 legacy::ObjectId::Root => 0,
                 legacy::ObjectId::Id(parent) => *depths
@@ -816,14 +813,31 @@ pub(crate) fn creates_deeper_than(doc: &Automerge, changes: &[Change], limit: us
             if parent_depth + 1 > limit {
                 return true;
             }
-            let id = legacy::OpId(
-                expanded.start_op.get() + index as u64,
-                expanded.actor_id.clone(),
-            );
             depths.insert(id, parent_depth + 1);
         }
     }
     false
+}
+
+/// The objects a decoded change makes: each make operation with the id the object goes by.
+fn made_objects(
+    change: &legacy::Change,
+) -> impl Iterator<Item = (legacy::OpId, &legacy::Op, ObjType)> + '_ {
+    change
+        .operations
+        .iter()
+        .enumerate()
+        .filter_map(move |(index, op)| match op.action {
+            legacy::OpType::Make(kind) => Some((
+                legacy::OpId(
+                    change.start_op.get() + index as u64,
+                    change.actor_id.clone(),
+                ),
+                op,
+                kind,
+            )),
+            _ => None,
+        })
 }
 
 /// How deep an object from an earlier change is: the length of its path when it was created.
@@ -910,19 +924,13 @@ pub(crate) fn fields_of_changes(changes: &[Change]) -> Vec<Vec<String>> {
     let expanded: Vec<legacy::Change> = changes.iter().map(Change::decode).collect();
     let mut places = Places::default();
     for change in &expanded {
-        for (index, op) in change.operations.iter().enumerate() {
-            if let legacy::OpType::Make(kind) = op.action {
-                let id = legacy::OpId(
-                    change.start_op.get() + index as u64,
-                    change.actor_id.clone(),
-                );
-                let key = match &op.key {
-                    legacy::Key::Map(key) => Some(key.to_string()),
-                    legacy::Key::Seq(_) => None,
-                };
-                let sequence = matches!(kind, ObjType::List | ObjType::Text);
-                places.made.insert(id, (op.obj.clone(), key, sequence));
-            }
+        for (id, op, kind) in made_objects(change) {
+            let key = match &op.key {
+                legacy::Key::Map(key) => Some(key.to_string()),
+                legacy::Key::Seq(_) => None,
+            };
+            let sequence = matches!(kind, ObjType::List | ObjType::Text);
+            places.made.insert(id, (op.obj.clone(), key, sequence));
         }
     }
     let own: Vec<BTreeSet<String>> = expanded

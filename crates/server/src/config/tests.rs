@@ -13,6 +13,14 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The configuration from the defaults and these environment variables alone.
+fn load_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::load(ConfigSources {
+        env: env(pairs),
+        ..ConfigSources::default()
+    })
+}
+
 fn load_toml(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
     let dir = tempfile::tempdir().expect("a temporary directory can be created");
     let file = dir.path().join("lockstep.toml");
@@ -129,44 +137,31 @@ fn flags_override_the_environment() {
 
 #[test]
 fn an_unknown_lockstep_variable_is_an_error_that_names_it() {
-    let error = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_MAX_BODY", "10")]),
-        ..ConfigSources::default()
-    })
-    .expect_err("LOCKSTEP_MAX_BODY is not a setting");
+    let error =
+        load_env(&[("LOCKSTEP_MAX_BODY", "10")]).expect_err("LOCKSTEP_MAX_BODY is not a setting");
     assert!(error.to_string().contains("LOCKSTEP_MAX_BODY"), "{error}");
 }
 
 #[test]
 fn tooling_variables_are_ignored() {
-    Config::load(ConfigSources {
-        env: env(&[
-            ("LOCKSTEP_PROPTEST_CASES", "2000"),
-            ("LOCKSTEP_BENCH_SECONDS", "5"),
-        ]),
-        ..ConfigSources::default()
-    })
+    load_env(&[
+        ("LOCKSTEP_PROPTEST_CASES", "2000"),
+        ("LOCKSTEP_BENCH_SECONDS", "5"),
+    ])
     .expect("tooling variables are not settings and not errors");
 }
 
 #[test]
 fn bad_values_name_their_key_or_variable() {
     for raw in ["lots", "+5", "5.0", "1_000", "", "-"] {
-        let error = Config::load(ConfigSources {
-            env: env(&[("LOCKSTEP_MAX_BODY_BYTES", raw)]),
-            ..ConfigSources::default()
-        })
-        .expect_err("not a number");
+        let error = load_env(&[("LOCKSTEP_MAX_BODY_BYTES", raw)]).expect_err("not a number");
         assert!(
             error.to_string().contains("LOCKSTEP_MAX_BODY_BYTES"),
             "{raw:?}: {error}"
         );
     }
-    let loaded = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_MAX_BODY_BYTES", " 2048 ")]),
-        ..ConfigSources::default()
-    })
-    .expect("a whole number, spaces around it");
+    let loaded = load_env(&[("LOCKSTEP_MAX_BODY_BYTES", " 2048 ")])
+        .expect("a whole number, spaces around it");
     assert_eq!(loaded.limits.max_body_bytes, 2048);
 
     let error =
@@ -191,11 +186,7 @@ fn bad_values_name_their_key_or_variable() {
         ("LOCKSTEP_SYNC_MODE", "always", "store.sync_mode"),
         ("LOCKSTEP_REQUEST_TIMEOUT", "soon", "limits.request_timeout"),
     ] {
-        let error = Config::load(ConfigSources {
-            env: env(&[(variable, raw)]),
-            ..ConfigSources::default()
-        })
-        .expect_err("out of range");
+        let error = load_env(&[(variable, raw)]).expect_err("out of range");
         let text = error.to_string();
         assert!(text.contains(key) && text.contains(variable), "{text}");
     }
@@ -224,35 +215,22 @@ fn bad_values_name_their_key_or_variable() {
 
 #[test]
 fn token_names_and_secrets_are_checked_without_revealing_secrets() {
-    let error = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_AUTH_TOKENS", "alice:write:same,bob:read:same")]),
-        ..ConfigSources::default()
-    })
-    .expect_err("two names share a token");
+    let error = load_env(&[("LOCKSTEP_AUTH_TOKENS", "alice:write:same,bob:read:same")])
+        .expect_err("two names share a token");
     assert!(!error.to_string().contains("same"), "{error}");
 
-    let error = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_AUTH_TOKENS", "al ice:write:t1")]),
-        ..ConfigSources::default()
-    })
-    .expect_err("a name with a space");
+    let error =
+        load_env(&[("LOCKSTEP_AUTH_TOKENS", "al ice:write:t1")]).expect_err("a name with a space");
     assert!(error.to_string().contains("al ice"), "{error}");
 
-    let error = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_AUTH_TOKENS", "alice-only-secret")]),
-        ..ConfigSources::default()
-    })
-    .expect_err("not name:role:token");
+    let error = load_env(&[("LOCKSTEP_AUTH_TOKENS", "alice-only-secret")])
+        .expect_err("not name:role:token");
     assert!(!error.to_string().contains("alice-only-secret"), "{error}");
 }
 
 #[test]
 fn secrets_do_not_show_in_debug_output() {
-    let config = Config::load(ConfigSources {
-        env: env(&[("LOCKSTEP_AUTH_TOKENS", "alice:write:hunter2")]),
-        ..ConfigSources::default()
-    })
-    .expect("valid");
+    let config = load_env(&[("LOCKSTEP_AUTH_TOKENS", "alice:write:hunter2")]).expect("valid");
     let debug = format!("{config:?}");
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(debug.contains("***"), "{debug}");
@@ -274,11 +252,8 @@ fn a_token_of_the_wrong_type_is_refused_without_echoing_it() {
 fn an_empty_token_variable_is_refused_rather_than_opening_the_api() {
     // Blank, or only separators (a template whose variables were unset).
     for raw in ["  ", ",", " , ,"] {
-        let error = Config::load(ConfigSources {
-            env: env(&[("LOCKSTEP_AUTH_TOKENS", raw)]),
-            ..ConfigSources::default()
-        })
-        .expect_err("an empty token list from the environment");
+        let error = load_env(&[("LOCKSTEP_AUTH_TOKENS", raw)])
+            .expect_err("an empty token list from the environment");
         assert!(
             error.to_string().contains("LOCKSTEP_AUTH_TOKENS"),
             "{raw:?}: {error}"

@@ -84,17 +84,49 @@ fn two_stores_converge_through_the_sync_protocol() {
     assert_eq!(a.get(&only_b).expect("read"), b.get(&only_b).expect("read"));
 }
 
+/// A store holding one entity, for hostile input to leave alone.
+struct Target {
+    _dir: tempfile::TempDir,
+    store: Store,
+    key: EntityKey,
+    before: Option<crate::store::Entity>,
+}
+
+impl Target {
+    fn open() -> Self {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = open(&dir);
+        let key = EntityKey::new("appointment", "1").expect("valid");
+        store
+            .patch(&key, &json!({"date": "2026-12-01"}), &alice())
+            .expect("write");
+        let before = store.get(&key).expect("read");
+        Self {
+            _dir: dir,
+            store,
+            key,
+            before,
+        }
+    }
+
+    /// The entity is as it was, and the store still takes writes.
+    fn is_unchanged_and_writable(&self) {
+        assert_eq!(self.store.get(&self.key).expect("read"), self.before);
+        self.store
+            .patch(&self.key, &json!({"room": "1"}), &alice())
+            .expect("still writable");
+    }
+}
+
+fn evil() -> Origin {
+    Origin::parse("peer:evil").expect("valid")
+}
+
 #[test]
 fn hostile_sync_messages_are_errors_and_change_nothing() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = open(&dir);
-    let key = EntityKey::new("appointment", "1").expect("valid");
-    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
-    store
-        .patch(&key, &json!({"date": "2026-12-01"}), &options)
-        .expect("write");
-    let before = store.get(&key).expect("read");
-    let peer = Origin::parse("peer:evil").expect("valid");
+    let target = Target::open();
+    let (store, key) = (&target.store, &target.key);
+    let peer = evil();
     let fixture = include_bytes!("../../tests/fuzz-crashers/automerge-0.12.0-load-panic.bin");
     let mut garbage: Vec<Vec<u8>> = vec![Vec::new(), vec![0x42], vec![0x42; 64], fixture.to_vec()];
     let mut prefixed = vec![0x42];
@@ -102,64 +134,51 @@ fn hostile_sync_messages_are_errors_and_change_nothing() {
     garbage.push(prefixed);
     for bytes in garbage {
         let mut state = SyncState::default();
-        let result = store.receive_sync_message(&key, &mut state, &bytes, &peer);
+        let result = store.receive_sync_message(key, &mut state, &bytes, &peer);
         assert!(
             matches!(result, Err(Error::Decode(_))),
             "{bytes:?} gave {result:?}"
         );
     }
-    assert_eq!(store.get(&key).expect("read"), before);
-    store
-        .patch(&key, &json!({"room": "1"}), &options)
-        .expect("still writable");
+    target.is_unchanged_and_writable();
 }
 
 #[test]
 fn a_bloom_filter_without_bits_is_an_error_when_the_reply_is_built() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = open(&dir);
-    let key = EntityKey::new("appointment", "1").expect("valid");
-    let options = WriteOptions::new(Origin::local("alice").expect("valid"));
-    store
-        .patch(&key, &json!({"date": "2026-12-01"}), &options)
-        .expect("write");
-    let before = store.get(&key).expect("read");
+    let target = Target::open();
+    let (store, key) = (&target.store, &target.key);
     // A version 1 sync message: no heads, no needs, one `have` whose Bloom filter claims one
     // entry at zero bits per entry (seven probes), no changes. It decodes and is received;
     // Automerge 0.12 then divides by zero building the reply.
     let message = [0x42, 0, 0, 1, 0, 3, 1, 0, 7, 0];
-    let peer = Origin::parse("peer:evil").expect("valid");
     let mut state = SyncState::default();
     store
-        .receive_sync_message(&key, &mut state, &message, &peer)
+        .receive_sync_message(key, &mut state, &message, &evil())
         .expect("received");
-    let reply = store.generate_sync_message(&key, &mut state);
+    let reply = store.generate_sync_message(key, &mut state);
     assert!(matches!(reply, Err(Error::Decode(_))), "{reply:?}");
     // The bad state is gone, the entity is as it was and the store still serves.
-    assert!(store.generate_sync_message(&key, &mut state).is_ok());
-    assert_eq!(store.get(&key).expect("read"), before);
-    store
-        .patch(&key, &json!({"room": "1"}), &options)
-        .expect("still writable");
+    assert!(store.generate_sync_message(key, &mut state).is_ok());
+    target.is_unchanged_and_writable();
 }
 
 #[test]
 fn a_sync_message_whose_changes_inflate_too_far_is_refused_unread() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = open(&dir);
-    let key = EntityKey::new("appointment", "1").expect("valid");
+    let target = Target::open();
     let bomb = include_bytes!("../../tests/fuzz-crashers/compressed-change-inflating-to-96MiB.bin");
     // A version 1 sync message: no heads, needs or haves, and the bomb as its one change.
     let mut message = vec![0x42, 0, 0, 0, 1];
     crate::inflation::tests::uleb(bomb.len() as u64, &mut message);
     message.extend_from_slice(bomb);
-    let peer = Origin::parse("peer:evil").expect("valid");
     let mut state = SyncState::default();
-    match store.receive_sync_message(&key, &mut state, &message, &peer) {
+    match target
+        .store
+        .receive_sync_message(&target.key, &mut state, &message, &evil())
+    {
         Err(Error::Decode(detail)) => assert!(detail.contains("inflate"), "{detail}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(store.get(&key).expect("read"), None);
+    target.is_unchanged_and_writable();
 }
 
 #[test]
