@@ -34,9 +34,37 @@ pub(crate) const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
 /// How long a close frame may take to go out before the socket is dropped anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// The most messages read from the peer while sending, before reading waits for them to be
-/// handled. A peer sends only a few frames before it needs an answer; this bounds the rest.
-const INBOX_LIMIT: usize = 16;
+/// How much is read from the peer while sending, before reading waits for it to be handled.
+/// A peer sends only a few frames before it needs an answer; this bounds the rest, in messages
+/// and in bytes, so a peer's big frames hold at most about two frames' worth of memory here.
+const INBOX_LIMIT: InboxLimit = InboxLimit {
+    messages: 16,
+    bytes: MAX_FRAME_BYTES,
+};
+
+/// A bound on what [`send`] reads into the inbox: it reads on while both are below.
+#[derive(Clone, Copy)]
+struct InboxLimit {
+    messages: usize,
+    bytes: usize,
+}
+
+impl InboxLimit {
+    /// Whether another message may be read into `inbox`: nothing is read after the end of the
+    /// stream or an error (the loop reports those), nor once the inbox is full.
+    fn admits(self, inbox: &Inbox) -> bool {
+        let bytes: usize = inbox
+            .iter()
+            .map(|message| match message {
+                Some(Ok(message)) => message.len(),
+                _ => 0,
+            })
+            .sum();
+        inbox.len() < self.messages
+            && bytes < self.bytes
+            && !matches!(inbox.back(), Some(None | Some(Err(_))))
+    }
+}
 
 /// What the socket gave while this side was sending, in order; `None` is the end of the stream.
 type Inbox = VecDeque<Option<std::result::Result<Message, tungstenite::Error>>>;
@@ -251,14 +279,27 @@ async fn send<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    send_within(sink, stream, inbox, message, timeout, INBOX_LIMIT).await
+}
+
+/// [`send`], reading at most `limit` into the inbox.
+async fn send_within<S>(
+    sink: &mut Sink<S>,
+    stream: &mut Stream<S>,
+    inbox: &mut Inbox,
+    message: Message,
+    timeout: Duration,
+    limit: InboxLimit,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let sending = sink.send(message);
     tokio::pin!(sending);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     loop {
-        // Nothing more is read after the end of the stream or an error: the loop reports those.
-        let readable =
-            inbox.len() < INBOX_LIMIT && !matches!(inbox.back(), Some(None | Some(Err(_))));
+        let readable = limit.admits(inbox);
         tokio::select! {
             sent = &mut sending => return sent.map_err(Error::from),
             received = stream.next(), if readable => inbox.push_back(received),
@@ -308,6 +349,38 @@ mod tests {
             WebSocketStream::from_raw_socket(a, Role::Client, config).await,
             WebSocketStream::from_raw_socket(b, Role::Server, config).await,
         )
+    }
+
+    /// How many of three 64 KiB messages from a peer that never reads end up in the inbox
+    /// while this side tries to send it 1 MiB, reading within `limit`.
+    async fn read_while_stuck(limit: InboxLimit) -> usize {
+        let (a, b) = pair().await;
+        let (mut b_sink, _b_stream) = b.split();
+        let peer = tokio::spawn(async move {
+            for fill in 0..3 {
+                b_sink.send(Message::binary(vec![fill; 64 * 1024])).await?;
+            }
+            Ok::<_, tungstenite::Error>(b_sink)
+        });
+        let (mut sink, mut stream) = a.split();
+        let mut inbox = Inbox::new();
+        let big = Message::binary(vec![9; 1024 * 1024]);
+        let timeout = Duration::from_millis(500);
+        let sent = send_within(&mut sink, &mut stream, &mut inbox, big, timeout, limit).await;
+        assert!(matches!(sent, Err(Error::Idle(_))), "{sent:?}");
+        peer.abort();
+        inbox.len()
+    }
+
+    #[tokio::test]
+    async fn reading_while_sending_stops_at_the_inbox_byte_bound() {
+        let bytes = |bytes| InboxLimit {
+            messages: 16,
+            bytes,
+        };
+        assert_eq!(read_while_stuck(bytes(64 * 1024)).await, 1);
+        assert_eq!(read_while_stuck(bytes(100 * 1024)).await, 2);
+        assert_eq!(read_while_stuck(bytes(MAX_FRAME_BYTES)).await, 3);
     }
 
     #[tokio::test]
