@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use connectors::WebhookSecret;
 use lockstep_tests::bench::{
-    closed_loop, env_number, ms, release_binary, sled_baseline, summarize, Figures, Server,
+    closed_loop, env_number, ms, release_binary, summarize, Baselines, Figures, Server,
 };
 use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
 use serde_json::{json, Value};
@@ -159,8 +159,7 @@ async fn main() -> Result<()> {
     let seconds = env_number("LOCKSTEP_BENCH_SECONDS", 5);
     let binary = release_binary()?;
 
-    println!("measuring: raw sled insert+flush baseline ({seconds} s, 8 threads)");
-    let baseline = tokio::task::spawn_blocking(move || sled_baseline(seconds)).await??;
+    let baselines = Baselines::measure(seconds).await?;
     let server = Server::start(&binary, &connector(None)).await?;
     webhook_load(&server.base, 8, 1).await?;
     println!("measuring: signed webhooks, 1 connection ({seconds} s)");
@@ -172,26 +171,10 @@ async fn main() -> Result<()> {
     let (outbound, delivered) = outbound_latency(&binary, 1000, seconds).await?;
 
     println!();
-    println!("| measurement | ops/s | p50 | p99 | vs baseline |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| baseline: raw sled insert+flush, 8 threads | {:.0} | {} | {} | 1.00x |",
-        baseline.ops_per_sec,
-        ms(baseline.p50),
-        ms(baseline.p99)
-    );
-    for (name, figures) in [
+    baselines.print_table(&[
         ("signed webhook ingest, 1 connection", &single),
         ("signed webhook ingest, 64 connections", &many),
-    ] {
-        println!(
-            "| {name} | {:.0} | {} | {} | {:.2}x |",
-            figures.ops_per_sec,
-            ms(figures.p50),
-            ms(figures.p99),
-            figures.ops_per_sec / baseline.ops_per_sec
-        );
-    }
+    ]);
     println!();
     println!("| outbound, local edit to receiver | edits | deltas received | p50 | p99 |");
     println!("|---|---|---|---|---|");

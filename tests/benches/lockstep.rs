@@ -16,8 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use lockstep_tests::bench::{
-    closed_loop, env_number, ms, release_binary, sled_baseline, ten_fields, CpuSample, Figures,
-    Server,
+    closed_loop, env_number, release_binary, ten_fields, Baselines, CpuSample, Figures, Server,
 };
 use rand::{Rng, SeedableRng};
 
@@ -152,8 +151,8 @@ async fn main() -> Result<()> {
     let entities = env_number("LOCKSTEP_BENCH_ENTITIES", 100_000);
     let binary = release_binary()?;
 
-    println!("measuring: raw sled insert+flush baseline ({seconds} s, 8 threads)");
-    let baseline = tokio::task::spawn_blocking(move || sled_baseline(seconds)).await??;
+    let baselines = Baselines::measure(seconds).await?;
+    let baseline = &baselines.eight;
 
     let server = Server::start(&binary, "").await?;
     // Warm up: connections, the page cache, the first entities.
@@ -185,15 +184,7 @@ async fn main() -> Result<()> {
     let (stored, saved, on_disk) = tokio::task::spawn_blocking(|| disk_usage(1000)).await??;
 
     println!();
-    println!("| measurement | ops/s | p50 | p99 | vs baseline |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| baseline: raw sled insert+flush, 8 threads | {:.0} | {} | {} | 1.00x |",
-        baseline.ops_per_sec,
-        ms(baseline.p50),
-        ms(baseline.p99)
-    );
-    for (name, figures) in [
+    baselines.print_table(&[
         (
             "durable PATCH, 1 connection (updates of 1,000 entities)",
             &single,
@@ -206,15 +197,7 @@ async fn main() -> Result<()> {
             "durable PATCH, 64 connections, each updating 16 entities",
             &updates,
         ),
-    ] {
-        println!(
-            "| {name} | {:.0} | {} | {} | {:.2}x |",
-            figures.ops_per_sec,
-            ms(figures.p50),
-            ms(figures.p99),
-            figures.ops_per_sec / baseline.ops_per_sec
-        );
-    }
+    ]);
     println!();
     println!(
         "| where the CPU went (64 connections) | server CPU per write | client CPU per request | machine busy | writes/s with every core busy | vs baseline |"

@@ -47,10 +47,12 @@ pub fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Figures {
     }
 }
 
-/// The baseline: 8 threads, each inserting a 200-byte value and calling `flush()` per insert.
+/// The raw sled baseline: `threads` threads, each inserting a 200-byte value and flushing, one
+/// after another, for `seconds`.
+///
 /// # Errors
 /// When sled fails.
-pub fn sled_baseline(seconds: u64) -> Result<Figures> {
+pub fn sled_baseline(seconds: u64, threads: usize) -> Result<Figures> {
     let dir = tempfile::tempdir()?;
     let db = sled::Config::new()
         .path(dir.path())
@@ -58,7 +60,7 @@ pub fn sled_baseline(seconds: u64) -> Result<Figures> {
         .open()?;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let threads: Vec<_> = (0..8)
+    let threads: Vec<_> = (0..threads)
         .map(|thread| {
             let db = db.clone();
             std::thread::spawn(move || -> Result<Vec<Duration>> {
@@ -81,6 +83,50 @@ pub fn sled_baseline(seconds: u64) -> Result<Figures> {
         latencies.extend(thread.join().expect("a baseline thread panicked")?);
     }
     Ok(summarize(latencies, started.elapsed()))
+}
+
+/// The two baselines every throughput figure is set against, measured in the same run: the
+/// issues' target baseline of 8 threads, and 1 thread, the like of a single connection (whose
+/// requests each wait for their own flush, so it can only be as fast as one flushing thread).
+pub struct Baselines {
+    /// 8 threads of insert+flush.
+    pub eight: Figures,
+    /// 1 thread of insert+flush.
+    pub one: Figures,
+}
+
+impl Baselines {
+    /// Measures both, `seconds` each, printing what it measures.
+    ///
+    /// # Errors
+    /// When sled fails.
+    pub async fn measure(seconds: u64) -> Result<Self> {
+        println!("measuring: raw sled insert+flush baselines ({seconds} s, 8 threads, then 1)");
+        let eight = tokio::task::spawn_blocking(move || sled_baseline(seconds, 8)).await??;
+        let one = tokio::task::spawn_blocking(move || sled_baseline(seconds, 1)).await??;
+        Ok(Self { eight, one })
+    }
+
+    /// Prints the throughput table: both baselines, then `rows`, each with its rate against
+    /// the 8-thread baseline (the target's) and the 1-thread one.
+    pub fn print_table(&self, rows: &[(&str, &Figures)]) {
+        println!("| measurement | ops/s | p50 | p99 | vs baseline (8 threads) | vs 1 thread |");
+        println!("|---|---|---|---|---|---|");
+        let baselines = [
+            ("baseline: raw sled insert+flush, 8 threads", &self.eight),
+            ("raw sled insert+flush, 1 thread", &self.one),
+        ];
+        for (name, figures) in baselines.iter().chain(rows) {
+            println!(
+                "| {name} | {:.0} | {} | {} | {:.2}x | {:.2}x |",
+                figures.ops_per_sec,
+                ms(figures.p50),
+                ms(figures.p99),
+                figures.ops_per_sec / self.eight.ops_per_sec,
+                figures.ops_per_sec / self.one.ops_per_sec
+            );
+        }
+    }
 }
 
 fn workspace_root() -> PathBuf {
