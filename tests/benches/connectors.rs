@@ -14,7 +14,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use connectors::WebhookSecret;
 use lockstep_tests::bench::{
-    closed_loop, env_number, ms, release_binary, summarize, Baselines, Figures, Server,
+    closed_loop, env_number, ms, print_cpu_table, release_binary, summarize, Baselines, CpuSample,
+    Figures, Server,
 };
 use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
 use serde_json::{json, Value};
@@ -165,7 +166,9 @@ async fn main() -> Result<()> {
     println!("measuring: signed webhooks, 1 connection ({seconds} s)");
     let single = webhook_load(&server.base, 1, seconds).await?;
     println!("measuring: signed webhooks, 64 connections ({seconds} s)");
+    let before = CpuSample::take(&server)?;
     let many = webhook_load(&server.base, 64, seconds).await?;
+    let many_cpu = CpuSample::take(&server)?.since(&before);
     drop(server);
     println!("measuring: outbound latency at 1,000 edits/s ({seconds} s)");
     let (outbound, delivered) = outbound_latency(&binary, 1000, seconds).await?;
@@ -175,6 +178,8 @@ async fn main() -> Result<()> {
         ("signed webhook ingest, 1 connection", &single),
         ("signed webhook ingest, 64 connections", &many),
     ]);
+    println!();
+    print_cpu_table(&baselines, &[("webhooks", &many, &many_cpu)]);
     println!();
     println!("| outbound, local edit to receiver | edits | deltas received | p50 | p99 |");
     println!("|---|---|---|---|---|");

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use lockstep_tests::bench::{
-    closed_loop, env_number, release_binary, ten_fields, Baselines, CpuSample, Figures, Server,
+    closed_loop, env_number, print_cpu_table, release_binary, ten_fields, Baselines, CpuSample,
+    Figures, Server,
 };
 use rand::{Rng, SeedableRng};
 
@@ -152,7 +153,6 @@ async fn main() -> Result<()> {
     let binary = release_binary()?;
 
     let baselines = Baselines::measure(seconds).await?;
-    let baseline = &baselines.eight;
 
     let server = Server::start(&binary, "").await?;
     // Warm up: connections, the page cache, the first entities.
@@ -199,27 +199,13 @@ async fn main() -> Result<()> {
         ),
     ]);
     println!();
-    println!(
-        "| where the CPU went (64 connections) | server CPU per write | client CPU per request | machine busy | writes/s with every core busy | vs baseline |"
+    print_cpu_table(
+        &baselines,
+        &[
+            ("creations", &many, &many_cpu),
+            ("updates", &updates, &updates_cpu),
+        ],
     );
-    println!("|---|---|---|---|---|---|");
-    for (name, figures, cpu) in [
-        ("creations", &many, &many_cpu),
-        ("updates", &updates, &updates_cpu),
-    ] {
-        let per_op = |cores: f64| cores / figures.ops_per_sec * 1e6;
-        // What the server and this client spend per write, spread over every core: the most
-        // writes a second this machine could do with this code, if nothing else ran.
-        let ceiling = cpu.cores / ((cpu.server_cores + cpu.client_cores) / figures.ops_per_sec);
-        println!(
-            "| {name} | {:.0} µs | {:.0} µs | {:.0}% of {:.0} cores | {ceiling:.0} | {:.2}x |",
-            per_op(cpu.server_cores),
-            per_op(cpu.client_cores),
-            100.0 * cpu.machine_cores / cpu.cores,
-            cpu.cores,
-            ceiling / baseline.ops_per_sec
-        );
-    }
     println!();
     println!("| memory | MiB |");
     println!("|---|---|");

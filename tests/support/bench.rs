@@ -249,6 +249,7 @@ pub fn status_mib(pid: u32, field: &str) -> Result<f64> {
 pub struct CpuSample {
     at: Instant,
     server: f64,
+    writer: f64,
     client: f64,
     machine_busy: f64,
     cpus: f64,
@@ -259,6 +260,8 @@ pub struct CpuSample {
 pub struct CpuUse {
     /// The server's CPU time, in cores (1.0 = one core busy all the time).
     pub server_cores: f64,
+    /// The CPU time of the server's store writer thread(s), in cores.
+    pub writer_cores: f64,
     /// This benchmark process's CPU time (the client), in cores.
     pub client_cores: f64,
     /// The whole machine's busy time, in cores, everything included.
@@ -278,6 +281,7 @@ impl CpuSample {
         Ok(Self {
             at: Instant::now(),
             server: process_cpu_seconds(&format!("/proc/{pid}/stat"))?,
+            writer: writer_cpu_seconds(pid)?,
             client: process_cpu_seconds("/proc/self/stat")?,
             machine_busy,
             cpus,
@@ -289,10 +293,36 @@ impl CpuSample {
         let wall = (self.at - earlier.at).as_secs_f64().max(1e-9);
         CpuUse {
             server_cores: (self.server - earlier.server) / wall,
+            writer_cores: (self.writer - earlier.writer) / wall,
             client_cores: (self.client - earlier.client) / wall,
             machine_cores: (self.machine_busy - earlier.machine_busy) / wall,
             cores: self.cpus,
         }
+    }
+}
+
+/// Prints where the CPU went during each phase of `rows`: the server's and this client's CPU per
+/// request, how busy the store's writer thread and the machine were, and the requests a second
+/// the same work would give with every core busy, against the 8-thread baseline.
+pub fn print_cpu_table(baselines: &Baselines, rows: &[(&str, &Figures, &CpuUse)]) {
+    println!(
+        "| where the CPU went (64 connections) | server CPU per request | client CPU per request | writer thread busy | machine busy | requests/s with every core busy | vs baseline |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, figures, cpu) in rows {
+        let per_op = |cores: f64| cores / figures.ops_per_sec * 1e6;
+        // What the server and this client spend per request, spread over every core: the most
+        // requests a second this machine could serve with this code, if nothing else ran.
+        let ceiling = cpu.cores / ((cpu.server_cores + cpu.client_cores) / figures.ops_per_sec);
+        println!(
+            "| {name} | {:.0} µs | {:.0} µs | {:.0}% of a core | {:.0}% of {:.0} cores | {ceiling:.0} | {:.2}x |",
+            per_op(cpu.server_cores),
+            per_op(cpu.client_cores),
+            100.0 * cpu.writer_cores,
+            100.0 * cpu.machine_cores / cpu.cores,
+            cpu.cores,
+            ceiling / baselines.eight.ops_per_sec
+        );
     }
 }
 
@@ -317,6 +347,22 @@ fn process_cpu_seconds(path: &str) -> Result<f64> {
             .parse::<f64>()?)
     };
     Ok((ticks(11)? + ticks(12)?) / USER_HZ)
+}
+
+/// User plus system CPU seconds of the threads of process `pid` named `lockstep-writer`.
+fn writer_cpu_seconds(pid: u32) -> Result<f64> {
+    let mut seconds = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        // A thread that ended between the listing and the read counts for nothing.
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
+        };
+        if name.trim_end() == "lockstep-writer" {
+            seconds += process_cpu_seconds(&task.join("stat").to_string_lossy())?;
+        }
+    }
+    Ok(seconds)
 }
 
 /// The CPU seconds the whole machine has spent busy (anything but idle and waiting for IO), and
