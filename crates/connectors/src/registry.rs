@@ -20,6 +20,9 @@ use crate::inbound::now_ms;
 use crate::locks::{KeyedGuard, KeyedLocks};
 use crate::state::{Attempt, Records};
 
+#[cfg(test)]
+mod tests;
+
 /// A monotonically increasing counter for metrics.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);

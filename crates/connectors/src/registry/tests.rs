@@ -1,0 +1,76 @@
+//! Admin operations that read and write the connector's state record do so under its lock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use store::{Edit, Origin, StoreConfig, WriteOptions, WriteRequest};
+
+use super::*;
+use crate::config::{validate_all, ConnectorConfig};
+
+fn scheduler() -> Vec<Connector> {
+    #[derive(Deserialize)]
+    struct File {
+        connectors: Vec<ConnectorConfig>,
+    }
+    // Nothing listens on port 9 and no worker runs: only the admin operations act here.
+    let text = r#"
+[[connectors]]
+name = "scheduler"
+kind = "appointment"
+id_field = "apptId"
+url = "http://127.0.0.1:9/sync"
+[connectors.fields]
+scheduledDate = "date"
+"#;
+    let configs = toml::from_str::<File>(text).expect("parses").connectors;
+    validate_all(&configs, &BTreeMap::new()).expect("valid")
+}
+
+/// A replay reads the state record (for its cursor), works out the entities, and writes the
+/// state back; a pause that lands in between must not be undone by that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_during_a_replay_is_kept() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = Store::open(StoreConfig::new(dir.path())).expect("the store opens");
+    let origin = Origin::parse("local:test").expect("an origin");
+    // Enough entities that a replay of the whole feed takes a while to work out.
+    for chunk in 0..12 {
+        let requests: Vec<WriteRequest> = (0..256)
+            .map(|n| WriteRequest {
+                key: EntityKey::new("appointment", format!("a{chunk}-{n}")).expect("a key"),
+                edit: Edit::MergePatch(json!({"date": "2026-12-01"})),
+                options: WriteOptions::new(origin.clone()),
+            })
+            .collect();
+        let outcomes = store.write_many(&requests).expect("written").wait();
+        for outcome in outcomes.expect("durable") {
+            outcome.expect("each write succeeds");
+        }
+    }
+    let connectors = Connectors::new(store.clone(), scheduler());
+    for round in 0..20u64 {
+        connectors.resume("scheduler").await.expect("resumed");
+        let replaying = connectors.clone();
+        let replay = tokio::spawn(async move {
+            replaying
+                .replay("scheduler", Replay::SinceSeq(Seq::ZERO))
+                .await
+        });
+        // Pauses at different moments of the replay, from before it starts to well into it.
+        tokio::time::sleep(Duration::from_micros(round * 500)).await;
+        let paused = connectors.pause("scheduler").await.expect("paused");
+        assert_eq!(paused.state, "paused", "round {round}");
+        assert_eq!(
+            replay.await.expect("the replay task").expect("replayed"),
+            3072
+        );
+        let status = connectors.status("scheduler").await.expect("a status");
+        assert_eq!(
+            status.state, "paused",
+            "the replay undid the pause in round {round}"
+        );
+    }
+}
