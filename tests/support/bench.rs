@@ -144,7 +144,12 @@ fn workspace_root() -> PathBuf {
 pub fn release_binary() -> Result<PathBuf> {
     // A binary built elsewhere (another checkout, for an A/B comparison) is run as it is.
     if let Some(binary) = std::env::var_os("LOCKSTEP_BENCH_BINARY") {
-        let binary = PathBuf::from(binary);
+        let mut binary = PathBuf::from(binary);
+        // `cargo bench` runs this in the package's directory; a relative path is taken from
+        // the workspace root, where the command is usually typed.
+        if binary.is_relative() {
+            binary = workspace_root().join(binary);
+        }
         ensure!(
             binary.is_file(),
             "LOCKSTEP_BENCH_BINARY names {}, which is not a file",
