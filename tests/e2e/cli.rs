@@ -1,7 +1,7 @@
 //! The `lockstep` binary's own failures: one line on stderr that names the cause, exit status 1,
 //! and nothing opened.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lockstep_tests::sites::release_binary;
 
 #[tokio::test]
@@ -46,5 +46,53 @@ async fn an_admin_command_that_cannot_reach_the_server_says_so_in_one_line() -> 
         stderr.starts_with("error: calling http://127.0.0.1:1/v1/connectors: "),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// A server whose stderr is a pipe that nobody reads any more (a log collector that died) goes
+/// on serving, and still shuts down on SIGTERM with status 0: a log line it cannot write is
+/// dropped, never a panic.
+#[tokio::test]
+async fn a_server_whose_log_reader_went_away_serves_and_shuts_down() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+
+    let dir = tempfile::tempdir()?;
+    let mut child = tokio::process::Command::new(release_binary()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        // A line per request, so every request below writes to the broken pipe.
+        .env("RUST_LOG", "info,server=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr is piped")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let address = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some((_, address)) = line.split_once("listening on ") {
+                return Ok(address.trim().to_string());
+            }
+        }
+        anyhow::bail!("the server ended before it listened")
+    })
+    .await??;
+    // The reader goes away: from now on every write to stderr fails with a broken pipe.
+    drop(lines);
+    let client = reqwest::Client::new();
+    for n in 0..20 {
+        let response = client
+            .patch(format!("http://{address}/v1/entities/note/n{n}"))
+            .header("content-type", "application/merge-patch+json")
+            .body(r#"{"text": "still here"}"#)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 201, "write {n}");
+    }
+    let pid = child.id().context("the server is running")?;
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid)?).context("a process id")?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait()).await??;
+    assert_eq!(status.code(), Some(0), "{status}");
     Ok(())
 }

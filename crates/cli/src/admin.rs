@@ -62,7 +62,7 @@ pub(crate) enum ConnectorCommand {
         /// One entity, as KIND/ID.
         #[arg(long, conflicts_with = "all")]
         entity: Option<String>,
-        /// Every entity of the connector's kind.
+        /// Every entity the system was sent or sent us, and every dead letter.
         #[arg(long)]
         all: bool,
     },

@@ -24,7 +24,7 @@ mod admin;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,7 +39,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Lockstep: entities as CRDT documents, kept in lock-step with every system that holds a copy.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "lockstep", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -82,7 +82,8 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // Nothing more can be done when stderr itself is gone.
+            let _ = writeln!(std::io::stderr(), "error: {error:#}");
             ExitCode::FAILURE
         }
     }
@@ -96,10 +97,9 @@ fn run(cli: Cli) -> Result<()> {
             let runtime = request_runtime(config.request_threads_nice)?;
             runtime.block_on(serve(config))
         }
-        Command::DefaultConfig => {
-            print!("{}", server::DEFAULT_TOML);
-            Ok(())
-        }
+        Command::DefaultConfig => std::io::stdout()
+            .write_all(server::DEFAULT_TOML.as_bytes())
+            .context("writing the configuration to stdout"),
         Command::Connectors { remote, command } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(admin::run(remote, command))
@@ -115,6 +115,10 @@ fn init_tracing() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (stderr is a pipe whose reader went away) is
+        // dropped. Reporting it would print to stderr with `eprintln!`, which panics when stderr
+        // is broken: a thread that was logging died, and the server could no longer shut down.
+        .log_internal_errors(false)
         .init();
     Ok(())
 }
