@@ -135,6 +135,14 @@ async fn issue_4_two_sites_replicate_both_ways_continuously_and_resume_after_a_r
     // Cut: south stops; north keeps writing; south resumes from its stored cursor.
     let cursor_before = at_south["cursor"].as_u64().context("a cursor")?;
     let south_dir = south.stop().await?;
+    // A peer that shut down cleanly said so in its close frame: that is no error of the link.
+    let at_north = poll_until("north to see south gone", || async {
+        let status = peer_status(&north, "south").await?;
+        Ok((status["connected"] == false).then_some(status))
+    })
+    .await?;
+    assert_eq!(at_north["errors"], 0, "{at_north}");
+    assert_eq!(at_north["last_error"], Value::Null, "{at_north}");
     for index in 0..20 {
         north
             .patch(

@@ -53,6 +53,10 @@ pub enum Error {
     /// The peer closed the connection.
     #[error("the peer closed the connection{}", reason_suffix(.0))]
     Closed(String),
+    /// The peer closed the connection because it is shutting down: the link ends, but no
+    /// error is counted.
+    #[error("the peer is shutting down")]
+    PeerShutDown,
     /// Nothing arrived from the peer for this long (not even a pong).
     #[error("no word from the peer for {0:?}")]
     Idle(Duration),

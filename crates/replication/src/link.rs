@@ -187,6 +187,11 @@ where
                         let frame = Frame::decode(&bytes)?;
                         step(&mut session, move |session| session.accept(frame)).await?
                     }
+                    // A peer going away (it shuts down) says so with this code; that ends
+                    // the link, but is no error of it.
+                    Some(Ok(Message::Close(Some(frame)))) if frame.code == CloseCode::Away => {
+                        return Err(Error::PeerShutDown)
+                    }
                     Some(Ok(Message::Close(frame))) => {
                         return Err(Error::Closed(
                             frame.map(|frame| frame.reason.to_string()).unwrap_or_default(),

@@ -257,6 +257,9 @@ impl Replication {
     fn report(&self, state: &PeerState, outcome: Result<()>) {
         match outcome {
             Ok(()) => tracing::info!("replication link closed for shutdown"),
+            Err(Error::PeerShutDown) => {
+                tracing::info!("replication link closed by the peer, which is shutting down")
+            }
             Err(error) => {
                 let chain = cause_chain(&error);
                 tracing::warn!(error = %chain, "replication link ended");
