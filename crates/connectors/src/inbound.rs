@@ -95,41 +95,13 @@ impl Connectors {
         request: WebhookRequest<'_>,
     ) -> Result<WebhookOutcome> {
         let handle = self.handle(name)?;
-        let secret = handle
-            .connector
-            .webhook_secret
-            .as_ref()
-            .ok_or_else(|| Error::InboundDisabled(name.to_string()))?;
-        let id = request
-            .id
-            .filter(|id| !id.is_empty())
-            .ok_or(SignatureError::MissingHeader("webhook-id"))?;
-        let timestamp = request
-            .timestamp
-            .ok_or(SignatureError::MissingHeader("webhook-timestamp"))?;
-        let signature = request
-            .signature
-            .ok_or(SignatureError::MissingHeader("webhook-signature"))?;
-        let now_seconds = (now_ms() / 1000) as i64;
-        let verified = secret.verify(
-            id,
-            timestamp,
-            signature,
-            request.body,
-            now_seconds,
-            handle.connector.timestamp_tolerance.as_secs(),
-        );
-        if let Err(error) = verified {
-            handle.counters.webhooks_rejected.inc();
-            return Err(error.into());
-        }
-        let body: Json = serde_json::from_slice(request.body).map_err(|error| {
-            handle.counters.webhooks_rejected.inc();
-            Error::InvalidJson(error.to_string())
-        })?;
-        let Json::Object(body) = body else {
-            handle.counters.webhooks_rejected.inc();
-            return Err(Error::NotAnObject);
+        let checked = check(&handle, &request);
+        let (id, body) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                handle.counters.webhooks_rejected.inc();
+                return Err(error);
+            }
         };
         let body_sha256 = sha256_hex(request.body);
         // Once started, a webhook runs to its end on a task of its own, even if its request is
@@ -160,6 +132,45 @@ impl Connectors {
         })
         .await?
     }
+}
+
+/// Checks a webhook before anything is read or written: the connector takes webhooks, the
+/// headers are there, the signature is valid and current, and the body is a JSON object.
+/// Returns the webhook id and the body.
+fn check<'a>(
+    handle: &ConnectorHandle,
+    request: &WebhookRequest<'a>,
+) -> Result<(&'a str, Map<String, Json>)> {
+    let secret = handle
+        .connector
+        .webhook_secret
+        .as_ref()
+        .ok_or_else(|| Error::InboundDisabled(handle.connector.name.clone()))?;
+    let id = request
+        .id
+        .filter(|id| !id.is_empty())
+        .ok_or(SignatureError::MissingHeader("webhook-id"))?;
+    let timestamp = request
+        .timestamp
+        .ok_or(SignatureError::MissingHeader("webhook-timestamp"))?;
+    let signature = request
+        .signature
+        .ok_or(SignatureError::MissingHeader("webhook-signature"))?;
+    let now_seconds = (now_ms() / 1000) as i64;
+    secret.verify(
+        id,
+        timestamp,
+        signature,
+        request.body,
+        now_seconds,
+        handle.connector.timestamp_tolerance.as_secs(),
+    )?;
+    let body: Json = serde_json::from_slice(request.body)
+        .map_err(|error| Error::InvalidJson(error.to_string()))?;
+    let Json::Object(body) = body else {
+        return Err(Error::NotAnObject);
+    };
+    Ok((id, body))
 }
 
 /// Runs with the webhook id's lock held, on the webhook's own task. It reads small records on
