@@ -135,7 +135,14 @@ where
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(value)| ApiQuery(value))
-            .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))
+            .map_err(|rejection| {
+                // axum says "Failed to deserialize query string: " before what serde found.
+                let text = rejection.body_text();
+                let found = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&text);
+                ApiError::bad_request("invalid_query", format!("bad query parameter: {found}"))
+            })
     }
 }
 
@@ -160,12 +167,25 @@ where
 
 /// The query of a route that takes none: any parameter is an `invalid_query` error rather than
 /// silently ignored (a misspelt or misplaced `?at=` on a write, say).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NoParameters {}
+pub(crate) struct NoQuery;
 
-/// Refuses any query parameter; see [`NoParameters`].
-pub(crate) type NoQuery = ApiQuery<NoParameters>;
+impl<S: Send + Sync> FromRequestParts<S> for NoQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        match parts.uri.query().filter(|query| !query.is_empty()) {
+            None => Ok(Self),
+            Some(query) => {
+                let name = query.split(['=', '&']).next().unwrap_or_default();
+                let name: String = name.chars().take(40).collect();
+                Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("this route takes no query parameters; `{name}` was given"),
+                ))
+            }
+        }
+    }
+}
 
 /// The `{kind}/{id}` of an entity route, validated.
 pub(crate) struct EntityPath(pub(crate) EntityKey);
