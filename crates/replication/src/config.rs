@@ -249,6 +249,11 @@ fn endpoint_of(base: &str) -> Result<String, String> {
     if rest.is_empty() || rest.starts_with('/') {
         return Err(format!("{base:?} has no host"));
     }
+    // A path is kept as a prefix of the endpoint (a proxy that serves the site under one); a
+    // query or fragment would end up in the middle of the endpoint's URL.
+    if rest.contains(['?', '#']) {
+        return Err(format!("{base:?} may not have a query or a fragment"));
+    }
     let endpoint = format!("ws://{rest}{ENDPOINT_PATH}");
     endpoint
         .as_str()

@@ -35,11 +35,16 @@ fn valid_peers_get_their_websocket_endpoint() {
         &[
             peer("south", "http://127.0.0.1:7878"),
             peer("east", "ws://east.example:80/"),
+            peer("west", "http://proxy.example:8080/west/"),
         ],
     )
     .expect("valid");
     assert_eq!(peers[0].endpoint, "ws://127.0.0.1:7878/v1/replication");
     assert_eq!(peers[1].endpoint, "ws://east.example:80/v1/replication");
+    assert_eq!(
+        peers[2].endpoint,
+        "ws://proxy.example:8080/west/v1/replication"
+    );
     assert_eq!(format!("{:?}", peers[0].token), "***");
 }
 
@@ -59,6 +64,16 @@ fn each_mistake_names_its_key() {
         (settings(), vec![peer("a", "ftp://a:1")], "peers[a].url"),
         (settings(), vec![peer("a", "https://a:1")], "peers[a].url"),
         (settings(), vec![peer("a", "http://")], "peers[a].url"),
+        (
+            settings(),
+            vec![peer("a", "http://a:1/?x=1")],
+            "peers[a].url",
+        ),
+        (
+            settings(),
+            vec![peer("a", "http://a:1#top")],
+            "peers[a].url",
+        ),
         (
             ReplicationSettings {
                 batch_entities: 0,
