@@ -96,3 +96,52 @@ async fn a_server_whose_log_reader_went_away_serves_and_shuts_down() -> Result<(
     assert_eq!(status.code(), Some(0), "{status}");
     Ok(())
 }
+
+/// A second server on a data directory that a running one holds says so in one line, exits 1,
+/// and never announces an address: "listening on" means the store is open and requests are
+/// served, so a script that waits for it is not misled.
+#[tokio::test]
+async fn a_second_server_on_a_held_data_directory_fails_without_announcing_an_address() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let serve = |data: &std::path::Path| {
+        let mut command = tokio::process::Command::new(release_binary().expect("built"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .kill_on_drop(true);
+        command
+    };
+    let mut first = serve(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = first.stderr.take().context("stderr is piped")?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("listening on ") {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the first server ended before it listened")
+    })
+    .await??;
+    let second =
+        tokio::time::timeout(std::time::Duration::from_secs(30), serve(&data).output()).await??;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("could not open the store in ") && errors[0].contains("lock"),
+        "{stderr}"
+    );
+    first.kill().await?;
+    Ok(())
+}

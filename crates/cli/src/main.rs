@@ -3,8 +3,9 @@
 //! binds the listen address, and runs `server::run` until SIGINT or SIGTERM, then shuts down
 //! gracefully and exits 0.
 //!
-//! Logs go to stderr; `RUST_LOG` filters them (default `info`). Once bound, `serve` logs, at info
-//! level with target `lockstep`, a line that ends with `listening on <ip>:<port>`, with the real
+//! Logs go to stderr; `RUST_LOG` filters them (default `info`). Once the store is open and the
+//! server takes requests, `serve` logs, at info level with target `lockstep` (see
+//! `server::run_with_store`), a line that ends with `listening on <ip>:<port>`, with the real
 //! bound address (so `--listen 127.0.0.1:0` reports the port it got), for example:
 //!
 //! ```text
@@ -176,8 +177,6 @@ async fn serve(config: Config) -> Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let address = listener.local_addr().context("reading the bound address")?;
-    tracing::info!("listening on {address}");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

@@ -165,6 +165,15 @@ pub async fn run_with_store(
         config: config.clone(),
     });
     let app = routes::app(state);
+    // Said only now that requests are served: a process that cannot open its store (another
+    // one holds it) must not have announced an address first. Scripts and tests wait for this
+    // line, under the binary's target, and read the port from it.
+    match listener.local_addr() {
+        Ok(address) => tracing::info!(target: "lockstep", "listening on {address}"),
+        Err(error) => {
+            tracing::warn!(target: "lockstep", %error, "listening on an address that cannot be read")
+        }
+    }
     connection::accept(listener, app, &config.limits, &shutdown, &force, &tasks).await;
 
     tracing::info!("shutting down: finishing in-flight requests");
