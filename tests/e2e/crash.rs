@@ -35,10 +35,17 @@ async fn start(binary: &Path, data_dir: &Path) -> Result<Process> {
 }
 
 async fn start_with(binary: &Path, data_dir: &Path, extra: &[&str]) -> Result<Process> {
-    let mut child = Command::new(binary)
+    let mut command = Command::new(binary);
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
-        .args(extra)
+        .args(extra);
+    spawn(command).await
+}
+
+/// Starts `command` (a `lockstep serve`, perhaps through a shell) and waits until it listens.
+async fn spawn(mut command: Command) -> Result<Process> {
+    let mut child = command
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -526,5 +533,94 @@ jitter = 0.0
     let status: Value = serde_json::from_slice(&output.stdout)?;
     assert_eq!(status["name"], "scheduler");
     assert_eq!(status["entities_pending"], 0, "{status}");
+    Ok(())
+}
+
+/// A server whose disk fills up (here: its files may not grow past 2 MiB) refuses writes from
+/// the first failed flush on, with 503 `unavailable`, and keeps answering reads. Nothing it
+/// acknowledged is lost: restarted with room again, every acknowledged write is there, and it
+/// takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_writes_and_loses_no_acknowledged_one() -> Result<()> {
+    let binary = release_binary()?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    // `ulimit -f 4096` (blocks of 512 bytes in a POSIX shell) makes a write past 2 MiB fail
+    // (EFBIG) as a full disk would (ENOSPC); the signal that would otherwise kill the process
+    // for it is ignored, which `exec` keeps.
+    let mut limited = Command::new("sh");
+    limited
+        .arg("-c")
+        .arg(r#"ulimit -f 4096 && trap '' XFSZ && exec "$0" serve --listen 127.0.0.1:0 --data-dir "$1""#)
+        .arg(&binary)
+        .arg(&data);
+    let server = spawn(limited).await?;
+    let client = reqwest::Client::new();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut refused = None;
+    for n in 0..2_000u64 {
+        // Random text, which neither Automerge nor sled can compress.
+        let text: String = (0..16_000)
+            .map(|_| char::from(rng.gen_range(b'a'..=b'z')))
+            .collect();
+        let id = format!("d{n}");
+        let response = client
+            .put(format!("{}/v1/entities/doc/{id}", server.base))
+            .header("content-type", "application/json")
+            .body(json!({"text": text, "n": n}).to_string())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await?;
+        if response.status().is_success() {
+            acked.push((id, n));
+        } else {
+            refused = Some((response.status().as_u16(), response.json::<Value>().await?));
+            break;
+        }
+    }
+    let (status, body) = refused.context("2 MiB never filled up")?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "unavailable", "{body}");
+    assert!(
+        acked.len() > 10,
+        "only {} writes before the disk was full",
+        acked.len()
+    );
+    // Later writes are refused too, /readyz says so, and reads go on.
+    let again = client
+        .patch(format!("{}/v1/entities/doc/d0", server.base))
+        .header("content-type", "application/json")
+        .body(r#"{"more": 1}"#)
+        .send()
+        .await?;
+    assert_eq!(again.status(), 503);
+    let ready = client.get(format!("{}/readyz", server.base)).send().await?;
+    assert_eq!(ready.status(), 503);
+    let read = client
+        .get(format!("{}/v1/entities/doc/d0", server.base))
+        .send()
+        .await?;
+    assert_eq!(read.status(), 200);
+    let mut child = server.child;
+    child.kill().await?;
+
+    let server = start(&binary, &data).await?;
+    for (id, n) in &acked {
+        let response = client
+            .get(format!("{}/v1/entities/doc/{id}", server.base))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200, "acknowledged {id} is missing");
+        let entity: Value = response.json().await?;
+        assert_eq!(entity["data"]["n"], *n, "{id}");
+    }
+    let after = client
+        .patch(format!("{}/v1/entities/doc/after", server.base))
+        .header("content-type", "application/json")
+        .body(r#"{"room": true}"#)
+        .send()
+        .await?;
+    assert_eq!(after.status(), 201);
     Ok(())
 }

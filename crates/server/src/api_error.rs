@@ -233,7 +233,9 @@ impl IntoResponse for ApiError {
                 tracing::error!(status = status.as_u16(), error = %CauseChain(&self), "request failed");
                 match status {
                     StatusCode::SERVICE_UNAVAILABLE => {
-                        "the store is not accepting requests; retry shortly"
+                        "the store is not taking writes: the server is shutting down, or a \
+                         flush failed (a full disk, say; see the server's log) and the server \
+                         must be restarted"
                     }
                     _ => "an internal error occurred; it has been logged",
                 }
