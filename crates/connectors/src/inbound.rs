@@ -82,6 +82,14 @@ fn compare_marks(a: &Json, b: &Json) -> Option<Ordering> {
 }
 
 impl Connectors {
+    /// Counts a webhook for the connector `name` that was refused before it could be handled
+    /// (its body too large or not JSON); nothing for an unknown connector.
+    pub fn count_rejected_webhook(&self, name: &str) {
+        if let Ok(handle) = self.handle(name) {
+            handle.counters.webhooks_rejected.inc();
+        }
+    }
+
     /// Handles one inbound webhook for the connector `name`.
     ///
     /// # Errors

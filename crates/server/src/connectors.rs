@@ -48,8 +48,12 @@ async fn receive_webhook(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
-    RawJsonBody(body): RawJsonBody,
+    body: Result<RawJsonBody, ApiError>,
 ) -> Result<Response, ApiError> {
+    // A body refused for its size or media type is a refused webhook of this connector too.
+    let body = body
+        .inspect_err(|_| state.connectors.count_rejected_webhook(&name))?
+        .0;
     let request = WebhookRequest {
         id: header(&headers, "webhook-id"),
         timestamp: header(&headers, "webhook-timestamp"),
