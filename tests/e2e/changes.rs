@@ -167,3 +167,126 @@ async fn an_open_event_stream_does_not_hold_up_shutdown() -> Result<()> {
     );
     Ok(())
 }
+
+/// Asks for an event stream of the whole feed, whatever the answer.
+async fn try_stream(server: &TestServer) -> Result<reqwest::Response> {
+    server
+        .send(
+            server
+                .client()
+                .get(server.url("/v1/changes"))
+                .header("accept", "text/event-stream"),
+        )
+        .await
+}
+
+/// At most `limits.max_event_streams` event streams are open at once; one more gets 503
+/// `too_many_streams` with `Retry-After`, and a closed stream makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_are_capped() -> Result<()> {
+    let server = TestServer::start_with("[limits]\nmax_event_streams = 2\n").await?;
+    let first = open_stream(&server, "?since=0", None).await?;
+    let _second = open_stream(&server, "?since=0", None).await?;
+    let refused = try_stream(&server).await?;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok()),
+        Some("5")
+    );
+    let body: Value = refused.json().await?;
+    assert_eq!(body["code"], "too_many_streams", "{body}");
+    // JSON lines are not streams and stay available.
+    feed_lines(&server, "?since=0").await?;
+    drop(first);
+    lockstep_tests::poll_until("a stream's place to be free", || async {
+        let response = try_stream(&server).await?;
+        Ok((response.status() == 200).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// A client that opens an event stream and stops reading is disconnected once the server has
+/// been unable to send it anything for `limits.write_timeout`, instead of holding the connection
+/// and its buffers for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stopped_reading_is_closed_after_the_write_timeout() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = TestServer::start_with("[limits]\nwrite_timeout = \"1s\"\n").await?;
+    // A small receive buffer, so that a few hundred kilobytes of events fill what the two
+    // kernels will hold for a reader that does not read.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stalled = within("connecting", socket.connect(server.address())).await??;
+    stalled
+        .write_all(
+            b"GET /v1/changes?since=0 HTTP/1.1\r\nhost: test\r\naccept: text/event-stream\r\n\r\n",
+        )
+        .await?;
+    // Rows with many long field names, about 11 KB per event: 1,000 of them are more than the
+    // kernels buffer for a connection on loopback (4 MiB of send buffer at most, by default).
+    let fields: serde_json::Map<String, Value> = (0..200)
+        .map(|n| {
+            (
+                format!("a_rather_long_field_name_so_that_rows_are_big_{n:03}"),
+                json!(n),
+            )
+        })
+        .collect();
+    let writers: Vec<_> = (0..4)
+        .map(|writer| {
+            let client = server.client().clone();
+            let base = server.url("/v1/entities/wide");
+            let body = Value::Object(fields.clone()).to_string();
+            tokio::spawn(async move {
+                for n in 0..250 {
+                    let response = client
+                        .patch(format!("{base}/w{writer}-{n}"))
+                        .header("content-type", "application/merge-patch+json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    anyhow::ensure!(response.status() == 201, "{}", response.status());
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for writer in writers {
+        within("the writes", writer).await???;
+    }
+    // Give the timeout time to run out, then read what was buffered: the server must have
+    // closed the connection, so the reading ends instead of waiting for more events.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stalled.read_to_end(&mut received),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the stalled stream was not closed: {read:?} after {} bytes",
+        received.len()
+    );
+    let text = String::from_utf8_lossy(&received);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(
+        text.matches("event: change").count() < 1_000,
+        "every event arrived, so the client never stalled the server"
+    );
+    // The server is fine.
+    let (status, _) = server
+        .patch("/v1/entities/wide/after", &json!({"a": 1}))
+        .await?;
+    assert_eq!(status, 201);
+    Ok(())
+}

@@ -44,6 +44,8 @@ pub(crate) enum ApiError {
     Timeout(Duration),
     /// `limits.max_concurrent_requests` requests are already being handled.
     Overloaded,
+    /// `limits.max_event_streams` change feed streams are already open.
+    TooManyStreams { limit: usize },
     /// The server is shutting down.
     ShuttingDown,
     /// A bug or an environment failure outside the store (a panicked blocking task).
@@ -199,6 +201,14 @@ impl ApiError {
                 "overloaded",
                 "too many requests are in progress; retry shortly".into(),
             ),
+            Self::TooManyStreams { limit } => client(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                format!(
+                    "{limit} change feed streams are open, as many as limits.max_event_streams \
+                     allows; retry later, or read the feed as JSON lines"
+                ),
+            ),
             Self::ShuttingDown => client(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
@@ -253,6 +263,9 @@ impl IntoResponse for ApiError {
             }
             Self::Overloaded | Self::ShuttingDown | Self::Store(store::Error::Closed) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::TooManyStreams { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}
         }

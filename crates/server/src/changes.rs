@@ -23,7 +23,7 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use store::{FeedRow, Kind, Seq};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::api_error::ApiError;
 use crate::extract::{media_type, ApiQuery};
@@ -70,7 +70,15 @@ async fn changes(
             Some(seq) => seq,
             None => since,
         };
-        return Ok(Sse::new(event_stream(state, kind, since))
+        // Held by the stream until it ends: an open stream costs a feed read per flush.
+        let permit = state
+            .event_streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyStreams {
+                limit: state.config.limits.max_event_streams,
+            })?;
+        return Ok(Sse::new(event_stream(state, kind, since, permit))
             .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
             .into_response());
     }
@@ -131,6 +139,8 @@ struct Cursor {
     /// Every row up to here has been sent (or skipped by the kind filter).
     seq: Seq,
     durable: watch::Receiver<Seq>,
+    /// The stream's place among `limits.max_event_streams`, given back when it ends.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// The events after `since`, then live ones, until shutdown or a store failure.
@@ -138,12 +148,14 @@ fn event_stream(
     state: AppState,
     kind: Option<Kind>,
     since: Seq,
+    permit: OwnedSemaphorePermit,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let cursor = Cursor {
         durable: state.store.subscribe(),
         state,
         kind,
         seq: since,
+        _permit: permit,
     };
     stream::unfold(Some(cursor), |cursor| async move {
         let mut cursor = cursor?;

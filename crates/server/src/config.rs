@@ -88,6 +88,16 @@ const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
         &["limits", "shutdown_grace"],
         EnvValue::Text,
     ),
+    (
+        "LOCKSTEP_WRITE_TIMEOUT",
+        &["limits", "write_timeout"],
+        EnvValue::Text,
+    ),
+    (
+        "LOCKSTEP_MAX_EVENT_STREAMS",
+        &["limits", "max_event_streams"],
+        EnvValue::Integer,
+    ),
     ("LOCKSTEP_SITE", &["replication", "site"], EnvValue::Text),
     (
         "LOCKSTEP_AUTH_TOKENS",
@@ -191,6 +201,12 @@ pub struct Limits {
     /// How long in-flight requests may take to finish on shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a response may wait for the client to take any of it before the connection is
+    /// closed (a client that stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// How many change feed event streams may be open at once; more are refused with 503.
+    pub max_event_streams: usize,
 }
 
 /// The `[auth]` section.
@@ -453,12 +469,19 @@ impl Config {
         if self.limits.max_concurrent_requests > tokio::sync::Semaphore::MAX_PERMITS {
             return invalid("limits.max_concurrent_requests", "is too large");
         }
+        if self.limits.max_event_streams == 0 {
+            return invalid("limits.max_event_streams", "must be at least 1");
+        }
+        if self.limits.max_event_streams > tokio::sync::Semaphore::MAX_PERMITS {
+            return invalid("limits.max_event_streams", "is too large");
+        }
         for (key, duration) in [
             ("limits.request_timeout", self.limits.request_timeout),
             (
                 "limits.header_read_timeout",
                 self.limits.header_read_timeout,
             ),
+            ("limits.write_timeout", self.limits.write_timeout),
         ] {
             if duration.is_zero() {
                 return invalid(key, "must be longer than zero");

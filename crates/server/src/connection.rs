@@ -9,14 +9,25 @@
 //!
 //! On shutdown the loop stops accepting, and each connection finishes the request in progress and
 //! closes. A connection still busy when the grace period ends is dropped (`force`).
+//!
+//! Nor does hyper bound how long a response may wait for a client that stopped reading (a change
+//! feed stream whose client went quiet would hold its connection, and the kernel's buffers, for
+//! ever): [`WriteTimeout`] fails a write that has made no progress for `limits.write_timeout`,
+//! which ends the connection.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -63,7 +74,7 @@ pub(crate) async fn accept(
         let span = tracing::debug_span!("connection", %peer);
         tasks.spawn(
             serve(
-                stream,
+                WriteTimeout::new(stream, limits.write_timeout),
                 builder.clone(),
                 app.clone(),
                 shutdown.clone(),
@@ -76,14 +87,14 @@ pub(crate) async fn accept(
 }
 
 async fn serve(
-    stream: TcpStream,
+    stream: WriteTimeout<TcpStream>,
     builder: http1::Builder,
     app: Router,
     shutdown: CancellationToken,
     force: CancellationToken,
 ) {
     // Responses are small and latency matters more than packet count.
-    if let Err(error) = stream.set_nodelay(true) {
+    if let Err(error) = stream.inner.set_nodelay(true) {
         tracing::debug!(error = %error, "could not set TCP_NODELAY");
     }
     let connection = builder
@@ -117,4 +128,97 @@ fn is_per_connection(error: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::ConnectionReset
     )
+}
+
+/// A connection's byte stream whose writes fail once they have made no progress for `timeout`:
+/// a write (or flush) that the client's side cannot take starts a timer, any progress stops it,
+/// and when it runs out the pending write fails with `TimedOut`, which ends the connection. The
+/// timer's wake-up makes hyper try the write again, so the failure is noticed even when nothing
+/// else happens on the connection.
+pub(crate) struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    pub(crate) fn new(inner: S, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// Passes on what a write or flush of the inner stream gave, timing how long it has been
+    /// pending.
+    fn watch<T>(
+        &mut self,
+        polled: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing of the response for {timeout:?}"),
+            ))),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.watch(polled, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.watch(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.watch(polled, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.watch(polled, cx)
+    }
 }

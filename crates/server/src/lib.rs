@@ -160,6 +160,7 @@ pub async fn run_with_store(
         tokens: Arc::new(Tokens::new(&config.auth).map_err(Error::Auth)?),
         metrics: Arc::new(Metrics::default()),
         admission: Arc::new(Semaphore::new(config.limits.max_concurrent_requests)),
+        event_streams: Arc::new(Semaphore::new(config.limits.max_event_streams)),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
         config: config.clone(),

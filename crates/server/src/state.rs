@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// Caps concurrent `/v1` requests; see `limits`.
     pub(crate) admission: Arc<Semaphore>,
+    /// Caps open change feed event streams (`limits.max_event_streams`); see `changes`.
+    pub(crate) event_streams: Arc<Semaphore>,
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the server starts shutting down; long-lived responses end on it.
     pub(crate) shutdown: CancellationToken,

@@ -45,6 +45,8 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(config.limits.request_timeout, Duration::from_secs(30));
     assert_eq!(config.limits.header_read_timeout, Duration::from_secs(10));
     assert_eq!(config.limits.max_concurrent_requests, 512);
+    assert_eq!(config.limits.write_timeout, Duration::from_secs(60));
+    assert_eq!(config.limits.max_event_streams, 256);
     assert!(config.auth.tokens.is_empty());
 }
 
@@ -179,12 +181,28 @@ fn bad_values_name_their_key_or_variable() {
         error.to_string().contains("limits.max_concurrent_requests"),
         "{error}"
     );
+    for (text, key) in [
+        (
+            "[limits]\nmax_event_streams = 0\n",
+            "limits.max_event_streams",
+        ),
+        ("[limits]\nwrite_timeout = \"0s\"\n", "limits.write_timeout"),
+    ] {
+        let error = load_toml(text, &[]).expect_err(key);
+        assert!(error.to_string().contains(key), "{error}");
+    }
 
     // Set from the environment, the error names the variable as well as the key.
     for (variable, raw, key) in [
         ("LOCKSTEP_WRITER_THREADS", "0", "store.writer_threads"),
         ("LOCKSTEP_SYNC_MODE", "always", "store.sync_mode"),
         ("LOCKSTEP_REQUEST_TIMEOUT", "soon", "limits.request_timeout"),
+        ("LOCKSTEP_WRITE_TIMEOUT", "0s", "limits.write_timeout"),
+        (
+            "LOCKSTEP_MAX_EVENT_STREAMS",
+            "0",
+            "limits.max_event_streams",
+        ),
     ] {
         let error = load_env(&[(variable, raw)]).expect_err("out of range");
         let text = error.to_string();

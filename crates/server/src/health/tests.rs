@@ -39,6 +39,7 @@ fn state(dir: &std::path::Path) -> AppState {
         tokens: Arc::new(Tokens::new(&config.auth).expect("no tokens are configured")),
         metrics: Arc::new(Metrics::default()),
         admission: Arc::new(Semaphore::new(1)),
+        event_streams: Arc::new(Semaphore::new(1)),
         tasks: TaskTracker::new(),
         shutdown: CancellationToken::new(),
         config: Arc::new(config),
