@@ -185,6 +185,14 @@ async fn next_events(cursor: &mut Cursor) -> Option<Result<Vec<Event>, Event>> {
                 Err(_) => return None,
             },
         };
+        // A stream of one kind skips, without reading, what the flush brought of other kinds
+        // only: many idle streams would otherwise each read the feed after every flush.
+        if let Some(kind) = &cursor.kind {
+            if !cursor.state.store.may_have_rows_after(kind, cursor.seq) {
+                cursor.seq = durable;
+                continue;
+            }
+        }
         let since = cursor.seq;
         let kind = cursor.kind.clone();
         let rows = cursor

@@ -228,6 +228,8 @@ pub(crate) struct Inner {
     stripes: Vec<Mutex<()>>,
     /// The last feed sequence number handed out; held while numbering and applying one batch.
     commit: Mutex<Seq>,
+    /// The last feed row of each kind written lately (see [`KindSeqs`]).
+    kind_seqs: Mutex<KindSeqs>,
     actor: ActorId,
     config: StoreConfig,
     writes: AtomicU64,
@@ -239,6 +241,43 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // The only error is that a flush failed (already logged) or the store was closed before.
         let _ = self.durability.close();
+    }
+}
+
+/// The most kinds [`KindSeqs`] remembers; past that it forgets them all and starts again.
+const MAX_TRACKED_KINDS: usize = 4096;
+
+/// The last feed row of each kind written after `since`, so that a reader of one kind's rows
+/// can tell, without reading the feed, that none came (see [`Store::may_have_rows_after`]).
+/// Rows up to `since` are not known here: those were written before the store was opened, or
+/// before the map last outgrew [`MAX_TRACKED_KINDS`] and was emptied.
+struct KindSeqs {
+    since: Seq,
+    last: HashMap<Kind, Seq>,
+}
+
+impl KindSeqs {
+    fn after(since: Seq) -> Self {
+        Self {
+            since,
+            last: HashMap::new(),
+        }
+    }
+
+    fn record(&mut self, kind: &Kind, seq: Seq) {
+        if let Some(last) = self.last.get_mut(kind) {
+            *last = seq;
+            return;
+        }
+        if self.last.len() >= MAX_TRACKED_KINDS {
+            // Every row before this one becomes unknown.
+            *self = Self::after(Seq(seq.0 - 1));
+        }
+        self.last.insert(kind.clone(), seq);
+    }
+
+    fn may_have_rows_after(&self, kind: &Kind, after: Seq) -> bool {
+        after < self.since || self.last.get(kind).is_some_and(|last| *last > after)
     }
 }
 
@@ -279,6 +318,7 @@ impl Store {
                     records: RecordCache::new(config.cache_entries),
                     stripes,
                     commit: Mutex::new(last_seq),
+                    kind_seqs: Mutex::new(KindSeqs::after(last_seq)),
                     // A fresh actor per opening: a change that was applied but never flushed before a
                     // crash can then never collide with a different change under the same actor and seq.
                     actor: ActorId::random(),
@@ -786,6 +826,17 @@ impl Store {
             rows.push(row);
         }
         Ok(rows)
+    }
+
+    /// Whether the feed may hold rows of `kind` after `after`: `false` only when it is sure
+    /// that it holds none, so that a reader following one kind need not read the feed for
+    /// every flush of other kinds' rows.
+    pub fn may_have_rows_after(&self, kind: &Kind, after: Seq) -> bool {
+        self.inner
+            .kind_seqs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .may_have_rows_after(kind, after)
     }
 
     /// A receiver of the highest durable feed sequence number; it changes after every group flush.
@@ -1359,6 +1410,20 @@ impl Store {
             }
             self.inner.db.apply_batch(batch)?;
             *last_seq = seq;
+            {
+                // Before the rows can become durable: a reader that sees them durable must
+                // find them here.
+                let mut kinds = self
+                    .inner
+                    .kind_seqs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                for item in &staged {
+                    if let Some(seq) = item.written.seq {
+                        kinds.record(&item.key.kind, seq);
+                    }
+                }
+            }
             self.inner.durability.applied(seq);
         }
         self.inner.writes.fetch_add(rows as u64, Ordering::Relaxed);

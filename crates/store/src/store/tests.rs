@@ -363,3 +363,48 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn the_feed_knows_which_kinds_it_may_have_rows_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let kind = |name: &str| Kind::new(name).unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    {
+        let store = open(dir.path(), 8);
+        // A fresh store knows every row it has.
+        assert!(!store.may_have_rows_after(&kind("a"), Seq::ZERO));
+        let a = EntityKey::new("a", "1").unwrap();
+        let written = store.patch(&a, &json!({"n": 1}), &options).unwrap();
+        let seq = written.seq.unwrap();
+        assert!(store.may_have_rows_after(&kind("a"), Seq::ZERO));
+        assert!(!store.may_have_rows_after(&kind("a"), seq));
+        assert!(!store.may_have_rows_after(&kind("b"), Seq::ZERO));
+        store.close().unwrap();
+    }
+    // Reopened, it cannot tell for rows written before, only for rows written since.
+    let store = open(dir.path(), 8);
+    let last = store.last_seq();
+    assert!(store.may_have_rows_after(&kind("b"), Seq::ZERO));
+    assert!(!store.may_have_rows_after(&kind("b"), last));
+    let b = EntityKey::new("b", "1").unwrap();
+    store.patch(&b, &json!({"n": 1}), &options).unwrap();
+    assert!(store.may_have_rows_after(&kind("b"), last));
+    assert!(!store.may_have_rows_after(&kind("a"), last));
+}
+
+#[test]
+fn too_many_kinds_are_forgotten_and_then_read_again() {
+    let kind = |n: usize| Kind::new(format!("k{n}")).unwrap();
+    let mut kinds = KindSeqs::after(Seq::ZERO);
+    for n in 0..MAX_TRACKED_KINDS {
+        kinds.record(&kind(n), Seq(n as u64 + 1));
+    }
+    assert!(!kinds.may_have_rows_after(&kind(0), Seq(1)));
+    let next = Seq(MAX_TRACKED_KINDS as u64 + 1);
+    kinds.record(&kind(MAX_TRACKED_KINDS), next);
+    assert_eq!(kinds.last.len(), 1);
+    // Rows before the new one are unknown again, so a reader of any kind reads them.
+    assert!(kinds.may_have_rows_after(&kind(0), Seq(1)));
+    assert!(!kinds.may_have_rows_after(&kind(0), next));
+    assert!(kinds.may_have_rows_after(&kind(MAX_TRACKED_KINDS), Seq(next.0 - 1)));
+}
