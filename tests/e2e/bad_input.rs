@@ -296,13 +296,13 @@ async fn bad_query_parameters_are_400() -> Result<()> {
     }
     // The details name the parameter in plain words.
     let response = fixture.get("/v1/peers?name=north").send().await?;
-    let body: serde_json::Value = response.json().await?;
+    let body = expect_error(response, 400, "invalid_query").await?;
     assert_eq!(
         body["detail"], "this route takes no query parameters; `name` was given",
         "{body}"
     );
     let response = fixture.get("/v1/changes?since=abc").send().await?;
-    let body: serde_json::Value = response.json().await?;
+    let body = expect_error(response, 400, "invalid_query").await?;
     let detail = body["detail"].as_str().unwrap_or_default();
     assert!(detail.starts_with("bad query parameter: since: "), "{body}");
     let at = format!(

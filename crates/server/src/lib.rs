@@ -172,7 +172,7 @@ pub async fn run_with_store(
     match listener.local_addr() {
         Ok(address) => tracing::info!(target: "lockstep", "listening on {address}"),
         Err(error) => {
-            tracing::warn!(target: "lockstep", %error, "listening on an address that cannot be read")
+            tracing::warn!(target: "lockstep", %error, "serving, but the bound address cannot be read")
         }
     }
     connection::accept(listener, app, &config.limits, &shutdown, &force, &tasks).await;
