@@ -1,7 +1,8 @@
 //! The issue-2 benchmark: durable PATCH throughput and latency against a raw sled baseline,
 //! where the CPU went during the 64-connection phases (server and client CPU per write, and the
 //! throughput that CPU per write would allow with every core busy), server memory after 100,000
-//! entities, and bytes on disk per entity against Automerge's `save()`.
+//! entities, server memory with entities of long histories under the cache's byte bound, and
+//! bytes on disk per entity against Automerge's `save()`.
 //!
 //! Run with `cargo bench -p lockstep-tests --bench lockstep` (it builds the release `lockstep`
 //! binary first). Figures are ratios against a baseline measured in the same run, because this
@@ -11,13 +12,11 @@
 //! building this checkout's (to compare two builds in alternating runs on a noisy machine).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use anyhow::Result;
 use lockstep_tests::bench::{
-    closed_loop, env_number, print_cpu_table, release_binary, ten_fields, Baselines, CpuSample,
-    Figures, Server,
+    closed_loop, env_number, print_cpu_table, release_binary, send_all, ten_fields, Baselines,
+    CpuSample, Figures, Server,
 };
 use rand::{Rng, SeedableRng};
 
@@ -49,38 +48,18 @@ async fn patch_load(
 
 /// Writes `count` entities with 64 connections, reporting RSS at each quarter.
 async fn fill(server: &Server, count: u64, report: &mut Vec<(String, f64)>) -> Result<()> {
-    let next = Arc::new(AtomicU64::new(0));
     let quarter = count / 4;
     let mut written = 0;
     while written < count {
         let target = (written + quarter).min(count);
-        let tasks: Vec<_> = (0..64)
-            .map(|_| {
-                let base = server.base.clone();
-                let next = next.clone();
-                tokio::spawn(async move {
-                    let client = reqwest::Client::new();
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        if index >= target {
-                            next.fetch_sub(1, Ordering::Relaxed);
-                            return Ok::<_, anyhow::Error>(());
-                        }
-                        client
-                            .put(format!("{base}/v1/entities/memory/e{index}"))
-                            .header("content-type", "application/json")
-                            .body(ten_fields(index, 0).to_string())
-                            .send()
-                            .await?
-                            .error_for_status()?;
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await??;
-        }
-        next.store(target, Ordering::Relaxed);
+        let base = server.base.clone();
+        send_all(64, written..target, move |client, index| {
+            client
+                .put(format!("{base}/v1/entities/memory/e{index}"))
+                .header("content-type", "application/json")
+                .body(ten_fields(index, 0).to_string())
+        })
+        .await?;
         written = target;
         report.push((
             format!("RSS after writing {written} entities"),
@@ -102,6 +81,61 @@ async fn random_reads(server: &Server, entities: u64, reads: u64) -> Result<()> 
             .error_for_status()?;
     }
     Ok(())
+}
+
+/// What one run of [`long_histories`] left the server holding.
+struct HistoryMemory {
+    rss_mib: f64,
+    cached_documents: f64,
+    cached_mib: f64,
+}
+
+/// A server with `store.cache_bytes = cache_bytes` takes `entities` entities, each written
+/// `revisions` times with a new 64 KB value (Automerge keeps every one of them: about 400 KB of
+/// history per entity), by 16 connections, then reads each once more.
+async fn long_histories(
+    binary: &Path,
+    cache_bytes: u64,
+    entities: u64,
+    revisions: u64,
+) -> Result<HistoryMemory> {
+    let server = Server::start(binary, &format!("[store]\ncache_bytes = {cache_bytes}\n")).await?;
+    let base = server.base.clone();
+    send_all(16, 0..entities * revisions, move |client, write| {
+        // Round by round, so every entity's history grows while the others are written.
+        let (index, round) = (write % entities, write / entities);
+        let value = format!("{index:05}{round:03}").repeat(8 * 1024);
+        client
+            .patch(format!("{base}/v1/entities/scan/e{index}"))
+            .header("content-type", "application/merge-patch+json")
+            .body(serde_json::json!({ "scan": value }).to_string())
+    })
+    .await?;
+    let client = reqwest::Client::new();
+    for index in 0..entities {
+        client
+            .get(format!("{}/v1/entities/scan/e{index}", server.base))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let metrics = client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let gauge = |name: &str| -> Result<f64> {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("{name} in /metrics"))
+    };
+    Ok(HistoryMemory {
+        rss_mib: server.rss_mib()?,
+        cached_documents: gauge("lockstep_store_cached_documents")?,
+        cached_mib: gauge("lockstep_store_cached_document_bytes")? / (1024.0 * 1024.0),
+    })
 }
 
 fn directory_bytes(path: &Path) -> u64 {
@@ -180,6 +214,11 @@ async fn main() -> Result<()> {
     ));
     drop(server);
 
+    println!("measuring: memory with long histories (256 entities x 6 values of 64 KB)");
+    // No byte bound to speak of (the count bound, 4,096, holds every entity), then 32 MiB.
+    let unbounded = long_histories(&binary, 1 << 40, 256, 6).await?;
+    let bounded = long_histories(&binary, 32 << 20, 256, 6).await?;
+
     println!("measuring: bytes on disk (1,000 entities x 10 fields, 5 edits each, compacted)");
     let (stored, saved, on_disk) = tokio::task::spawn_blocking(|| disk_usage(1000)).await??;
 
@@ -211,6 +250,18 @@ async fn main() -> Result<()> {
     println!("|---|---|");
     for (name, mib) in &memory {
         println!("| {name} | {mib:.1} |");
+    }
+    println!();
+    println!("| 256 entities x 6 values of 64 KB, all read once more | RSS MiB | documents cached | their estimated MiB |");
+    println!("|---|---|---|---|");
+    for (name, run) in [
+        ("cache_bytes = 1 TiB (the count bound alone)", &unbounded),
+        ("cache_bytes = 32 MiB", &bounded),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.0} | {:.1} |",
+            run.rss_mib, run.cached_documents, run.cached_mib
+        );
     }
     println!();
     println!("| bytes per 10-field entity | bytes | vs automerge save() |");

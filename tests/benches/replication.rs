@@ -8,14 +8,12 @@
 //! `LOCKSTEP_BENCH_EDITS` the partition's edits (default 1,000).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
-use lockstep_tests::bench::{env_number, release_binary, status_mib, ten_fields};
+use lockstep_tests::bench::{env_number, release_binary, send_all, status_mib, ten_fields};
 use lockstep_tests::sites::{converged, free_port, site_toml, Dial, Process};
 use serde_json::{json, Map, Value};
 
@@ -64,32 +62,14 @@ fn automerge_baseline(entities: u64) -> Result<(Duration, Duration)> {
 
 /// PATCHes `count` entities' fields over `connections` connections.
 async fn fill(base: &str, first: u64, count: u64, connections: u64) -> Result<()> {
-    let next = Arc::new(AtomicU64::new(first));
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| {
-            let (base, next) = (base.to_string(), next.clone());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    if index >= first + count {
-                        return Ok::<_, anyhow::Error>(());
-                    }
-                    client
-                        .patch(format!("{base}/v1/entities/permit/p{index}"))
-                        .header("content-type", "application/merge-patch+json")
-                        .body(Value::Object(fields(index)).to_string())
-                        .send()
-                        .await?
-                        .error_for_status()?;
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    Ok(())
+    let base = base.to_string();
+    send_all(connections, first..first + count, move |client, index| {
+        client
+            .patch(format!("{base}/v1/entities/permit/p{index}"))
+            .header("content-type", "application/merge-patch+json")
+            .body(Value::Object(fields(index)).to_string())
+    })
+    .await
 }
 
 /// `count` one-field edits of existing entities, `offset` apart so two sites edit different ones.

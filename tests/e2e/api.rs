@@ -431,6 +431,7 @@ async fn health_readiness_and_metrics_answer() -> Result<()> {
         "# TYPE lockstep_store_cache_hits_total counter",
         "# TYPE lockstep_store_cache_misses_total counter",
         "# TYPE lockstep_store_cached_documents gauge",
+        "lockstep_store_cached_document_bytes 1",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }

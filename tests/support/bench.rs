@@ -457,6 +457,37 @@ where
     Ok(summarize(latencies, started.elapsed()))
 }
 
+/// Sends the requests `request(client, index)` builds for every index in `indexes`, over
+/// `connections` connections, as fast as they are answered.
+///
+/// # Errors
+/// When any request fails or answers other than 2xx.
+pub async fn send_all<F>(connections: u64, indexes: std::ops::Range<u64>, request: F) -> Result<()>
+where
+    F: Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder + Clone + Send + 'static,
+{
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(indexes.start));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (next, request, end) = (next.clone(), request.clone(), indexes.end);
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                loop {
+                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if index >= end {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    request(&client, index).send().await?.error_for_status()?;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
 /// The ten fields of benchmark entity `index` as written in round `round` (fixed, no randomness).
 pub fn ten_fields(index: u64, round: u64) -> serde_json::Value {
     let mut fields = serde_json::Map::new();

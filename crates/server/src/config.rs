@@ -29,6 +29,10 @@ const MAX_NICE: u8 = 19;
 /// The most writer threads a store may run; more only contend with each other.
 const MAX_WRITER_THREADS: usize = 64;
 
+/// The smallest `store.cache_bytes`: below it even small documents would hardly stay loaded
+/// (each weighs at least 16 KiB, see `StoreStats::cached_document_bytes`).
+const MIN_CACHE_BYTES: u64 = 1024 * 1024;
+
 /// The environment variables the server reads, each with the key it sets and how its value is typed.
 const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
     ("LOCKSTEP_LISTEN", &["listen"], EnvValue::Text),
@@ -41,6 +45,11 @@ const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
     (
         "LOCKSTEP_CACHE_ENTRIES",
         &["store", "cache_entries"],
+        EnvValue::Integer,
+    ),
+    (
+        "LOCKSTEP_CACHE_BYTES",
+        &["store", "cache_bytes"],
         EnvValue::Integer,
     ),
     (
@@ -160,6 +169,8 @@ pub struct StoreSettings {
     pub data_dir: PathBuf,
     /// How many documents to keep loaded at most.
     pub cache_entries: usize,
+    /// How much memory the loaded documents may take at most, in bytes (estimated).
+    pub cache_bytes: u64,
     /// Which failure an acknowledged write survives.
     pub sync_mode: SyncMode,
     /// Compact an entity's incremental chunks into a snapshot once it has this many.
@@ -175,6 +186,7 @@ impl StoreSettings {
     pub fn store_config(&self) -> StoreConfig {
         let mut config = StoreConfig::new(&self.data_dir);
         config.cache_entries = self.cache_entries;
+        config.cache_bytes = self.cache_bytes;
         config.sync_mode = self.sync_mode;
         config.compact_after_chunks = self.compact_after_chunks;
         config.sled_cache_bytes = self.sled_cache_bytes;
@@ -449,6 +461,12 @@ impl Config {
         }
         if self.store.cache_entries == 0 {
             return invalid("store.cache_entries", "must be at least 1");
+        }
+        if self.store.cache_bytes < MIN_CACHE_BYTES {
+            return invalid(
+                "store.cache_bytes",
+                &format!("must be at least {MIN_CACHE_BYTES} (1 MiB)"),
+            );
         }
         if self.store.compact_after_chunks == 0 {
             return invalid("store.compact_after_chunks", "must be at least 1");

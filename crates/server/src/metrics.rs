@@ -150,6 +150,12 @@ impl Metrics {
                 store.cached_documents,
             ),
             (
+                "lockstep_store_cached_document_bytes",
+                "gauge",
+                "What the documents in the cache are estimated to take in memory, in bytes.",
+                store.cached_document_bytes,
+            ),
+            (
                 "lockstep_feed_seq",
                 "gauge",
                 "The highest durable feed sequence number (the feed's length).",

@@ -14,68 +14,141 @@ use serde_json::{Map, Value as Json};
 use crate::key::EntityKey;
 use crate::layout::EntityRecord;
 
-/// An LRU map from entities to `V`, bounded by entry count: the one shape of every cache here.
+/// An LRU map from entities to `V`, bounded by entry count and by the total weight of its
+/// entries (an estimate of the memory each holds): the one shape of every cache here.
 struct Bounded<V> {
     // A std Mutex: it is held only for a map operation, never across I/O or an await.
-    entries: Mutex<LruCache<EntityKey, V>>,
+    entries: Mutex<Entries<V>>,
+    max_weight: u64,
+}
+
+struct Entries<V> {
+    map: LruCache<EntityKey, (V, u64)>,
+    weight: u64,
 }
 
 impl<V> Bounded<V> {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, max_weight: u64) -> Self {
         let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
         Self {
-            entries: Mutex::new(LruCache::new(capacity)),
+            entries: Mutex::new(Entries {
+                map: LruCache::new(capacity),
+                weight: 0,
+            }),
+            max_weight,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<EntityKey, V>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries<V>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the entry of `key` out.
-    fn take(&self, key: &EntityKey) -> Option<V> {
-        self.lock().pop(key)
+    /// Takes the entry of `key` out, with its weight.
+    fn take(&self, key: &EntityKey) -> Option<(V, u64)> {
+        let mut entries = self.lock();
+        let taken = entries.map.pop(key);
+        if let Some((_, weight)) = &taken {
+            entries.weight -= weight;
+        }
+        taken
     }
 
-    /// Puts an entry (back), evicting the least recently used one if full. The evicted entry is
-    /// dropped outside the lock: dropping a large document takes a while.
-    fn put(&self, key: EntityKey, value: V) {
-        let evicted = self.lock().push(key, value);
+    /// Puts an entry (back), evicting the least recently used ones while there are more than
+    /// the count bound or they weigh more than the weight bound. An entry that alone weighs more
+    /// than the weight bound is not kept. Evicted entries are dropped outside the lock: dropping
+    /// a large document takes a while.
+    fn put(&self, key: EntityKey, value: V, weight: u64) {
+        if weight > self.max_weight {
+            drop(self.take(&key));
+            return;
+        }
+        let mut evicted = Vec::new();
+        {
+            let mut entries = self.lock();
+            // The entry `key` had, or the least recently used one when the count bound is reached.
+            if let Some((_, (old, old_weight))) = entries.map.push(key, (value, weight)) {
+                entries.weight -= old_weight;
+                evicted.push(old);
+            }
+            entries.weight += weight;
+            while entries.weight > self.max_weight {
+                let Some((_, (old, old_weight))) = entries.map.pop_lru() else {
+                    break;
+                };
+                entries.weight -= old_weight;
+                evicted.push(old);
+            }
+        }
         drop(evicted);
     }
 
     fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
+    }
+
+    fn weight(&self) -> u64 {
+        self.lock().weight
     }
 }
 
 impl<V: Clone> Bounded<V> {
     /// A copy of the entry of `key`, which stays.
     fn get(&self, key: &EntityKey) -> Option<V> {
-        self.lock().get(key).cloned()
+        self.lock().map.get(key).map(|(value, _)| value.clone())
+    }
+}
+
+/// What a loaded document is taken to weigh in memory, from the bytes of its changes as
+/// Automerge encodes them uncompressed (`Change::raw_bytes`): its op set keeps every value ever
+/// written, overwritten ones included. For documents of 10 to 1,000 fields, 1 to 400 changes and
+/// values up to 200 KB this came to 0.66-1.25 times the memory they held with Automerge 0.12
+/// (`cargo run --release -p lockstep-store --example document_memory`).
+pub(crate) fn document_weight(history_bytes: u64) -> u64 {
+    16 * 1024 + history_bytes.saturating_add(history_bytes / 4)
+}
+
+/// A document as the cache and the writers hold it, with the bytes of its changes (see
+/// [`document_weight`]), which grow with every change committed to it.
+pub(crate) struct LoadedDoc {
+    // Boxed: an `Automerge` is 3.5 KiB, and a write moves its document in and out of the cache
+    // and through its batch several times.
+    pub(crate) doc: Box<Automerge>,
+    pub(crate) history_bytes: u64,
+}
+
+impl std::ops::Deref for LoadedDoc {
+    type Target = Automerge;
+
+    fn deref(&self) -> &Automerge {
+        &self.doc
+    }
+}
+
+impl std::ops::DerefMut for LoadedDoc {
+    fn deref_mut(&mut self) -> &mut Automerge {
+        &mut self.doc
     }
 }
 
 pub(crate) struct DocCache {
-    // Boxed: an `Automerge` is 3.5 KiB, and a write moves its document in and out of the cache
-    // and through its batch several times.
-    documents: Bounded<Box<Automerge>>,
+    documents: Bounded<LoadedDoc>,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
 }
 
 impl DocCache {
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// At most `capacity` documents, weighing at most `max_bytes` together.
+    pub(crate) fn new(capacity: usize, max_bytes: u64) -> Self {
         Self {
-            documents: Bounded::new(capacity),
+            documents: Bounded::new(capacity, max_bytes),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
     }
 
     /// Takes a document out of the cache, counting the hit or miss.
-    pub(crate) fn take(&self, key: &EntityKey) -> Option<Box<Automerge>> {
-        let taken = self.documents.take(key);
+    pub(crate) fn take(&self, key: &EntityKey) -> Option<LoadedDoc> {
+        let taken = self.documents.take(key).map(|(doc, _)| doc);
         let counter = if taken.is_some() {
             &self.hits
         } else {
@@ -85,13 +158,19 @@ impl DocCache {
         taken
     }
 
-    /// Puts a document (back) into the cache, evicting the least recently used one if full.
-    pub(crate) fn put(&self, key: EntityKey, document: Box<Automerge>) {
-        self.documents.put(key, document);
+    /// Puts a document (back) into the cache, evicting the least recently used ones if full.
+    pub(crate) fn put(&self, key: EntityKey, document: LoadedDoc) {
+        let weight = document_weight(document.history_bytes);
+        self.documents.put(key, document, weight);
     }
 
     pub(crate) fn len(&self) -> usize {
         self.documents.len()
+    }
+
+    /// What the documents held weigh together (see [`document_weight`]).
+    pub(crate) fn bytes(&self) -> u64 {
+        self.documents.weight()
     }
 }
 
@@ -114,9 +193,10 @@ pub(crate) struct CachedFields {
 }
 
 impl JsonCache {
-    pub(crate) fn new(capacity: usize) -> Self {
+    /// At most `capacity` entities' fields, weighing at most `max_bytes` together.
+    pub(crate) fn new(capacity: usize, max_bytes: u64) -> Self {
         Self {
-            entries: Bounded::new(capacity),
+            entries: Bounded::new(capacity, max_bytes),
         }
     }
 
@@ -124,12 +204,14 @@ impl JsonCache {
     pub(crate) fn take(&self, key: &EntityKey, version: &str) -> Option<CachedFields> {
         self.entries
             .take(key)
+            .map(|(cached, _)| cached)
             .filter(|cached| cached.version == version)
     }
 
     /// Remembers the fields of `key` at a version.
     pub(crate) fn put(&self, key: EntityKey, fields: CachedFields) {
-        self.entries.put(key, fields);
+        let weight = 64 + fields.version.len() as u64 + map_weight(&fields.fields);
+        self.entries.put(key, fields, weight);
     }
 }
 
@@ -144,7 +226,7 @@ pub(crate) struct RecordCache {
 impl RecordCache {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            entries: Bounded::new(capacity),
+            entries: Bounded::new(capacity, u64::MAX),
         }
     }
 
@@ -155,6 +237,26 @@ impl RecordCache {
 
     /// Remembers the record of `key` as it is on disk now.
     pub(crate) fn put(&self, key: EntityKey, record: EntityRecord) {
-        self.entries.put(key, record);
+        // A record is small and of about one size; the count bounds them.
+        self.entries.put(key, record, 1);
+    }
+}
+
+/// About what JSON fields hold in memory: each value's own bytes, what its strings hold and a
+/// map entry's share of its map.
+fn map_weight(fields: &Map<String, Json>) -> u64 {
+    fields
+        .iter()
+        .map(|(key, value)| 48 + key.len() as u64 + value_weight(value))
+        .sum()
+}
+
+fn value_weight(value: &Json) -> u64 {
+    let own = std::mem::size_of::<Json>() as u64;
+    own + match value {
+        Json::String(text) => text.len() as u64,
+        Json::Array(items) => items.iter().map(value_weight).sum(),
+        Json::Object(fields) => map_weight(fields),
+        Json::Null | Json::Bool(_) | Json::Number(_) => 0,
     }
 }

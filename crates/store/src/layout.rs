@@ -55,6 +55,12 @@ pub(crate) struct EntityRecord {
     /// a time. Records written before this field existed read as `false`.
     #[serde(default)]
     pub chain: bool,
+    /// The bytes of every change the entity has, as Automerge encodes a change uncompressed
+    /// (`Change::raw_bytes`), which is what its document weighs in the cache (see
+    /// `cache::document_weight`); `None` in records written before this field existed, for
+    /// which loading the document works it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_bytes: Option<u64>,
 }
 
 pub(crate) fn entity_key(tag: u8, key: &EntityKey) -> Vec<u8> {

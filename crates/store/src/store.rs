@@ -22,7 +22,7 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
 use crate::batch::{self, Edit, WriteRequest};
-use crate::cache::{CachedFields, DocCache, JsonCache, RecordCache};
+use crate::cache::{CachedFields, DocCache, JsonCache, LoadedDoc, RecordCache};
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
@@ -41,6 +41,10 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// How many documents to keep loaded at most.
     pub cache_entries: usize,
+    /// How much memory the loaded documents may take together, as estimated from their
+    /// changes (see [`StoreStats::cached_document_bytes`]); the JSON fields kept of recently
+    /// written entities may take a quarter of it more.
+    pub cache_bytes: u64,
     /// Which failure an acknowledged write survives.
     pub sync_mode: SyncMode,
     /// Compact an entity's incremental chunks into a snapshot once it has this many.
@@ -54,12 +58,13 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// Defaults for a store in `path`: 4,096 cached documents, `flush` durability,
+    /// Defaults for a store in `path`: 4,096 cached documents weighing 256 MiB at most, `flush` durability,
     /// compaction after 32 chunks, a 64 MiB sled cache and one writer thread.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             cache_entries: 4096,
+            cache_bytes: 256 * 1024 * 1024,
             sync_mode: SyncMode::default(),
             compact_after_chunks: 32,
             sled_cache_bytes: 64 * 1024 * 1024,
@@ -208,6 +213,10 @@ pub struct StoreStats {
     pub cache_misses: u64,
     /// Documents loaded now.
     pub cached_documents: u64,
+    /// What the loaded documents are estimated to take in memory: per document about 16 KiB
+    /// plus 1.25 times its changes' uncompressed bytes (Automerge keeps every value ever
+    /// written, overwritten ones included).
+    pub cached_document_bytes: u64,
     /// The highest durable feed sequence number.
     pub feed_seq: u64,
 }
@@ -313,8 +322,8 @@ impl Store {
                     db,
                     queue,
                     durability,
-                    cache: DocCache::new(config.cache_entries),
-                    json: JsonCache::new(config.cache_entries),
+                    cache: DocCache::new(config.cache_entries, config.cache_bytes),
+                    json: JsonCache::new(config.cache_entries, config.cache_bytes / 4),
                     records: RecordCache::new(config.cache_entries),
                     stripes,
                     commit: Mutex::new(last_seq),
@@ -613,11 +622,7 @@ impl Store {
     ///
     /// # Errors
     /// [`Error::Decode`] when the data nests objects deeper than [`crate::MAX_DEPTH`].
-    pub(crate) fn vet_incoming(
-        &self,
-        doc: Box<Automerge>,
-        before: &[ChangeHash],
-    ) -> Result<Vetted> {
+    pub(crate) fn vet_incoming(&self, doc: LoadedDoc, before: &[ChangeHash]) -> Result<Vetted> {
         // Local writes stop at MAX_DEPTH; deeper data from elsewhere would make reads of the
         // entity recurse that deep and its history cost the square of the depth.
         let changes = document::may_nest_deeper_than(&doc, document::MAX_DEPTH)
@@ -637,9 +642,13 @@ impl Store {
             // outside `catch_unwind`. They are not persisted, so they are not kept either: a sync
             // session asks for `missing` by name and for the dropped changes again (see
             // `replica`), and a merge's sender sends them again with their dependencies.
-            let doc = without_orphans(&doc, &self.inner.actor)?;
+            // What it keeps is what it had before plus what `Store::stage` counts in.
+            let doc = LoadedDoc {
+                doc: Box::new(without_orphans(&doc, &self.inner.actor)?),
+                history_bytes: doc.history_bytes,
+            };
             return Ok(Vetted {
-                doc: Box::new(doc),
+                doc,
                 changes: None,
                 missing,
             });
@@ -869,6 +878,7 @@ impl Store {
             let mut writes = Vec::new();
             let mut record = self.record_locked(&key)?.unwrap_or(record);
             write_snapshot(&self.inner.db, &key, &doc, &mut record, &mut writes)?;
+            record.history_bytes = Some(doc.history_bytes);
             let mut batch = sled::Batch::default();
             for (raw_key, value) in writes {
                 match value {
@@ -953,6 +963,7 @@ impl Store {
             cache_hits: self.inner.cache.hits.load(Ordering::Relaxed),
             cache_misses: self.inner.cache.misses.load(Ordering::Relaxed),
             cached_documents: self.inner.cache.len() as u64,
+            cached_document_bytes: self.inner.cache.bytes(),
             feed_seq: self.last_seq().0,
         }
     }
@@ -1008,16 +1019,17 @@ impl Store {
 
     /// The entity's document from the cache or disk; a new empty one when it never existed.
     /// The caller holds the entity's stripe lock.
-    pub(crate) fn load(&self, key: &EntityKey) -> Result<Box<Automerge>> {
+    pub(crate) fn load(&self, key: &EntityKey) -> Result<LoadedDoc> {
         if let Some(doc) = self.inner.cache.take(key) {
             return Ok(doc);
         }
         // The record says what there is to read: nothing at all for an entity that never
         // existed, which is every creation, and no chunk scan right after a compaction.
         let Some(record) = self.record_locked(key)? else {
-            return Ok(Box::new(
-                Automerge::new().with_actor(self.inner.actor.clone()),
-            ));
+            return Ok(LoadedDoc {
+                doc: Box::new(Automerge::new().with_actor(self.inner.actor.clone())),
+                history_bytes: 0,
+            });
         };
         let snapshot = if record.snapshot_bytes > 0 {
             self.inner
@@ -1080,7 +1092,13 @@ impl Store {
                 record.version
             )));
         }
-        Ok(Box::new(doc.with_actor(self.inner.actor.clone())))
+        let history_bytes = record
+            .history_bytes
+            .unwrap_or_else(|| history_bytes(&doc.get_changes(&[])));
+        Ok(LoadedDoc {
+            doc: Box::new(doc.with_actor(self.inner.actor.clone())),
+            history_bytes,
+        })
     }
 
     pub(crate) fn read<T>(
@@ -1174,7 +1192,7 @@ impl Store {
     }
 
     /// Returns a document that a write left unchanged to the cache (unless it never existed).
-    pub(crate) fn put_back(&self, key: &EntityKey, doc: Box<Automerge>) {
+    pub(crate) fn put_back(&self, key: &EntityKey, doc: LoadedDoc) {
         if !doc.is_empty() {
             self.inner.cache.put(key.clone(), doc);
         }
@@ -1203,7 +1221,7 @@ impl Store {
     pub(crate) fn stage(
         &self,
         key: &EntityKey,
-        doc: Box<Automerge>,
+        mut doc: LoadedDoc,
         before: &[ChangeHash],
         changes: Option<Vec<Change>>,
         existed: bool,
@@ -1292,10 +1310,13 @@ impl Store {
         // What `save_after(before)` returns, keeping the changes' hashes.
         let changes = changes.unwrap_or_else(|| doc.get_changes(before));
         let added: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
-        let mut chunk = Vec::with_capacity(changes.iter().map(|c| c.raw_bytes().len()).sum());
+        let mut chunk = Vec::with_capacity(history_bytes(&changes) as usize);
         for change in &changes {
             chunk.extend_from_slice(change.raw_bytes());
         }
+        doc.history_bytes += chunk.len() as u64;
+        debug_assert_eq!(doc.history_bytes, history_bytes(&doc.get_changes(&[])));
+        record.history_bytes = Some(doc.history_bytes);
         if record.chunks + 1 >= self.inner.config.compact_after_chunks
             || record.chunk_bytes + chunk.len() as u64 > record.snapshot_bytes.max(4096)
         {
@@ -1467,7 +1488,7 @@ pub(crate) enum AfterJson {
 /// A write worked out by [`Store::stage`] and not yet applied to sled.
 pub(crate) struct Staged {
     key: EntityKey,
-    doc: Box<Automerge>,
+    doc: LoadedDoc,
     /// The sled keys to set (`Some`) or remove (`None`), feed row aside.
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// The changes the write adds to the document.
@@ -1483,7 +1504,7 @@ pub(crate) struct Staged {
 
 /// A document that took in data from elsewhere, checked (see [`Store::vet_incoming`]).
 pub(crate) struct Vetted {
-    doc: Box<Automerge>,
+    doc: LoadedDoc,
     /// The changes it gained, when the check had to build them.
     changes: Option<Vec<Change>>,
     /// The dependencies of the changes left out because the document lacks them.
@@ -1555,6 +1576,11 @@ fn chunk_length(bytes: &[u8]) -> Option<usize> {
         }
     }
     None
+}
+
+/// The bytes of `changes` as Automerge encodes them uncompressed.
+fn history_bytes(changes: &[Change]) -> u64 {
+    changes.iter().map(|c| c.raw_bytes().len() as u64).sum()
 }
 
 /// The document's `save()` bytes, leaving out changes still waiting for their dependencies.

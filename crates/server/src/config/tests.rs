@@ -38,6 +38,7 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(config.listen.to_string(), "127.0.0.1:7878");
     assert_eq!(config.store.data_dir, Path::new("./lockstep-data"));
     assert_eq!(config.store.cache_entries, 4096);
+    assert_eq!(config.store.cache_bytes, 256 * 1024 * 1024);
     assert_eq!(config.store.sync_mode, SyncMode::Flush);
     assert_eq!(config.store.writer_threads, 1);
     assert_eq!(config.request_threads_nice, 5);
@@ -277,4 +278,21 @@ fn an_empty_token_variable_is_refused_rather_than_opening_the_api() {
             "{raw:?}: {error}"
         );
     }
+}
+
+#[test]
+fn the_cache_byte_bound_is_set_by_file_or_environment_and_has_a_floor() {
+    let config = load_toml("[store]\ncache_bytes = 2097152\n", &[]).expect("2 MiB is valid");
+    assert_eq!(config.store.store_config().cache_bytes, 2 * 1024 * 1024);
+    let config = load_toml(
+        "[store]\ncache_bytes = 2097152\n",
+        &[("LOCKSTEP_CACHE_BYTES", "8388608")],
+    )
+    .expect("8 MiB is valid");
+    assert_eq!(config.store.store_config().cache_bytes, 8 * 1024 * 1024);
+    let error = load_toml("[store]\ncache_bytes = 1000\n", &[]).expect_err("below 1 MiB");
+    assert_eq!(
+        error.to_string(),
+        "configuration key `store.cache_bytes`: must be at least 1048576 (1 MiB)"
+    );
 }

@@ -408,3 +408,80 @@ fn too_many_kinds_are_forgotten_and_then_read_again() {
     assert!(!kinds.may_have_rows_after(&kind(0), next));
     assert!(kinds.may_have_rows_after(&kind(MAX_TRACKED_KINDS), Seq(next.0 - 1)));
 }
+
+/// The bytes of every change `key`'s document has, worked out from the document itself.
+fn history_bytes_of(store: &Store, key: &EntityKey) -> u64 {
+    store
+        .read(key, |doc| Ok(history_bytes(&doc.get_changes(&[]))))
+        .unwrap()
+}
+
+#[test]
+fn the_record_counts_the_bytes_of_the_history_whatever_made_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 4);
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open(other_dir.path(), 4);
+    let key = EntityKey::new("appointment", "1").unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let check = |store: &Store| {
+        let record = store.record(&key).unwrap().unwrap();
+        assert_eq!(record.history_bytes, Some(history_bytes_of(store, &key)));
+    };
+    // Local writes, through compactions (every fourth chunk) and a delete.
+    for n in 0..10 {
+        store
+            .patch(&key, &json!({ "n": n, "site": {"code": n} }), &options)
+            .unwrap();
+        check(&store);
+    }
+    store.delete(&key, &options).unwrap();
+    check(&store);
+    // Changes merged from another replica, some of them already known.
+    for n in 0..3 {
+        other.patch(&key, &json!({ "m": n }), &options).unwrap();
+    }
+    let theirs = other.stored_document(&key).unwrap().unwrap();
+    let origin = Origin::parse("peer:other").unwrap();
+    store.merge(&key, &theirs, &origin).unwrap();
+    check(&store);
+    let ours = store.stored_document(&key).unwrap().unwrap();
+    other.merge(&key, &ours, &origin).unwrap();
+    check(&other);
+    store.compact_all().unwrap();
+    check(&store);
+}
+
+#[test]
+fn a_record_written_before_history_bytes_existed_gets_them_from_its_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = EntityKey::new("appointment", "1").unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let store = open(dir.path(), 32);
+    for n in 0..5 {
+        store.patch(&key, &json!({ "n": n }), &options).unwrap();
+    }
+    let expected = history_bytes_of(&store, &key);
+    // The record as an older version wrote it: without the field.
+    let mut record = store.record(&key).unwrap().unwrap();
+    record.history_bytes = None;
+    let encoded = encode_record(&record);
+    assert!(!String::from_utf8_lossy(&encoded).contains("history_bytes"));
+    store
+        .inner
+        .db
+        .insert(layout::entity_key(layout::ENTITY, &key), encoded)
+        .unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path(), 32);
+    store.get(&key).unwrap().unwrap();
+    assert_eq!(
+        store.stats().cached_document_bytes,
+        crate::cache::document_weight(expected)
+    );
+    // The next write records them.
+    store.patch(&key, &json!({ "n": 5 }), &options).unwrap();
+    let record = store.record(&key).unwrap().unwrap();
+    assert_eq!(record.history_bytes, Some(history_bytes_of(&store, &key)));
+}

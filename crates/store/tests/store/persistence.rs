@@ -1,7 +1,7 @@
 //! What survives a reopen: every entity with the same heads and the same saved bytes, compacted
 //! or not, and a cache that stays within its bound.
 
-use serde_json::json;
+use serde_json::{json, Value as Json};
 use store::Version;
 
 use crate::harness::{key, local, open_in, Harness};
@@ -265,4 +265,76 @@ fn a_closed_store_refuses_side_records_by_every_path() {
         Err(store::Error::Closed)
     ));
     assert_eq!(store.read_record(&record).unwrap(), None);
+}
+
+#[test]
+fn the_cache_stays_within_its_byte_bound() {
+    const BOUND: u64 = 2 * 1024 * 1024;
+    let harness = Harness::with_config(|config| config.cache_bytes = BOUND);
+    let store = harness.store();
+    // Each entity gets four values of 100,000 bytes in turn, and Automerge keeps all of them: a
+    // history of about 400 KB, so that no more than four such documents fit in the bound.
+    let revision =
+        |id: usize, round: usize| json!({ "scan": format!("{id:02}{round}-").repeat(25_000) });
+    for id in 0..12 {
+        for round in 0..4 {
+            store
+                .patch(
+                    &key("scan", &id.to_string()),
+                    &revision(id, round),
+                    &local("u"),
+                )
+                .unwrap();
+            let stats = store.stats();
+            assert!(stats.cached_document_bytes <= BOUND, "{stats:?}");
+        }
+    }
+    let stats = store.stats();
+    assert!((1..=4).contains(&stats.cached_documents), "{stats:?}");
+    // Only the last entity is cached after its writes alone: its weight counts every value it
+    // ever held, not only the current one.
+    let mut one = Harness::with_config(|config| config.cache_bytes = BOUND);
+    for round in 0..4 {
+        one.store()
+            .patch(&key("scan", "0"), &revision(0, round), &local("u"))
+            .unwrap();
+    }
+    let written = one.store().stats().cached_document_bytes;
+    assert!(written >= 4 * 100_000 * 5 / 4, "{written}");
+    // A document loaded from disk weighs what it weighed when written.
+    one.reopen();
+    assert_eq!(one.store().stats().cached_document_bytes, 0);
+    let read = one.store().get(&key("scan", "0")).unwrap().unwrap();
+    assert_eq!(Json::Object(read.data), revision(0, 3));
+    assert_eq!(one.store().stats().cached_document_bytes, written);
+    // Every entity still reads in full, however many of them the cache can hold.
+    for id in 0..12 {
+        let entity = store.get(&key("scan", &id.to_string())).unwrap().unwrap();
+        assert_eq!(Json::Object(entity.data), revision(id, 3));
+        assert!(store.stats().cached_document_bytes <= BOUND);
+    }
+}
+
+#[test]
+fn a_document_heavier_than_the_whole_cache_is_read_but_not_kept() {
+    let harness = Harness::with_config(|config| config.cache_bytes = 64 * 1024);
+    let store = harness.store();
+    let big = json!({ "scan": "x".repeat(100_000) });
+    store.patch(&key("scan", "big"), &big, &local("u")).unwrap();
+    store
+        .patch(&key("scan", "small"), &json!({"n": 1}), &local("u"))
+        .unwrap();
+    assert_eq!(store.stats().cached_documents, 1);
+    let misses = store.stats().cache_misses;
+    for _ in 0..3 {
+        let read = store.get(&key("scan", "big")).unwrap().unwrap();
+        assert_eq!(Json::Object(read.data), big);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.cache_misses, misses + 3, "{stats:?}");
+    // The small one stayed.
+    assert_eq!(stats.cached_documents, 1, "{stats:?}");
+    let hits = stats.cache_hits;
+    store.get(&key("scan", "small")).unwrap();
+    assert_eq!(store.stats().cache_hits, hits + 1);
 }
