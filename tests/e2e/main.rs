@@ -20,3 +20,4 @@ mod limits;
 mod priority;
 mod replication;
 mod shutdown;
+mod tls;

@@ -17,6 +17,10 @@ pub(crate) struct Remote {
     /// A bearer token (a write token for pause, resume, retry and replay).
     #[arg(long, global = true)]
     token: Option<String>,
+    /// A PEM file of certificate authorities to trust for an https:// server besides the public
+    /// web's (a private CA).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -119,10 +123,20 @@ pub(crate) async fn run(remote: Remote, command: ConnectorCommand) -> Result<()>
             None,
         ),
     };
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .context("building the HTTP client")?;
+    let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+    if let Some(ca_file) = &remote.ca_file {
+        let pem = std::fs::read(ca_file)
+            .with_context(|| format!("reading --ca-file {}", ca_file.display()))?;
+        let authorities = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ca-file {} is not PEM", ca_file.display()))?;
+        if authorities.is_empty() {
+            bail!("--ca-file {} holds no PEM certificate", ca_file.display());
+        }
+        for authority in authorities {
+            client = client.add_root_certificate(authority);
+        }
+    }
+    let client = client.build().context("building the HTTP client")?;
     let url = format!("{}{path}", remote.url.trim_end_matches('/'));
     let mut request = match method {
         "GET" => client.get(&url),

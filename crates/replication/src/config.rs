@@ -6,6 +6,8 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -60,10 +62,15 @@ pub struct PeerToken {
 pub struct PeerConfig {
     /// The peer's name here: its changes are recorded as `peer:<name>`.
     pub name: String,
-    /// The peer's base URL, e.g. `http://north.example:7878` (`ws://` works too).
+    /// The peer's base URL, e.g. `https://north.example:7878` (`http://`, `ws://` and `wss://`
+    /// work too).
     pub url: String,
     /// The bearer token to present, one of the peer's `[[replication.tokens]]`.
     pub token: Token,
+    /// A PEM file of certificate authorities to trust for this peer's certificate besides the
+    /// public web's (a private CA); only with an `https://` or `wss://` url.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A secret token: its `Debug` prints `***`, so it never reaches a log by accident.
@@ -110,6 +117,8 @@ pub struct Peer {
     pub endpoint: String,
     /// The token to present.
     pub token: Token,
+    /// How to check its certificate, for a `wss://` endpoint; `None` for `ws://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Checks the settings and the peers, and derives each peer's endpoint URL.
@@ -222,11 +231,25 @@ pub fn validate(
             key: format!("peers[{}].url", peer.name),
             detail,
         })?;
+        let ca_file_error = |detail: String| ConfigError {
+            key: format!("peers[{}].ca_file", peer.name),
+            detail,
+        };
+        let tls = if endpoint.starts_with("wss://") {
+            Some(crate::tls::client_config(peer.ca_file.as_deref()).map_err(ca_file_error)?)
+        } else if peer.ca_file.is_some() {
+            return Err(ca_file_error(
+                "is only used with an https:// or wss:// url".into(),
+            ));
+        } else {
+            None
+        };
         validated.push(Peer {
             name: peer.name.clone(),
             url: peer.url.clone(),
             endpoint,
             token: peer.token.clone(),
+            tls,
         });
     }
     Ok(validated)
@@ -235,16 +258,19 @@ pub fn validate(
 /// The websocket URL of the replication endpoint under `base`.
 fn endpoint_of(base: &str) -> Result<String, String> {
     let base = base.trim().trim_end_matches('/');
-    let rest = if let Some(rest) = base.strip_prefix("http://") {
-        rest
-    } else if let Some(rest) = base.strip_prefix("ws://") {
-        rest
-    } else if base.starts_with("https://") || base.starts_with("wss://") {
+    let schemes = [
+        ("http://", "ws://"),
+        ("ws://", "ws://"),
+        ("https://", "wss://"),
+        ("wss://", "wss://"),
+    ];
+    let Some((scheme, rest)) = schemes
+        .iter()
+        .find_map(|(given, scheme)| Some((*scheme, base.strip_prefix(given)?)))
+    else {
         return Err(format!(
-            "{base:?}: TLS is not built in; use http:// through a TLS tunnel or proxy (see docs/replication.md)"
+            "{base:?} must start with https://, http://, wss:// or ws://"
         ));
-    } else {
-        return Err(format!("{base:?} must start with http:// or ws://"));
     };
     if rest.is_empty() || rest.starts_with('/') {
         return Err(format!("{base:?} has no host"));
@@ -254,7 +280,7 @@ fn endpoint_of(base: &str) -> Result<String, String> {
     if rest.contains(['?', '#']) {
         return Err(format!("{base:?} may not have a query or a fragment"));
     }
-    let endpoint = format!("ws://{rest}{ENDPOINT_PATH}");
+    let endpoint = format!("{scheme}{rest}{ENDPOINT_PATH}");
     endpoint
         .as_str()
         .into_client_request()

@@ -60,6 +60,7 @@ mod link;
 mod registry;
 mod session;
 mod status;
+pub mod tls;
 
 pub use config::{
     validate, ConfigError, Peer, PeerConfig, PeerToken, ReplicationSettings, Token, ENDPOINT_PATH,

@@ -278,8 +278,14 @@ async fn connect(
     let bearer = HeaderValue::from_str(&format!("Bearer {}", peer.token.expose()))
         .map_err(|_| Error::Protocol("the peer token is not a valid header value".into()))?;
     request.headers_mut().insert(AUTHORIZATION, bearer);
-    let connecting =
-        tokio_tungstenite::connect_async_with_config(request, Some(link::websocket_config()), true);
+    // A `wss://` endpoint always has its own configuration (see `tls`), never the default one.
+    let connector = peer.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(link::websocket_config()),
+        true,
+        connector,
+    );
     match tokio::time::timeout(timeout, connecting).await {
         Err(_) => Err(Error::ConnectTimeout(timeout)),
         Ok(Ok((socket, _))) => Ok(socket),

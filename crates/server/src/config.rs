@@ -73,6 +73,16 @@ const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
         EnvValue::Integer,
     ),
     (
+        "LOCKSTEP_TLS_CERT_FILE",
+        &["tls", "cert_file"],
+        EnvValue::Text,
+    ),
+    (
+        "LOCKSTEP_TLS_KEY_FILE",
+        &["tls", "key_file"],
+        EnvValue::Text,
+    ),
+    (
         "LOCKSTEP_MAX_BODY_BYTES",
         &["limits", "max_body_bytes"],
         EnvValue::Integer,
@@ -144,6 +154,11 @@ pub struct Config {
     pub limits: Limits,
     /// Who may call the API.
     pub auth: AuthSettings,
+    /// Whether to serve HTTPS, and with which certificate.
+    pub tls: TlsSettings,
+    /// The server side of TLS, loaded from `tls` at startup; `None` serves plain HTTP.
+    #[serde(skip)]
+    pub tls_acceptor: Option<crate::tls::Acceptor>,
     /// Connectors to external systems (`[[connectors]]`), as written.
     #[serde(default)]
     pub connectors: Vec<connectors::ConnectorConfig>,
@@ -193,6 +208,17 @@ impl StoreSettings {
         config.writer_threads = self.writer_threads;
         config
     }
+}
+
+/// The `[tls]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsSettings {
+    /// The PEM file with the server's certificate and any intermediates; empty for plain HTTP.
+    pub cert_file: PathBuf,
+    /// The PEM file with the certificate's private key; empty for plain HTTP.
+    pub key_file: PathBuf,
 }
 
 /// The `[limits]` section.
@@ -440,6 +466,12 @@ impl Config {
                 key: format!("connectors[{}].{}", error.name, error.key),
                 detail: error.detail,
             })?;
+        config.tls_acceptor = crate::tls::acceptor(&config.tls)
+            .map_err(|(key, detail)| ConfigError::Invalid {
+                key: key.into(),
+                detail,
+            })
+            .map_err(named)?;
         Ok(config)
     }
 

@@ -7,6 +7,10 @@
 //! request head in time; it applies to every request on a keep-alive connection, so it also bounds
 //! how long an idle connection stays open. HTTP/2 is not served.
 //!
+//! With `[tls]` set, each connection first does its TLS handshake, which must also finish within
+//! the header-read timeout, and HTTP is served over it; a connection whose handshake fails is
+//! closed (a plain-HTTP client gets no answer it could read).
+//!
 //! On shutdown the loop stops accepting, and each connection finishes the request in progress and
 //! closes. A connection still busy when the grace period ends is dropped (`force`).
 //!
@@ -26,13 +30,14 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Limits;
+use crate::tls::Acceptor;
 
 /// How long to pause accepting after an error such as running out of file descriptors,
 /// so the loop does not spin while the condition lasts.
@@ -42,6 +47,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// on `tasks` and end gracefully, or at once when `force` is cancelled.
 pub(crate) async fn accept(
     listener: TcpListener,
+    tls: Option<Acceptor>,
     app: Router,
     limits: &Limits,
     shutdown: &CancellationToken,
@@ -72,31 +78,57 @@ pub(crate) async fn accept(
             }
         };
         let span = tracing::debug_span!("connection", %peer);
-        tasks.spawn(
-            serve(
-                WriteTimeout::new(stream, limits.write_timeout),
-                builder.clone(),
-                app.clone(),
-                shutdown.clone(),
-                force.clone(),
-            )
-            .instrument(span),
+        // Responses are small and latency matters more than packet count.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(error = %error, "could not set TCP_NODELAY");
+        }
+        let stream = WriteTimeout::new(stream, limits.write_timeout);
+        let (builder, app, shutdown, force) = (
+            builder.clone(),
+            app.clone(),
+            shutdown.clone(),
+            force.clone(),
         );
+        match &tls {
+            None => tasks.spawn(serve(stream, builder, app, shutdown, force).instrument(span)),
+            Some(tls) => {
+                let (tls, handshake_timeout) = (tls.0.clone(), limits.header_read_timeout);
+                tasks.spawn(
+                    async move {
+                        let handshake = tokio::time::timeout(handshake_timeout, tls.accept(stream));
+                        let stream = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            handshake = handshake => match handshake {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(error)) => {
+                                    tracing::debug!(error = %error, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            },
+                        };
+                        serve(stream, builder, app, shutdown, force).await;
+                    }
+                    .instrument(span),
+                )
+            }
+        };
     }
     // Dropping the listener here closes the socket: new connections are refused from now on.
 }
 
-async fn serve(
-    stream: WriteTimeout<TcpStream>,
+async fn serve<S>(
+    stream: S,
     builder: http1::Builder,
     app: Router,
     shutdown: CancellationToken,
     force: CancellationToken,
-) {
-    // Responses are small and latency matters more than packet count.
-    if let Err(error) = stream.inner.set_nodelay(true) {
-        tracing::debug!(error = %error, "could not set TCP_NODELAY");
-    }
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let connection = builder
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
         .with_upgrades();

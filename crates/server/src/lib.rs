@@ -54,6 +54,7 @@ mod replication;
 mod routes;
 mod state;
 mod telemetry;
+mod tls;
 
 use std::sync::Arc;
 
@@ -66,7 +67,7 @@ use tracing::Instrument;
 
 pub use config::{
     AuthSettings, Config, ConfigError, ConfigSources, Limits, Role, Secret, StoreSettings,
-    TokenSettings, DEFAULT_TOML,
+    TlsSettings, TokenSettings, DEFAULT_TOML,
 };
 pub use error::{Error, Result};
 
@@ -170,12 +171,30 @@ pub async fn run_with_store(
     // one holds it) must not have announced an address first. Scripts and tests wait for this
     // line, under the binary's target, and read the port from it.
     match listener.local_addr() {
-        Ok(address) => tracing::info!(target: "lockstep", "listening on {address}"),
+        Ok(address) => {
+            if config.tls_acceptor.is_some() {
+                tracing::info!(
+                    target: "lockstep",
+                    cert_file = %config.tls.cert_file.display(),
+                    "serving HTTPS only"
+                );
+            }
+            tracing::info!(target: "lockstep", "listening on {address}")
+        }
         Err(error) => {
             tracing::warn!(target: "lockstep", %error, "serving, but the bound address cannot be read")
         }
     }
-    connection::accept(listener, app, &config.limits, &shutdown, &force, &tasks).await;
+    connection::accept(
+        listener,
+        config.tls_acceptor.clone(),
+        app,
+        &config.limits,
+        &shutdown,
+        &force,
+        &tasks,
+    )
+    .await;
 
     tracing::info!("shutting down: finishing in-flight requests");
     tasks.close();

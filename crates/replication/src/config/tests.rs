@@ -25,6 +25,21 @@ fn peer(name: &str, url: &str) -> PeerConfig {
         name: name.into(),
         url: url.into(),
         token: Token::new("t0ken"),
+        ca_file: None,
+    }
+}
+
+/// A file of `tests/fixtures/tls`.
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tls")
+        .join(name)
+}
+
+fn peer_trusting(name: &str, url: &str, ca_file: std::path::PathBuf) -> PeerConfig {
+    PeerConfig {
+        ca_file: Some(ca_file),
+        ..peer(name, url)
     }
 }
 
@@ -36,6 +51,8 @@ fn valid_peers_get_their_websocket_endpoint() {
             peer("south", "http://127.0.0.1:7878"),
             peer("east", "ws://east.example:80/"),
             peer("west", "http://proxy.example:8080/west/"),
+            peer("north", "https://north.example:7878"),
+            peer_trusting("hub", "wss://hub.example/sites/", fixture("ca.pem")),
         ],
     )
     .expect("valid");
@@ -46,6 +63,10 @@ fn valid_peers_get_their_websocket_endpoint() {
         "ws://proxy.example:8080/west/v1/replication"
     );
     assert_eq!(format!("{:?}", peers[0].token), "***");
+    assert_eq!(peers[3].endpoint, "wss://north.example:7878/v1/replication");
+    assert_eq!(peers[4].endpoint, "wss://hub.example/sites/v1/replication");
+    assert!(peers[..3].iter().all(|peer| peer.tls.is_none()));
+    assert!(peers[3..].iter().all(|peer| peer.tls.is_some()));
 }
 
 #[test]
@@ -62,7 +83,22 @@ fn each_mistake_names_its_key() {
             "peers.name",
         ),
         (settings(), vec![peer("a", "ftp://a:1")], "peers[a].url"),
-        (settings(), vec![peer("a", "https://a:1")], "peers[a].url"),
+        (settings(), vec![peer("a", "https://")], "peers[a].url"),
+        (
+            settings(),
+            vec![peer_trusting("a", "http://a:1", fixture("ca.pem"))],
+            "peers[a].ca_file",
+        ),
+        (
+            settings(),
+            vec![peer_trusting("a", "https://a:1", fixture("missing.pem"))],
+            "peers[a].ca_file",
+        ),
+        (
+            settings(),
+            vec![peer_trusting("a", "https://a:1", fixture("server.key"))],
+            "peers[a].ca_file",
+        ),
         (settings(), vec![peer("a", "http://")], "peers[a].url"),
         (
             settings(),

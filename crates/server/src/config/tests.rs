@@ -296,3 +296,77 @@ fn the_cache_byte_bound_is_set_by_file_or_environment_and_has_a_floor() {
         "configuration key `store.cache_bytes`: must be at least 1048576 (1 MiB)"
     );
 }
+
+/// A file of `tests/fixtures/tls`.
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tls")
+        .join(name)
+}
+
+#[test]
+fn tls_needs_a_certificate_and_its_key_that_load() {
+    let toml = |cert: &str, key: &str| {
+        format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            if cert.is_empty() {
+                Path::new("").to_path_buf()
+            } else {
+                tls_fixture(cert)
+            },
+            if key.is_empty() {
+                Path::new("").to_path_buf()
+            } else {
+                tls_fixture(key)
+            },
+        )
+    };
+    let config = load_toml(&toml("server.pem", "server.key"), &[]).expect("the fixtures load");
+    assert!(config.tls_acceptor.is_some());
+    assert!(Config::load(ConfigSources::default())
+        .expect("the defaults are valid")
+        .tls_acceptor
+        .is_none());
+    let cases = [
+        (toml("server.pem", ""), "tls.key_file", "both or neither"),
+        (toml("", "server.key"), "tls.cert_file", "both or neither"),
+        (
+            toml("missing.pem", "server.key"),
+            "tls.cert_file",
+            "missing.pem: I/O error",
+        ),
+        (
+            toml("server.key", "server.key"),
+            "tls.cert_file",
+            "holds no PEM certificate",
+        ),
+        (
+            toml("server.pem", "server.pem"),
+            "tls.key_file",
+            "holds no PEM private key",
+        ),
+        (
+            toml("ca.pem", "server.key"),
+            "tls.key_file",
+            "does not go with the certificate",
+        ),
+    ];
+    for (text, key, detail) in cases {
+        let error = load_toml(&text, &[]).expect_err(key).to_string();
+        assert!(
+            error.starts_with(&format!("configuration key `{key}`: ")) && error.contains(detail),
+            "{error}"
+        );
+    }
+    // The environment sets them too, and is named when they are wrong.
+    let error = load_toml(
+        "",
+        &[(
+            "LOCKSTEP_TLS_CERT_FILE",
+            tls_fixture("server.pem").to_str().expect("UTF-8"),
+        )],
+    )
+    .expect_err("no key")
+    .to_string();
+    assert!(error.contains("tls.key_file"), "{error}");
+}
