@@ -141,15 +141,24 @@ async fn a_site_replicates_with_a_peer_over_https_trusting_its_ca_file() -> Resu
         fixture("ca.pem")
     );
     let south = TestServer::start_with(&south_toml).await?;
-    // East dials north without the CA: the link must fail on the certificate.
+    // East dials north without the CA: the link must fail on the certificate. It also dials
+    // south, which serves plain HTTP, at an https:// url.
+    let south_as_https = format!("https://127.0.0.1:{}", south.address().port());
     let east = TestServer::start_with(&site_toml(
         "east",
         &[],
-        &[Dial {
-            name: "north",
-            url: &north_url,
-            token: "tok-east",
-        }],
+        &[
+            Dial {
+                name: "north",
+                url: &north_url,
+                token: "tok-east",
+            },
+            Dial {
+                name: "south",
+                url: &south_as_https,
+                token: "tok-east",
+            },
+        ],
         "1s",
     ))
     .await?;
@@ -174,13 +183,24 @@ async fn a_site_replicates_with_a_peer_over_https_trusting_its_ca_file() -> Resu
     .await?;
     assert_eq!(both.len(), 2);
 
-    let last_error = poll_until("east's link to fail on north's certificate", || async {
-        let (status, body) = east.get("/v1/peers/north").await?;
-        ensure!(status == 200, "{status} {body}");
-        Ok(body["last_error"].as_str().map(str::to_string))
-    })
-    .await?;
-    assert!(last_error.contains("UnknownIssuer"), "{last_error}");
+    let last_error = |peer: &'static str| {
+        let east = &east;
+        poll_until("east's link to fail", move || async move {
+            let (status, body) = east.get(&format!("/v1/peers/{peer}")).await?;
+            ensure!(status == 200, "{status} {body}");
+            Ok(body["last_error"].as_str().map(str::to_string))
+        })
+    };
+    // Said once, not once per layer of the error.
+    let untrusted = last_error("north").await?;
+    assert_eq!(untrusted.matches("UnknownIssuer").count(), 1, "{untrusted}");
+    let not_tls = last_error("south").await?;
+    assert!(
+        not_tls.contains(
+            "the peer does not answer in TLS: if it serves plain HTTP, use an http:// url"
+        ),
+        "{not_tls}"
+    );
     let (_, page) = east.get("/v1/entities/permit").await?;
     assert_eq!(page["items"], json!([]), "{page}");
     for server in [north, south, east] {
@@ -217,6 +237,20 @@ async fn the_admin_cli_trusts_a_ca_file() -> Result<()> {
     assert_eq!(untrusted.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+
+    // A CA file is for https:// only.
+    let plain = tokio::process::Command::new(release_binary()?)
+        .args(["connectors", "--url", &server.url(""), "--ca-file"])
+        .arg(fixture("ca.pem"))
+        .arg("list")
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "error: --ca-file is only used with an https:// --url"
+    );
     server.stop().await?;
     Ok(())
 }

@@ -125,6 +125,9 @@ pub(crate) async fn run(remote: Remote, command: ConnectorCommand) -> Result<()>
     };
     let mut client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
     if let Some(ca_file) = &remote.ca_file {
+        if !remote.url.to_ascii_lowercase().starts_with("https://") {
+            bail!("--ca-file is only used with an https:// --url");
+        }
         let pem = std::fs::read(ca_file)
             .with_context(|| format!("reading --ca-file {}", ca_file.display()))?;
         let authorities = reqwest::Certificate::from_pem_bundle(&pem)

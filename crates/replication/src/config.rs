@@ -235,9 +235,14 @@ pub fn validate(
             key: format!("peers[{}].ca_file", peer.name),
             detail,
         };
+        // An empty `ca_file` is no `ca_file`, as an empty `tls.cert_file` is no certificate.
+        let ca_file = peer
+            .ca_file
+            .as_deref()
+            .filter(|path| !path.as_os_str().is_empty());
         let tls = if endpoint.starts_with("wss://") {
-            Some(crate::tls::client_config(peer.ca_file.as_deref()).map_err(ca_file_error)?)
-        } else if peer.ca_file.is_some() {
+            Some(crate::tls::client_config(ca_file).map_err(ca_file_error)?)
+        } else if ca_file.is_some() {
             return Err(ca_file_error(
                 "is only used with an https:// or wss:// url".into(),
             ));
@@ -264,10 +269,13 @@ fn endpoint_of(base: &str) -> Result<String, String> {
         ("https://", "wss://"),
         ("wss://", "wss://"),
     ];
-    let Some((scheme, rest)) = schemes
-        .iter()
-        .find_map(|(given, scheme)| Some((*scheme, base.strip_prefix(given)?)))
-    else {
+    // Schemes are case-insensitive (RFC 3986).
+    let Some((scheme, rest)) = schemes.iter().find_map(|(given, scheme)| {
+        let prefix = base.get(..given.len())?;
+        prefix
+            .eq_ignore_ascii_case(given)
+            .then(|| (*scheme, &base[given.len()..]))
+    }) else {
         return Err(format!(
             "{base:?} must start with https://, http://, wss:// or ws://"
         ));

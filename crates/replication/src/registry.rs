@@ -306,13 +306,35 @@ async fn connect(
 }
 
 /// An error with every source after it: `a: b: c`.
+///
+/// A cause whose text the chain already holds is left out: tungstenite's errors, and the IO
+/// errors rustls's come in, repeat their source's text in their own.
 fn cause_chain(error: &Error) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         source = cause.source();
     }
+    if let Some(hint) = scheme_hint(&text) {
+        text.push_str(" (");
+        text.push_str(hint);
+        text.push(')');
+    }
     text
+}
+
+/// What a failure says when the peer's url has the wrong scheme for what the peer serves.
+fn scheme_hint(failure: &str) -> Option<&'static str> {
+    if failure.contains("InvalidContentType") {
+        Some("the peer does not answer in TLS: if it serves plain HTTP, use an http:// url")
+    } else if failure.contains("invalid HTTP version") {
+        Some("the peer does not answer in HTTP: if it serves HTTPS, use an https:// url")
+    } else {
+        None
+    }
 }

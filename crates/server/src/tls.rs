@@ -50,6 +50,18 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, (&'st
     }
     let chain =
         replication::tls::certificates(cert_file).map_err(|detail| ("tls.cert_file", detail))?;
+    if let Ok(text) = std::fs::read(key_file) {
+        let text = String::from_utf8_lossy(&text);
+        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+            return Err((
+                "tls.key_file",
+                format!(
+                    "{}: the private key is encrypted, which is not supported (the server would need its passphrase at every start); decrypt it, e.g. `openssl pkey -in {0} -out key.pem`, and keep that file readable by the server alone",
+                    key_file.display()
+                ),
+            ));
+        }
+    }
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|error| {
         let detail = match error {
             rustls::pki_types::pem::Error::NoItemsFound => format!(
@@ -75,7 +87,8 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, (&'st
                 ),
             )
         })?;
-    // Only HTTP/1.1 is served (see `connection`).
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Only HTTP/1 is served (see `connection`): a client that offers only `h2` is refused in
+    // the handshake, one that offers nothing is served HTTP/1.1.
+    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(Some(Acceptor(TlsAcceptor::from(Arc::new(config)))))
 }

@@ -53,6 +53,9 @@ fn valid_peers_get_their_websocket_endpoint() {
             peer("west", "http://proxy.example:8080/west/"),
             peer("north", "https://north.example:7878"),
             peer_trusting("hub", "wss://hub.example/sites/", fixture("ca.pem")),
+            // Schemes are case-insensitive; an empty ca_file is none.
+            peer_trusting("upper", "HTTPS://east.example", std::path::PathBuf::new()),
+            peer("mixed", "Http://west.example"),
         ],
     )
     .expect("valid");
@@ -65,8 +68,10 @@ fn valid_peers_get_their_websocket_endpoint() {
     assert_eq!(format!("{:?}", peers[0].token), "***");
     assert_eq!(peers[3].endpoint, "wss://north.example:7878/v1/replication");
     assert_eq!(peers[4].endpoint, "wss://hub.example/sites/v1/replication");
-    assert!(peers[..3].iter().all(|peer| peer.tls.is_none()));
-    assert!(peers[3..].iter().all(|peer| peer.tls.is_some()));
+    assert_eq!(peers[5].endpoint, "wss://east.example/v1/replication");
+    assert_eq!(peers[6].endpoint, "ws://west.example/v1/replication");
+    let secure: Vec<bool> = peers.iter().map(|peer| peer.tls.is_some()).collect();
+    assert_eq!(secure, [false, false, false, true, true, true, false]);
 }
 
 #[test]

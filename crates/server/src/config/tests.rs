@@ -350,6 +350,11 @@ fn tls_needs_a_certificate_and_its_key_that_load() {
             "tls.key_file",
             "does not go with the certificate",
         ),
+        (
+            toml("server.pem", "server-encrypted.key"),
+            "tls.key_file",
+            "the private key is encrypted",
+        ),
     ];
     for (text, key, detail) in cases {
         let error = load_toml(&text, &[]).expect_err(key).to_string();
