@@ -1,6 +1,7 @@
 //! The issue-2 benchmark: durable PATCH throughput and latency against a raw sled baseline,
 //! where the CPU went during the 64-connection phases (server and client CPU per write, and the
-//! throughput that CPU per write would allow with every core busy), server memory after 100,000
+//! throughput that CPU per write would allow with every core busy), the same updates with 50
+//! change-feed event streams following, server memory after 100,000
 //! entities, server memory with entities of long histories under the cache's byte bound, and
 //! bytes on disk per entity against Automerge's `save()`.
 //!
@@ -12,6 +13,8 @@
 //! building this checkout's (to compare two builds in alternating runs on a noisy machine).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::Result;
 use lockstep_tests::bench::{
@@ -44,6 +47,60 @@ async fn patch_load(
         },
     )
     .await
+}
+
+/// The value of the gauge or counter `name` (without labels) in the server's `/metrics`.
+async fn metric(base: &str, name: &str) -> Result<f64> {
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{name} in /metrics"))
+}
+
+/// A change-feed event stream counting the rows it receives.
+struct Follower {
+    rows: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// `streams` change-feed event streams following every kind from the current end of the feed.
+async fn follow_feed(base: &str, streams: usize) -> Result<Vec<Follower>> {
+    use futures::StreamExt;
+    let since = metric(base, "lockstep_feed_seq").await?;
+    let mut followers = Vec::new();
+    for _ in 0..streams {
+        let response = reqwest::Client::new()
+            .get(format!("{base}/v1/changes?since={since}"))
+            .header("accept", "text/event-stream")
+            .send()
+            .await?
+            .error_for_status()?;
+        let rows = Arc::new(AtomicU64::new(0));
+        let counted = rows.clone();
+        let task = tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            // Each row is one event with one `id:` line; a line may span chunks.
+            let mut line = Vec::new();
+            while let Some(Ok(chunk)) = body.next().await {
+                for byte in chunk {
+                    if byte == b'\n' {
+                        if line.starts_with(b"id:") {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        line.clear();
+                    } else {
+                        line.push(byte);
+                    }
+                }
+            }
+        });
+        followers.push(Follower { rows, task });
+    }
+    Ok(followers)
 }
 
 /// Writes `count` entities with 64 connections, reporting RSS at each quarter.
@@ -179,6 +236,9 @@ fn disk_usage(entities: u64) -> Result<(f64, f64, f64)> {
     Ok((per(stored), per(saved), per(on_disk)))
 }
 
+/// How many change-feed event streams follow the feed in the phase that measures their cost.
+const FOLLOWERS: usize = 50;
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; nothing else is accepted.
@@ -201,6 +261,20 @@ async fn main() -> Result<()> {
     let before = CpuSample::take(&server)?;
     let updates = patch_load(&server.base, "upd", 64, seconds, 16).await?;
     let updates_cpu = CpuSample::take(&server)?.since(&before);
+    println!("measuring: durable PATCH, 64 connections, updates, {FOLLOWERS} event streams following the feed ({seconds} s)");
+    let followers = follow_feed(&server.base, FOLLOWERS).await?;
+    let writes_before = metric(&server.base, "lockstep_store_writes_total").await?;
+    let followed = patch_load(&server.base, "upd", 64, seconds, 16).await?;
+    // What the streams have not received yet after a second is what they fell behind by.
+    let writes = metric(&server.base, "lockstep_store_writes_total").await? - writes_before;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let received: Vec<u64> = followers
+        .iter()
+        .map(|follower| follower.rows.load(Ordering::Relaxed))
+        .collect();
+    for follower in &followers {
+        follower.task.abort();
+    }
     drop(server);
 
     println!("measuring: memory with {entities} entities");
@@ -236,7 +310,17 @@ async fn main() -> Result<()> {
             "durable PATCH, 64 connections, each updating 16 entities",
             &updates,
         ),
+        (
+            "the same, with 50 change-feed event streams following every row",
+            &followed,
+        ),
     ]);
+    println!();
+    println!(
+        "Each of the {FOLLOWERS} event streams received {} to {} of the {writes:.0} rows written while they followed.",
+        received.iter().min().unwrap_or(&0),
+        received.iter().max().unwrap_or(&0),
+    );
     println!();
     print_cpu_table(
         &baselines,

@@ -197,11 +197,22 @@ async fn next_events(cursor: &mut Cursor) -> Option<Result<Vec<Event>, Event>> {
             }
         }
         let since = cursor.seq;
-        let kind = cursor.kind.clone();
-        let rows = cursor
+        // Rows still in memory are taken here; only a reader behind them reads the disk, on a
+        // blocking thread.
+        let recent = cursor
             .state
-            .blocking(move |store| store.feed(since, kind.as_ref(), STREAM_BATCH))
-            .await;
+            .store
+            .recent_feed(since, cursor.kind.as_ref(), STREAM_BATCH);
+        let rows = match recent {
+            Some(rows) => Ok(rows),
+            None => {
+                let kind = cursor.kind.clone();
+                cursor
+                    .state
+                    .blocking(move |store| store.feed(since, kind.as_ref(), STREAM_BATCH))
+                    .await
+            }
+        };
         let rows = match rows {
             Ok(rows) => rows,
             Err(error) => return Some(Err(error_event(error))),

@@ -67,3 +67,122 @@ pub struct FeedRow {
     /// When the change was committed here, in milliseconds since the Unix epoch.
     pub at_ms: u64,
 }
+
+/// The feed rows committed last, in order, so that readers who keep up with the feed (event
+/// streams, connectors, replication) get new rows from memory: reading them from sled would
+/// wait while the writer applies its next batch (sled's reads take a lock that `apply_batch`
+/// holds), and each reader would decode every row again.
+///
+/// It holds a run of consecutive sequence numbers, the last `capacity` committed; rows are added
+/// by the committing thread in sequence order, after their batch is applied and before they are
+/// flushed, so every durable row after the first one held is here. A reader further behind than
+/// that reads sled.
+pub(crate) struct RecentRows {
+    rows: std::sync::Mutex<std::collections::VecDeque<FeedRow>>,
+    capacity: usize,
+}
+
+impl RecentRows {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            rows: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(capacity)),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<FeedRow>> {
+        self.rows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds rows just applied, which follow the last one held (by sequence number).
+    pub(crate) fn push(&self, rows: impl IntoIterator<Item = FeedRow>) {
+        let mut held = self.lock();
+        for row in rows {
+            debug_assert!(
+                held.back().is_none_or(|last| last.seq.next() == row.seq),
+                "feed rows are added in sequence"
+            );
+            if held.len() == self.capacity {
+                held.pop_front();
+            }
+            held.push_back(row);
+        }
+    }
+
+    /// The rows after `since` up to `through`, only those of `kind` if given, at most `limit`:
+    /// `None` when the rows right after `since` are no longer (or not yet) held.
+    pub(crate) fn read(
+        &self,
+        since: Seq,
+        through: Seq,
+        kind: Option<&Kind>,
+        limit: usize,
+    ) -> Option<Vec<FeedRow>> {
+        let held = self.lock();
+        let first = held.front()?.seq;
+        if first > since.next() || held.back()?.seq < through {
+            return None;
+        }
+        let skip = usize::try_from(since.0.saturating_sub(first.0 - 1)).ok()?;
+        Some(
+            held.iter()
+                .skip(skip)
+                .take_while(|row| row.seq <= through)
+                .filter(|row| kind.is_none_or(|kind| *kind == row.kind))
+                .take(limit)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: u64, kind: &str) -> FeedRow {
+        FeedRow {
+            seq: Seq(seq),
+            kind: Kind::new(kind).unwrap(),
+            id: EntityId::new("1").unwrap(),
+            version: String::new(),
+            origin: Origin::local("u").unwrap(),
+            fields: Vec::new(),
+            exists: true,
+            at_ms: 0,
+        }
+    }
+
+    fn seqs(rows: Option<Vec<FeedRow>>) -> Option<Vec<u64>> {
+        rows.map(|rows| rows.iter().map(|row| row.seq.0).collect())
+    }
+
+    #[test]
+    fn recent_rows_hold_the_last_ones_and_say_when_a_reader_is_behind_them() {
+        let recent = RecentRows::new(4);
+        assert_eq!(seqs(recent.read(Seq(0), Seq(1), None, 10)), None);
+        recent.push((1..=6).map(|seq| row(seq, if seq % 2 == 0 { "a" } else { "b" })));
+        // 3 to 6 are held.
+        assert_eq!(seqs(recent.read(Seq(1), Seq(6), None, 10)), None);
+        assert_eq!(
+            seqs(recent.read(Seq(2), Seq(6), None, 10)),
+            Some(vec![3, 4, 5, 6])
+        );
+        assert_eq!(
+            seqs(recent.read(Seq(3), Seq(5), None, 10)),
+            Some(vec![4, 5])
+        );
+        assert_eq!(seqs(recent.read(Seq(2), Seq(6), None, 2)), Some(vec![3, 4]));
+        let a = Kind::new("a").unwrap();
+        assert_eq!(
+            seqs(recent.read(Seq(2), Seq(6), Some(&a), 10)),
+            Some(vec![4, 6])
+        );
+        assert_eq!(
+            seqs(recent.read(Seq(4), Seq(5), Some(&a), 10)),
+            Some(vec![])
+        );
+        // Rows not yet held.
+        assert_eq!(seqs(recent.read(Seq(5), Seq(7), None, 10)), None);
+    }
+}

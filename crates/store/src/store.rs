@@ -26,7 +26,7 @@ use crate::cache::{CachedFields, DocCache, JsonCache, LoadedDoc, RecordCache};
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
-use crate::feed::{FeedRow, Seq};
+use crate::feed::{FeedRow, RecentRows, Seq};
 use crate::key::{EntityId, EntityKey, Kind};
 use crate::layout::{self, EntityRecord};
 use crate::nested;
@@ -221,6 +221,10 @@ pub struct StoreStats {
     pub feed_seq: u64,
 }
 
+/// How many of the last committed feed rows are kept in memory (see [`RecentRows`]): a few
+/// seconds' worth at full write speed, about 1 MiB.
+const RECENT_ROWS: usize = 4096;
+
 /// The number of per-entity lock stripes; a power of two well above the number of concurrent writers.
 const STRIPES: usize = 1024;
 
@@ -239,6 +243,8 @@ pub(crate) struct Inner {
     commit: Mutex<Seq>,
     /// The last feed row of each kind written lately (see [`KindSeqs`]).
     kind_seqs: Mutex<KindSeqs>,
+    /// The feed rows committed last (see [`RecentRows`]).
+    recent: RecentRows,
     actor: ActorId,
     config: StoreConfig,
     writes: AtomicU64,
@@ -328,6 +334,7 @@ impl Store {
                     stripes,
                     commit: Mutex::new(last_seq),
                     kind_seqs: Mutex::new(KindSeqs::after(last_seq)),
+                    recent: RecentRows::new(RECENT_ROWS),
                     // A fresh actor per opening: a change that was applied but never flushed before a
                     // crash can then never collide with a different change under the same actor and seq.
                     actor: ActorId::random(),
@@ -812,6 +819,9 @@ impl Store {
     /// # Errors
     /// Storage errors, or [`Error::Corrupt`] when a row cannot be decoded.
     pub fn feed(&self, since: Seq, kind: Option<&Kind>, limit: usize) -> Result<Vec<FeedRow>> {
+        if let Some(recent) = self.recent_feed(since, kind, limit) {
+            return Ok(recent);
+        }
         let durable = self.inner.durability.durable_seq();
         let mut rows = Vec::new();
         if since >= durable {
@@ -835,6 +845,23 @@ impl Store {
             rows.push(row);
         }
         Ok(rows)
+    }
+
+    /// What [`Store::feed`] returns, when it can be had without reading the disk: the rows after
+    /// `since` are among the last few thousand committed, which the store keeps in memory, as
+    /// they are for a reader that keeps up with the feed. `None` when `feed` would read the disk.
+    /// It takes no lock that a write holds for long, so an async task may call it.
+    pub fn recent_feed(
+        &self,
+        since: Seq,
+        kind: Option<&Kind>,
+        limit: usize,
+    ) -> Option<Vec<FeedRow>> {
+        let durable = self.inner.durability.durable_seq();
+        if since >= durable {
+            return Some(Vec::new());
+        }
+        self.inner.recent.read(since, durable, kind, limit)
     }
 
     /// Whether the feed may hold rows of `kind` after `after`: `false` only when it is sure
@@ -1412,6 +1439,7 @@ impl Store {
             let mut last_seq = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
             let mut seq = *last_seq;
             let at_ms = now_ms();
+            let mut committed = Vec::with_capacity(staged.len());
             for item in &mut staged {
                 let Some(row) = &item.row else { continue };
                 seq = seq.next();
@@ -1428,9 +1456,12 @@ impl Store {
                 let encoded = serde_json::to_vec(&row).expect("a feed row always serializes");
                 batch.insert(&layout::feed_key(seq)[..], encoded);
                 item.written.seq = Some(seq);
+                committed.push(row);
             }
             self.inner.db.apply_batch(batch)?;
             *last_seq = seq;
+            // Before the rows can become durable, as below.
+            self.inner.recent.push(committed);
             {
                 // Before the rows can become durable: a reader that sees them durable must
                 // find them here.

@@ -485,3 +485,68 @@ fn a_record_written_before_history_bytes_existed_gets_them_from_its_document() {
     let record = store.record(&key).unwrap().unwrap();
     assert_eq!(record.history_bytes, Some(history_bytes_of(&store, &key)));
 }
+
+#[test]
+fn the_feed_reads_the_same_rows_from_memory_as_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let kinds = ["appointment", "permit", "slot"];
+    let store = open(dir.path(), 32);
+    for n in 0..300u32 {
+        let kind = kinds[(n % 7 % 3) as usize];
+        let key = EntityKey::new(kind, (n % 40).to_string()).unwrap();
+        store.patch(&key, &json!({ "n": n }), &options).unwrap();
+    }
+    let reads: Vec<(u64, Option<Kind>, usize)> = (0..=300)
+        .step_by(7)
+        .flat_map(|since| {
+            [None, Some("permit"), Some("none")].map(|kind| {
+                (
+                    since,
+                    kind.map(|kind| Kind::new(kind).unwrap()),
+                    1 + since as usize % 50,
+                )
+            })
+        })
+        .collect();
+    let read_all = |store: &Store| -> Vec<Vec<FeedRow>> {
+        reads
+            .iter()
+            .map(|(since, kind, limit)| store.feed(Seq(*since), kind.as_ref(), *limit).unwrap())
+            .collect()
+    };
+    // Every row is held in memory, so these come from there.
+    assert!(store
+        .inner
+        .recent
+        .read(Seq::ZERO, Seq(300), None, 1)
+        .is_some());
+    let from_memory = read_all(&store);
+    assert!(from_memory.iter().any(|rows| rows.len() > 1));
+    store.close().unwrap();
+    drop(store);
+    // A store just opened holds none: it reads them all from disk.
+    let store = open(dir.path(), 32);
+    assert!(store
+        .inner
+        .recent
+        .read(Seq::ZERO, Seq(300), None, 1)
+        .is_none());
+    assert_eq!(read_all(&store), from_memory);
+    // Rows written after the opening come from memory, those before from disk.
+    let key = EntityKey::new("permit", "new").unwrap();
+    store.patch(&key, &json!({"n": 1}), &options).unwrap();
+    assert!(store
+        .inner
+        .recent
+        .read(Seq(299), Seq(301), None, 10)
+        .is_none());
+    let after = store
+        .inner
+        .recent
+        .read(Seq(300), Seq(301), None, 10)
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(store.feed(Seq(300), None, 10).unwrap(), after);
+    assert_eq!(store.feed(Seq(299), None, 10).unwrap().len(), 2);
+}
