@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use lockstep_tests::bench::{
-    closed_loop, env_number, print_cpu_table, release_binary, send_all, ten_fields, Baselines,
-    CpuSample, Figures, Server,
+    closed_loop, env_number, metric, print_cpu_table, release_binary, send_all, ten_fields,
+    Baselines, CpuSample, Figures, Server,
 };
 use rand::{Rng, SeedableRng};
 
@@ -47,18 +47,6 @@ async fn patch_load(
         },
     )
     .await
-}
-
-/// The value of the gauge or counter `name` (without labels) in the server's `/metrics`.
-async fn metric(base: &str, name: &str) -> Result<f64> {
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await?
-        .text()
-        .await?;
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("{name} in /metrics"))
 }
 
 /// A change-feed event stream counting the rows it receives.
@@ -176,22 +164,11 @@ async fn long_histories(
             .await?
             .error_for_status()?;
     }
-    let metrics = client
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let gauge = |name: &str| -> Result<f64> {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("{name} in /metrics"))
-    };
     Ok(HistoryMemory {
         rss_mib: server.rss_mib()?,
-        cached_documents: gauge("lockstep_store_cached_documents")?,
-        cached_mib: gauge("lockstep_store_cached_document_bytes")? / (1024.0 * 1024.0),
+        cached_documents: metric(&server.base, "lockstep_store_cached_documents").await?,
+        cached_mib: metric(&server.base, "lockstep_store_cached_document_bytes").await?
+            / (1024.0 * 1024.0),
     })
 }
 

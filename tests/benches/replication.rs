@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use automerge::transaction::Transactable;
 use automerge::{Automerge, ROOT};
-use lockstep_tests::bench::{env_number, release_binary, send_all, status_mib, ten_fields};
+use lockstep_tests::bench::{env_number, metric, release_binary, send_all, status_mib, ten_fields};
 use lockstep_tests::sites::{converged, free_port, site_toml, Dial, Process};
 use serde_json::{json, Map, Value};
 
@@ -114,15 +114,8 @@ async fn caught_up(base: &str, peer: &str, head: u64, deadline: Duration) -> Res
 }
 
 async fn feed_head(base: &str) -> Result<u64> {
-    let metrics = reqwest::get(format!("{base}/metrics"))
-        .await?
-        .text()
-        .await?;
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("lockstep_feed_seq "))
-        .and_then(|value| value.trim().parse().ok())
-        .context("lockstep_feed_seq in /metrics")
+    // A whole number, written as one.
+    Ok(metric(base, "lockstep_feed_seq").await? as u64)
 }
 
 fn write_config(dir: &Path, name: &str, toml: &str) -> Result<std::path::PathBuf> {

@@ -457,6 +457,22 @@ where
     Ok(summarize(latencies, started.elapsed()))
 }
 
+/// The value of the gauge or counter `name` (without labels) in the `/metrics` of the server at
+/// `base`.
+///
+/// # Errors
+/// When `/metrics` cannot be read or has no such line.
+pub async fn metric(base: &str, name: &str) -> Result<f64> {
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await?
+        .text()
+        .await?;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .with_context(|| format!("{name} in {base}/metrics"))
+}
+
 /// Sends the requests `request(client, index)` builds for every index in `indexes`, over
 /// `connections` connections, as fast as they are answered.
 ///
