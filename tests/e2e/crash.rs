@@ -538,7 +538,8 @@ jitter = 0.0
 }
 
 /// A server whose disk fills up (here: its files may not grow past 2 MiB) refuses writes from
-/// the first failed flush on, with 503 `unavailable`, and keeps answering reads. Nothing it
+/// the first failed flush on, with 503 `store_failed` and no `Retry-After` (only a restart
+/// helps), and keeps answering reads. Nothing it
 /// acknowledged is lost: restarted with room again, every acknowledged write is there, and it
 /// takes writes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +582,18 @@ async fn a_full_disk_stops_writes_and_loses_no_acknowledged_one() -> Result<()> 
         }
     }
     let refused = refused.context("2 MiB never filled up")?;
-    expect_error(refused, 503, "unavailable").await?;
+    assert!(
+        refused.headers().get("retry-after").is_none(),
+        "{:?}",
+        refused.headers()
+    );
+    let body = expect_error(refused, 503, "store_failed").await?;
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|detail| detail.contains("until the server is restarted")),
+        "{body}"
+    );
     assert!(
         acked.len() > 10,
         "only {} writes before the disk was full",
@@ -598,11 +610,11 @@ async fn a_full_disk_stops_writes_and_loses_no_acknowledged_one() -> Result<()> 
     expect_error(
         patch(&server.base, "d0", r#"{"more": 1}"#).await?,
         503,
-        "unavailable",
+        "store_failed",
     )
     .await?;
     let ready = client.get(format!("{}/readyz", server.base)).send().await?;
-    assert_eq!(ready.status(), 503);
+    expect_error(ready, 503, "store_failed").await?;
     let read = client
         .get(format!("{}/v1/entities/doc/d0", server.base))
         .send()

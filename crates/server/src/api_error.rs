@@ -107,6 +107,9 @@ impl ApiError {
                 store::Error::Closed => {
                     (StatusCode::SERVICE_UNAVAILABLE, "unavailable".into(), None)
                 }
+                store::Error::Failed => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "store_failed".into(), None)
+                }
                 store::Error::Storage(_)
                 | store::Error::Sync(_)
                 | store::Error::Corrupt { .. }
@@ -241,11 +244,14 @@ impl IntoResponse for ApiError {
             Some(detail) => detail,
             None => {
                 tracing::error!(status = status.as_u16(), error = %CauseChain(&self), "request failed");
-                match status {
-                    StatusCode::SERVICE_UNAVAILABLE => {
-                        "the store is not taking writes: the server is shutting down, or a \
-                         flush failed (a full disk, say; see the server's log) and the server \
-                         must be restarted"
+                match &self {
+                    Self::Store(store::Error::Failed) => {
+                        "a flush failed (a full disk, say; see the server's log), so the store \
+                         takes no more writes until the server is restarted; every write \
+                         acknowledged before is kept, and reads go on"
+                    }
+                    _ if status == StatusCode::SERVICE_UNAVAILABLE => {
+                        "the store is not taking writes: the server is shutting down"
                     }
                     _ => "an internal error occurred; it has been logged",
                 }

@@ -31,10 +31,8 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
     if state.shutdown.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
-    if !state.store.is_open() {
-        // A flush failed: the store refuses writes until the process is restarted.
-        return Err(ApiError::Store(store::Error::Closed));
-    }
+    // After a failed flush the store refuses writes until the process is restarted.
+    state.store.writable()?;
     Ok(Json(
         json!({ "status": "ready", "feed_seq": state.store.last_seq().0 }),
     ))

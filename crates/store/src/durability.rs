@@ -49,14 +49,24 @@ struct FlushState {
 }
 
 impl FlushState {
+    /// Whether writes are still taken: [`Error::Failed`] after a failed flush, [`Error::Closed`]
+    /// once closed.
+    fn check(&self) -> Result<()> {
+        if self.failed {
+            Err(Error::Failed)
+        } else if self.closed {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Whether flush `ticket` has finished, or an error if it never will.
     fn reached(&self, ticket: FlushTicket) -> Result<bool> {
         if self.completed >= ticket.0 {
             Ok(true)
-        } else if self.failed || self.closed {
-            Err(Error::Closed)
         } else {
-            Ok(false)
+            self.check().map(|()| false)
         }
     }
 }
@@ -125,9 +135,7 @@ impl Durability {
     /// its number for [`Durability::wait_for`] or [`Durability::wait_for_async`].
     pub(crate) fn request(&self) -> Result<FlushTicket> {
         let mut state = self.lock();
-        if state.failed || state.closed {
-            return Err(Error::Closed);
-        }
+        state.check()?;
         state.pending = true;
         // A flush that is running may have started before the caller's batch was applied: only
         // the next one is sure to cover it.
@@ -170,10 +178,10 @@ impl Durability {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether writes are still accepted: the store is not closed and no flush has failed.
-    pub(crate) fn is_open(&self) -> bool {
-        let state = self.lock();
-        !state.failed && !state.closed
+    /// Whether writes are still accepted: [`Error::Failed`] after a failed flush,
+    /// [`Error::Closed`] once closed.
+    pub(crate) fn check(&self) -> Result<()> {
+        self.lock().check()
     }
 
     /// A receiver of the highest feed sequence number known to be on disk.

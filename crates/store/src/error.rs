@@ -57,6 +57,11 @@ pub enum Error {
     /// The store is shutting down or its flusher died; the write may not be durable.
     #[error("the store is closed")]
     Closed,
+    /// A flush failed (a full disk, an I/O error). sled's state after a failed flush is
+    /// unknown, so the store takes no more writes until it is opened again; every write
+    /// acknowledged before the failure is on disk. The write may not be durable.
+    #[error("a flush failed, so the store takes no more writes until it is opened again")]
+    Failed,
 }
 
 /// The store's result type.
@@ -77,6 +82,7 @@ impl Error {
     pub(crate) fn duplicate(&self) -> Error {
         match self {
             Error::Closed => Error::Closed,
+            Error::Failed => Error::Failed,
             Error::Storage(error) => Error::Storage(error.clone()),
             Error::Sync(error) => Error::Sync(std::io::Error::new(error.kind(), error.to_string())),
             other => Error::Corrupt {

@@ -468,9 +468,7 @@ impl Store {
         if writes.is_empty() {
             return Ok(());
         }
-        if !self.inner.durability.is_open() {
-            return Err(Error::Closed);
-        }
+        self.inner.durability.check()?;
         let mut batch = sled::Batch::default();
         for write in writes {
             write.add_to(&mut batch);
@@ -979,7 +977,15 @@ impl Store {
 
     /// Whether the store accepts writes: false after [`Store::close`] or a failed flush.
     pub fn is_open(&self) -> bool {
-        self.inner.durability.is_open()
+        self.writable().is_ok()
+    }
+
+    /// Whether the store accepts writes, and if not why.
+    ///
+    /// # Errors
+    /// [`Error::Failed`] after a failed flush, [`Error::Closed`] after [`Store::close`].
+    pub fn writable(&self) -> Result<()> {
+        self.inner.durability.check()
     }
 
     /// Counters for metrics.
@@ -1421,9 +1427,9 @@ impl Store {
     pub(crate) fn commit(&self, staged: Vec<Staged>) -> Result<Vec<Written>> {
         let rows = staged.iter().filter(|staged| staged.row.is_some()).count();
         let touches_sled = staged.iter().any(|staged| !staged.writes.is_empty());
-        if touches_sled && !self.inner.durability.is_open() {
-            // Refuse before touching sled: a write that reports `Closed` must not show up later.
-            return Err(Error::Closed);
+        if touches_sled {
+            // Refuse before touching sled: a write that reports an error must not show up later.
+            self.inner.durability.check()?;
         }
         let mut staged = staged;
         if touches_sled {
