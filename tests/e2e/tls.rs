@@ -107,7 +107,57 @@ async fn a_server_with_tls_serves_https_only() -> Result<()> {
         .send()
         .await?;
     assert_eq!(health.status(), 200);
+    // When the certificate expires, for alerts: the fixture's ends at 2126-01-01T00:00:00Z.
+    let metrics = client
+        .get(https(&server, "localhost", "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("\nlockstep_tls_certificate_not_after_seconds 4922899200\n"),
+        "{metrics}"
+    );
     server.stop().await?;
+    Ok(())
+}
+
+/// A server whose certificate has expired starts (a renewed certificate needs a restart anyway),
+/// but says so in a warning before it announces its address, since clients will refuse it.
+#[tokio::test]
+async fn a_server_with_an_expired_certificate_warns_at_startup() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+
+    let dir = tempfile::tempdir()?;
+    let mut child = tokio::process::Command::new(release_binary()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("LOCKSTEP_TLS_CERT_FILE", fixture("server-expired.pem"))
+        .env("LOCKSTEP_TLS_KEY_FILE", fixture("server.key"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr is piped")?;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let before_listening = within("the server to listen", async {
+        let mut seen = Vec::new();
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("listening on ") {
+                return Ok(seen);
+            }
+            seen.push(line);
+        }
+        anyhow::bail!("the server ended before it listened: {seen:?}")
+    })
+    .await??;
+    let warning = before_listening
+        .iter()
+        .find(|line| line.contains("the TLS certificate expired"))
+        .with_context(|| format!("no expiry warning in {before_listening:?}"))?;
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("server-expired.pem"), "{warning}");
+    child.kill().await?;
     Ok(())
 }
 

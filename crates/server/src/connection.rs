@@ -92,7 +92,7 @@ pub(crate) async fn accept(
         match &tls {
             None => tasks.spawn(serve(stream, builder, app, shutdown, force).instrument(span)),
             Some(tls) => {
-                let (tls, handshake_timeout) = (tls.0.clone(), limits.header_read_timeout);
+                let (tls, handshake_timeout) = (tls.tls.clone(), limits.header_read_timeout);
                 tasks.spawn(
                     async move {
                         let handshake = tokio::time::timeout(handshake_timeout, tls.accept(stream));

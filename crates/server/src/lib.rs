@@ -172,12 +172,13 @@ pub async fn run_with_store(
     // line, under the binary's target, and read the port from it.
     match listener.local_addr() {
         Ok(address) => {
-            if config.tls_acceptor.is_some() {
+            if let Some(tls) = &config.tls_acceptor {
                 tracing::info!(
                     target: "lockstep",
                     cert_file = %config.tls.cert_file.display(),
                     "serving HTTPS only"
                 );
+                tls::warn_of_expiry(tls, &config.tls.cert_file);
             }
             tracing::info!(target: "lockstep", "listening on {address}")
         }

@@ -200,6 +200,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .max_concurrent_requests
         .saturating_sub(state.admission.available_permits());
     let mut text = state.metrics.render(state.store.stats(), in_flight);
+    if let Some(validity) = state
+        .config
+        .tls_acceptor
+        .as_ref()
+        .and_then(|tls| tls.validity)
+    {
+        let name = "lockstep_tls_certificate_not_after_seconds";
+        let _ = writeln!(
+            text,
+            "# HELP {name} When the server's TLS certificate expires, in seconds since the Unix epoch.\n# TYPE {name} gauge\n{name} {}",
+            validity.not_after
+        );
+    }
     crate::connectors::render_metrics(&state, &mut text);
     crate::replication::render_metrics(&state, &mut text);
     (
