@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use lockstep_tests::sites::{converged, release_binary, site_toml, Dial};
+use lockstep_tests::sites::{converged, free_port, release_binary, site_toml, Dial, Process};
 use lockstep_tests::{poll_until, within, TestServer};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
@@ -126,38 +126,35 @@ async fn a_server_with_tls_serves_https_only() -> Result<()> {
 /// but says so in a warning before it announces its address, since clients will refuse it.
 #[tokio::test]
 async fn a_server_with_an_expired_certificate_warns_at_startup() -> Result<()> {
-    use tokio::io::AsyncBufReadExt;
-
     let dir = tempfile::tempdir()?;
-    let mut child = tokio::process::Command::new(release_binary()?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .env("LOCKSTEP_TLS_CERT_FILE", fixture("server-expired.pem"))
-        .env("LOCKSTEP_TLS_KEY_FILE", fixture("server.key"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stderr = child.stderr.take().context("stderr is piped")?;
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let before_listening = within("the server to listen", async {
-        let mut seen = Vec::new();
-        while let Some(line) = lines.next_line().await? {
-            if line.contains("listening on ") {
-                return Ok(seen);
-            }
-            seen.push(line);
-        }
-        anyhow::bail!("the server ended before it listened: {seen:?}")
-    })
-    .await??;
-    let warning = before_listening
+    let config = dir.path().join("lockstep.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            fixture("server-expired.pem"),
+            fixture("server.key")
+        ),
+    )?;
+    let server = Process::start_capturing(
+        &release_binary()?,
+        &config,
+        &dir.path().join("data"),
+        free_port()?,
+        "info",
+    )
+    .await?;
+    let log = server.log();
+    let listening = log
+        .iter()
+        .position(|line| line.contains("listening on "))
+        .context("the listening line")?;
+    let warning = log[..listening]
         .iter()
         .find(|line| line.contains("the TLS certificate expired"))
-        .with_context(|| format!("no expiry warning in {before_listening:?}"))?;
+        .with_context(|| format!("no expiry warning before listening in {log:?}"))?;
     assert!(warning.contains("WARN"), "{warning}");
     assert!(warning.contains("server-expired.pem"), "{warning}");
-    child.kill().await?;
     Ok(())
 }
 
