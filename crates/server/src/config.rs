@@ -429,6 +429,7 @@ impl Config {
             sources.env.iter().cloned().collect();
         let from_env = apply_env(&mut table, sources.env)?;
         let named = |error: ConfigError| name_variable(error, &from_env);
+        let entries = entry_names(&table);
         let mut config: Config = serde_path_to_error::deserialize(Value::Table(table))
             .map_err(|error| {
                 let key = error.path().to_string();
@@ -436,7 +437,7 @@ impl Config {
                     key: if key == "." {
                         "(top level)".into()
                     } else {
-                        key
+                        by_name(key, &entries)
                     },
                     // toml appends the key path on a second line; the key is already named.
                     detail: error
@@ -600,6 +601,35 @@ fn merge(base: &mut Table, overlay: Table) {
 
 /// Names the environment variable behind a key in an error about that key's value, since the
 /// person who set `LOCKSTEP_WRITER_THREADS=0` may never have seen `store.writer_threads`.
+/// Each `[[peers]]` and `[[connectors]]` entry that has a `name`, as the key prefix serde gives
+/// a mistake in it (`peers[0]`) and the one the other errors use (`peers[north]`).
+fn entry_names(table: &toml::Table) -> Vec<(String, String)> {
+    let mut names = Vec::new();
+    for list in ["peers", "connectors"] {
+        let Some(Value::Array(entries)) = table.get(list) else {
+            continue;
+        };
+        for (index, entry) in entries.iter().enumerate() {
+            if let Some(Value::String(name)) = entry.get("name") {
+                names.push((format!("{list}[{index}]"), format!("{list}[{name}]")));
+            }
+        }
+    }
+    names
+}
+
+/// `key` with an entry's index replaced by its name (see [`entry_names`]).
+fn by_name(key: String, entries: &[(String, String)]) -> String {
+    for (indexed, named) in entries {
+        if let Some(rest) = key.strip_prefix(indexed.as_str()) {
+            if rest.is_empty() || rest.starts_with('.') {
+                return format!("{named}{rest}");
+            }
+        }
+    }
+    key
+}
+
 fn name_variable(error: ConfigError, from_env: &[(String, &'static str)]) -> ConfigError {
     match error {
         ConfigError::Invalid { key, detail } => {

@@ -375,3 +375,32 @@ fn tls_needs_a_certificate_and_its_key_that_load() {
     .to_string();
     assert!(error.contains("tls.key_file"), "{error}");
 }
+
+#[test]
+fn a_mistake_in_a_peer_or_connector_entry_names_it_by_its_name() {
+    let error = load_toml(
+        "[[peers]]\nname = \"north\"\nurl = \"https://north.example\"\ntoken = \"t\"\nca_file = 5\n",
+        &[],
+    )
+    .expect_err("ca_file is a path")
+    .to_string();
+    assert!(
+        error.starts_with("configuration key `peers[north].ca_file`: invalid type"),
+        "{error}"
+    );
+    let error = load_toml(
+        "[[connectors]]\nname = \"a\"\nkind = \"k\"\nid_field = \"id\"\nwebhook_secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nfields = { x = \"y\" }\n\n[[connectors]]\nname = \"b\"\nkind = 5\n",
+        &[],
+    )
+    .expect_err("kind is a string")
+    .to_string();
+    assert!(
+        error.starts_with("configuration key `connectors[b].kind`: invalid type"),
+        "{error}"
+    );
+    // Without a name, the index is all there is.
+    let error = load_toml("[[peers]]\nurl = 5\n", &[])
+        .expect_err("no name")
+        .to_string();
+    assert!(error.starts_with("configuration key `peers[0]"), "{error}");
+}
