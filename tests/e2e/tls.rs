@@ -158,6 +158,58 @@ async fn a_server_with_an_expired_certificate_warns_at_startup() -> Result<()> {
     Ok(())
 }
 
+/// When the server's certificate expires, from `/metrics`, over a new connection.
+async fn not_after(server: &TestServer) -> Result<String> {
+    let metrics = trusting_client()?
+        .get(https(server, "localhost", "/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("lockstep_tls_certificate_not_after_seconds "))
+        .map(str::to_string)
+        .with_context(|| format!("no certificate expiry in {metrics}"))
+}
+
+/// A renewed certificate (its files replaced) is served from the next connection on, without a
+/// restart; files that do not load leave the certificate in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(fixture("server.pem"), &cert)?;
+    std::fs::copy(fixture("server.key"), &key)?;
+    let server = TestServer::start_with(&format!(
+        "[tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nreload_interval = \"50ms\"\n"
+    ))
+    .await?;
+    assert_eq!(not_after(&server).await?, "4922899200");
+
+    // A renewal caught halfway: the new files do not load, and the certificate in use stays.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(not_after(&server).await?, "4922899200");
+
+    // The renewed certificate; the expired fixture, so that clients can tell it apart.
+    std::fs::copy(fixture("server-expired.pem"), &cert)?;
+    poll_until("the new certificate", || async {
+        // New connections get the expired certificate and refuse it.
+        let refused = trusting_client()?
+            .get(https(&server, "localhost", "/healthz"))
+            .send()
+            .await;
+        Ok(match refused {
+            Err(error) if format!("{error:?}").contains("Expired") => Some(()),
+            _ => None,
+        })
+    })
+    .await?;
+    server.stop().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_replicates_with_a_peer_over_https_trusting_its_ca_file() -> Result<()> {
     let north = TestServer::start_with(&format!(

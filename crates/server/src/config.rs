@@ -83,6 +83,11 @@ const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
         EnvValue::Text,
     ),
     (
+        "LOCKSTEP_TLS_RELOAD_INTERVAL",
+        &["tls", "reload_interval"],
+        EnvValue::Text,
+    ),
+    (
         "LOCKSTEP_MAX_BODY_BYTES",
         &["limits", "max_body_bytes"],
         EnvValue::Integer,
@@ -219,6 +224,9 @@ pub struct TlsSettings {
     pub cert_file: PathBuf,
     /// The PEM file with the certificate's private key; empty for plain HTTP.
     pub key_file: PathBuf,
+    /// How often to check the two files for a renewed certificate; zero never checks.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 /// The `[limits]` section.

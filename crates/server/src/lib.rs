@@ -178,7 +178,14 @@ pub async fn run_with_store(
                     cert_file = %config.tls.cert_file.display(),
                     "serving HTTPS only"
                 );
-                tls::warn_of_expiry(tls, &config.tls.cert_file);
+                tls::warn_of_expiry(tls.validity(), &config.tls.cert_file);
+                if !config.tls.reload_interval.is_zero() {
+                    tasks.spawn(tls::reload_on_change(
+                        tls.clone(),
+                        config.tls.reload_interval,
+                        shutdown.clone(),
+                    ));
+                }
             }
             tracing::info!(target: "lockstep", "listening on {address}")
         }

@@ -204,7 +204,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .config
         .tls_acceptor
         .as_ref()
-        .and_then(|tls| tls.validity)
+        .and_then(crate::tls::Acceptor::validity)
     {
         let name = "lockstep_tls_certificate_not_after_seconds";
         let _ = writeln!(

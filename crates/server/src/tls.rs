@@ -1,23 +1,31 @@
-//! Serving HTTPS: the `[tls]` section's certificate chain and private key, read once at startup
-//! into a rustls server configuration. Connections then do their TLS handshake before HTTP, under
-//! the header-read timeout (see `connection`).
+//! Serving HTTPS: the `[tls]` section's certificate chain and private key, read at startup into
+//! a rustls server configuration. Connections then do their TLS handshake before HTTP, under the
+//! header-read timeout (see `connection`).
+//!
+//! The certificate is read again when its files change (checked every `tls.reload_interval`),
+//! so a renewed one is served without a restart; new handshakes get it, connections already
+//! open keep theirs. Files that do not load (a renewal caught halfway, a key that does not go
+//! with the certificate) are logged and the certificate in use is kept.
 
 use std::fmt;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsSettings;
 
-/// The server side of TLS for every connection, and when the server's certificate is valid.
+/// The server side of TLS for every connection, and the certificate it presents now.
 #[derive(Clone)]
 pub struct Acceptor {
     pub(crate) tls: TlsAcceptor,
-    /// `None` when the certificate's validity could not be read.
-    pub(crate) validity: Option<Validity>,
+    current: Arc<Current>,
 }
 
 impl fmt::Debug for Acceptor {
@@ -26,12 +34,90 @@ impl fmt::Debug for Acceptor {
     }
 }
 
+/// The certificate presented now, with what it was loaded from.
+#[derive(Debug)]
+struct Current {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    loaded: RwLock<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    /// `None` when the certificate's validity could not be read.
+    validity: Option<Validity>,
+    /// The files' modification times and sizes when they were last read.
+    stamp: Option<Stamp>,
+}
+
+type Stamp = [(Option<SystemTime>, u64); 2];
+
+/// Why the `[tls]` files do not load: the key at fault and what is wrong.
+pub(crate) type LoadError = (&'static str, String);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.read().key.clone())
+    }
+}
+
+impl Current {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Loaded> {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stamp(&self) -> Option<Stamp> {
+        stamp(&self.cert_file, &self.key_file)
+    }
+}
+
+/// The files' modification times and sizes; `None` when either cannot be read.
+fn stamp(cert_file: &Path, key_file: &Path) -> Option<Stamp> {
+    let of = |path: &Path| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok(), meta.len()))
+    };
+    Some([of(cert_file)?, of(key_file)?])
+}
+
+impl Acceptor {
+    /// When the certificate presented now is valid.
+    pub(crate) fn validity(&self) -> Option<Validity> {
+        self.current.read().validity
+    }
+
+    /// Reads the certificate and key again if their files changed since they were last read,
+    /// and presents them from the next handshake on. Returns what happened, for the log: `None`
+    /// when nothing changed, else the new certificate's validity or why it was not taken.
+    pub(crate) fn reload_if_changed(&self) -> Option<Result<Option<Validity>, LoadError>> {
+        let stamp = self.current.stamp();
+        if stamp.is_none() || stamp == self.current.read().stamp {
+            // Unchanged, or a file is missing for a moment (a renewal that swaps files).
+            return None;
+        }
+        let outcome = load(&self.current.cert_file, &self.current.key_file);
+        let mut loaded = self
+            .current
+            .loaded
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        // Tried once per change of the files, whatever came of it.
+        loaded.stamp = stamp;
+        Some(outcome.map(|(key, validity)| {
+            loaded.key = key;
+            loaded.validity = validity;
+            validity
+        }))
+    }
+}
+
 /// The acceptor `settings` describe: `None` when both files are left empty (plain HTTP).
 ///
 /// # Errors
 /// The key at fault and why: only one of the two files given, a file that cannot be read or
 /// holds no certificate or key, or a key that does not belong to the certificate.
-pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, (&'static str, String)> {
+pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, LoadError> {
     let (cert_file, key_file) = (&settings.cert_file, &settings.key_file);
     match (
         cert_file.as_os_str().is_empty(),
@@ -52,6 +138,38 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, (&'st
         }
         (false, false) => {}
     }
+    // Taken before reading, so that a change made while reading is read again later.
+    let stamp = stamp(cert_file, key_file);
+    let (key, validity) = load(cert_file, key_file)?;
+    let current = Arc::new(Current {
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+        loaded: RwLock::new(Loaded {
+            key,
+            validity,
+            stamp,
+        }),
+    });
+    let mut config = ServerConfig::builder_with_provider(replication::tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ("tls.cert_file", format!("TLS cannot be set up: {error}")))?
+        .with_no_client_auth()
+        .with_cert_resolver(current.clone());
+    // Only HTTP/1 is served (see `connection`): a client that offers only `h2` is refused in
+    // the handshake, one that offers nothing is served HTTP/1.1.
+    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+    Ok(Some(Acceptor {
+        tls: TlsAcceptor::from(Arc::new(config)),
+        current,
+    }))
+}
+
+/// The certificate chain in `cert_file` with the private key in `key_file`, checked to go
+/// together, and when the certificate is valid.
+fn load(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(Arc<CertifiedKey>, Option<Validity>), LoadError> {
     let chain =
         replication::tls::certificates(cert_file).map_err(|detail| ("tls.cert_file", detail))?;
     if let Ok(text) = std::fs::read(key_file) {
@@ -77,11 +195,7 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, (&'st
         ("tls.key_file", detail)
     })?;
     let validity = validity(&chain[0]);
-    let mut config = ServerConfig::builder_with_provider(replication::tls::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|error| ("tls.cert_file", format!("TLS cannot be set up: {error}")))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
+    let certified = CertifiedKey::from_der(chain, key, &replication::tls::crypto_provider())
         .map_err(|error| {
             (
                 "tls.key_file",
@@ -92,13 +206,7 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<Option<Acceptor>, (&'st
                 ),
             )
         })?;
-    // Only HTTP/1 is served (see `connection`): a client that offers only `h2` is refused in
-    // the handshake, one that offers nothing is served HTTP/1.1.
-    config.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
-    Ok(Some(Acceptor {
-        tls: TlsAcceptor::from(Arc::new(config)),
-        validity,
-    }))
+    Ok((Arc::new(certified), validity))
 }
 
 /// When a certificate is valid, in seconds since the Unix epoch.
@@ -110,13 +218,13 @@ pub(crate) struct Validity {
 
 /// Logs a warning when the server's certificate is not valid yet, has expired, or expires
 /// within 30 days; clients would refuse it, and nothing else would say why.
-pub(crate) fn warn_of_expiry(acceptor: &Acceptor, cert_file: &std::path::Path) {
-    let now = std::time::SystemTime::now()
+pub(crate) fn warn_of_expiry(validity: Option<Validity>, cert_file: &Path) {
+    let now = SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| {
             i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
         });
-    match acceptor.validity {
+    match validity {
         Some(validity) => {
             if let Some(warning) = expiry_warning(validity, now) {
                 tracing::warn!(target: "lockstep", cert_file = %cert_file.display(), "{warning}");
@@ -127,6 +235,37 @@ pub(crate) fn warn_of_expiry(acceptor: &Acceptor, cert_file: &std::path::Path) {
             cert_file = %cert_file.display(),
             "the TLS certificate's validity could not be read, so its expiry is not checked"
         ),
+    }
+}
+
+/// Checks the certificate's files every `interval` until `shutdown`, and serves what they hold
+/// from the next handshake on once they change and load (see [`Acceptor::reload_if_changed`]).
+pub(crate) async fn reload_on_change(
+    acceptor: Acceptor,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let cert_file = acceptor.current.cert_file.clone();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match acceptor.reload_if_changed() {
+            None => {}
+            Some(Ok(validity)) => {
+                tracing::info!(
+                    target: "lockstep",
+                    cert_file = %cert_file.display(),
+                    "the TLS certificate's files changed; new connections get the new certificate"
+                );
+                warn_of_expiry(validity, &cert_file);
+            }
+            Some(Err((key, detail))) => tracing::warn!(
+                target: "lockstep",
+                "the TLS certificate's files changed but do not load, so the certificate in use is kept: configuration key `{key}`: {detail}"
+            ),
+        }
     }
 }
 
@@ -144,12 +283,12 @@ pub(crate) fn expiry_warning(validity: Validity, now: i64) -> Option<String> {
         ))
     } else if now >= validity.not_after {
         Some(format!(
-            "the TLS certificate expired {} days ago: clients will refuse it; renew it and restart",
+            "the TLS certificate expired {} days ago: clients will refuse it; renew it (a renewed certificate is taken without a restart, see tls.reload_interval)",
             days(now - validity.not_after)
         ))
     } else if validity.not_after - now < EXPIRY_WARNING_SECONDS {
         Some(format!(
-            "the TLS certificate expires in {} days; renew it and restart before then",
+            "the TLS certificate expires in {} days; renew it before then",
             days(validity.not_after - now)
         ))
     } else {

@@ -39,6 +39,7 @@ fn defaults_parse_and_match_the_documented_values() {
     assert_eq!(config.store.data_dir, Path::new("./lockstep-data"));
     assert_eq!(config.store.cache_entries, 4096);
     assert_eq!(config.store.cache_bytes, 256 * 1024 * 1024);
+    assert_eq!(config.tls.reload_interval, Duration::from_secs(60));
     assert_eq!(config.store.sync_mode, SyncMode::Flush);
     assert_eq!(config.store.writer_threads, 1);
     assert_eq!(config.request_threads_nice, 5);
