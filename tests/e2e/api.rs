@@ -2,7 +2,7 @@
 //! time travel and conflicts, plus the health and metrics endpoints.
 
 use anyhow::{Context, Result};
-use lockstep_tests::{expect_error, within, TestServer};
+use lockstep_tests::{expect_error, header, within, TestServer};
 use serde_json::{json, Value};
 use store::{EntityKey, Origin, Store, StoreConfig, WriteOptions};
 
@@ -262,7 +262,7 @@ async fn at_reads_an_earlier_version() -> Result<()> {
     let response = server.get_response(&format!("{path}?at={v1}")).await?;
     assert_eq!(response.status(), 200);
     assert_eq!(
-        response.headers().get("etag").and_then(|v| v.to_str().ok()),
+        header(&response, "etag"),
         Some(format!("\"{v1}\"").as_str())
     );
     let old: Value = within("reading", response.json()).await??;
@@ -416,11 +416,7 @@ async fn health_readiness_and_metrics_answer() -> Result<()> {
         .await?;
     let response = server.get_response("/metrics").await?;
     assert_eq!(response.status(), 200);
-    assert!(response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("text/plain")));
+    assert!(header(&response, "content-type").is_some_and(|value| value.starts_with("text/plain")));
     let text = within("reading metrics", response.text()).await??;
     for expected in [
         "lockstep_http_requests_total{route=\"/v1/entities/{kind}/{id}\",method=\"PATCH\",status=\"201\"} 1",

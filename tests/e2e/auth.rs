@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use lockstep_tests::sites::{free_port, release_binary, Process};
-use lockstep_tests::{expect_error, within, TestServer};
+use lockstep_tests::{expect_error, header, within, TestServer};
 use reqwest::{Method, RequestBuilder};
 use serde_json::{json, Value};
 
@@ -52,10 +52,7 @@ async fn v1_needs_a_known_bearer_token() -> Result<()> {
         }
         let response = server.send(request).await?;
         assert_eq!(
-            response
-                .headers()
-                .get("www-authenticate")
-                .and_then(|value| value.to_str().ok()),
+            header(&response, "www-authenticate"),
             Some("Bearer realm=\"lockstep\"")
         );
         expect_error(response, 401, "unauthenticated").await?;

@@ -2,17 +2,14 @@
 //! backlog, live rows, kind filter and `Last-Event-ID` resume.
 
 use anyhow::{Context, Result};
-use lockstep_tests::{expect_error, within, EventReader, TestServer};
+use lockstep_tests::{expect_error, header, within, EventReader, TestServer};
 use serde_json::{json, Value};
 
 async fn feed_lines(server: &TestServer, query: &str) -> Result<Vec<Value>> {
     let response = server.get_response(&format!("/v1/changes{query}")).await?;
     assert_eq!(response.status(), 200);
     assert_eq!(
-        response
-            .headers()
-            .get("content-type")
-            .and_then(|value| value.to_str().ok()),
+        header(&response, "content-type"),
         Some("application/x-ndjson")
     );
     let text = within("reading the feed", response.text()).await??;
@@ -189,13 +186,7 @@ async fn event_streams_are_capped() -> Result<()> {
     let _second = open_stream(&server, "?since=0", None).await?;
     let refused = try_stream(&server).await?;
     assert_eq!(refused.status(), 503);
-    assert_eq!(
-        refused
-            .headers()
-            .get("retry-after")
-            .and_then(|value| value.to_str().ok()),
-        Some("5")
-    );
+    assert_eq!(header(&refused, "retry-after"), Some("5"));
     expect_error(refused, 503, "too_many_streams").await?;
     // JSON lines are not streams and stay available.
     feed_lines(&server, "?since=0").await?;

@@ -5,7 +5,9 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use lockstep_tests::{expect_error, read_raw_response, within, write_raw, TestServer, TIMEOUT};
+use lockstep_tests::{
+    expect_error, header, read_raw_response, within, write_raw, TestServer, TIMEOUT,
+};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 
@@ -141,13 +143,7 @@ async fn requests_over_the_concurrency_cap_get_503_at_once() -> Result<()> {
     // Once the holder is admitted, every other /v1 request is refused immediately.
     server.await_in_flight(1).await?;
     let refused = server.get_response("/v1/entities/cap/2").await?;
-    assert_eq!(
-        refused
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()),
-        Some("1")
-    );
+    assert_eq!(header(&refused, "retry-after"), Some("1"));
     expect_error(refused, 503, "overloaded").await?;
     // Probes are not subject to the cap.
     let (status, _) = server.get("/healthz").await?;

@@ -339,6 +339,14 @@ impl Drop for TestServer {
     }
 }
 
+/// The value of header `name` in `response`, when it is there and readable as text.
+pub fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+}
+
 /// Checks that `response` has `status` and a `{"code", "detail"}` body with `code`; returns the body.
 ///
 /// # Errors

@@ -167,28 +167,26 @@ pub async fn run_with_store(
         config: config.clone(),
     });
     let app = routes::app(state);
+    if let Some(tls) = &config.tls_acceptor {
+        tracing::info!(
+            target: "lockstep",
+            cert_file = %config.tls.cert_file.display(),
+            "serving HTTPS only"
+        );
+        tls::warn_of_expiry(tls.validity(), &config.tls.cert_file);
+        if !config.tls.reload_interval.is_zero() {
+            tasks.spawn(tls::reload_on_change(
+                tls.clone(),
+                config.tls.reload_interval,
+                shutdown.clone(),
+            ));
+        }
+    }
     // Said only now that requests are served: a process that cannot open its store (another
     // one holds it) must not have announced an address first. Scripts and tests wait for this
     // line, under the binary's target, and read the port from it.
     match listener.local_addr() {
-        Ok(address) => {
-            if let Some(tls) = &config.tls_acceptor {
-                tracing::info!(
-                    target: "lockstep",
-                    cert_file = %config.tls.cert_file.display(),
-                    "serving HTTPS only"
-                );
-                tls::warn_of_expiry(tls.validity(), &config.tls.cert_file);
-                if !config.tls.reload_interval.is_zero() {
-                    tasks.spawn(tls::reload_on_change(
-                        tls.clone(),
-                        config.tls.reload_interval,
-                        shutdown.clone(),
-                    ));
-                }
-            }
-            tracing::info!(target: "lockstep", "listening on {address}")
-        }
+        Ok(address) => tracing::info!(target: "lockstep", "listening on {address}"),
         Err(error) => {
             tracing::warn!(target: "lockstep", %error, "serving, but the bound address cannot be read")
         }

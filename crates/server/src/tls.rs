@@ -172,19 +172,23 @@ fn load(
 ) -> Result<(Arc<CertifiedKey>, Option<Validity>), LoadError> {
     let chain =
         replication::tls::certificates(cert_file).map_err(|detail| ("tls.cert_file", detail))?;
-    if let Ok(text) = std::fs::read(key_file) {
-        let text = String::from_utf8_lossy(&text);
-        if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
-            return Err((
-                "tls.key_file",
-                format!(
-                    "{}: the private key is encrypted, which is not supported (the server would need its passphrase at every start); decrypt it, e.g. `openssl pkey -in {0} -out key.pem`, and keep that file readable by the server alone",
-                    key_file.display()
-                ),
-            ));
-        }
+    let pem = std::fs::read(key_file).map_err(|error| {
+        (
+            "tls.key_file",
+            format!("{}: I/O error: {error}", key_file.display()),
+        )
+    })?;
+    let text = String::from_utf8_lossy(&pem);
+    if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err((
+            "tls.key_file",
+            format!(
+                "{}: the private key is encrypted, which is not supported (the server would need its passphrase at every start); decrypt it, e.g. `openssl pkey -in {0} -out key.pem`, and keep that file readable by the server alone",
+                key_file.display()
+            ),
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|error| {
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|error| {
         let detail = match error {
             rustls::pki_types::pem::Error::NoItemsFound => format!(
                 "{}: holds no PEM private key (-----BEGIN PRIVATE KEY-----, or RSA / EC PRIVATE KEY)",

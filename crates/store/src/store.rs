@@ -1466,11 +1466,10 @@ impl Store {
             }
             self.inner.db.apply_batch(batch)?;
             *last_seq = seq;
-            // Before the rows can become durable, as below.
+            // Before the rows can become durable: a reader that sees them durable must find
+            // them in memory and among the kinds' last rows.
             self.inner.recent.push(committed);
             {
-                // Before the rows can become durable: a reader that sees them durable must
-                // find them here.
                 let mut kinds = self
                     .inner
                     .kind_seqs

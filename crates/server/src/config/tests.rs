@@ -337,6 +337,11 @@ fn tls_needs_a_certificate_and_its_key_that_load() {
             "missing.pem: I/O error",
         ),
         (
+            toml("server.pem", "missing.key"),
+            "tls.key_file",
+            "missing.key: I/O error",
+        ),
+        (
             toml("server.key", "server.key"),
             "tls.cert_file",
             "holds no PEM certificate",
