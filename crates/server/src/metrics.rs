@@ -126,6 +126,12 @@ impl Metrics {
                 store.writes,
             ),
             (
+                "lockstep_store_built_writes_total",
+                "counter",
+                "Local edits built as changes without Automerge's transaction (a subset of the writes).",
+                store.built_writes,
+            ),
+            (
                 "lockstep_store_flushes_total",
                 "counter",
                 "Group flushes run since the store was opened.",

@@ -4,13 +4,15 @@
 //! lock in `store` makes sure only one thread does that for an entity at a time.
 
 use std::num::NonZeroUsize;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use automerge::Automerge;
+use automerge::{Automerge, Change, ChangeHash};
 use lru::LruCache;
 use serde_json::{Map, Value as Json};
 
+use crate::direct::WriteIndex;
 use crate::key::EntityKey;
 use crate::layout::EntityRecord;
 
@@ -109,23 +111,75 @@ pub(crate) fn document_weight(history_bytes: u64) -> u64 {
 
 /// A document as the cache and the writers hold it, with the bytes of its changes (see
 /// [`document_weight`]), which grow with every change committed to it.
+///
+/// Local edits of a settled entity are built from its [`WriteIndex`] without touching the
+/// document (see `direct`); the document takes those changes later, all at once, when it is
+/// needed itself ([`LoadedDoc::materialize`]). Until then `pending` holds them, in the order they
+/// were built, and the index is the one that knows the entity's heads.
 pub(crate) struct LoadedDoc {
     // Boxed: an `Automerge` is 3.5 KiB, and a write moves its document in and out of the cache
     // and through its batch several times.
     pub(crate) doc: Box<Automerge>,
     pub(crate) history_bytes: u64,
+    /// Changes committed to disk and not yet applied to `doc`; never any without `index`.
+    pub(crate) pending: Vec<Change>,
+    /// What building a local change needs, when it is known and up to date.
+    pub(crate) index: Option<Box<WriteIndex>>,
+}
+
+impl LoadedDoc {
+    /// A document with nothing pending and no index.
+    pub(crate) fn new(doc: Automerge, history_bytes: u64) -> Self {
+        Self {
+            doc: Box::new(doc),
+            history_bytes,
+            pending: Vec::new(),
+            index: None,
+        }
+    }
+
+    /// The entity's heads, counting the changes still pending.
+    pub(crate) fn heads(&self) -> Vec<ChangeHash> {
+        match &self.index {
+            Some(index) if !self.pending.is_empty() => index.heads().to_vec(),
+            _ => self.doc.get_heads(),
+        }
+    }
+
+    /// Applies the pending changes to the document, in one batch. `false` when Automerge
+    /// refuses them (never seen; they are its own changes); the document must then be dropped
+    /// and loaded from disk, where every one of them is.
+    pub(crate) fn materialize(&mut self) -> bool {
+        if self.pending.is_empty() {
+            return true;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let doc = &mut self.doc;
+        matches!(
+            catch_unwind(AssertUnwindSafe(|| doc.apply_changes_batch(pending))),
+            Ok(Ok(()))
+        )
+    }
 }
 
 impl std::ops::Deref for LoadedDoc {
     type Target = Automerge;
 
     fn deref(&self) -> &Automerge {
+        debug_assert!(
+            self.pending.is_empty(),
+            "a document read with changes pending"
+        );
         &self.doc
     }
 }
 
 impl std::ops::DerefMut for LoadedDoc {
     fn deref_mut(&mut self) -> &mut Automerge {
+        debug_assert!(
+            self.pending.is_empty(),
+            "a document edited with changes pending"
+        );
         &mut self.doc
     }
 }

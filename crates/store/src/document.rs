@@ -187,14 +187,14 @@ impl Touched {
         }
     }
 
-    fn add(&mut self, prefix: &str, key: &str) -> String {
+    pub(crate) fn add(&mut self, prefix: &str, key: &str) -> String {
         let path = join(prefix, key);
         self.paths.insert(path.clone());
         path
     }
 
     /// Adds `key` and, when `value` is an object written whole, every field in it.
-    fn add_value(&mut self, prefix: &str, key: &str, value: &Json) {
+    pub(crate) fn add_value(&mut self, prefix: &str, key: &str, value: &Json) {
         let path = self.add(prefix, key);
         if let Json::Object(fields) = value {
             for (child, child_value) in fields {
@@ -211,7 +211,7 @@ impl Touched {
     }
 }
 
-fn join(prefix: &str, key: &str) -> String {
+pub(crate) fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key.to_string()
     } else {
@@ -660,7 +660,7 @@ fn insert_json<T: Transactable>(
     Ok(())
 }
 
-fn json_to_scalar(value: &Json) -> ScalarValue {
+pub(crate) fn json_to_scalar(value: &Json) -> ScalarValue {
     match value {
         Json::Null => ScalarValue::Null,
         Json::Bool(flag) => ScalarValue::Boolean(*flag),

@@ -29,6 +29,7 @@
 
 mod batch;
 mod cache;
+mod direct;
 mod document;
 mod durability;
 mod error;

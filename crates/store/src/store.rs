@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::batch::{self, Edit, WriteRequest};
 use crate::cache::{CachedFields, DocCache, JsonCache, LoadedDoc, RecordCache};
+use crate::direct::WriteIndex;
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
@@ -55,6 +56,11 @@ pub struct StoreConfig {
     /// two cores a second writer only contended with the first (for stripes and sled's write
     /// lock) and made smaller batches; one writer gave 15-20% more durable writes a second.
     pub writer_threads: usize,
+    /// Whether local edits of settled entities are built as changes without Automerge's
+    /// transaction (see [`StoreStats::built_writes`]): the same changes, byte for byte, at a
+    /// fraction of the CPU. On by default; off, every write takes the transaction, which is
+    /// there to compare the two.
+    pub build_writes: bool,
 }
 
 impl StoreConfig {
@@ -69,6 +75,7 @@ impl StoreConfig {
             compact_after_chunks: 32,
             sled_cache_bytes: 64 * 1024 * 1024,
             writer_threads: 1,
+            build_writes: true,
         }
     }
 }
@@ -205,6 +212,8 @@ pub struct Page {
 pub struct StoreStats {
     /// Changes committed since the store was opened.
     pub writes: u64,
+    /// Of those, local edits built without Automerge's transaction (see the `direct` module).
+    pub built_writes: u64,
     /// Flushes run since the store was opened (each covers a group of writes).
     pub flushes: u64,
     /// Document reads served from the cache.
@@ -248,6 +257,7 @@ pub(crate) struct Inner {
     actor: ActorId,
     config: StoreConfig,
     writes: AtomicU64,
+    built_writes: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -340,6 +350,7 @@ impl Store {
                     actor: ActorId::random(),
                     config,
                     writes: AtomicU64::new(0),
+                    built_writes: AtomicU64::new(0),
                 }
             }),
         })
@@ -648,10 +659,7 @@ impl Store {
             // session asks for `missing` by name and for the dropped changes again (see
             // `replica`), and a merge's sender sends them again with their dependencies.
             // What it keeps is what it had before plus what `Store::stage` counts in.
-            let doc = LoadedDoc {
-                doc: Box::new(without_orphans(&doc, &self.inner.actor)?),
-                history_bytes: doc.history_bytes,
-            };
+            let doc = LoadedDoc::new(without_orphans(&doc, &self.inner.actor)?, doc.history_bytes);
             return Ok(Vetted {
                 doc,
                 changes: None,
@@ -992,6 +1000,7 @@ impl Store {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             writes: self.inner.writes.load(Ordering::Relaxed),
+            built_writes: self.inner.built_writes.load(Ordering::Relaxed),
             flushes: self.inner.durability.flushes(),
             cache_hits: self.inner.cache.hits.load(Ordering::Relaxed),
             cache_misses: self.inner.cache.misses.load(Ordering::Relaxed),
@@ -1053,16 +1062,32 @@ impl Store {
     /// The entity's document from the cache or disk; a new empty one when it never existed.
     /// The caller holds the entity's stripe lock.
     pub(crate) fn load(&self, key: &EntityKey) -> Result<LoadedDoc> {
-        if let Some(doc) = self.inner.cache.take(key) {
-            return Ok(doc);
+        self.load_as(key, Access::Edit)
+    }
+
+    /// [`Store::load`] for `access`: a document to edit comes without pending changes or an
+    /// index (an edit other than a local one built from it would leave the index behind), one to
+    /// read keeps its index, and one for a local write keeps both (see `direct`).
+    pub(crate) fn load_as(&self, key: &EntityKey, access: Access) -> Result<LoadedDoc> {
+        if let Some(mut doc) = self.inner.cache.take(key) {
+            if access == Access::Build {
+                return Ok(doc);
+            }
+            if doc.materialize() {
+                if access == Access::Edit {
+                    doc.index = None;
+                }
+                return Ok(doc);
+            }
+            tracing::error!(entity = %key, "automerge refused this replica's own changes; loading the entity from disk");
         }
         // The record says what there is to read: nothing at all for an entity that never
         // existed, which is every creation, and no chunk scan right after a compaction.
         let Some(record) = self.record_locked(key)? else {
-            return Ok(LoadedDoc {
-                doc: Box::new(Automerge::new().with_actor(self.inner.actor.clone())),
-                history_bytes: 0,
-            });
+            return Ok(LoadedDoc::new(
+                Automerge::new().with_actor(self.inner.actor.clone()),
+                0,
+            ));
         };
         let snapshot = if record.snapshot_bytes > 0 {
             self.inner
@@ -1128,10 +1153,10 @@ impl Store {
         let history_bytes = record
             .history_bytes
             .unwrap_or_else(|| history_bytes(&doc.get_changes(&[])));
-        Ok(LoadedDoc {
-            doc: Box::new(doc.with_actor(self.inner.actor.clone())),
+        Ok(LoadedDoc::new(
+            doc.with_actor(self.inner.actor.clone()),
             history_bytes,
-        })
+        ))
     }
 
     pub(crate) fn read<T>(
@@ -1140,7 +1165,7 @@ impl Store {
         f: impl FnOnce(&Automerge) -> Result<T>,
     ) -> Result<T> {
         let _guard = self.lock(key);
-        let doc = self.load(key)?;
+        let doc = self.load_as(key, Access::Read)?;
         let result = f(&doc);
         self.put_back(key, doc);
         result
@@ -1155,7 +1180,35 @@ impl Store {
         edit: document::JsonEdit<'_>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Staged> {
-        let mut doc = self.load(key)?;
+        let mut doc = self.load_as(key, Access::Build)?;
+        let stamp = document::Stamp {
+            message: options.origin.to_string(),
+            time: (now_ms() / 1000) as i64,
+        };
+        if let document::JsonEdit::MergePatch(patch) = &edit {
+            let before = doc.heads();
+            let version = Version::from_heads(before.clone());
+            let matches = options
+                .if_match
+                .as_ref()
+                .is_none_or(|expected| expected.heads() == version.heads());
+            if matches && !before.is_empty() {
+                if let Some(cached) = self.inner.json.take(key, &version.to_string()) {
+                    match self.build_write(key, doc, patch, cached, &stamp, options) {
+                        Ok(built) => return self.stage_built(built, records),
+                        Err(unbuilt) => doc = unbuilt,
+                    }
+                }
+            }
+        }
+        // The transaction edits the document itself: it takes what is pending first, and the
+        // index, which would not follow the edit, goes.
+        if !doc.materialize() {
+            tracing::error!(entity = %key, "automerge refused this replica's own changes; loading the entity from disk");
+            drop(doc);
+            doc = self.load(key)?;
+        }
+        doc.index = None;
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
         if let Some(expected) = &options.if_match {
@@ -1191,10 +1244,6 @@ impl Store {
             Some(cached) => (Some(cached.fields), cached.settled),
             None => (None, false),
         };
-        let stamp = document::Stamp {
-            message: options.origin.to_string(),
-            time: (now_ms() / 1000) as i64,
-        };
         // On failure the document may hold part of the write: it is dropped, not cached, so the
         // next reader loads what is on disk.
         let current = current_json
@@ -1224,9 +1273,116 @@ impl Store {
         )
     }
 
+    /// Builds a local merge patch from the entity's index (see `direct`), or hands the document
+    /// back when the index cannot (an entity with concurrent values, a patch that makes a map);
+    /// `cached` is the entity's JSON at its current version.
+    fn build_write<'a>(
+        &self,
+        key: &'a EntityKey,
+        mut doc: LoadedDoc,
+        patch: &Map<String, Json>,
+        cached: CachedFields,
+        stamp: &document::Stamp,
+        options: &'a WriteOptions,
+    ) -> std::result::Result<Built<'a>, LoadedDoc> {
+        if cached.fields.is_empty() || !self.inner.config.build_writes {
+            self.inner.json.put(key.clone(), cached);
+            return Err(doc);
+        }
+        // An index is only ever built of a document without concurrent values, and only built
+        // writes follow, so a document with an index is settled, whatever the JSON cached says
+        // (a write that settles a conflict does not know it did: see `document::Current`).
+        if doc.index.is_none() && doc.pending.is_empty() {
+            doc.index = WriteIndex::of(&doc).map(Box::new);
+        }
+        let before = doc.heads();
+        let built = doc
+            .index
+            .as_mut()
+            .and_then(|index| index.merge_patch(patch, &cached.fields, stamp));
+        let Some((change, touched)) = built else {
+            // The caller takes the transaction's path, which drops the index (it may hold part
+            // of the patch), and wants the JSON again.
+            self.inner.json.put(key.clone(), cached);
+            return Err(doc);
+        };
+        doc.pending.push(change.clone());
+        Ok(Built {
+            key,
+            doc,
+            before,
+            change,
+            touched,
+            fields: document::JsonEdit::MergePatch(patch).apply(cached.fields),
+            origin: &options.origin,
+        })
+    }
+
+    /// [`Store::stage`] of a write built from the entity's index: everything it needs to know
+    /// about the document, the build worked out.
+    fn stage_built(
+        &self,
+        built: Built<'_>,
+        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
+    ) -> Result<Staged> {
+        let Built {
+            key,
+            doc,
+            before,
+            change,
+            touched,
+            fields,
+            origin,
+        } = built;
+        let after = vec![change.hash()];
+        let version = Version::from_heads(after.clone()).to_string();
+        #[cfg(debug_assertions)]
+        {
+            // The document the pending changes make reads as the fields worked out.
+            let mut applied = (*doc.doc).clone();
+            applied
+                .apply_changes_batch(doc.pending.clone())
+                .expect("the pending changes apply");
+            assert_eq!(applied.get_heads(), after);
+            assert_eq!(document::fields(&applied, None), fields);
+            assert!(document::fields_settled(&applied, None).1);
+        }
+        let exists = !fields.is_empty();
+        let entity = entity_of(key, &version, fields);
+        let no_fields = Map::new();
+        let writes = records(&CommitView {
+            version: &version,
+            data: entity.as_ref().map_or(&no_fields, |entity| &entity.data),
+            changed: true,
+        })
+        .into_iter()
+        .map(|write| (write.key.as_bytes().to_vec(), write.value))
+        .collect();
+        self.stage_changes(
+            doc,
+            Staging {
+                key,
+                before: &before,
+                after,
+                version,
+                existed: true,
+                exists,
+                entity,
+                settled: true,
+                fields: touched
+                    .fields()
+                    .expect("a built write knows the fields it wrote"),
+                changes: vec![change],
+                origin,
+                built: true,
+            },
+            writes,
+        )
+    }
+
     /// Returns a document that a write left unchanged to the cache (unless it never existed).
     pub(crate) fn put_back(&self, key: &EntityKey, doc: LoadedDoc) {
-        if !doc.is_empty() {
+        if !doc.pending.is_empty() || !doc.doc.is_empty() {
             self.inner.cache.put(key.clone(), doc);
         }
     }
@@ -1254,7 +1410,7 @@ impl Store {
     pub(crate) fn stage(
         &self,
         key: &EntityKey,
-        mut doc: LoadedDoc,
+        doc: LoadedDoc,
         before: &[ChangeHash],
         changes: Option<Vec<Change>>,
         existed: bool,
@@ -1292,7 +1448,7 @@ impl Store {
             data: entity.as_ref().map_or(&no_fields, |entity| &entity.data),
             changed: after != before,
         });
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = side_records
+        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = side_records
             .into_iter()
             .map(|write| (write.key.as_bytes().to_vec(), write.value))
             .collect();
@@ -1307,6 +1463,7 @@ impl Store {
                 record: None,
                 row: None,
                 settled,
+                built: false,
                 written: Written {
                     entity,
                     exists,
@@ -1329,6 +1486,37 @@ impl Store {
             }
             None => document::changed_fields(&doc.diff(before, &after)),
         };
+        // What `save_after(before)` returns, keeping the changes' hashes.
+        let changes = changes.unwrap_or_else(|| doc.get_changes(before));
+        self.stage_changes(
+            doc,
+            Staging {
+                key,
+                before,
+                after,
+                version,
+                existed,
+                exists,
+                entity,
+                settled,
+                fields,
+                changes,
+                origin,
+                built: false,
+            },
+            writes,
+        )
+    }
+
+    /// The part of [`Store::stage`] that no longer needs the document: the chunk or snapshot, the
+    /// entity record and the feed row of `change`, which `doc` holds (applied or pending).
+    fn stage_changes(
+        &self,
+        mut doc: LoadedDoc,
+        staging: Staging<'_>,
+        mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<Staged> {
+        let (key, before, changes) = (staging.key, staging.before, &staging.changes);
         // A document with no changes was loaded (under the caller's stripe lock) from no record:
         // a new entity has none to read.
         let mut record = if before.is_empty() {
@@ -1340,19 +1528,25 @@ impl Store {
         } else {
             self.record_locked(key)?.unwrap_or_default()
         };
-        // What `save_after(before)` returns, keeping the changes' hashes.
-        let changes = changes.unwrap_or_else(|| doc.get_changes(before));
         let added: Vec<ChangeHash> = changes.iter().map(Change::hash).collect();
-        let mut chunk = Vec::with_capacity(history_bytes(&changes) as usize);
-        for change in &changes {
+        let mut chunk = Vec::with_capacity(history_bytes(changes) as usize);
+        for change in changes {
             chunk.extend_from_slice(change.raw_bytes());
         }
         doc.history_bytes += chunk.len() as u64;
-        debug_assert_eq!(doc.history_bytes, history_bytes(&doc.get_changes(&[])));
+        debug_assert!(
+            !doc.pending.is_empty() || doc.history_bytes == history_bytes(&doc.get_changes(&[]))
+        );
         record.history_bytes = Some(doc.history_bytes);
         if record.chunks + 1 >= self.inner.config.compact_after_chunks
             || record.chunk_bytes + chunk.len() as u64 > record.snapshot_bytes.max(4096)
         {
+            if !doc.materialize() {
+                return Err(Error::Corrupt {
+                    what: key.to_string(),
+                    detail: "automerge refused this replica's own changes".into(),
+                });
+            }
             write_snapshot(&self.inner.db, key, &doc, &mut record, &mut writes)?;
         } else {
             // The first chunk is always loaded one change at a time; the second starts the
@@ -1363,7 +1557,7 @@ impl Store {
             record.linear = match record.chunks {
                 0 => true,
                 1 => single,
-                _ => record.linear && single && before.len() == 1 && after.len() == 1,
+                _ => record.linear && single && before.len() == 1 && staging.after.len() == 1,
             };
             // The chain goes on when this write's first change depends on the last chunk's last
             // change (the single head before it) and each of its changes on the one before; with
@@ -1376,14 +1570,14 @@ impl Store {
             let chained = changes
                 .windows(2)
                 .all(|pair| pair[1].deps().contains(&pair[0].hash()));
-            record.chain = follows && chained && after.len() == 1;
+            record.chain = follows && chained && staging.after.len() == 1;
             record.chunk_bytes += chunk.len() as u64;
             writes.push((layout::chunk_key(key, record.next_chunk), Some(chunk)));
             record.next_chunk += 1;
             record.chunks += 1;
         }
-        record.version = version.clone();
-        record.exists = exists;
+        record.version = staging.version.clone();
+        record.exists = staging.exists;
         writes.push((
             layout::entity_key(layout::ENTITY, key),
             Some(encode_record(&record)),
@@ -1393,18 +1587,19 @@ impl Store {
             doc,
             writes,
             added,
-            settled,
+            settled: staging.settled,
+            built: staging.built,
             row: Some(StagedRow {
-                origin: origin.clone(),
-                fields,
+                origin: staging.origin.clone(),
+                fields: staging.fields,
                 exists: record.exists,
             }),
             record: Some(record),
             written: Written {
-                created: !existed && exists,
-                entity,
-                exists,
-                version,
+                created: !staging.existed && staging.exists,
+                entity: staging.entity,
+                exists: staging.exists,
+                version: staging.version,
                 seq: None,
             },
         })
@@ -1484,6 +1679,10 @@ impl Store {
             self.inner.durability.applied(seq);
         }
         self.inner.writes.fetch_add(rows as u64, Ordering::Relaxed);
+        let built = staged.iter().filter(|staged| staged.built).count();
+        self.inner
+            .built_writes
+            .fetch_add(built as u64, Ordering::Relaxed);
         Ok(staged
             .into_iter()
             .map(|item| {
@@ -1503,6 +1702,50 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// A change to an entity for [`Store::stage_changes`] to persist, worked out from the entity's
+/// document ([`Store::stage`]) or built from its index ([`Store::stage_built`]).
+struct Staging<'a> {
+    key: &'a EntityKey,
+    before: &'a [ChangeHash],
+    after: Vec<ChangeHash>,
+    version: String,
+    existed: bool,
+    exists: bool,
+    entity: Option<Entity>,
+    settled: bool,
+    /// The fields the change wrote, as the feed row lists them.
+    fields: Vec<String>,
+    /// The changes since `before`, in the order they were made.
+    changes: Vec<Change>,
+    origin: &'a Origin,
+    /// Whether they were built from the entity's index.
+    built: bool,
+}
+
+/// A local merge patch built from an entity's index (see `direct`), for
+/// [`Store::stage_built`]; its change is pending in `doc`.
+pub(crate) struct Built<'a> {
+    key: &'a EntityKey,
+    doc: LoadedDoc,
+    before: Vec<ChangeHash>,
+    change: Change,
+    touched: document::Touched,
+    /// The entity's fields after the patch.
+    fields: Map<String, Json>,
+    origin: &'a Origin,
+}
+
+/// What [`Store::load_as`] loads a document for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Any edit of the document: it comes with nothing pending and no index.
+    Edit,
+    /// Reading it: nothing pending, its index kept.
+    Read,
+    /// A local write built from its index: as it is in the cache.
+    Build,
 }
 
 /// The entity's JSON after a change, for [`Store::stage`].
@@ -1533,6 +1776,8 @@ pub(crate) struct Staged {
     record: Option<EntityRecord>,
     /// Whether the fields in `written` are settled (see `document::Current`).
     settled: bool,
+    /// Whether the change was built from the entity's index (see `direct`).
+    built: bool,
     /// The feed row's content, when the write changed the document.
     row: Option<StagedRow>,
     written: Written,
