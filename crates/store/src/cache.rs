@@ -262,6 +262,13 @@ impl JsonCache {
             .filter(|cached| cached.version == version)
     }
 
+    /// A copy of the fields of `key` at `version`, if they are here; they stay.
+    pub(crate) fn fields_at(&self, key: &EntityKey, version: &str) -> Option<Map<String, Json>> {
+        let mut entries = self.entries.lock();
+        let (cached, _) = entries.map.get(key)?;
+        (cached.version == version).then(|| cached.fields.clone())
+    }
+
     /// Remembers the fields of `key` at a version.
     pub(crate) fn put(&self, key: EntityKey, fields: CachedFields) {
         let weight = 64 + fields.version.len() as u64 + map_weight(&fields.fields);

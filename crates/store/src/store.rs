@@ -678,6 +678,16 @@ impl Store {
     /// # Errors
     /// Storage errors only.
     pub fn get(&self, key: &EntityKey) -> Result<Option<Entity>> {
+        {
+            // A write leaves the entity's JSON in memory: when it is of the current version,
+            // the document need not be read (nor take the changes pending in it, see `direct`).
+            let _guard = self.lock(key);
+            if let Some(record) = self.record_locked(key)? {
+                if let Some(fields) = self.inner.json.fields_at(key, &record.version) {
+                    return Ok(entity_of(key, &record.version, fields));
+                }
+            }
+        }
         self.read(key, |doc| Ok(entity_from(key, doc, None)))
     }
 
