@@ -96,6 +96,8 @@ pub(crate) async fn authenticate(
     next: Next,
 ) -> Result<Response, ApiError> {
     let caller = state.tokens.identify(request.headers())?;
+    // Into the request's span (see `telemetry`): its log lines name who made it.
+    tracing::Span::current().record("caller", tracing::field::display(&caller.origin));
     let is_write = !matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS

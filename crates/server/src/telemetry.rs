@@ -1,5 +1,6 @@
-//! Per-request telemetry: a `request` span with the method and route, a log line with the status
-//! and latency, and the counts and latencies `/metrics` reports.
+//! Per-request telemetry: a `request` span with the method, the route and the caller (the origin
+//! its token names, recorded by `auth`), a log line with the status and latency, and the counts
+//! and latencies `/metrics` reports.
 //!
 //! Request lines are logged at `debug` (`RUST_LOG=server=debug` shows them), so a busy server does
 //! not spend its time writing access logs by default; failures are logged where they are turned
@@ -31,7 +32,12 @@ pub(crate) async fn observe(
         .map(|matched| matched.as_str().to_owned())
         .unwrap_or_else(|| UNMATCHED.to_owned());
     let method = request.method().clone();
-    let span = tracing::info_span!("request", %method, route = %route);
+    let span = tracing::info_span!(
+        "request",
+        %method,
+        route = %route,
+        caller = tracing::field::Empty
+    );
     let response = next.run(request).instrument(span.clone()).await;
     let latency = started.elapsed();
     let status = response.status().as_u16();

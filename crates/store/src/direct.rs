@@ -17,6 +17,7 @@
 //! cover takes the transaction: a document with concurrent values, a patch that makes a map or
 //! writes a list, a write that changes nothing.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::num::NonZeroU64;
 
@@ -64,17 +65,20 @@ impl WriteIndex {
             return None;
         }
         let root = fields_of(doc, &ROOT, 0)?;
-        let last = doc.get_last_local_change();
-        let max_op = doc
-            .get_changes_meta(&[])
+        // From every change's metadata, not `get_last_local_change`: a document knows the
+        // changes of its actor as its own only once it made one itself, not when it loaded or
+        // applied them, and the transaction counts them all the same.
+        let actor = doc.get_actor().clone();
+        let changes = doc.get_changes_meta(&[]);
+        let max_op = changes.iter().map(|meta| meta.max_op).max().unwrap_or(0);
+        let last = changes
             .iter()
-            .map(|meta| meta.max_op)
-            .max()
-            .unwrap_or(0);
+            .filter(|meta| *meta.actor == actor)
+            .max_by_key(|meta| meta.seq);
         Some(Self {
-            actor: doc.get_actor().clone(),
-            seq: last.as_ref().map_or(0, Change::seq),
-            last_local: last.as_ref().map(Change::hash),
+            seq: last.map_or(0, |meta| meta.seq),
+            last_local: last.map(|meta| meta.hash),
+            actor,
             max_op,
             heads: doc.get_heads(),
             root,
@@ -136,6 +140,45 @@ impl WriteIndex {
         self.heads = vec![change.hash()];
         Some((change, touched))
     }
+}
+
+/// A new entity readied for its first write by [`prepare_new`].
+pub(crate) struct Prepared<'p> {
+    /// The fields its document reads as.
+    pub(crate) current: Map<String, Json>,
+    /// The patch, in the order the transaction writes it.
+    pub(crate) patch: Cow<'p, Map<String, Json>>,
+}
+
+/// Readies a new entity's empty document for its first write, a merge patch, as the
+/// transaction's path does: the maps the patch writes into are made first, as shared maps (see
+/// `nested`), in changes of their own. Returns the fields the document then reads as (those maps,
+/// empty) and the patch in the order the transaction writes it: a patch without maps is written
+/// in one batch, its fields in key order. `None` when making the maps fails; the document must
+/// then be dropped.
+pub(crate) fn prepare_new<'p>(
+    doc: &mut Automerge,
+    patch: &'p Map<String, Json>,
+    stamp: &Stamp,
+) -> Option<Prepared<'p>> {
+    if patch.values().any(Json::is_object) {
+        let mut made = Touched::default();
+        document::create_maps(doc, &ROOT, patch, stamp, "", &mut made).ok()?;
+        return Some(Prepared {
+            current: document::fields(doc, None),
+            patch: Cow::Borrowed(patch),
+        });
+    }
+    let mut sorted: Vec<_> = patch.iter().collect();
+    sorted.sort_by(|left, right| left.0.cmp(right.0));
+    let ordered = sorted
+        .into_iter()
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    Some(Prepared {
+        current: Map::new(),
+        patch: Cow::Owned(ordered),
+    })
 }
 
 /// Reads the fields of the map `obj` (at most [`MAX_DEPTH`] levels down); `None` when one holds

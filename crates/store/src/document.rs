@@ -420,7 +420,7 @@ fn is_map(value: &Value<'_>) -> bool {
 ///
 /// Whatever holds the place of a missing map (a scalar, a list) is deleted first, in a change
 /// stamped like the write, because a shared map overwrites nothing.
-fn create_maps(
+pub(crate) fn create_maps(
     doc: &mut Automerge,
     obj: &ObjId,
     fields: &Map<String, Json>,

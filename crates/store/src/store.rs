@@ -6,6 +6,7 @@
 //! lock orders feed rows: it is held only to number a row and apply its batch, never for
 //! Automerge work or a flush. All methods block; async callers run them on a blocking thread.
 
+use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::fs::File;
@@ -23,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::batch::{self, Edit, WriteRequest};
 use crate::cache::{CachedFields, DocCache, JsonCache, LoadedDoc, RecordCache};
-use crate::direct::WriteIndex;
+use crate::direct::{self, WriteIndex};
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
@@ -1202,12 +1203,18 @@ impl Store {
                 .if_match
                 .as_ref()
                 .is_none_or(|expected| expected.heads() == version.heads());
-            if matches && !before.is_empty() {
-                if let Some(cached) = self.inner.json.take(key, &version.to_string()) {
-                    match self.build_write(key, doc, patch, cached, &stamp, options) {
-                        Ok(built) => return self.stage_built(built, records),
-                        Err(unbuilt) => doc = unbuilt,
-                    }
+            // A new entity (no version to match), or one whose JSON is cached for this version.
+            let current = if before.is_empty() {
+                options.if_match.is_none().then_some(None)
+            } else if matches {
+                self.inner.json.take(key, &version.to_string()).map(Some)
+            } else {
+                None
+            };
+            if let Some(current) = current {
+                match self.build_write(key, doc, patch, current, &stamp, options) {
+                    Ok(built) => return self.stage_built(built, records),
+                    Err(unbuilt) => doc = unbuilt,
                 }
             }
         }
@@ -1284,48 +1291,81 @@ impl Store {
     }
 
     /// Builds a local merge patch from the entity's index (see `direct`), or hands the document
-    /// back when the index cannot (an entity with concurrent values, a patch that makes a map);
-    /// `cached` is the entity's JSON at its current version.
+    /// back when the index cannot (an entity with concurrent values, a patch that writes a list);
+    /// `cached` is the entity's JSON at its current version, `None` for a new entity.
     fn build_write<'a>(
         &self,
         key: &'a EntityKey,
         mut doc: LoadedDoc,
         patch: &Map<String, Json>,
-        cached: CachedFields,
+        cached: Option<CachedFields>,
         stamp: &document::Stamp,
         options: &'a WriteOptions,
     ) -> std::result::Result<Built<'a>, LoadedDoc> {
-        if cached.fields.is_empty() || !self.inner.config.build_writes {
-            self.inner.json.put(key.clone(), cached);
-            return Err(doc);
+        let give_back = |doc: LoadedDoc, cached: Option<CachedFields>| {
+            if let Some(cached) = cached {
+                self.inner.json.put(key.clone(), cached);
+            }
+            doc
+        };
+        let new = cached.is_none();
+        if !self.inner.config.build_writes
+            || cached
+                .as_ref()
+                .is_some_and(|cached| cached.fields.is_empty())
+        {
+            return Err(give_back(doc, cached));
         }
+        let before = doc.heads();
+        let (current, ordered) = match &cached {
+            Some(cached) => (cached.fields.clone(), Cow::Borrowed(patch)),
+            None => match direct::prepare_new(&mut doc, patch, stamp) {
+                Some(prepared) => (prepared.current, prepared.patch),
+                None => return Err(self.empty_document()),
+            },
+        };
         // An index is only ever built of a document without concurrent values, and only built
         // writes follow, so a document with an index is settled, whatever the JSON cached says
         // (a write that settles a conflict does not know it did: see `document::Current`).
         if doc.index.is_none() && doc.pending.is_empty() {
             doc.index = WriteIndex::of(&doc).map(Box::new);
         }
-        let before = doc.heads();
         let built = doc
             .index
             .as_mut()
-            .and_then(|index| index.merge_patch(patch, &cached.fields, stamp));
-        let Some((change, touched)) = built else {
+            .and_then(|index| index.merge_patch(&ordered, &current, stamp));
+        let fields = document::JsonEdit::MergePatch(patch).apply(current);
+        let Some((change, touched)) = built.filter(|_| !fields.is_empty()) else {
             // The caller takes the transaction's path, which drops the index (it may hold part
-            // of the patch), and wants the JSON again.
-            self.inner.json.put(key.clone(), cached);
-            return Err(doc);
+            // of the patch), and wants the JSON again; a new entity starts again from nothing.
+            if new {
+                return Err(self.empty_document());
+            }
+            return Err(give_back(doc, cached));
         };
-        doc.pending.push(change.clone());
+        // The maps a new entity's write made come first in its chunk (the document holds them).
+        let mut changes = if new {
+            doc.get_changes(&[])
+        } else {
+            Vec::new()
+        };
+        changes.push(change.clone());
+        doc.pending.push(change);
         Ok(Built {
             key,
             doc,
             before,
-            change,
+            new,
+            changes,
             touched,
-            fields: document::JsonEdit::MergePatch(patch).apply(cached.fields),
+            fields,
             origin: &options.origin,
         })
+    }
+
+    /// The document of an entity that has none yet.
+    fn empty_document(&self) -> LoadedDoc {
+        LoadedDoc::new(Automerge::new().with_actor(self.inner.actor.clone()), 0)
     }
 
     /// [`Store::stage`] of a write built from the entity's index: everything it needs to know
@@ -1339,12 +1379,13 @@ impl Store {
             key,
             doc,
             before,
-            change,
+            new,
+            changes,
             touched,
             fields,
             origin,
         } = built;
-        let after = vec![change.hash()];
+        let after = vec![changes.last().expect("a built write has its change").hash()];
         let version = Version::from_heads(after.clone()).to_string();
         #[cfg(debug_assertions)]
         {
@@ -1358,6 +1399,14 @@ impl Store {
             assert!(document::fields_settled(&applied, None).1);
         }
         let exists = !fields.is_empty();
+        // A new entity's feed row lists all its fields, as for a write by the transaction.
+        let written = if new {
+            document::all_fields(&fields)
+        } else {
+            touched
+                .fields()
+                .expect("a built write knows the fields it wrote")
+        };
         let entity = entity_of(key, &version, fields);
         let no_fields = Map::new();
         let writes = records(&CommitView {
@@ -1375,14 +1424,12 @@ impl Store {
                 before: &before,
                 after,
                 version,
-                existed: true,
+                existed: !new,
                 exists,
                 entity,
                 settled: true,
-                fields: touched
-                    .fields()
-                    .expect("a built write knows the fields it wrote"),
-                changes: vec![change],
+                fields: written,
+                changes,
                 origin,
                 built: true,
             },
@@ -1740,7 +1787,10 @@ pub(crate) struct Built<'a> {
     key: &'a EntityKey,
     doc: LoadedDoc,
     before: Vec<ChangeHash>,
-    change: Change,
+    /// Whether the entity is new: the write's changes are then all of its changes.
+    new: bool,
+    /// The write's changes: the built one last, after the maps a new entity's write made.
+    changes: Vec<Change>,
     touched: document::Touched,
     /// The entity's fields after the patch.
     fields: Map<String, Json>,

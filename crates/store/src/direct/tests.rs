@@ -91,7 +91,6 @@ proptest! {
         let mut lazy = transacted.clone();
         let mut index = WriteIndex::of(&lazy).expect("a local document is settled");
         let mut pending = Vec::new();
-        let mut built = 0;
         for (round, patch) in patches.iter().enumerate() {
             let stamp = stamp(round as i64 + 1);
             let fields = document::fields(&transacted, None);
@@ -111,7 +110,6 @@ proptest! {
                     prop_assert_eq!(trial.heads(), &transacted.get_heads()[..]);
                     index = trial;
                     pending.push(change);
-                    built += 1;
                 }
                 None => {
                     // As the store does: the document takes what is pending, then the
@@ -126,7 +124,48 @@ proptest! {
         prop_assert_eq!(lazy.get_heads(), transacted.get_heads());
         prop_assert_eq!(lazy.save(), transacted.save());
         prop_assert_eq!(document::fields(&lazy, None), document::fields(&transacted, None));
-        let _ = built;
+    }
+
+    /// A new entity's first write, built after `prepare_new`, is byte for byte what the
+    /// transaction's path writes (the maps it made, then its change), whatever order the patch
+    /// names its fields in; patches the index cannot build say so.
+    #[test]
+    fn a_new_entity_is_built_as_the_transaction_makes_it(
+        patch in patch(),
+        reversed in any::<bool>(),
+    ) {
+        let patch: Map<String, Json> = if reversed {
+            patch.into_iter().rev().collect()
+        } else {
+            patch
+        };
+        let actor = ActorId::from(vec![5; 16]);
+        let stamp = stamp(0);
+        let mut transacted = Automerge::new().with_actor(actor.clone());
+        let expected = transact(&mut transacted, &patch, &stamp);
+        let mut built = Automerge::new().with_actor(actor);
+        let prepared = prepare_new(&mut built, &patch, &stamp).unwrap();
+        let mut index = WriteIndex::of(&built).unwrap();
+        if let Some((change, _)) = index.merge_patch(&prepared.patch, &prepared.current, &stamp) {
+            let mut bytes: Vec<u8> = built
+                .get_changes(&[])
+                .iter()
+                .flat_map(|change| change.raw_bytes().to_vec())
+                .collect();
+            bytes.extend_from_slice(change.raw_bytes());
+            prop_assert_eq!(bytes, expected);
+            built.apply_changes_batch([change]).unwrap();
+            prop_assert_eq!(built.save(), transacted.save());
+        } else {
+            // Only a list, or no value at all to write, is left to the transaction.
+            prop_assert!(
+                expected.is_empty()
+                    || patch.values().any(|value| value.is_array()
+                        || value.as_object().is_some_and(|fields| fields.values().any(|v| v.is_array() || v.is_object())))
+                    || document::fields(&transacted, None).values().all(|v| v.as_object().is_some_and(Map::is_empty)),
+                "{:?}", patch
+            );
+        }
     }
 }
 
@@ -200,4 +239,29 @@ fn patches_that_need_the_transaction_build_nothing() {
         touched.fields(),
         Some(vec!["a".to_string(), "site.code".to_string()])
     );
+}
+
+/// A document knows its actor's changes as its own only once it made one itself; loaded from
+/// bytes, it does not, and the index still counts them: the next change is the transaction's.
+#[test]
+fn an_index_counts_this_replicas_changes_however_the_document_got_them() {
+    let actor = ActorId::from(vec![4; 16]);
+    let mut made = Automerge::new().with_actor(actor.clone());
+    for round in 0..3 {
+        transact(
+            &mut made,
+            json!({ "n": round }).as_object().unwrap(),
+            &stamp(round),
+        );
+    }
+    let loaded = Automerge::load(&made.save()).unwrap().with_actor(actor);
+    let mut index = WriteIndex::of(&loaded).unwrap();
+    let patch = json!({"n": 3});
+    let fields = document::fields(&loaded, None);
+    let (change, _) = index
+        .merge_patch(patch.as_object().unwrap(), &fields, &stamp(3))
+        .unwrap();
+    assert_eq!(change.seq(), 4);
+    let expected = transact(&mut made, patch.as_object().unwrap(), &stamp(3));
+    assert_eq!(change.raw_bytes(), &expected[..]);
 }
