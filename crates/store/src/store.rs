@@ -1207,7 +1207,22 @@ impl Store {
             let current = if before.is_empty() {
                 options.if_match.is_none().then_some(None)
             } else if matches {
-                self.inner.json.take(key, &version.to_string()).map(Some)
+                match self.inner.json.take(key, &version.to_string()) {
+                    Some(cached) => Some(Some(cached)),
+                    // Not cached (an entity just loaded from disk): read from the document,
+                    // which costs less than the transaction's lookups field by field.
+                    None if doc.pending.is_empty() && self.inner.config.build_writes => {
+                        let (fields, settled) = document::fields_settled(&doc, None);
+                        settled.then(|| {
+                            Some(CachedFields {
+                                version: version.to_string(),
+                                fields,
+                                settled,
+                            })
+                        })
+                    }
+                    None => None,
+                }
             } else {
                 None
             };

@@ -657,4 +657,9 @@ fn updates_of_a_settled_entity_are_built_and_read_back_as_the_transaction_writes
     let store = open(dir.path(), 4);
     assert_eq!(store.history(&key).unwrap().unwrap().len(), 6);
     assert_eq!(store.get(&key).unwrap().unwrap().data["a"], json!(5));
+    // An entity loaded from disk, its JSON not cached: its fields are read from the document
+    // and the write is built.
+    store.patch(&key, &json!({"a": 6}), &options).unwrap();
+    assert_eq!(built_writes(&store), 1);
+    assert_eq!(store.history(&key).unwrap().unwrap().len(), 7);
 }
