@@ -17,7 +17,7 @@
 //!   with no fields changes nothing;
 //! - a replace is the merge patch of its fields onto an empty object, so `null` fields are dropped;
 //! - numbers keep their flavour: integers that fit `i64` read back as `i64`, larger ones as `u64`,
-//!   and floats as floats (`1.0` stays `1.0`);
+//!   and floats as floats (`1.0` stays `1.0`), except that `-0.0` is stored as `0.0`;
 //! - field names are not empty and values nest at most [`MAX_DEPTH`] levels.
 //!
 //! Which document to edit and how it is persisted is `store`'s business, not this module's.
@@ -321,9 +321,12 @@ fn merge_json(target: &mut Map<String, Json>, patch: &Map<String, Json>) {
                     merge_json(child, child_patch);
                 }
             }
+            // A value equal to the current one (as JSON compares them, `-0.0` and `0.0` alike)
+            // is not written, so the current one stays.
+            value if target.get(key) == Some(value) => {}
             value => {
                 let mut value = value.clone();
-                sort_keys(&mut value);
+                canonical(&mut value);
                 target.insert(key.clone(), value);
             }
         }
@@ -332,13 +335,19 @@ fn merge_json(target: &mut Map<String, Json>, patch: &Map<String, Json>) {
 }
 
 /// Sorts the keys of every object in `value`, at any depth.
-fn sort_keys(value: &mut Json) {
+/// A written value as the document reads it back: map keys sorted, and `-0.0` as `0.0`
+/// (Automerge compares floats as numbers, so it would not tell a `0.0` written over `-0.0`
+/// from no change at all; see [`json_to_scalar`]).
+fn canonical(value: &mut Json) {
     match value {
         Json::Object(fields) => {
             fields.sort_keys();
-            fields.values_mut().for_each(sort_keys);
+            fields.values_mut().for_each(canonical);
         }
-        Json::Array(items) => items.iter_mut().for_each(sort_keys),
+        Json::Array(items) => items.iter_mut().for_each(canonical),
+        Json::Number(number) if number.as_f64() == Some(0.0) && number.is_f64() => {
+            *number = Number::from_f64(0.0).expect("0.0 is finite");
+        }
         _ => {}
     }
 }
@@ -671,7 +680,8 @@ pub(crate) fn json_to_scalar(value: &Json) -> ScalarValue {
                 ScalarValue::Uint(uint)
             } else {
                 // serde_json numbers without arbitrary precision are always one of the three.
-                ScalarValue::F64(number.as_f64().unwrap_or(0.0))
+                // `-0.0` is stored as `0.0` (see `canonical`): `+ 0.0` turns it into `0.0`.
+                ScalarValue::F64(number.as_f64().unwrap_or(0.0) + 0.0)
             }
         }
         Json::String(text) => ScalarValue::Str(text.as_str().into()),

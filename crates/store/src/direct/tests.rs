@@ -19,6 +19,7 @@ fn patch_value() -> impl Strategy<Value = Json> {
     let leaf = prop_oneof![
         3 => (0i64..4).prop_map(Json::from),
         1 => Just(json!(1.5)),
+        1 => prop_oneof![Just(json!(0.0)), Just(json!(-0.0))],
         1 => Just(json!(u64::MAX)),
         1 => Just(json!(true)),
         2 => prop_oneof![Just("x"), Just("y"), Just("")].prop_map(Json::from),
