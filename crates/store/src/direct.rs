@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::num::NonZeroU64;
 
 use automerge::{
-    legacy, ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ReadDoc,
+    legacy, ActorId, Automerge, Change, ChangeHash, ExpandedChange, ObjId, ObjType, ReadDoc, Value,
     ValueRef, ROOT,
 };
 use serde_json::{Map, Value as Json};
@@ -61,10 +61,23 @@ impl WriteIndex {
     /// settles them, which only the transaction knows how to do), queued changes, or objects
     /// nested deeper than local writes make.
     pub(crate) fn of(doc: &Automerge) -> Option<Self> {
+        Self::read(doc, None)
+    }
+
+    /// [`WriteIndex::of`], and the document's fields as JSON (as `document::fields` reads them),
+    /// from the same walk over the document.
+    pub(crate) fn with_fields(doc: &Automerge) -> Option<(Self, Map<String, Json>)> {
+        let mut fields = Map::new();
+        let index = Self::read(doc, Some(&mut fields))?;
+        Some((index, fields))
+    }
+
+    /// The index; the fields as JSON into `json` when given.
+    fn read(doc: &Automerge, json: Option<&mut Map<String, Json>>) -> Option<Self> {
         if !doc.get_missing_deps(&[]).is_empty() {
             return None;
         }
-        let root = fields_of(doc, &ROOT, 0)?;
+        let root = fields_of(doc, &ROOT, 0, json)?;
         // From every change's metadata, not `get_last_local_change`: a document knows the
         // changes of its actor as its own only once it made one itself, not when it loaded or
         // applied them, and the transaction counts them all the same.
@@ -181,9 +194,15 @@ pub(crate) fn prepare_new<'p>(
     })
 }
 
-/// Reads the fields of the map `obj` (at most [`MAX_DEPTH`] levels down); `None` when one holds
-/// concurrent values or nests deeper.
-fn fields_of(doc: &Automerge, obj: &ObjId, depth: usize) -> Option<Fields> {
+/// Reads the fields of the map `obj` (at most [`MAX_DEPTH`] levels down), and, into `json`
+/// when given, the map as JSON, keys sorted as `document::object_to_json` sorts them; `None`
+/// when a field holds concurrent values or nests deeper.
+fn fields_of(
+    doc: &Automerge,
+    obj: &ObjId,
+    depth: usize,
+    mut json: Option<&mut Map<String, Json>>,
+) -> Option<Fields> {
     if depth > MAX_DEPTH {
         return None;
     }
@@ -193,22 +212,42 @@ fn fields_of(doc: &Automerge, obj: &ObjId, depth: usize) -> Option<Fields> {
             return None;
         }
         let id = item.id();
-        let map = match item.value {
+        let wanted = json.is_some();
+        let (map, value) = match item.value {
             ValueRef::Object(ObjType::Map | ObjType::Table) => {
-                Some(fields_of(doc, &id, depth + 1)?)
+                let mut child = wanted.then(Map::new);
+                let map = fields_of(doc, &id, depth + 1, child.as_mut())?;
+                (Some(map), child.map(Json::Object))
             }
-            _ => None,
+            ValueRef::Object(_) => (
+                None,
+                wanted.then(|| document::object_to_json(doc, &id, None)),
+            ),
+            scalar => (
+                None,
+                wanted.then(|| match scalar.into_value() {
+                    Value::Scalar(scalar) => document::scalar_to_json(&scalar),
+                    Value::Object(_) => Json::Null,
+                }),
+            ),
         };
+        let key = item.key.into_owned();
+        if let (Some(json), Some(value)) = (json.as_deref_mut(), value) {
+            json.insert(key.clone(), value);
+        }
         let ObjId::Id(counter, actor, _) = id else {
             return None;
         };
         fields.insert(
-            item.key.into_owned(),
+            key,
             Slot {
                 id: legacy::OpId(counter, actor),
                 map,
             },
         );
+    }
+    if let Some(json) = json {
+        json.sort_keys();
     }
     Some(fields)
 }

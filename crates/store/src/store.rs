@@ -1080,18 +1080,48 @@ impl Store {
     /// index (an edit other than a local one built from it would leave the index behind), one to
     /// read keeps its index, and one for a local write keeps both (see `direct`).
     pub(crate) fn load_as(&self, key: &EntityKey, access: Access) -> Result<LoadedDoc> {
-        if let Some(mut doc) = self.inner.cache.take(key) {
-            if access == Access::Build {
-                return Ok(doc);
-            }
-            if doc.materialize() {
-                if access == Access::Edit {
-                    doc.index = None;
-                }
-                return Ok(doc);
-            }
-            tracing::error!(entity = %key, "automerge refused this replica's own changes; loading the entity from disk");
+        let Some(doc) = self.inner.cache.take(key) else {
+            return self.load_from_disk(key);
+        };
+        if access == Access::Build {
+            return Ok(doc);
         }
+        let mut doc = self.materialized(key, doc, &[])?;
+        if access == Access::Edit {
+            doc.index = None;
+        }
+        Ok(doc)
+    }
+
+    /// `doc` with its pending changes applied. Should Automerge refuse them (never seen: they are
+    /// its own changes), the document as it is on disk, where every committed one is, plus
+    /// `unsaved`, the changes staged with the document that are not on disk yet.
+    fn materialized(
+        &self,
+        key: &EntityKey,
+        mut doc: LoadedDoc,
+        unsaved: &[Change],
+    ) -> Result<LoadedDoc> {
+        if doc.materialize() {
+            return Ok(doc);
+        }
+        tracing::error!(entity = %key, "automerge refused this replica's own changes; loading the entity from disk");
+        let history_bytes = doc.history_bytes;
+        drop(doc);
+        let mut fresh = self.load_from_disk(key)?;
+        fresh
+            .doc
+            .apply_changes(unsaved.iter().cloned())
+            .map_err(|error| Error::Corrupt {
+                what: key.to_string(),
+                detail: error.to_string(),
+            })?;
+        fresh.history_bytes = history_bytes;
+        Ok(fresh)
+    }
+
+    /// The entity's document as stored; a new empty one when it never existed.
+    fn load_from_disk(&self, key: &EntityKey) -> Result<LoadedDoc> {
         // The record says what there is to read: nothing at all for an entity that never
         // existed, which is every creation, and no chunk scan right after a compaction.
         let Some(record) = self.record_locked(key)? else {
@@ -1196,50 +1226,59 @@ impl Store {
             message: options.origin.to_string(),
             time: (now_ms() / 1000) as i64,
         };
-        if let document::JsonEdit::MergePatch(patch) = &edit {
-            let before = doc.heads();
-            let version = Version::from_heads(before.clone());
-            let matches = options
-                .if_match
-                .as_ref()
-                .is_none_or(|expected| expected.heads() == version.heads());
-            // A new entity (no version to match), or one whose JSON is cached for this version.
+        let before = doc.heads();
+        let version = Version::from_heads(before.clone());
+        // The entity's JSON before the write, when it is cached for exactly this version.
+        let cached = if before.is_empty() {
+            None
+        } else {
+            self.inner.json.take(key, &version.to_string())
+        };
+        let matches = options
+            .if_match
+            .as_ref()
+            .is_none_or(|expected| expected.heads() == version.heads());
+        if let (document::JsonEdit::MergePatch(patch), true) =
+            (&edit, matches && self.inner.config.build_writes)
+        {
+            // The fields to build on: none for a new entity, the JSON cached, or, for an entity
+            // just loaded from disk, its fields read with its index (less than the transaction's
+            // lookups field by field).
+            let read = match &cached {
+                None if !before.is_empty() && doc.pending.is_empty() => match doc.index {
+                    Some(_) => Some(document::fields(&doc, None)),
+                    None => WriteIndex::with_fields(&doc).map(|(index, fields)| {
+                        debug_assert_eq!(fields, document::fields(&doc, None));
+                        doc.index = Some(Box::new(index));
+                        fields
+                    }),
+                },
+                _ => None,
+            };
             let current = if before.is_empty() {
+                // A new entity has no version an `If-Match` could name.
                 options.if_match.is_none().then_some(None)
-            } else if matches {
-                match self.inner.json.take(key, &version.to_string()) {
-                    Some(cached) => Some(Some(cached)),
-                    // Not cached (an entity just loaded from disk): read from the document,
-                    // which costs less than the transaction's lookups field by field.
-                    None if doc.pending.is_empty() && self.inner.config.build_writes => {
-                        let (fields, settled) = document::fields_settled(&doc, None);
-                        settled.then(|| {
-                            Some(CachedFields {
-                                version: version.to_string(),
-                                fields,
-                                settled,
-                            })
-                        })
-                    }
-                    None => None,
-                }
             } else {
-                None
+                cached
+                    .as_ref()
+                    .map(|cached| &cached.fields)
+                    .or(read.as_ref())
+                    .map(Some)
             };
             if let Some(current) = current {
                 match self.build_write(key, doc, patch, current, &stamp, options) {
-                    Ok(built) => return self.stage_built(built, records),
+                    Ok((doc, staging)) => {
+                        let writes =
+                            side_writes(records, &staging.version, staging.entity.as_ref(), true);
+                        return self.stage_changes(doc, staging, writes);
+                    }
                     Err(unbuilt) => doc = unbuilt,
                 }
             }
         }
         // The transaction edits the document itself: it takes what is pending first, and the
         // index, which would not follow the edit, goes.
-        if !doc.materialize() {
-            tracing::error!(entity = %key, "automerge refused this replica's own changes; loading the entity from disk");
-            drop(doc);
-            doc = self.load(key)?;
-        }
+        let mut doc = self.materialized(key, doc, &[])?;
         doc.index = None;
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
@@ -1251,6 +1290,9 @@ impl Store {
                     String::new()
                 };
                 self.put_back(key, doc);
+                if let Some(cached) = cached {
+                    self.inner.json.put(key.clone(), cached);
+                }
                 return Err(Error::VersionMismatch {
                     key: key.clone(),
                     expected: expected.to_string(),
@@ -1258,15 +1300,7 @@ impl Store {
                 });
             }
         }
-        // The entity's JSON before the write, when the write's result depends on it and it is
-        // cached for exactly this version, and whether it is settled (a new document is).
-        let cached = if before.is_empty() {
-            None
-        } else {
-            self.inner
-                .json
-                .take(key, &Version::from_heads(before.clone()).to_string())
-        };
+        // Whether the entity's fields are settled (a new document is), with the JSON above.
         let (current_json, settled) = match cached {
             _ if before.is_empty() => (Some(Map::new()), true),
             cached if !edit.needs_current() => (
@@ -1305,35 +1339,26 @@ impl Store {
         )
     }
 
-    /// Builds a local merge patch from the entity's index (see `direct`), or hands the document
-    /// back when the index cannot (an entity with concurrent values, a patch that writes a list);
-    /// `cached` is the entity's JSON at its current version, `None` for a new entity.
+    /// Builds a local merge patch from the entity's index (see `direct`) and works out what
+    /// staging it needs, or hands the document back when the index cannot build it (an entity
+    /// with concurrent values, a patch that writes a list). `current` is the entity's fields,
+    /// `None` for a new entity.
     fn build_write<'a>(
         &self,
         key: &'a EntityKey,
         mut doc: LoadedDoc,
         patch: &Map<String, Json>,
-        cached: Option<CachedFields>,
+        current: Option<&Map<String, Json>>,
         stamp: &document::Stamp,
         options: &'a WriteOptions,
-    ) -> std::result::Result<Built<'a>, LoadedDoc> {
-        let give_back = |doc: LoadedDoc, cached: Option<CachedFields>| {
-            if let Some(cached) = cached {
-                self.inner.json.put(key.clone(), cached);
-            }
-            doc
-        };
-        let new = cached.is_none();
-        if !self.inner.config.build_writes
-            || cached
-                .as_ref()
-                .is_some_and(|cached| cached.fields.is_empty())
-        {
-            return Err(give_back(doc, cached));
+    ) -> std::result::Result<(LoadedDoc, Staging<'a>), LoadedDoc> {
+        if current.is_some_and(Map::is_empty) {
+            return Err(doc);
         }
+        let new = current.is_none();
         let before = doc.heads();
-        let (current, ordered) = match &cached {
-            Some(cached) => (cached.fields.clone(), Cow::Borrowed(patch)),
+        let (current, ordered) = match current {
+            Some(current) => (current.clone(), Cow::Borrowed(patch)),
             None => match direct::prepare_new(&mut doc, patch, stamp) {
                 Some(prepared) => (prepared.current, prepared.patch),
                 None => return Err(self.empty_document()),
@@ -1352,11 +1377,8 @@ impl Store {
         let fields = document::JsonEdit::MergePatch(patch).apply(current);
         let Some((change, touched)) = built.filter(|_| !fields.is_empty()) else {
             // The caller takes the transaction's path, which drops the index (it may hold part
-            // of the patch), and wants the JSON again; a new entity starts again from nothing.
-            if new {
-                return Err(self.empty_document());
-            }
-            return Err(give_back(doc, cached));
+            // of the patch); a new entity starts again from nothing.
+            return Err(if new { self.empty_document() } else { doc });
         };
         // The maps a new entity's write made come first in its chunk (the document holds them).
         let mut changes = if new {
@@ -1366,41 +1388,7 @@ impl Store {
         };
         changes.push(change.clone());
         doc.pending.push(change);
-        Ok(Built {
-            key,
-            doc,
-            before,
-            new,
-            changes,
-            touched,
-            fields,
-            origin: &options.origin,
-        })
-    }
-
-    /// The document of an entity that has none yet.
-    fn empty_document(&self) -> LoadedDoc {
-        LoadedDoc::new(Automerge::new().with_actor(self.inner.actor.clone()), 0)
-    }
-
-    /// [`Store::stage`] of a write built from the entity's index: everything it needs to know
-    /// about the document, the build worked out.
-    fn stage_built(
-        &self,
-        built: Built<'_>,
-        records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
-    ) -> Result<Staged> {
-        let Built {
-            key,
-            doc,
-            before,
-            new,
-            changes,
-            touched,
-            fields,
-            origin,
-        } = built;
-        let after = vec![changes.last().expect("a built write has its change").hash()];
+        let after = doc.heads();
         let version = Version::from_heads(after.clone()).to_string();
         #[cfg(debug_assertions)]
         {
@@ -1413,7 +1401,6 @@ impl Store {
             assert_eq!(document::fields(&applied, None), fields);
             assert!(document::fields_settled(&applied, None).1);
         }
-        let exists = !fields.is_empty();
         // A new entity's feed row lists all its fields, as for a write by the transaction.
         let written = if new {
             document::all_fields(&fields)
@@ -1422,34 +1409,26 @@ impl Store {
                 .fields()
                 .expect("a built write knows the fields it wrote")
         };
-        let entity = entity_of(key, &version, fields);
-        let no_fields = Map::new();
-        let writes = records(&CommitView {
-            version: &version,
-            data: entity.as_ref().map_or(&no_fields, |entity| &entity.data),
-            changed: true,
-        })
-        .into_iter()
-        .map(|write| (write.key.as_bytes().to_vec(), write.value))
-        .collect();
-        self.stage_changes(
-            doc,
-            Staging {
-                key,
-                before: &before,
-                after,
-                version,
-                existed: !new,
-                exists,
-                entity,
-                settled: true,
-                fields: written,
-                changes,
-                origin,
-                built: true,
-            },
-            writes,
-        )
+        let staging = Staging {
+            key,
+            before,
+            after,
+            existed: !new,
+            exists: !fields.is_empty(),
+            entity: entity_of(key, &version, fields),
+            version,
+            settled: true,
+            fields: written,
+            changes,
+            origin: &options.origin,
+            built: true,
+        };
+        Ok((doc, staging))
+    }
+
+    /// The document of an entity that has none yet.
+    fn empty_document(&self) -> LoadedDoc {
+        LoadedDoc::new(Automerge::new().with_actor(self.inner.actor.clone()), 0)
     }
 
     /// Returns a document that a write left unchanged to the cache (unless it never existed).
@@ -1514,16 +1493,7 @@ impl Store {
                 (entity_of(key, &version, fields), settled)
             }
         };
-        let no_fields = Map::new();
-        let side_records = records(&CommitView {
-            version: &version,
-            data: entity.as_ref().map_or(&no_fields, |entity| &entity.data),
-            changed: after != before,
-        });
-        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = side_records
-            .into_iter()
-            .map(|write| (write.key.as_bytes().to_vec(), write.value))
-            .collect();
+        let writes = side_writes(records, &version, entity.as_ref(), after != before);
         if after == before {
             // Nothing new, but what the caller sees may still be in a group that is not flushed:
             // the caller waits for the flush all the same.
@@ -1564,7 +1534,7 @@ impl Store {
             doc,
             Staging {
                 key,
-                before,
+                before: before.to_vec(),
                 after,
                 version,
                 existed,
@@ -1588,7 +1558,7 @@ impl Store {
         staging: Staging<'_>,
         mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     ) -> Result<Staged> {
-        let (key, before, changes) = (staging.key, staging.before, &staging.changes);
+        let (key, before, changes) = (staging.key, staging.before.as_slice(), &staging.changes);
         // A document with no changes was loaded (under the caller's stripe lock) from no record:
         // a new entity has none to read.
         let mut record = if before.is_empty() {
@@ -1613,12 +1583,7 @@ impl Store {
         if record.chunks + 1 >= self.inner.config.compact_after_chunks
             || record.chunk_bytes + chunk.len() as u64 > record.snapshot_bytes.max(4096)
         {
-            if !doc.materialize() {
-                return Err(Error::Corrupt {
-                    what: key.to_string(),
-                    detail: "automerge refused this replica's own changes".into(),
-                });
-            }
+            doc = self.materialized(key, doc, changes)?;
             write_snapshot(&self.inner.db, key, &doc, &mut record, &mut writes)?;
         } else {
             // The first chunk is always loaded one change at a time; the second starts the
@@ -1777,10 +1742,10 @@ impl Store {
 }
 
 /// A change to an entity for [`Store::stage_changes`] to persist, worked out from the entity's
-/// document ([`Store::stage`]) or built from its index ([`Store::stage_built`]).
+/// document ([`Store::stage`]) or built from its index ([`Store::build_write`]).
 struct Staging<'a> {
     key: &'a EntityKey,
-    before: &'a [ChangeHash],
+    before: Vec<ChangeHash>,
     after: Vec<ChangeHash>,
     version: String,
     existed: bool,
@@ -1794,22 +1759,6 @@ struct Staging<'a> {
     origin: &'a Origin,
     /// Whether they were built from the entity's index.
     built: bool,
-}
-
-/// A local merge patch built from an entity's index (see `direct`), for
-/// [`Store::stage_built`]; its change is pending in `doc`.
-pub(crate) struct Built<'a> {
-    key: &'a EntityKey,
-    doc: LoadedDoc,
-    before: Vec<ChangeHash>,
-    /// Whether the entity is new: the write's changes are then all of its changes.
-    new: bool,
-    /// The write's changes: the built one last, after the maps a new entity's write made.
-    changes: Vec<Change>,
-    touched: document::Touched,
-    /// The entity's fields after the patch.
-    fields: Map<String, Json>,
-    origin: &'a Origin,
 }
 
 /// What [`Store::load_as`] loads a document for.
@@ -1990,6 +1939,24 @@ fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -
 }
 
 /// The entity with `data` at `version`; `None` when it has no fields (it reads as absent).
+/// The side records a write's caller asks for (see [`Store::submit_with`]), as sled writes.
+fn side_writes(
+    records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
+    version: &str,
+    entity: Option<&Entity>,
+    changed: bool,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let no_fields = Map::new();
+    records(&CommitView {
+        version,
+        data: entity.map_or(&no_fields, |entity| &entity.data),
+        changed,
+    })
+    .into_iter()
+    .map(|write| (write.key.as_bytes().to_vec(), write.value))
+    .collect()
+}
+
 fn entity_of(key: &EntityKey, version: &str, data: Map<String, Json>) -> Option<Entity> {
     (!data.is_empty()).then(|| Entity {
         kind: key.kind.clone(),
