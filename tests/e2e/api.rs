@@ -428,6 +428,8 @@ async fn health_readiness_and_metrics_answer() -> Result<()> {
         "# TYPE lockstep_store_cache_misses_total counter",
         "# TYPE lockstep_store_cached_documents gauge",
         "lockstep_store_cached_document_bytes 1",
+        "# TYPE lockstep_store_index_only_writes_total counter",
+        "lockstep_store_cached_write_indexes 0",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }

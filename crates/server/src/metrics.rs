@@ -132,6 +132,12 @@ impl Metrics {
                 store.built_writes,
             ),
             (
+                "lockstep_store_index_only_writes_total",
+                "counter",
+                "Built writes of entities whose documents were evicted, made from their write indexes without loading them (a subset of the built writes).",
+                store.index_only_writes,
+            ),
+            (
                 "lockstep_store_flushes_total",
                 "counter",
                 "Group flushes run since the store was opened.",
@@ -160,6 +166,12 @@ impl Metrics {
                 "gauge",
                 "What the documents in the cache are estimated to take in memory, in bytes.",
                 store.cached_document_bytes,
+            ),
+            (
+                "lockstep_store_cached_write_indexes",
+                "gauge",
+                "Write indexes kept of documents evicted from the cache.",
+                store.cached_write_indexes,
             ),
             (
                 "lockstep_feed_seq",

@@ -57,31 +57,31 @@ impl<V> Bounded<V> {
 
     /// Puts an entry (back), evicting the least recently used ones while there are more than
     /// the count bound or they weigh more than the weight bound. An entry that alone weighs more
-    /// than the weight bound is not kept. Evicted entries are dropped outside the lock: dropping
-    /// a large document takes a while.
-    fn put(&self, key: EntityKey, value: V, weight: u64) {
+    /// than the weight bound is not kept. Returns the entries that left (`key`'s earlier one
+    /// included), for the caller to drop outside the lock: dropping a large document takes a
+    /// while.
+    #[must_use = "the entries that left are the caller's to drop"]
+    fn put(&self, key: EntityKey, value: V, weight: u64) -> Vec<(EntityKey, V)> {
         if weight > self.max_weight {
-            drop(self.take(&key));
-            return;
+            let earlier = self.take(&key).map(|(old, _)| (key.clone(), old));
+            return earlier.into_iter().chain([(key, value)]).collect();
         }
         let mut evicted = Vec::new();
-        {
-            let mut entries = self.lock();
-            // The entry `key` had, or the least recently used one when the count bound is reached.
-            if let Some((_, (old, old_weight))) = entries.map.push(key, (value, weight)) {
-                entries.weight -= old_weight;
-                evicted.push(old);
-            }
-            entries.weight += weight;
-            while entries.weight > self.max_weight {
-                let Some((_, (old, old_weight))) = entries.map.pop_lru() else {
-                    break;
-                };
-                entries.weight -= old_weight;
-                evicted.push(old);
-            }
+        let mut entries = self.lock();
+        // The entry `key` had, or the least recently used one when the count bound is reached.
+        if let Some((old_key, (old, old_weight))) = entries.map.push(key, (value, weight)) {
+            entries.weight -= old_weight;
+            evicted.push((old_key, old));
         }
-        drop(evicted);
+        entries.weight += weight;
+        while entries.weight > self.max_weight {
+            let Some((old_key, (old, old_weight))) = entries.map.pop_lru() else {
+                break;
+            };
+            entries.weight -= old_weight;
+            evicted.push((old_key, old));
+        }
+        evicted
     }
 
     fn len(&self) -> usize {
@@ -116,10 +116,14 @@ pub(crate) fn document_weight(history_bytes: u64) -> u64 {
 /// document (see `direct`); the document takes those changes later, all at once, when it is
 /// needed itself ([`LoadedDoc::materialize`]). Until then `pending` holds them, in the order they
 /// were built, and the index is the one that knows the entity's heads.
+///
+/// A hollow one ([`LoadedDoc::hollow`]) has no document at all: it stands for the document on
+/// disk, for a local write built from the index alone; `pending` then holds only what that write
+/// built, until it is committed.
 pub(crate) struct LoadedDoc {
     // Boxed: an `Automerge` is 3.5 KiB, and a write moves its document in and out of the cache
-    // and through its batch several times.
-    pub(crate) doc: Box<Automerge>,
+    // and through its batch several times. `None` when hollow.
+    pub(crate) doc: Option<Box<Automerge>>,
     pub(crate) history_bytes: u64,
     /// Changes committed to disk and not yet applied to `doc`; never any without `index`.
     pub(crate) pending: Vec<Change>,
@@ -131,34 +135,68 @@ impl LoadedDoc {
     /// A document with nothing pending and no index.
     pub(crate) fn new(doc: Automerge, history_bytes: u64) -> Self {
         Self {
-            doc: Box::new(doc),
+            doc: Some(Box::new(doc)),
             history_bytes,
             pending: Vec::new(),
             index: None,
         }
     }
 
+    /// The entity as it is on disk, without its document: what a local write built from the
+    /// index needs, and nothing else. Anything that needs the document loads it from disk.
+    pub(crate) fn hollow(hollow: Hollow) -> Self {
+        Self {
+            doc: None,
+            history_bytes: hollow.history_bytes,
+            pending: Vec::new(),
+            index: Some(hollow.index),
+        }
+    }
+
+    /// Whether the document is not loaded (see [`LoadedDoc::hollow`]).
+    pub(crate) fn is_hollow(&self) -> bool {
+        self.doc.is_none()
+    }
+
     /// The entity's heads, counting the changes still pending.
     pub(crate) fn heads(&self) -> Vec<ChangeHash> {
-        match &self.index {
-            Some(index) if !self.pending.is_empty() => index.heads().to_vec(),
-            _ => self.doc.get_heads(),
+        match (&self.doc, &self.index) {
+            (Some(doc), _) if self.pending.is_empty() => doc.get_heads(),
+            (_, Some(index)) => index.heads().to_vec(),
+            (Some(doc), None) => doc.get_heads(),
+            (None, None) => unreachable!("a hollow document always has its index"),
         }
     }
 
     /// Applies the pending changes to the document, in one batch. `false` when Automerge
-    /// refuses them (never seen; they are its own changes); the document must then be dropped
-    /// and loaded from disk, where every one of them is.
+    /// refuses them (never seen; they are its own changes), or when the document is hollow;
+    /// the document must then be dropped and loaded from disk, where every committed change is.
     pub(crate) fn materialize(&mut self) -> bool {
+        let Some(doc) = &mut self.doc else {
+            return false;
+        };
         if self.pending.is_empty() {
             return true;
         }
         let pending = std::mem::take(&mut self.pending);
-        let doc = &mut self.doc;
         matches!(
             catch_unwind(AssertUnwindSafe(|| doc.apply_changes_batch(pending))),
             Ok(Ok(()))
         )
+    }
+}
+
+/// The write index of an entity whose document is not loaded, and its history's bytes (see
+/// [`LoadedDoc::hollow`]).
+pub(crate) struct Hollow {
+    index: Box<WriteIndex>,
+    history_bytes: u64,
+}
+
+impl Hollow {
+    /// The heads of the version the index is of.
+    pub(crate) fn heads(&self) -> &[ChangeHash] {
+        self.index.heads()
     }
 }
 
@@ -170,7 +208,9 @@ impl std::ops::Deref for LoadedDoc {
             self.pending.is_empty(),
             "a document read with changes pending"
         );
-        &self.doc
+        self.doc
+            .as_deref()
+            .expect("a hollow document is never read")
     }
 }
 
@@ -180,21 +220,33 @@ impl std::ops::DerefMut for LoadedDoc {
             self.pending.is_empty(),
             "a document edited with changes pending"
         );
-        &mut self.doc
+        self.doc
+            .as_deref_mut()
+            .expect("a hollow document is never edited")
     }
 }
 
+/// How many more write indexes than documents the cache keeps: an index weighs about a
+/// twentieth of its document (a few hundred bytes for a few fields, against at least 16 KiB).
+pub(crate) const INDEXES_PER_DOCUMENT: usize = 16;
+
+/// The loaded documents, and the write indexes of documents evicted from them (see
+/// [`LoadedDoc::hollow`]): a local write of an entity whose document was evicted is built from
+/// its index, without loading the document, as long as its index and JSON are still held.
 pub(crate) struct DocCache {
     documents: Bounded<LoadedDoc>,
+    indexes: Bounded<Hollow>,
     pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
 }
 
 impl DocCache {
-    /// At most `capacity` documents, weighing at most `max_bytes` together.
+    /// At most `capacity` documents, weighing at most `max_bytes` together, and
+    /// [`INDEXES_PER_DOCUMENT`] times as many write indexes weighing an eighth of that.
     pub(crate) fn new(capacity: usize, max_bytes: u64) -> Self {
         Self {
             documents: Bounded::new(capacity, max_bytes),
+            indexes: Bounded::new(capacity.saturating_mul(INDEXES_PER_DOCUMENT), max_bytes / 8),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -212,14 +264,58 @@ impl DocCache {
         taken
     }
 
-    /// Puts a document (back) into the cache, evicting the least recently used ones if full.
+    /// Takes the write index of an evicted document out of the cache. It may be of an older
+    /// version than the one on disk: the caller compares.
+    pub(crate) fn take_hollow(&self, key: &EntityKey) -> Option<Hollow> {
+        self.indexes.take(key).map(|(hollow, _)| hollow)
+    }
+
+    /// Puts a document (back) into the cache, evicting the least recently used ones if full;
+    /// a hollow one keeps only its index. An evicted document leaves its index behind, if it
+    /// has one: every change a cached document holds, pending or not, is on disk.
     pub(crate) fn put(&self, key: EntityKey, document: LoadedDoc) {
+        if document.is_hollow() {
+            debug_assert!(
+                document.pending.is_empty(),
+                "a hollow document cached with changes not on disk"
+            );
+            self.put_index(key, document);
+            return;
+        }
         let weight = document_weight(document.history_bytes);
-        self.documents.put(key, document, weight);
+        let evicted = self.documents.put(key.clone(), document, weight);
+        for (evicted_key, evicted) in evicted {
+            // Another document of the same entity is not evicted but replaced.
+            if evicted_key != key {
+                self.put_index(evicted_key, evicted);
+            }
+        }
+    }
+
+    /// Keeps the index of `document`, if it has one, and drops the rest.
+    fn put_index(&self, key: EntityKey, document: LoadedDoc) {
+        let LoadedDoc {
+            index,
+            history_bytes,
+            ..
+        } = document;
+        if let Some(index) = index {
+            let weight = 64 + index.weight();
+            let hollow = Hollow {
+                index,
+                history_bytes,
+            };
+            drop(self.indexes.put(key, hollow, weight));
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.documents.len()
+    }
+
+    /// How many write indexes of evicted documents are held.
+    pub(crate) fn indexes(&self) -> usize {
+        self.indexes.len()
     }
 
     /// What the documents held weigh together (see [`document_weight`]).
@@ -272,7 +368,7 @@ impl JsonCache {
     /// Remembers the fields of `key` at a version.
     pub(crate) fn put(&self, key: EntityKey, fields: CachedFields) {
         let weight = 64 + fields.version.len() as u64 + map_weight(&fields.fields);
-        self.entries.put(key, fields, weight);
+        drop(self.entries.put(key, fields, weight));
     }
 }
 
@@ -299,7 +395,7 @@ impl RecordCache {
     /// Remembers the record of `key` as it is on disk now.
     pub(crate) fn put(&self, key: EntityKey, record: EntityRecord) {
         // A record is small and of about one size; the count bounds them.
-        self.entries.put(key, record, 1);
+        drop(self.entries.put(key, record, 1));
     }
 }
 

@@ -103,6 +103,22 @@ impl WriteIndex {
         &self.heads
     }
 
+    /// About what the index holds in memory: its own bytes, its heads, and for each field a
+    /// hash-map entry with its key and operation id.
+    pub(crate) fn weight(&self) -> u64 {
+        fn fields_weight(fields: &Fields) -> u64 {
+            fields
+                .iter()
+                .map(|(key, slot)| {
+                    let own = (std::mem::size_of::<(String, Slot)>() + 8) as u64;
+                    own + key.len() as u64 + slot.map.as_ref().map_or(0, fields_weight)
+                })
+                .sum()
+        }
+        (std::mem::size_of::<Self>() + self.heads.len() * std::mem::size_of::<ChangeHash>()) as u64
+            + fields_weight(&self.root)
+    }
+
     /// Builds the change that applying `patch` (RFC 7386) to the document's fields `current`
     /// would make, stamped with `stamp`, and records it in the index; `None` when the patch
     /// needs the transaction (see the module docs), and the index must then be dropped, as it

@@ -23,7 +23,9 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
 use crate::batch::{self, Edit, WriteRequest};
-use crate::cache::{CachedFields, DocCache, JsonCache, LoadedDoc, RecordCache};
+use crate::cache::{
+    CachedFields, DocCache, JsonCache, LoadedDoc, RecordCache, INDEXES_PER_DOCUMENT,
+};
 use crate::direct::{self, WriteIndex};
 use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
@@ -215,6 +217,9 @@ pub struct StoreStats {
     pub writes: u64,
     /// Of those, local edits built without Automerge's transaction (see the `direct` module).
     pub built_writes: u64,
+    /// Of those, the ones built from the write index of an evicted document, without loading
+    /// the document.
+    pub index_only_writes: u64,
     /// Flushes run since the store was opened (each covers a group of writes).
     pub flushes: u64,
     /// Document reads served from the cache.
@@ -227,6 +232,9 @@ pub struct StoreStats {
     /// plus 1.25 times its changes' uncompressed bytes (Automerge keeps every value ever
     /// written, overwritten ones included).
     pub cached_document_bytes: u64,
+    /// Write indexes kept of evicted documents, from which their entities' next local writes
+    /// are built without loading them (at most 16 times the document bound).
+    pub cached_write_indexes: u64,
     /// The highest durable feed sequence number.
     pub feed_seq: u64,
 }
@@ -259,6 +267,7 @@ pub(crate) struct Inner {
     config: StoreConfig,
     writes: AtomicU64,
     built_writes: AtomicU64,
+    index_only_writes: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -340,8 +349,15 @@ impl Store {
                     queue,
                     durability,
                     cache: DocCache::new(config.cache_entries, config.cache_bytes),
-                    json: JsonCache::new(config.cache_entries, config.cache_bytes / 4),
-                    records: RecordCache::new(config.cache_entries),
+                    // As many as the write indexes the document cache keeps: a write built from
+                    // an index needs the entity's JSON and record too.
+                    json: JsonCache::new(
+                        config.cache_entries.saturating_mul(INDEXES_PER_DOCUMENT),
+                        config.cache_bytes / 4,
+                    ),
+                    records: RecordCache::new(
+                        config.cache_entries.saturating_mul(INDEXES_PER_DOCUMENT),
+                    ),
                     stripes,
                     commit: Mutex::new(last_seq),
                     kind_seqs: Mutex::new(KindSeqs::after(last_seq)),
@@ -352,6 +368,7 @@ impl Store {
                     config,
                     writes: AtomicU64::new(0),
                     built_writes: AtomicU64::new(0),
+                    index_only_writes: AtomicU64::new(0),
                 }
             }),
         })
@@ -1017,6 +1034,8 @@ impl Store {
             cache_misses: self.inner.cache.misses.load(Ordering::Relaxed),
             cached_documents: self.inner.cache.len() as u64,
             cached_document_bytes: self.inner.cache.bytes(),
+            cached_write_indexes: self.inner.cache.indexes() as u64,
+            index_only_writes: self.inner.index_only_writes.load(Ordering::Relaxed),
             feed_seq: self.last_seq().0,
         }
     }
@@ -1081,11 +1100,10 @@ impl Store {
     /// read keeps its index, and one for a local write keeps both (see `direct`).
     pub(crate) fn load_as(&self, key: &EntityKey, access: Access) -> Result<LoadedDoc> {
         let Some(doc) = self.inner.cache.take(key) else {
+            // The document loaded replaces the index of an evicted one.
+            drop(self.inner.cache.take_hollow(key));
             return self.load_from_disk(key);
         };
-        if access == Access::Build {
-            return Ok(doc);
-        }
         let mut doc = self.materialized(key, doc, &[])?;
         if access == Access::Edit {
             doc.index = None;
@@ -1102,15 +1120,17 @@ impl Store {
         mut doc: LoadedDoc,
         unsaved: &[Change],
     ) -> Result<LoadedDoc> {
-        if doc.materialize() {
-            return Ok(doc);
+        // A hollow document is the one on disk: it is loaded from there.
+        if !doc.is_hollow() {
+            if doc.materialize() {
+                return Ok(doc);
+            }
+            tracing::error!(entity = %key, "automerge refused this replica's own changes; loading the entity from disk");
         }
-        tracing::error!(entity = %key, "automerge refused this replica's own changes; loading the entity from disk");
         let history_bytes = doc.history_bytes;
         drop(doc);
         let mut fresh = self.load_from_disk(key)?;
         fresh
-            .doc
             .apply_changes(unsaved.iter().cloned())
             .map_err(|error| Error::Corrupt {
                 what: key.to_string(),
@@ -1221,19 +1241,13 @@ impl Store {
         edit: document::JsonEdit<'_>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Staged> {
-        let mut doc = self.load_as(key, Access::Build)?;
+        let (mut doc, cached) = self.load_to_build(key)?;
         let stamp = document::Stamp {
             message: options.origin.to_string(),
             time: (now_ms() / 1000) as i64,
         };
         let before = doc.heads();
         let version = Version::from_heads(before.clone());
-        // The entity's JSON before the write, when it is cached for exactly this version.
-        let cached = if before.is_empty() {
-            None
-        } else {
-            self.inner.json.take(key, &version.to_string())
-        };
         let matches = options
             .if_match
             .as_ref()
@@ -1339,6 +1353,48 @@ impl Store {
         )
     }
 
+    /// The entity's document for a local write, as it is in the cache, pending changes and all,
+    /// and its JSON before the write when it is cached for exactly that version. An entity whose
+    /// document was evicted comes hollow when its index and JSON are both still held and of the
+    /// version on disk, and is loaded from disk otherwise.
+    fn load_to_build(&self, key: &EntityKey) -> Result<(LoadedDoc, Option<CachedFields>)> {
+        let doc = match self.inner.cache.take(key) {
+            Some(doc) => doc,
+            None => match self.hollow(key)? {
+                Some((doc, cached)) => return Ok((doc, Some(cached))),
+                None => self.load_from_disk(key)?,
+            },
+        };
+        let before = doc.heads();
+        let cached = if before.is_empty() {
+            None
+        } else {
+            let version = Version::from_heads(before).to_string();
+            self.inner.json.take(key, &version)
+        };
+        Ok((doc, cached))
+    }
+
+    /// The entity's hollow document and its JSON, when the index of its evicted document and
+    /// its JSON are of the version on disk. The index is dropped either way.
+    fn hollow(&self, key: &EntityKey) -> Result<Option<(LoadedDoc, CachedFields)>> {
+        let Some(hollow) = self.inner.cache.take_hollow(key) else {
+            return Ok(None);
+        };
+        if !self.inner.config.build_writes {
+            return Ok(None);
+        }
+        let version = Version::from_heads(hollow.heads().to_vec()).to_string();
+        let on_disk = self.record_locked(key)?;
+        if on_disk.is_none_or(|record| record.version != version) {
+            return Ok(None);
+        }
+        let Some(cached) = self.inner.json.take(key, &version) else {
+            return Ok(None);
+        };
+        Ok(Some((LoadedDoc::hollow(hollow), cached)))
+    }
+
     /// Builds a local merge patch from the entity's index (see `direct`) and works out what
     /// staging it needs, or hands the document back when the index cannot build it (an entity
     /// with concurrent values, a patch that writes a list). `current` is the entity's fields,
@@ -1393,7 +1449,14 @@ impl Store {
         #[cfg(debug_assertions)]
         {
             // The document the pending changes make reads as the fields worked out.
-            let mut applied = (*doc.doc).clone();
+            let mut applied = match &doc.doc {
+                Some(loaded) => (**loaded).clone(),
+                None => *self
+                    .load_from_disk(key)
+                    .expect("a hollow document's entity loads")
+                    .doc
+                    .expect("a document loaded from disk is not hollow"),
+            };
             applied
                 .apply_changes_batch(doc.pending.clone())
                 .expect("the pending changes apply");
@@ -1433,7 +1496,8 @@ impl Store {
 
     /// Returns a document that a write left unchanged to the cache (unless it never existed).
     pub(crate) fn put_back(&self, key: &EntityKey, doc: LoadedDoc) {
-        if !doc.pending.is_empty() || !doc.doc.is_empty() {
+        let empty = doc.doc.as_ref().is_some_and(|loaded| loaded.is_empty());
+        if !doc.pending.is_empty() || !empty {
             self.inner.cache.put(key.clone(), doc);
         }
     }
@@ -1720,6 +1784,13 @@ impl Store {
         self.inner
             .built_writes
             .fetch_add(built as u64, Ordering::Relaxed);
+        let index_only = staged
+            .iter()
+            .filter(|staged| staged.doc.is_hollow())
+            .count();
+        self.inner
+            .index_only_writes
+            .fetch_add(index_only as u64, Ordering::Relaxed);
         Ok(staged
             .into_iter()
             .map(|item| {
@@ -1734,7 +1805,12 @@ impl Store {
                     };
                     self.inner.json.put(item.key.clone(), cached);
                 }
-                self.put_back(&item.key, item.doc);
+                let mut doc = item.doc;
+                if doc.is_hollow() {
+                    // What it built is on disk now, where a hollow document's changes are.
+                    doc.pending.clear();
+                }
+                self.put_back(&item.key, doc);
                 item.written
             })
             .collect())
@@ -1768,8 +1844,6 @@ pub(crate) enum Access {
     Edit,
     /// Reading it: nothing pending, its index kept.
     Read,
-    /// A local write built from its index: as it is in the cache.
-    Build,
 }
 
 /// The entity's JSON after a change, for [`Store::stage`].

@@ -732,3 +732,135 @@ fn a_document_whose_pending_changes_are_refused_is_read_from_disk() {
     drop(store);
     assert_eq!(saved_after_reopen(dir.path(), &key), saved);
 }
+
+fn open_small(dir: &std::path::Path, documents: usize, build_writes: bool) -> Store {
+    let mut config = StoreConfig::new(dir);
+    config.compact_after_chunks = 4;
+    config.sled_cache_bytes = 1024 * 1024;
+    config.cache_entries = documents;
+    config.build_writes = build_writes;
+    Store::open(config).unwrap()
+}
+
+/// An entity whose document the cache evicted keeps its write index, and its next local write
+/// is built from that index alone, without loading the document; it reads back, compacts,
+/// reopens and saves as the transaction's writes do (a twin store with `build_writes` off, the
+/// same small cache, the same edits). In debug builds every such write is also checked against
+/// the document loaded from disk with the write applied.
+#[test]
+fn an_evicted_entity_is_written_from_its_index_as_the_transaction_writes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let twin_dir = tempfile::tempdir().unwrap();
+    // Two documents for five entities: every write finds its entity's document evicted.
+    let store = open_small(dir.path(), 2, true);
+    let twin = open_small(twin_dir.path(), 2, false);
+    let keys: Vec<EntityKey> = (0..5)
+        .map(|n| EntityKey::new("appointment", format!("{n}")).unwrap())
+        .collect();
+    let options = WriteOptions::new(Origin::local("alice").unwrap());
+    for round in 0..12 {
+        for (n, key) in keys.iter().enumerate() {
+            let patch = match round % 4 {
+                0 => json!({ "n": round, "site": { "code": format!("c{round}") } }),
+                1 => json!({ "n": round, "gone": null, "note": format!("{n}") }),
+                2 => json!({ "site": { "code": null, "room": round }, "note": null }),
+                _ => json!({ "n": f64::from(round) + 0.5, "gone": true }),
+            };
+            store.patch(key, &patch, &options).unwrap();
+            twin.patch(key, &patch, &options).unwrap();
+            if round == 10 && n == 4 {
+                // The three documents the cache let go left their indexes.
+                assert_eq!(store.stats().cached_write_indexes, 3);
+            }
+        }
+    }
+    // Entities 0 to 2 find their documents evicted in every round after the first (3 and 4,
+    // written last, are still loaded). Their writes are built from the index alone, except
+    // every fourth, which also compacts the entity into a snapshot and so needs the document,
+    // and the one after it, which loads the entity from disk and builds its index again: 18
+    // of their 33 updates.
+    let stats = store.stats();
+    assert!(stats.index_only_writes >= 15, "{stats:?}");
+    assert_eq!(twin.stats().index_only_writes, 0);
+    let outline = |store: &Store, key: &EntityKey| -> Vec<(Option<String>, Vec<String>)> {
+        let history = store.history(key).unwrap().unwrap();
+        history
+            .into_iter()
+            .map(|entry| (entry.origin, entry.fields))
+            .collect()
+    };
+    let mut saved = Vec::new();
+    for key in &keys {
+        let entity = store.get(key).unwrap().unwrap();
+        assert_eq!(entity.data, twin.get(key).unwrap().unwrap().data);
+        assert_eq!(outline(&store, key), outline(&twin, key));
+        assert!(store.conflicts(key).unwrap().unwrap().is_empty());
+        saved.push(store.save(key).unwrap().unwrap());
+    }
+    assert_eq!(
+        Json::Object(store.get(&keys[4]).unwrap().unwrap().data),
+        json!({ "n": 11.5, "gone": true, "site": { "room": 10 } })
+    );
+    store.close().unwrap();
+    drop(store);
+    for (key, saved) in keys.iter().zip(saved) {
+        assert_eq!(saved_after_reopen(dir.path(), key), saved);
+    }
+}
+
+/// An index left behind by an evicted document that is older than the entity on disk (its
+/// document was taken out, the entity written again from disk, and then the old document
+/// evicted), with JSON of its version still cached, is not built on: the write loads the entity
+/// instead and keeps every field.
+#[test]
+fn an_index_older_than_the_entity_on_disk_is_not_built_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_small(dir.path(), 2, true);
+    let options = WriteOptions::new(Origin::local("alice").unwrap());
+    let key = EntityKey::new("appointment", "old").unwrap();
+    store.patch(&key, &json!({ "a": 1 }), &options).unwrap();
+    let old_entity = store
+        .patch(&key, &json!({ "a": 2 }), &options)
+        .unwrap()
+        .entity
+        .unwrap();
+    let old = store
+        .inner
+        .cache
+        .take(&key)
+        .expect("the document is cached");
+    assert!(old.index.is_some());
+    // Written from disk meanwhile; then that document goes and the old one comes back.
+    store.patch(&key, &json!({ "b": 3 }), &options).unwrap();
+    drop(
+        store
+            .inner
+            .cache
+            .take(&key)
+            .expect("the document is cached"),
+    );
+    store.inner.cache.put(key.clone(), old);
+    for n in 0..2 {
+        let other = EntityKey::new("appointment", format!("other{n}")).unwrap();
+        store.patch(&other, &json!({ "x": n }), &options).unwrap();
+    }
+    assert!(store.inner.cache.indexes() >= 1);
+    // Its JSON too, as a write whose JSON is not kept (a merge) would leave it.
+    store.inner.json.put(
+        key.clone(),
+        CachedFields {
+            version: old_entity.version,
+            fields: old_entity.data,
+            settled: true,
+        },
+    );
+    let before = store.stats().index_only_writes;
+    store.patch(&key, &json!({ "a": 4 }), &options).unwrap();
+    assert_eq!(store.stats().index_only_writes, before);
+    assert_eq!(
+        Json::Object(store.get(&key).unwrap().unwrap().data),
+        json!({ "a": 4, "b": 3 })
+    );
+    assert_eq!(store.history(&key).unwrap().unwrap().len(), 4);
+    assert!(store.conflicts(&key).unwrap().unwrap().is_empty());
+}
