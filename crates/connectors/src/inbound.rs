@@ -9,7 +9,7 @@ use std::cmp::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value as Json};
-use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
+use store::{Edit, EntityKey, Origin, RecordKey, WriteOptions, WriteRequest};
 
 use crate::error::{Error, Result};
 use crate::mapping::MappingError;
@@ -121,9 +121,11 @@ impl Connectors {
         // The outcome is counted on that task too, so a dropped request's webhook still counts.
         tokio::spawn(async move {
             // By the hash its inbox record is kept under, which the clean-up locks too.
-            let lock_name = Records::inbox_lock_name(&task_handle.records.inbox_key(&task_id));
-            let _serialized = inbound_locks.lock(lock_name).await;
-            let outcome = apply(&task_handle, &task_id, &body, body_sha256).await;
+            let inbox_key = task_handle.records.inbox_key(&task_id);
+            let _serialized = inbound_locks
+                .lock(Records::inbox_lock_name(&inbox_key))
+                .await;
+            let outcome = apply(&task_handle, &task_id, inbox_key, &body, body_sha256).await;
             let counters = &task_handle.counters;
             match &outcome {
                 Ok(outcome) if outcome.replayed => counters.webhooks_duplicate.inc(),
@@ -189,11 +191,11 @@ fn check<'a>(
 async fn apply(
     handle: &ConnectorHandle,
     webhook_id: &str,
+    inbox_key: RecordKey,
     body: &Map<String, Json>,
     body_sha256: String,
 ) -> Result<WebhookOutcome> {
     let records = &handle.records;
-    let inbox_key = records.inbox_key(webhook_id);
     // An id is remembered for `dedupe_retention`: a record older than that, which the hourly
     // clean-up has not removed yet, no longer makes the webhook a repeat.
     let retention_ms =

@@ -110,8 +110,7 @@ fn read<T: DeserializeOwned>(store: &Store, key: &RecordKey) -> Result<Option<T>
 
 /// Hex SHA-256 of some bytes.
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// Typed access to one connector's records.
