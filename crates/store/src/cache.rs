@@ -3,7 +3,6 @@
 //! Documents are moved out while a writer edits them and moved back afterwards; the per-entity
 //! lock in `store` makes sure only one thread does that for an entity at a time.
 
-use std::num::NonZeroUsize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -21,6 +20,7 @@ use crate::layout::EntityRecord;
 struct Bounded<V> {
     // A std Mutex: it is held only for a map operation, never across I/O or an await.
     entries: Mutex<Entries<V>>,
+    capacity: usize,
     max_weight: u64,
 }
 
@@ -31,12 +31,14 @@ struct Entries<V> {
 
 impl<V> Bounded<V> {
     fn new(capacity: usize, max_weight: u64) -> Self {
-        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1) is never zero");
         Self {
+            // Unbounded to `lru`, which would reserve room for every entry up front; the count
+            // bound is kept in `put`, so memory grows with the entries actually held.
             entries: Mutex::new(Entries {
-                map: LruCache::new(capacity),
+                map: LruCache::unbounded(),
                 weight: 0,
             }),
+            capacity: capacity.max(1),
             max_weight,
         }
     }
@@ -68,13 +70,13 @@ impl<V> Bounded<V> {
         }
         let mut evicted = Vec::new();
         let mut entries = self.lock();
-        // The entry `key` had, or the least recently used one when the count bound is reached.
+        // The entry `key` had, if any.
         if let Some((old_key, (old, old_weight))) = entries.map.push(key, (value, weight)) {
             entries.weight -= old_weight;
             evicted.push((old_key, old));
         }
         entries.weight += weight;
-        while entries.weight > self.max_weight {
+        while entries.map.len() > self.capacity || entries.weight > self.max_weight {
             let Some((old_key, (old, old_weight))) = entries.map.pop_lru() else {
                 break;
             };
@@ -254,14 +256,20 @@ impl DocCache {
 
     /// Takes a document out of the cache, counting the hit or miss.
     pub(crate) fn take(&self, key: &EntityKey) -> Option<LoadedDoc> {
-        let taken = self.documents.take(key).map(|(doc, _)| doc);
-        let counter = if taken.is_some() {
-            &self.hits
-        } else {
-            &self.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        let taken = self.take_uncounted(key);
+        self.count(taken.is_some());
         taken
+    }
+
+    /// Takes a document out of the cache; the caller counts the hit or miss ([`DocCache::count`]).
+    pub(crate) fn take_uncounted(&self, key: &EntityKey) -> Option<LoadedDoc> {
+        self.documents.take(key).map(|(doc, _)| doc)
+    }
+
+    /// Counts a document read served from the cache (`hit`) or loaded from disk.
+    pub(crate) fn count(&self, hit: bool) {
+        let counter = if hit { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes the write index of an evicted document out of the cache. It may be of an older
@@ -271,8 +279,9 @@ impl DocCache {
     }
 
     /// Puts a document (back) into the cache, evicting the least recently used ones if full;
-    /// a hollow one keeps only its index. An evicted document leaves its index behind, if it
-    /// has one: every change a cached document holds, pending or not, is on disk.
+    /// a hollow one keeps only its index. A document evicted to make room leaves its index
+    /// behind, if it has one: every change a cached document holds, pending or not, is on disk.
+    /// (A document that alone weighs more than the bound is not kept, and neither is its index.)
     pub(crate) fn put(&self, key: EntityKey, document: LoadedDoc) {
         if document.is_hollow() {
             debug_assert!(
@@ -300,7 +309,9 @@ impl DocCache {
             ..
         } = document;
         if let Some(index) = index {
-            let weight = 64 + index.weight();
+            // The index's own estimate, plus its box, the entity's key and the LRU's entry.
+            let key_bytes = (key.kind.as_str().len() + key.id.as_str().len()) as u64;
+            let weight = 128 + key_bytes + index.weight();
             let hollow = Hollow {
                 index,
                 history_bytes,

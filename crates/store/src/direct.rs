@@ -103,17 +103,18 @@ impl WriteIndex {
         &self.heads
     }
 
-    /// About what the index holds in memory: its own bytes, its heads, and for each field a
-    /// hash-map entry with its key and operation id.
+    /// About what the index holds in memory: its own bytes, its heads, and for each map of
+    /// fields its hash table (every slot it has room for) and each field's key and nested map.
     pub(crate) fn weight(&self) -> u64 {
         fn fields_weight(fields: &Fields) -> u64 {
-            fields
-                .iter()
-                .map(|(key, slot)| {
-                    let own = (std::mem::size_of::<(String, Slot)>() + 8) as u64;
-                    own + key.len() as u64 + slot.map.as_ref().map_or(0, fields_weight)
-                })
-                .sum()
+            let table = (fields.capacity() * (std::mem::size_of::<(String, Slot)>() + 1)) as u64;
+            table
+                + fields
+                    .iter()
+                    .map(|(key, slot)| {
+                        key.len() as u64 + slot.map.as_ref().map_or(0, fields_weight)
+                    })
+                    .sum::<u64>()
         }
         (std::mem::size_of::<Self>() + self.heads.len() * std::mem::size_of::<ChangeHash>()) as u64
             + fields_weight(&self.root)

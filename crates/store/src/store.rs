@@ -1121,7 +1121,9 @@ impl Store {
         unsaved: &[Change],
     ) -> Result<LoadedDoc> {
         // A hollow document is the one on disk: it is loaded from there.
-        if !doc.is_hollow() {
+        if doc.is_hollow() {
+            self.inner.cache.count(false);
+        } else {
             if doc.materialize() {
                 return Ok(doc);
             }
@@ -1358,11 +1360,19 @@ impl Store {
     /// document was evicted comes hollow when its index and JSON are both still held and of the
     /// version on disk, and is loaded from disk otherwise.
     fn load_to_build(&self, key: &EntityKey) -> Result<(LoadedDoc, Option<CachedFields>)> {
-        let doc = match self.inner.cache.take(key) {
-            Some(doc) => doc,
+        let cache = &self.inner.cache;
+        let doc = match cache.take_uncounted(key) {
+            Some(doc) => {
+                cache.count(true);
+                doc
+            }
             None => match self.hollow(key)? {
+                // Neither a hit nor a load: the document is not read at all.
                 Some((doc, cached)) => return Ok((doc, Some(cached))),
-                None => self.load_from_disk(key)?,
+                None => {
+                    cache.count(false);
+                    self.load_from_disk(key)?
+                }
             },
         };
         let before = doc.heads();

@@ -766,7 +766,16 @@ fn an_evicted_entity_is_written_from_its_index_as_the_transaction_writes_it() {
                 2 => json!({ "site": { "code": null, "room": round }, "note": null }),
                 _ => json!({ "n": f64::from(round) + 0.5, "gone": true }),
             };
+            let before = store.stats();
             store.patch(key, &patch, &options).unwrap();
+            let after = store.stats();
+            if after.index_only_writes > before.index_only_writes {
+                // Not a document read: neither a hit nor a miss.
+                assert_eq!(
+                    (after.cache_hits, after.cache_misses),
+                    (before.cache_hits, before.cache_misses)
+                );
+            }
             twin.patch(key, &patch, &options).unwrap();
             if round == 10 && n == 4 {
                 // The three documents the cache let go left their indexes.
