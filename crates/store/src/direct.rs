@@ -14,8 +14,11 @@
 //! The change is the one the transaction would have made, byte for byte
 //! (`direct::tests::the_change_is_the_one_the_transaction_makes`), so nothing downstream
 //! (hashes, versions, chunks, replication) can tell the two apart. Anything the index does not
-//! cover takes the transaction: a document with concurrent values, a patch that makes a map or
-//! writes a list, a write that changes nothing.
+//! cover takes the transaction: a document with concurrent values, a patch that makes a map in
+//! an existing entity or writes a list, a write that changes nothing. A new entity's maps are
+//! made first as shared maps ([`prepare_new`]), and an entity whose document the cache evicted
+//! keeps its index, so its next write is built without loading the document (see
+//! `cache::LoadedDoc::hollow`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -334,7 +334,6 @@ fn merge_json(target: &mut Map<String, Json>, patch: &Map<String, Json>) {
     target.sort_keys();
 }
 
-/// Sorts the keys of every object in `value`, at any depth.
 /// A written value as the document reads it back: map keys sorted, and `-0.0` as `0.0`
 /// (Automerge compares floats as numbers, so it would not tell a `0.0` written over `-0.0`
 /// from no change at all; see [`json_to_scalar`]).

@@ -7,7 +7,7 @@
 //! # Layout
 //! `key` validates entity identities, `origin` names where a change came from, `version` turns
 //! document heads into an opaque string, `document` translates JSON to and from Automerge,
-//! `nested` creates nested maps that every replica creates identically,
+//! `nested` creates nested maps that every replica creates identically, `direct` builds local edits as Automerge changes without Automerge's transaction,
 //! `layout` is the sled key scheme, `durability` runs group commit, `cache` bounds loaded
 //! documents, `feed` defines feed rows, `records` keeps other crates' side records, `replica` speaks Automerge's sync protocol per entity, and `store` ties them together.
 //!

@@ -696,17 +696,17 @@ impl Store {
     /// # Errors
     /// Storage errors only.
     pub fn get(&self, key: &EntityKey) -> Result<Option<Entity>> {
-        {
-            // A write leaves the entity's JSON in memory: when it is of the current version,
-            // the document need not be read (nor take the changes pending in it, see `direct`).
-            let _guard = self.lock(key);
-            if let Some(record) = self.record_locked(key)? {
-                if let Some(fields) = self.inner.json.fields_at(key, &record.version) {
-                    return Ok(entity_of(key, &record.version, fields));
-                }
-            }
+        let _guard = self.lock(key);
+        // An entity without a record never existed: there is nothing to read.
+        let Some(record) = self.record_locked(key)? else {
+            return Ok(None);
+        };
+        // A write leaves the entity's JSON in memory: when it is of the current version, the
+        // document need not be read (nor take the changes pending in it, see `direct`).
+        if let Some(fields) = self.inner.json.fields_at(key, &record.version) {
+            return Ok(entity_of(key, &record.version, fields));
         }
-        self.read(key, |doc| Ok(entity_from(key, doc, None)))
+        self.read_locked(key, |doc| Ok(entity_from(key, doc, None)))
     }
 
     /// The entity as it was at `version`, or `None` when it had no fields then.
@@ -1096,8 +1096,9 @@ impl Store {
     }
 
     /// [`Store::load`] for `access`: a document to edit comes without pending changes or an
-    /// index (an edit other than a local one built from it would leave the index behind), one to
-    /// read keeps its index, and one for a local write keeps both (see `direct`).
+    /// index (an edit other than a local one built from it would leave the index behind), and one
+    /// to read keeps its index. A local write takes its document as it is instead
+    /// ([`Store::load_to_build`]).
     pub(crate) fn load_as(&self, key: &EntityKey, access: Access) -> Result<LoadedDoc> {
         let Some(doc) = self.inner.cache.take(key) else {
             // The document loaded replaces the index of an evicted one.
@@ -1228,6 +1229,15 @@ impl Store {
         f: impl FnOnce(&Automerge) -> Result<T>,
     ) -> Result<T> {
         let _guard = self.lock(key);
+        self.read_locked(key, f)
+    }
+
+    /// [`Store::read`] for a caller holding the entity's stripe lock.
+    fn read_locked<T>(
+        &self,
+        key: &EntityKey,
+        f: impl FnOnce(&Automerge) -> Result<T>,
+    ) -> Result<T> {
         let doc = self.load_as(key, Access::Read)?;
         let result = f(&doc);
         self.put_back(key, doc);
@@ -1243,12 +1253,15 @@ impl Store {
         edit: document::JsonEdit<'_>,
         records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
     ) -> Result<Staged> {
-        let (mut doc, cached) = self.load_to_build(key)?;
+        let ToBuild {
+            mut doc,
+            before,
+            cached,
+        } = self.load_to_build(key)?;
         let stamp = document::Stamp {
             message: options.origin.to_string(),
             time: (now_ms() / 1000) as i64,
         };
-        let before = doc.heads();
         let version = Version::from_heads(before.clone());
         let matches = options
             .if_match
@@ -1282,7 +1295,7 @@ impl Store {
                     .map(Some)
             };
             if let Some(current) = current {
-                match self.build_write(key, doc, patch, current, &stamp, options) {
+                match self.build_write(key, doc, &before, patch, current, &stamp, options) {
                     Ok((doc, staging)) => {
                         let writes =
                             side_writes(records, &staging.version, staging.entity.as_ref(), true);
@@ -1359,7 +1372,7 @@ impl Store {
     /// and its JSON before the write when it is cached for exactly that version. An entity whose
     /// document was evicted comes hollow when its index and JSON are both still held and of the
     /// version on disk, and is loaded from disk otherwise.
-    fn load_to_build(&self, key: &EntityKey) -> Result<(LoadedDoc, Option<CachedFields>)> {
+    fn load_to_build(&self, key: &EntityKey) -> Result<ToBuild> {
         let cache = &self.inner.cache;
         let doc = match cache.take_uncounted(key) {
             Some(doc) => {
@@ -1368,7 +1381,7 @@ impl Store {
             }
             None => match self.hollow(key)? {
                 // Neither a hit nor a load: the document is not read at all.
-                Some((doc, cached)) => return Ok((doc, Some(cached))),
+                Some(hollow) => return Ok(hollow),
                 None => {
                     cache.count(false);
                     self.load_from_disk(key)?
@@ -1379,22 +1392,25 @@ impl Store {
         let cached = if before.is_empty() {
             None
         } else {
-            let version = Version::from_heads(before).to_string();
+            let version = Version::from_heads(before.clone()).to_string();
             self.inner.json.take(key, &version)
         };
-        Ok((doc, cached))
+        Ok(ToBuild {
+            doc,
+            before,
+            cached,
+        })
     }
 
     /// The entity's hollow document and its JSON, when the index of its evicted document and
     /// its JSON are of the version on disk. The index is dropped either way.
-    fn hollow(&self, key: &EntityKey) -> Result<Option<(LoadedDoc, CachedFields)>> {
+    fn hollow(&self, key: &EntityKey) -> Result<Option<ToBuild>> {
+        // (Indexes exist only where writes are built: never with `build_writes` off.)
         let Some(hollow) = self.inner.cache.take_hollow(key) else {
             return Ok(None);
         };
-        if !self.inner.config.build_writes {
-            return Ok(None);
-        }
-        let version = Version::from_heads(hollow.heads().to_vec()).to_string();
+        let before = hollow.heads().to_vec();
+        let version = Version::from_heads(before.clone()).to_string();
         let on_disk = self.record_locked(key)?;
         if on_disk.is_none_or(|record| record.version != version) {
             return Ok(None);
@@ -1402,17 +1418,26 @@ impl Store {
         let Some(cached) = self.inner.json.take(key, &version) else {
             return Ok(None);
         };
-        Ok(Some((LoadedDoc::hollow(hollow), cached)))
+        Ok(Some(ToBuild {
+            doc: LoadedDoc::hollow(hollow),
+            before,
+            cached: Some(cached),
+        }))
     }
 
     /// Builds a local merge patch from the entity's index (see `direct`) and works out what
     /// staging it needs, or hands the document back when the index cannot build it (an entity
     /// with concurrent values, a patch that writes a list). `current` is the entity's fields,
-    /// `None` for a new entity.
+    /// `None` for a new entity; `before` is the document's heads.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "what the write is, on what, and for whom, as `stage_write` has them"
+    )]
     fn build_write<'a>(
         &self,
         key: &'a EntityKey,
         mut doc: LoadedDoc,
+        before: &[ChangeHash],
         patch: &Map<String, Json>,
         current: Option<&Map<String, Json>>,
         stamp: &document::Stamp,
@@ -1422,7 +1447,6 @@ impl Store {
             return Err(doc);
         }
         let new = current.is_none();
-        let before = doc.heads();
         let (current, ordered) = match current {
             Some(current) => (current.clone(), Cow::Borrowed(patch)),
             None => match direct::prepare_new(&mut doc, patch, stamp) {
@@ -1484,7 +1508,7 @@ impl Store {
         };
         let staging = Staging {
             key,
-            before,
+            before: before.to_vec(),
             after,
             existed: !new,
             exists: !fields.is_empty(),
@@ -1847,6 +1871,15 @@ struct Staging<'a> {
     built: bool,
 }
 
+/// An entity's document as a local write takes it (see [`Store::load_to_build`]).
+struct ToBuild {
+    doc: LoadedDoc,
+    /// The document's heads.
+    before: Vec<ChangeHash>,
+    /// Its JSON at those heads, when it is cached.
+    cached: Option<CachedFields>,
+}
+
 /// What [`Store::load_as`] loads a document for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -2022,7 +2055,6 @@ fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -
     entity_of(key, &version.to_string(), data)
 }
 
-/// The entity with `data` at `version`; `None` when it has no fields (it reads as absent).
 /// The side records a write's caller asks for (see [`Store::submit_with`]), as sled writes.
 fn side_writes(
     records: impl FnOnce(&CommitView<'_>) -> Vec<RecordWrite>,
@@ -2041,6 +2073,7 @@ fn side_writes(
     .collect()
 }
 
+/// The entity with `data` at `version`; `None` when it has no fields (it reads as absent).
 fn entity_of(key: &EntityKey, version: &str, data: Map<String, Json>) -> Option<Entity> {
     (!data.is_empty()).then(|| Entity {
         kind: key.kind.clone(),

@@ -6,9 +6,16 @@ use serde_json::json;
 use super::*;
 
 fn open(dir: &std::path::Path, compact_after_chunks: u32) -> Store {
+    open_with(dir, |config| {
+        config.compact_after_chunks = compact_after_chunks
+    })
+}
+
+/// A store in `dir` with a small sled cache and whatever else `configure` sets.
+fn open_with(dir: &std::path::Path, configure: impl FnOnce(&mut StoreConfig)) -> Store {
     let mut config = StoreConfig::new(dir);
-    config.compact_after_chunks = compact_after_chunks;
     config.sled_cache_bytes = 1024 * 1024;
+    configure(&mut config);
     Store::open(config).unwrap()
 }
 
@@ -123,9 +130,7 @@ fn a_record_follows_the_entity_through_delete_and_recreate() {
 
 /// The entity's saved bytes once its document is reloaded from disk (the cache holds none).
 fn saved_after_reopen(dir: &std::path::Path, key: &EntityKey) -> Vec<u8> {
-    let mut config = StoreConfig::new(dir);
-    config.cache_entries = 0;
-    let store = Store::open(config).unwrap();
+    let store = open_with(dir, |config| config.cache_entries = 0);
     store.save(key).unwrap().unwrap()
 }
 
@@ -566,12 +571,10 @@ fn updates_of_a_settled_entity_are_built_and_read_back_as_the_transaction_writes
     let dir = tempfile::tempdir().unwrap();
     let twin_dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 4);
-    let twin = {
-        let mut config = StoreConfig::new(twin_dir.path());
+    let twin = open_with(twin_dir.path(), |config| {
         config.compact_after_chunks = 4;
         config.build_writes = false;
-        Store::open(config).unwrap()
-    };
+    });
     let key = EntityKey::new("appointment", "1").unwrap();
     let options = WriteOptions::new(Origin::local("alice").unwrap());
     let patches = [
@@ -733,13 +736,13 @@ fn a_document_whose_pending_changes_are_refused_is_read_from_disk() {
     assert_eq!(saved_after_reopen(dir.path(), &key), saved);
 }
 
+/// A store that keeps `documents` documents loaded at most and compacts after 4 chunks.
 fn open_small(dir: &std::path::Path, documents: usize, build_writes: bool) -> Store {
-    let mut config = StoreConfig::new(dir);
-    config.compact_after_chunks = 4;
-    config.sled_cache_bytes = 1024 * 1024;
-    config.cache_entries = documents;
-    config.build_writes = build_writes;
-    Store::open(config).unwrap()
+    open_with(dir, |config| {
+        config.compact_after_chunks = 4;
+        config.cache_entries = documents;
+        config.build_writes = build_writes;
+    })
 }
 
 /// An entity whose document the cache evicted keeps its write index, and its next local write
