@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::frame::Frame;
+use crate::registry;
 use crate::session::Session;
 use crate::status::PeerState;
 
@@ -95,10 +96,8 @@ impl Drop for LinkUp<'_> {
     }
 }
 
-/// Runs `session` over `socket` until `shutdown` (then `Ok`) or an error.
-///
-/// # Errors
-/// Whatever ended the link: the peer's frames, the store, the socket, or silence.
+/// Runs `session` over `socket` until `shutdown` or an error: the peer's frames, the store, the
+/// socket, or silence. How it ended is in `peer`'s status before the close frame goes out.
 pub(crate) async fn run<S>(
     socket: WebSocketStream<S>,
     session: Session,
@@ -106,11 +105,10 @@ pub(crate) async fn run<S>(
     peer: &PeerState,
     idle_timeout: Duration,
     shutdown: &CancellationToken,
-) -> Result<()>
-where
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let _up = LinkUp::new(peer);
+    let up = LinkUp::new(peer);
     let (mut sink, mut stream) = socket.split();
     let outcome = drive(
         &mut sink,
@@ -122,6 +120,8 @@ where
         shutdown,
     )
     .await;
+    drop(up);
+    registry::report(peer, &outcome);
     // Tell the peer why, so its status shows the reason too; never wait long for a dead socket.
     let close = match &outcome {
         Ok(()) => CloseFrame {
@@ -139,7 +139,6 @@ where
         },
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, sink.send(Message::Close(Some(close)))).await;
-    outcome
 }
 
 /// A close reason fits in 123 bytes; cut it at a character boundary.

@@ -158,8 +158,7 @@ impl Replication {
         let span = tracing::info_span!("link", direction = "accepted");
         async {
             tracing::info!("peer connected");
-            let outcome = self.run_link(socket, &state, &shutdown).await;
-            self.report(&state, outcome);
+            self.run_link(socket, &state, &shutdown).await;
         }
         .instrument(span)
         .await;
@@ -197,14 +196,13 @@ impl Replication {
                     () = shutdown.cancelled() => return,
                     connected = connect(&peer, settings.idle_timeout) => connected,
                 };
-                let outcome = match connected {
+                match connected {
                     Ok(socket) => {
                         tracing::info!(url = %peer.url, "connected to peer");
-                        self.run_link(socket, &state, &shutdown).await
+                        self.run_link(socket, &state, &shutdown).await;
                     }
-                    Err(error) => Err(error),
-                };
-                self.report(&state, outcome);
+                    Err(error) => report(&state, &Err(error)),
+                }
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -223,13 +221,13 @@ impl Replication {
         .await;
     }
 
+    /// Runs a link over `socket` until it ends, and reports how it ended.
     async fn run_link<S>(
         &self,
         socket: WebSocketStream<S>,
         state: &PeerState,
         shutdown: &CancellationToken,
-    ) -> Result<()>
-    where
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let store = self.inner.store.clone();
@@ -239,32 +237,24 @@ impl Replication {
             batch_entities: self.inner.settings.batch_entities,
             max_rounds: self.inner.settings.max_rounds,
         };
-        let session =
+        let opened =
             tokio::task::spawn_blocking(move || Session::open(store, &name, &site, settings))
                 .await
-                .map_err(Error::Task)??;
-        link::run(
-            socket,
-            session,
-            &self.inner.store,
-            state,
-            self.inner.settings.idle_timeout,
-            shutdown,
-        )
-        .await
-    }
-
-    fn report(&self, state: &PeerState, outcome: Result<()>) {
-        match outcome {
-            Ok(()) => tracing::info!("replication link closed for shutdown"),
-            Err(Error::PeerShutDown) => {
-                tracing::info!("replication link closed by the peer, which is shutting down")
+                .map_err(Error::Task)
+                .and_then(|opened| opened);
+        match opened {
+            Ok(session) => {
+                link::run(
+                    socket,
+                    session,
+                    &self.inner.store,
+                    state,
+                    self.inner.settings.idle_timeout,
+                    shutdown,
+                )
+                .await;
             }
-            Err(error) => {
-                let chain = cause_chain(&error);
-                tracing::warn!(error = %chain, "replication link ended");
-                state.record_error(&chain);
-            }
+            Err(error) => report(state, &Err(error)),
         }
     }
 }
@@ -302,6 +292,24 @@ async fn connect(
             })
         }
         Ok(Err(error)) => Err(error.into()),
+    }
+}
+
+/// Logs why a link ended and shows it in the peer's status.
+///
+/// A link calls this before it sends its close frame, so a peer that reads the close reason and
+/// then asks for the status finds this link's error in it, not an earlier one.
+pub(crate) fn report(state: &PeerState, outcome: &Result<()>) {
+    match outcome {
+        Ok(()) => tracing::info!("replication link closed for shutdown"),
+        Err(Error::PeerShutDown) => {
+            tracing::info!("replication link closed by the peer, which is shutting down")
+        }
+        Err(error) => {
+            let chain = cause_chain(error);
+            tracing::warn!(error = %chain, "replication link ended");
+            state.record_error(&chain);
+        }
     }
 }
 
