@@ -24,7 +24,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::frame::Frame;
-use crate::registry;
 use crate::session::Session;
 use crate::status::PeerState;
 
@@ -121,7 +120,7 @@ pub(crate) async fn run<S>(
     )
     .await;
     drop(up);
-    registry::report(peer, &outcome);
+    peer.link_ended(&outcome);
     // Tell the peer why, so its status shows the reason too; never wait long for a dead socket.
     let close = match &outcome {
         Ok(()) => CloseFrame {

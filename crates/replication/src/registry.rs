@@ -201,7 +201,7 @@ impl Replication {
                         tracing::info!(url = %peer.url, "connected to peer");
                         self.run_link(socket, &state, &shutdown).await;
                     }
-                    Err(error) => report(&state, &Err(error)),
+                    Err(error) => state.failed(&error),
                 }
                 if shutdown.is_cancelled() {
                     return;
@@ -242,20 +242,22 @@ impl Replication {
                 .await
                 .map_err(Error::Task)
                 .and_then(|opened| opened);
-        match opened {
-            Ok(session) => {
-                link::run(
-                    socket,
-                    session,
-                    &self.inner.store,
-                    state,
-                    self.inner.settings.idle_timeout,
-                    shutdown,
-                )
-                .await;
+        let session = match opened {
+            Ok(session) => session,
+            Err(error) => {
+                state.failed(&error);
+                return;
             }
-            Err(error) => report(state, &Err(error)),
-        }
+        };
+        link::run(
+            socket,
+            session,
+            &self.inner.store,
+            state,
+            self.inner.settings.idle_timeout,
+            shutdown,
+        )
+        .await;
     }
 }
 
@@ -292,57 +294,5 @@ async fn connect(
             })
         }
         Ok(Err(error)) => Err(error.into()),
-    }
-}
-
-/// Logs why a link ended and shows it in the peer's status.
-///
-/// A link calls this before it sends its close frame, so a peer that reads the close reason and
-/// then asks for the status finds this link's error in it, not an earlier one.
-pub(crate) fn report(state: &PeerState, outcome: &Result<()>) {
-    match outcome {
-        Ok(()) => tracing::info!("replication link closed for shutdown"),
-        Err(Error::PeerShutDown) => {
-            tracing::info!("replication link closed by the peer, which is shutting down")
-        }
-        Err(error) => {
-            let chain = cause_chain(error);
-            tracing::warn!(error = %chain, "replication link ended");
-            state.record_error(&chain);
-        }
-    }
-}
-
-/// An error with every source after it: `a: b: c`.
-///
-/// A cause whose text the chain already holds is left out: tungstenite's errors, and the IO
-/// errors rustls's come in, repeat their source's text in their own.
-fn cause_chain(error: &Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let said = cause.to_string();
-        if !text.contains(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        source = cause.source();
-    }
-    if let Some(hint) = scheme_hint(&text) {
-        text.push_str(" (");
-        text.push_str(hint);
-        text.push(')');
-    }
-    text
-}
-
-/// What a failure says when the peer's url has the wrong scheme for what the peer serves.
-fn scheme_hint(failure: &str) -> Option<&'static str> {
-    if failure.contains("InvalidContentType") {
-        Some("the peer does not answer in TLS: if it serves plain HTTP, use an http:// url")
-    } else if failure.contains("invalid HTTP version") {
-        Some("the peer does not answer in HTTP: if it serves HTTPS, use an https:// url")
-    } else {
-        None
     }
 }

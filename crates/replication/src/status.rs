@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use store::Seq;
 
+use crate::error::{Error, Result};
 use crate::session::Progress;
 
 /// One peer's status, as `GET /v1/peers/{name}` shows it.
@@ -147,11 +148,27 @@ impl PeerState {
         }
     }
 
-    /// Records why a link ended or could not be set up.
-    pub(crate) fn record_error(&self, error: &str) {
+    /// Logs how a link ended and, when it failed, records why.
+    ///
+    /// A link calls this before it sends its close frame, so a peer that reads the close reason
+    /// and then asks for the status finds this link's error in it, not an earlier one.
+    pub(crate) fn link_ended(&self, outcome: &Result<()>) {
+        match outcome {
+            Ok(()) => tracing::info!("replication link closed for shutdown"),
+            Err(Error::PeerShutDown) => {
+                tracing::info!("replication link closed by the peer, which is shutting down")
+            }
+            Err(error) => self.failed(error),
+        }
+    }
+
+    /// Logs and records why a link ended or could not be set up.
+    pub(crate) fn failed(&self, error: &Error) {
+        let chain = cause_chain(error);
+        tracing::warn!(error = %chain, "replication link ended");
         self.errors.fetch_add(1, Ordering::Relaxed);
         let mut observed = self.observed();
-        observed.last_error = Some(error.to_string());
+        observed.last_error = Some(chain);
         observed.last_error_at_ms = Some(now_ms());
     }
 
@@ -190,4 +207,63 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// An error with every source after it: `a: b: c`.
+///
+/// A cause whose text the chain already holds is left out: tungstenite's errors, and the IO
+/// errors rustls's come in, repeat their source's text in their own.
+fn cause_chain(error: &Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    if let Some(hint) = scheme_hint(&text) {
+        text.push_str(" (");
+        text.push_str(hint);
+        text.push(')');
+    }
+    text
+}
+
+/// What a failure says when the peer's url has the wrong scheme for what the peer serves.
+fn scheme_hint(failure: &str) -> Option<&'static str> {
+    if failure.contains("InvalidContentType") {
+        Some("the peer does not answer in TLS: if it serves plain HTTP, use an http:// url")
+    } else if failure.contains("invalid HTTP version") {
+        Some("the peer does not answer in HTTP: if it serves HTTPS, use an https:// url")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_that_ends_for_a_shutdown_counts_no_error_and_one_that_fails_shows_why() {
+        let peer = PeerState::new("south", None, Seq::ZERO);
+        peer.link_ended(&Ok(()));
+        peer.link_ended(&Err(Error::PeerShutDown));
+        let status = peer.status(Seq::ZERO);
+        assert_eq!((status.errors, status.last_error), (0, None));
+
+        peer.link_ended(&Err(Error::Malformed("unknown frame tag 255".into())));
+        peer.failed(&Error::Store(Box::new(store::Error::Closed)));
+        let status = peer.status(Seq::ZERO);
+        assert_eq!(status.errors, 2);
+        // The latest failure, with its source after it.
+        assert_eq!(
+            status.last_error.as_deref(),
+            Some(format!("the local store failed: {}", store::Error::Closed).as_str())
+        );
+        assert!(status.last_error_at_ms.is_some());
+    }
 }
