@@ -119,7 +119,7 @@ async fn start(dir: &std::path::Path, config: &ConnectorConfig) -> Result<Runnin
     let connectors = Connectors::new(
         store.clone(),
         validate_all(std::slice::from_ref(config), &BTreeMap::new())?,
-    );
+    )?;
     let shutdown = CancellationToken::new();
     let workers = connectors
         .workers(shutdown.clone())

@@ -56,6 +56,14 @@ async fn post_webhook(
         .await
 }
 
+/// The server's `/metrics` page.
+async fn metrics_text(server: &TestServer) -> Result<String> {
+    let response = server
+        .send(server.client().get(server.url("/metrics")))
+        .await?;
+    Ok(response.text().await?)
+}
+
 /// Waits until the connector has nothing pending and has read the whole feed.
 async fn settle(server: &TestServer, name: &str) -> Result<Value> {
     poll_until(&format!("connector {name} to settle"), || async {
@@ -543,6 +551,50 @@ async fn issue_3_a_webhook_id_is_forgotten_after_the_retention() -> Result<()> {
     Ok(())
 }
 
+/// The ids indexed in memory are bounded (`dedupe_index_ids`); ids past the bound are
+/// remembered all the same, in the slower layout, and every id is still a repeat after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_webhook_ids_past_the_index_bound_are_remembered_across_a_restart() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    let toml = connector("scheduler", &fake.base, "dedupe_index_ids = 2");
+    let server = TestServer::start_with(&toml).await?;
+    let bodies: Vec<Value> = (1..=4)
+        .map(|n| json!({"apptId": n.to_string(), "scheduledDate": format!("2027-08-0{n}")}))
+        .collect();
+    let mut answers = Vec::new();
+    for (n, body) in bodies.iter().enumerate() {
+        let response = post_webhook(&server, "scheduler", &format!("w{n}"), body, None).await?;
+        assert_eq!(response.status(), 200);
+        answers.push(response.text().await?);
+    }
+    let indexed = "lockstep_connector_webhook_ids_indexed{connector=\"scheduler\"} 2";
+    let metrics_now = metrics_text(&server).await?;
+    assert!(metrics_now.contains(indexed), "{metrics_now}");
+    let dir = server.stop().await?;
+    let server = TestServer::start_in(dir, &toml).await?;
+    let metrics_now = metrics_text(&server).await?;
+    assert!(metrics_now.contains(indexed), "{metrics_now}");
+    let before = server.feed_len();
+    for (n, body) in bodies.iter().enumerate() {
+        let id = format!("w{n}");
+        let response = post_webhook(&server, "scheduler", &id, body, None).await?;
+        assert_eq!(response.status(), 200);
+        assert!(
+            response
+                .headers()
+                .get("lockstep-idempotent-replay")
+                .is_some(),
+            "{id} was not taken for a repeat"
+        );
+        assert_eq!(response.text().await?, answers[n]);
+        let other = json!({"apptId": "9", "scheduledDate": "2027-09-09"});
+        let reused = post_webhook(&server, "scheduler", &id, &other, None).await?;
+        expect_error(reused, 409, "webhook_id_reused").await?;
+    }
+    assert_eq!(server.feed_len(), before, "a repeat changed something");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue_3_one_webhook_id_posted_at_once_makes_one_change() -> Result<()> {
     let fake = FakeApi::start().await?;
@@ -889,11 +941,7 @@ async fn issue_3_an_older_version_field_is_acknowledged_and_ignored() -> Result<
     assert_eq!(answer["status"], "stale", "{answer}");
     let (_, entity) = server.get("/v1/entities/appointment/4").await?;
     assert_eq!(entity["data"]["date"], "2027-04-04");
-    let metrics = server
-        .send(server.client().get(server.url("/metrics")))
-        .await?
-        .text()
-        .await?;
+    let metrics = metrics_text(&server).await?;
     assert!(
         metrics.contains(
             "lockstep_connector_webhooks_total{connector=\"scheduler\",result=\"stale\"} 2"

@@ -139,6 +139,10 @@ pub struct ConnectorConfig {
     /// How long inbound webhook ids are remembered for deduplication.
     #[serde(default = "default_retention")]
     pub dedupe_retention: TextDuration,
+    /// How many remembered webhook ids are indexed in memory; ids past it are kept in a slower
+    /// layout (see `inbox`).
+    #[serde(default = "default_index_ids")]
+    pub dedupe_index_ids: usize,
     /// How far a webhook's timestamp may be from now.
     #[serde(default = "default_tolerance")]
     pub timestamp_tolerance: TextDuration,
@@ -149,6 +153,12 @@ fn default_timeout() -> TextDuration {
 }
 fn default_concurrency() -> usize {
     8
+}
+/// The default `dedupe_index_ids`: as many as fit a table of 2^20 slots (see `inbox`).
+pub(crate) const DEFAULT_INDEX_IDS: usize = 900_000;
+
+fn default_index_ids() -> usize {
+    DEFAULT_INDEX_IDS
 }
 fn default_retention() -> TextDuration {
     TextDuration(Duration::from_secs(4 * 24 * 3600 + 3600))
@@ -200,6 +210,8 @@ pub struct Connector {
     pub concurrency: usize,
     /// Inbound id retention.
     pub dedupe_retention: Duration,
+    /// The most webhook ids new webhooks add to the in-memory index.
+    pub dedupe_index_ids: usize,
     /// Inbound timestamp tolerance.
     pub timestamp_tolerance: Duration,
 }
@@ -386,6 +398,7 @@ impl ConnectorConfig {
             timeout: self.timeout.0,
             concurrency: self.concurrency,
             dedupe_retention: self.dedupe_retention.0,
+            dedupe_index_ids: self.dedupe_index_ids,
             timestamp_tolerance: self.timestamp_tolerance.0,
         })
     }

@@ -756,7 +756,9 @@ async fn step(
             for batch in expired.chunks(INBOX_GC_BATCH) {
                 let names: Vec<String> = batch.iter().map(Records::inbox_lock_name).collect();
                 let _locked = gc.inbound_locks.blocking_lock_all(&names);
-                gc.records.delete_expired_inbox(batch, cutoff)?;
+                for deleted in gc.records.delete_expired_inbox(batch, cutoff)? {
+                    gc.inbox.forget(&deleted);
+                }
             }
             Ok::<_, crate::error::Error>(())
         })

@@ -9,9 +9,10 @@ use std::cmp::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value as Json};
-use store::{Edit, EntityKey, Origin, RecordKey, WriteOptions, WriteRequest};
+use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
 
 use crate::error::{Error, Result};
+use crate::inbox::{IdHash, Inbox};
 use crate::mapping::MappingError;
 use crate::registry::{ConnectorHandle, Connectors};
 use crate::signature::SignatureError;
@@ -120,12 +121,10 @@ impl Connectors {
         let (task_handle, task_id) = (handle.clone(), id.to_string());
         // The outcome is counted on that task too, so a dropped request's webhook still counts.
         tokio::spawn(async move {
-            // By the hash its inbox record is kept under, which the clean-up locks too.
-            let inbox_key = task_handle.records.inbox_key(&task_id);
-            let _serialized = inbound_locks
-                .lock(Records::inbox_lock_name(&inbox_key))
-                .await;
-            let outcome = apply(&task_handle, &task_id, inbox_key, &body, body_sha256).await;
+            // By the id's hash, which ends its inbox record's key, which the clean-up locks by.
+            let hash = IdHash::of(&task_id);
+            let _serialized = inbound_locks.lock(hash.hex()).await;
+            let outcome = apply(&task_handle, &task_id, &hash, &body, body_sha256).await;
             let counters = &task_handle.counters;
             match &outcome {
                 Ok(outcome) if outcome.replayed => counters.webhooks_duplicate.inc(),
@@ -191,7 +190,7 @@ fn check<'a>(
 async fn apply(
     handle: &ConnectorHandle,
     webhook_id: &str,
-    inbox_key: RecordKey,
+    hash: &IdHash,
     body: &Map<String, Json>,
     body_sha256: String,
 ) -> Result<WebhookOutcome> {
@@ -201,8 +200,10 @@ async fn apply(
     let retention_ms =
         u64::try_from(handle.connector.dedupe_retention.as_millis()).unwrap_or(u64::MAX);
     let remembered_since = now_ms().saturating_sub(retention_ms);
-    let previous = records
-        .inbox(&inbox_key)?
+    let lookup = handle.inbox.lookup(records, hash)?;
+    let previous = lookup
+        .found
+        .clone()
         .filter(|previous| previous.at_ms >= remembered_since);
     if let Some(previous) = previous {
         if previous.body_sha256 != body_sha256 {
@@ -249,9 +250,12 @@ async fn apply(
                 "detail": format!("{} {mark} is older than {applied}, already applied; ignored",
                     connector.version_field.as_deref().unwrap_or_default()),
             });
+            let place = handle.inbox.place(&lookup, hash);
+            let inbox_key = Inbox::key(records, place, hash);
             records
                 .write_async(vec![Records::put_inbox(inbox_key, &inbox(&response))])
                 .await?;
+            handle.inbox.remember(place, hash);
             return Ok(WebhookOutcome {
                 response,
                 replayed: false,
@@ -291,6 +295,8 @@ async fn apply(
     // one on disk. Everything but the response is worked out here, off the store's writer
     // thread, which runs the closure.
     let shadow_write = records.put_shadow(&key, &shadow);
+    let place = handle.inbox.place(&lookup, hash);
+    let inbox_key = Inbox::key(records, place, hash);
     let (entity, inbox_unknown) = (key.clone(), unknown.clone());
     let written = records
         .store()
@@ -305,6 +311,7 @@ async fn apply(
             }),
         )
         .await?;
+    handle.inbox.remember(place, hash);
     let response_out = applied(&key, written.seq.is_some(), &written.version, &unknown);
     if !unknown.is_empty() {
         tracing::warn!(connector = %connector.name, entity = %key, unknown = ?unknown, "webhook carried unmapped fields; they were not applied");

@@ -9,7 +9,7 @@
 //! `config` validates `[[connectors]]` tables; `signature` signs and verifies Standard Webhooks
 //! messages; `mapping` translates between entity fields and external fields in both directions;
 //! `state` is the typed view of the connector records kept in the store (state, shadow, outbox,
-//! inbox); `inbound` handles webhooks; `delivery` is the outbound worker; `registry` holds the
+//! inbox); `inbox` indexes the webhook ids remembered; `inbound` handles webhooks; `delivery` is the outbound worker; `registry` holds the
 //! running connectors and the admin operations.
 //!
 //! # Example
@@ -33,6 +33,7 @@ mod config;
 mod delivery;
 mod error;
 mod inbound;
+mod inbox;
 mod locks;
 mod mapping;
 mod registry;

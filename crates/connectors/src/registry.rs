@@ -17,6 +17,7 @@ use crate::config::Connector;
 use crate::delivery;
 use crate::error::{Error, Result};
 use crate::inbound::now_ms;
+use crate::inbox::Inbox;
 use crate::locks::{KeyedGuard, KeyedLocks};
 use crate::state::{Attempt, Records};
 
@@ -68,6 +69,8 @@ pub struct ConnectorHandle {
     /// Its validated configuration.
     pub connector: Connector,
     pub(crate) records: Records,
+    /// The index of the webhook ids it remembers (see `inbox`).
+    pub(crate) inbox: Inbox,
     /// Its counters.
     pub counters: Counters,
     pub(crate) wake: Notify,
@@ -113,6 +116,11 @@ impl ConnectorHandle {
 
     pub(crate) fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// How many remembered webhook ids the in-memory index holds (see `inbox`).
+    pub fn indexed_webhook_ids(&self) -> usize {
+        self.inbox.indexed()
     }
 
     pub(crate) fn rescan_and_wake(&self) {
@@ -224,14 +232,20 @@ pub struct Preview {
 }
 
 impl Connectors {
-    /// Wraps validated connectors around the store. Start their workers with [`Connectors::workers`].
-    pub fn new(store: Store, connectors: Vec<Connector>) -> Self {
+    /// Wraps validated connectors around the store, reading the ids each remembers in arrival
+    /// order (see `inbox`). Start their workers with [`Connectors::workers`].
+    ///
+    /// # Errors
+    /// Store errors, and an inbox record key that cannot be read.
+    pub fn new(store: Store, connectors: Vec<Connector>) -> Result<Self> {
         let inbound_locks = Arc::new(KeyedLocks::new());
         let by_name = connectors
             .into_iter()
             .map(|connector| {
+                let records = Records::new(store.clone(), &connector.name);
                 let handle = ConnectorHandle {
-                    records: Records::new(store.clone(), &connector.name),
+                    inbox: Inbox::open(&records, connector.dedupe_index_ids)?,
+                    records,
                     connector,
                     counters: Counters::default(),
                     wake: Notify::new(),
@@ -241,14 +255,14 @@ impl Connectors {
                     state_lock: Mutex::new(()),
                     inbound_locks: Arc::clone(&inbound_locks),
                 };
-                (handle.connector.name.clone(), Arc::new(handle))
+                Ok((handle.connector.name.clone(), Arc::new(handle)))
             })
-            .collect();
-        Self {
+            .collect::<Result<_>>()?;
+        Ok(Self {
             store,
             by_name: Arc::new(by_name),
             inbound_locks,
-        }
+        })
     }
 
     /// The worker futures, one per connector, each running until `shutdown` is cancelled.

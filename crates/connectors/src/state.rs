@@ -5,7 +5,8 @@
 //! | `connector.state` | connector | [`ConnectorState`]: feed cursor, paused, disabled |
 //! | `connector.shadow` | connector, kind, id | [`Shadow`]: the mapped fields the external system has |
 //! | `connector.outbox` | connector, kind, id | [`Attempt`]: the one delta in flight for the entity |
-//! | `connector.inbox` | connector, hash of the webhook id | [`InboxRecord`]: the first response to that id |
+//! | `connector.received` | connector, arrival number (16 hex digits), hash of the webhook id | [`InboxRecord`]: the first response to that id, in arrival order (see `inbox`) |
+//! | `connector.inbox` | connector, hash of the webhook id | [`InboxRecord`]: the same, for ids not in the arrival order's index |
 //! | `connector.replan` | connector, kind, id | empty: the entity changed while it was being delivered |
 //!
 //! The shadow and the outbox are what make delivery crash-safe: the delta to send is always
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use store::{EntityKey, RecordKey, RecordWrite, Seq, Store};
 
 use crate::error::{Error, Result};
+use crate::inbox::IdHash;
 
 #[cfg(test)]
 mod tests;
@@ -29,6 +31,7 @@ const STATE: &str = "connector.state";
 const SHADOW: &str = "connector.shadow";
 const OUTBOX: &str = "connector.outbox";
 const INBOX: &str = "connector.inbox";
+const RECEIVED: &str = "connector.received";
 const REPLAN: &str = "connector.replan";
 
 /// A connector's persisted run state.
@@ -228,57 +231,100 @@ impl Records {
             .collect())
     }
 
-    /// Where the inbox record of `webhook_id` is kept.
-    pub(crate) fn inbox_key(&self, webhook_id: &str) -> RecordKey {
+    /// Where the inbox record of the id hashed to `hash` is kept when it is kept by hash.
+    pub(crate) fn inbox_key(&self, hash: &IdHash) -> RecordKey {
+        RecordKey::new(INBOX, &[&self.connector, &hash.hex()])
+    }
+
+    /// Where the inbox record of the id hashed to `hash` is kept when it arrived as number
+    /// `arrival`: the numbers grow, so each new record is a key at the end of the range.
+    pub(crate) fn received_key(&self, arrival: u64, hash: &IdHash) -> RecordKey {
         RecordKey::new(
-            INBOX,
-            &[&self.connector, &sha256_hex(webhook_id.as_bytes())],
+            RECEIVED,
+            &[&self.connector, &format!("{arrival:016x}"), &hash.hex()],
         )
     }
 
-    /// The inbox record at `key` (see [`Self::inbox_key`]).
+    /// The arrival number and id hash of a [`Self::received_key`]; `None` for any other key.
+    pub(crate) fn received_of(key: &RecordKey) -> Option<(u64, IdHash)> {
+        if !key.in_space(RECEIVED) {
+            return None;
+        }
+        match key.parts().as_slice() {
+            [_, arrival, hash] => Some((
+                u64::from_str_radix(arrival, 16).ok()?,
+                IdHash::from_hex(hash)?,
+            )),
+            _ => None,
+        }
+    }
+
+    /// Calls `visit` with the arrival number and id hash of each of this connector's records
+    /// in arrival order, from their keys alone.
+    pub(crate) fn visit_received(&self, mut visit: impl FnMut(u64, IdHash)) -> Result<()> {
+        let prefix = RecordKey::new(RECEIVED, &[&self.connector]);
+        self.store.visit_records(&prefix, |key, _| {
+            let (arrival, hash) = Self::received_of(&key).ok_or_else(|| Error::CorruptRecord {
+                key: format!("{key:?}"),
+                detail: "not an arrival number and an id hash".into(),
+            })?;
+            visit(arrival, hash);
+            Ok::<_, Error>(())
+        })
+    }
+
+    /// The inbox record at `key` (see [`Self::inbox_key`], [`Self::received_key`]).
     pub(crate) fn inbox(&self, key: &RecordKey) -> Result<Option<InboxRecord>> {
         read(&self.store, key)
     }
 
-    /// Writes `record` at `key` (see [`Self::inbox_key`]).
+    /// Writes `record` at `key` (see [`Self::inbox_key`], [`Self::received_key`]).
     pub(crate) fn put_inbox(key: RecordKey, record: &InboxRecord) -> RecordWrite {
         RecordWrite::put(key, encode(record))
     }
 
-    /// The keys of this connector's inbox records received before `cutoff_ms`. They are only
-    /// candidates: [`Self::delete_expired_inbox`] checks each again before deleting it.
+    /// The keys of this connector's inbox records (of both kinds) received before `cutoff_ms`.
+    /// They are only candidates: [`Self::delete_expired_inbox`] checks each again before
+    /// deleting it.
     pub(crate) fn expired_inbox(&self, cutoff_ms: u64) -> Result<Vec<RecordKey>> {
-        let prefix = RecordKey::new(INBOX, &[&self.connector]);
         let mut expired = Vec::new();
-        self.store.visit_records(&prefix, |key, bytes| {
-            let record: InboxRecord = decode(&key, bytes)?;
-            if record.at_ms < cutoff_ms {
-                expired.push(key);
-            }
-            Ok::<_, Error>(())
-        })?;
+        for space in [RECEIVED, INBOX] {
+            let prefix = RecordKey::new(space, &[&self.connector]);
+            self.store.visit_records(&prefix, |key, bytes| {
+                let record: InboxRecord = decode(&key, bytes)?;
+                if record.at_ms < cutoff_ms {
+                    expired.push(key);
+                }
+                Ok::<_, Error>(())
+            })?;
+        }
         Ok(expired)
     }
 
-    /// Deletes those of `keys` whose inbox record is still older than `cutoff_ms`, in one write.
-    /// The caller holds their ids' locks (see [`Self::inbox_lock_name`]): a webhook that reused an
-    /// expired id after `keys` were listed wrote a fresh record, which must stay.
-    pub(crate) fn delete_expired_inbox(&self, keys: &[RecordKey], cutoff_ms: u64) -> Result<()> {
-        let mut deletes = Vec::new();
+    /// Deletes those of `keys` whose inbox record is still older than `cutoff_ms`, in one write,
+    /// and returns their keys. The caller holds their ids' locks (see [`Self::inbox_lock_name`]):
+    /// a webhook that reused an expired id after `keys` were listed wrote a fresh record, which
+    /// must stay.
+    pub(crate) fn delete_expired_inbox(
+        &self,
+        keys: &[RecordKey],
+        cutoff_ms: u64,
+    ) -> Result<Vec<RecordKey>> {
+        let mut deleted = Vec::new();
         for key in keys {
             if self
                 .inbox(key)?
                 .is_some_and(|record| record.at_ms < cutoff_ms)
             {
-                deletes.push(RecordWrite::delete(key.clone()));
+                deleted.push(key.clone());
             }
         }
-        self.write(deletes)
+        self.write(deleted.iter().cloned().map(RecordWrite::delete).collect())?;
+        Ok(deleted)
     }
 
-    /// The name a webhook id's lock goes by: the hash its inbox record is kept under, so the
-    /// clean-up, which sees only records, can take the same lock.
+    /// The name a webhook id's lock goes by: the hash of the id, which ends both kinds of inbox
+    /// record key, so the clean-up, which sees only records, can take the same lock.
     pub(crate) fn inbox_lock_name(key: &RecordKey) -> String {
         key.parts().last().cloned().unwrap_or_default()
     }

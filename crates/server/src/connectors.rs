@@ -226,4 +226,17 @@ pub(crate) fn render_metrics(state: &AppState, out: &mut String) {
             );
         }
     }
+    let name = "lockstep_connector_webhook_ids_indexed";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Remembered webhook ids indexed in memory (bounded by dedupe_index_ids).\n# TYPE {name} gauge"
+    );
+    for handle in state.connectors.handles() {
+        let _ = writeln!(
+            out,
+            "{name}{{connector=\"{}\"}} {}",
+            handle.connector.name,
+            handle.indexed_webhook_ids()
+        );
+    }
 }

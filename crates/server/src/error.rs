@@ -26,6 +26,9 @@ pub enum Error {
     /// A blocking task that opens or closes the store panicked.
     #[error("the store task panicked")]
     StoreTask(#[source] tokio::task::JoinError),
+    /// The connectors' records (the webhook ids they remember) could not be read at start.
+    #[error("could not read the connectors' records")]
+    Connectors(#[source] connectors::Error),
     /// The thread that opens the store could not be started, or panicked.
     #[error("the thread that opens the store failed: {0}")]
     OpenThread(String),

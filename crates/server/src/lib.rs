@@ -131,8 +131,13 @@ pub async fn run_with_store(
 ) -> Result<()> {
     let tasks = TaskTracker::new();
     let force = CancellationToken::new();
+    // Off the runtime's threads: it reads each connector's remembered webhook ids.
+    let (reader, validated) = (store.clone(), config.validated_connectors.clone());
     let connectors =
-        ::connectors::Connectors::new(store.clone(), config.validated_connectors.clone());
+        tokio::task::spawn_blocking(move || ::connectors::Connectors::new(reader, validated))
+            .await
+            .map_err(Error::StoreTask)?
+            .map_err(Error::Connectors)?;
     for (name, worker) in connectors.workers(shutdown.child_token()) {
         tasks.spawn(worker.instrument(tracing::info_span!("delivery", connector = %name)));
     }

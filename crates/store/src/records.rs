@@ -34,6 +34,13 @@ impl RecordKey {
         Self(bytes)
     }
 
+    /// Whether the key is in `space`.
+    pub fn in_space(&self, space: &str) -> bool {
+        self.0[1..]
+            .strip_prefix(space.as_bytes())
+            .is_some_and(|rest| rest.first().is_none_or(|byte| *byte == 0))
+    }
+
     /// The parts after the space.
     pub fn parts(&self) -> Vec<String> {
         self.0[1..]

@@ -168,6 +168,24 @@ fn unknown_keys_and_bad_durations_are_parse_errors() {
     let bad = EXAMPLE.replace("\"30m\"", "\"soon\"");
     let error = toml::from_str::<File>(&bad).expect_err("bad duration");
     assert!(error.to_string().contains("soon"), "{error}");
+    let negative = EXAMPLE.replace(
+        "version_field = \"updatedAt\"",
+        "version_field = \"updatedAt\"\ndedupe_index_ids = -1",
+    );
+    let error = toml::from_str::<File>(&negative).expect_err("a negative bound");
+    assert!(error.to_string().contains("dedupe_index_ids"), "{error}");
+}
+
+#[test]
+fn the_index_bound_defaults_and_may_be_zero() {
+    let connectors = validate_all(&parse(EXAMPLE), &env()).expect("valid");
+    assert_eq!(connectors[0].dedupe_index_ids, 900_000);
+    let text = EXAMPLE.replace(
+        "version_field = \"updatedAt\"",
+        "version_field = \"updatedAt\"\ndedupe_index_ids = 0",
+    );
+    let connectors = validate_all(&parse(&text), &env()).expect("valid");
+    assert_eq!(connectors[0].dedupe_index_ids, 0);
 }
 
 #[test]

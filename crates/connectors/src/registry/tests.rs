@@ -50,7 +50,7 @@ async fn a_pause_during_a_replay_is_kept() {
             outcome.expect("each write succeeds");
         }
     }
-    let connectors = Connectors::new(store.clone(), scheduler());
+    let connectors = Connectors::new(store.clone(), scheduler()).unwrap();
     for round in 0..20u64 {
         connectors.resume("scheduler").await.expect("resumed");
         let replaying = connectors.clone();

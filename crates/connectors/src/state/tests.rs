@@ -5,6 +5,7 @@ use serde_json::json;
 use store::StoreConfig;
 
 use super::*;
+use crate::inbox::IdHash;
 
 fn received_at(at_ms: u64) -> InboxRecord {
     InboxRecord {
@@ -25,21 +26,32 @@ fn inbox_records_expire_after_the_cutoff_and_only_the_connectors_own() {
     );
     records
         .write(vec![
-            Records::put_inbox(records.inbox_key("old"), &received_at(1_000)),
-            Records::put_inbox(records.inbox_key("at-cutoff"), &received_at(2_000)),
-            Records::put_inbox(records.inbox_key("new"), &received_at(3_000)),
-            Records::put_inbox(other.inbox_key("old"), &received_at(1_000)),
+            Records::put_inbox(records.inbox_key(&IdHash::of("old")), &received_at(1_000)),
+            Records::put_inbox(
+                records.inbox_key(&IdHash::of("at-cutoff")),
+                &received_at(2_000),
+            ),
+            Records::put_inbox(records.inbox_key(&IdHash::of("new")), &received_at(3_000)),
+            Records::put_inbox(other.inbox_key(&IdHash::of("old")), &received_at(1_000)),
         ])
         .unwrap();
     let expired = records.expired_inbox(2_000).unwrap();
-    assert_eq!(expired, vec![records.inbox_key("old")]);
+    assert_eq!(expired, vec![records.inbox_key(&IdHash::of("old"))]);
     records.delete_expired_inbox(&expired, 2_000).unwrap();
-    assert_eq!(records.inbox(&records.inbox_key("old")).unwrap(), None);
+    assert_eq!(
+        records
+            .inbox(&records.inbox_key(&IdHash::of("old")))
+            .unwrap(),
+        None
+    );
     for kept in ["at-cutoff", "new"] {
-        assert!(records.inbox(&records.inbox_key(kept)).unwrap().is_some());
+        assert!(records
+            .inbox(&records.inbox_key(&IdHash::of(kept)))
+            .unwrap()
+            .is_some());
     }
     assert_eq!(
-        other.inbox(&other.inbox_key("old")).unwrap(),
+        other.inbox(&other.inbox_key(&IdHash::of("old"))).unwrap(),
         Some(received_at(1_000))
     );
 }
@@ -49,7 +61,7 @@ fn an_id_reused_after_the_listing_keeps_its_fresh_record() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(StoreConfig::new(dir.path())).unwrap();
     let records = Records::new(store, "scheduler");
-    let key = records.inbox_key("reused");
+    let key = records.inbox_key(&IdHash::of("reused"));
     records
         .write(vec![Records::put_inbox(key.clone(), &received_at(1_000))])
         .unwrap();

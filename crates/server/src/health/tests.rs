@@ -27,7 +27,7 @@ fn state(dir: &std::path::Path) -> AppState {
     .expect("the defaults are valid");
     let store = Store::open(config.store.store_config()).expect("a fresh directory opens");
     AppState::new(Shared {
-        connectors: ::connectors::Connectors::new(store.clone(), Vec::new()),
+        connectors: ::connectors::Connectors::new(store.clone(), Vec::new()).unwrap(),
         replication: ::replication::Replication::new(
             store.clone(),
             "test",

@@ -1,0 +1,217 @@
+//! Where a connector remembers the webhook ids it has answered, for `dedupe_retention`.
+//!
+//! Each answered id leaves an inbox record (the first response, the body's hash, when it came).
+//! Records are kept in one of two places:
+//!
+//! - in **arrival order** (`connector.received`, keyed by an arrival number and the id's
+//!   hash), with an in-memory index from the id's hash to its arrival number. A new key at the
+//!   end of the range costs sled next to nothing, where a key at a random place (the hash of
+//!   the id) cost about 20 µs of server CPU per webhook (docs/architecture.md, "Where a write's
+//!   time goes"). The index is rebuilt from the keys when the server starts.
+//! - **by hash** (`connector.inbox`, keyed by the id's hash alone), read with no index: where
+//!   every record went before the arrival order existed, and where a record goes when the index
+//!   is full (`dedupe_index_ids`) or when another retained id has the same 128-bit hash prefix.
+//!
+//! A lookup tries the index, then the hashed record, so records of both kinds are honoured
+//! whatever the index holds. Callers hold the id's lock (see `inbound`) across the lookup,
+//! the write and [`Inbox::remember`], and the clean-up holds it when it deletes.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+use store::RecordKey;
+
+use crate::error::Result;
+use crate::state::{InboxRecord, Records};
+
+#[cfg(test)]
+mod tests;
+
+/// The SHA-256 of a webhook id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IdHash([u8; 32]);
+
+impl IdHash {
+    pub(crate) fn of(webhook_id: &str) -> Self {
+        Self(Sha256::digest(webhook_id.as_bytes()).into())
+    }
+
+    pub(crate) fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub(crate) fn from_hex(text: &str) -> Option<Self> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(Self(bytes))
+    }
+
+    /// What the index keys an id by: the hash's first 16 bytes.
+    fn prefix(&self) -> Prefix {
+        let half = |range: std::ops::Range<usize>| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&self.0[range]);
+            u64::from_be_bytes(bytes)
+        };
+        Prefix(half(0..8), half(8..16))
+    }
+}
+
+/// The first 16 bytes of an id's hash, as two words: an index entry with its arrival number
+/// is 24 bytes (a `u128` would align it to 32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Prefix(u64, u64);
+
+impl std::hash::Hash for Prefix {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Part of a SHA-256 already: its first word is as good a hash as any.
+        state.write_u64(self.0);
+    }
+}
+
+/// Passes on the one word [`Prefix`] hashes itself by.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = word;
+    }
+}
+
+type Index = HashMap<Prefix, u64, BuildHasherDefault<PrefixHasher>>;
+
+/// Where a new inbox record goes (see [`Inbox::place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// At this arrival number, to be indexed once written ([`Inbox::remember`]).
+    Arrival(u64),
+    /// Under the id's hash, not indexed.
+    Hashed,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub(crate) struct Lookup {
+    /// The record kept for the id, if any (it may be older than the retention: the caller decides).
+    pub found: Option<InboxRecord>,
+    /// Whether the index holds another id under this id's prefix: a new record for this id then
+    /// goes by hash, so that the other id stays indexed.
+    prefix_taken: bool,
+}
+
+/// One connector's inbox index; see the module documentation.
+pub(crate) struct Inbox {
+    index: Mutex<Index>,
+    next_arrival: AtomicU64,
+    limit: usize,
+}
+
+impl Inbox {
+    /// Builds the index from the connector's records in arrival order. `limit` bounds how many
+    /// ids new webhooks add to it; the ids found here are all indexed, whatever their number
+    /// (a lower limit than before takes effect as they expire).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub(crate) fn open(records: &Records, limit: usize) -> Result<Self> {
+        let mut index = Index::default();
+        let mut next_arrival = 0;
+        records.visit_received(|arrival, hash| {
+            // Later arrivals of one id (reused after it expired) replace earlier ones.
+            index.insert(hash.prefix(), arrival);
+            next_arrival = next_arrival.max(arrival + 1);
+        })?;
+        Ok(Self {
+            index: Mutex::new(index),
+            next_arrival: AtomicU64::new(next_arrival),
+            limit,
+        })
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many ids the index holds.
+    pub(crate) fn indexed(&self) -> usize {
+        self.index().len()
+    }
+
+    /// The record kept for `hash`: the indexed one, else the one kept by hash.
+    ///
+    /// # Errors
+    /// Store errors, and a record that cannot be decoded.
+    pub(crate) fn lookup(&self, records: &Records, hash: &IdHash) -> Result<Lookup> {
+        let indexed = self.index().get(&hash.prefix()).copied();
+        let mut prefix_taken = false;
+        if let Some(arrival) = indexed {
+            // The key holds the whole hash: another id with the same prefix has no record here.
+            match records.inbox(&records.received_key(arrival, hash))? {
+                Some(found) => {
+                    return Ok(Lookup {
+                        found: Some(found),
+                        prefix_taken: false,
+                    })
+                }
+                None => prefix_taken = true,
+            }
+        }
+        Ok(Lookup {
+            found: records.inbox(&records.inbox_key(hash))?,
+            prefix_taken,
+        })
+    }
+
+    /// Where a new record for the id of `lookup` goes: in arrival order while the index has
+    /// room (or holds the id already, reused after it expired), else by hash.
+    pub(crate) fn place(&self, lookup: &Lookup, hash: &IdHash) -> Place {
+        if lookup.prefix_taken {
+            return Place::Hashed;
+        }
+        let index = self.index();
+        if index.len() >= self.limit && !index.contains_key(&hash.prefix()) {
+            return Place::Hashed;
+        }
+        Place::Arrival(self.next_arrival.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The key of a record at `place`.
+    pub(crate) fn key(records: &Records, place: Place, hash: &IdHash) -> RecordKey {
+        match place {
+            Place::Arrival(arrival) => records.received_key(arrival, hash),
+            Place::Hashed => records.inbox_key(hash),
+        }
+    }
+
+    /// Indexes a record written at `place`; called once it is written.
+    pub(crate) fn remember(&self, place: Place, hash: &IdHash) {
+        if let Place::Arrival(arrival) = place {
+            self.index().insert(hash.prefix(), arrival);
+        }
+    }
+
+    /// Forgets the index entry of a record the clean-up deleted, if the entry is still that
+    /// record's (an id reused since has a newer one).
+    pub(crate) fn forget(&self, key: &RecordKey) {
+        if let Some((arrival, hash)) = Records::received_of(key) {
+            let mut index = self.index();
+            if index.get(&hash.prefix()) == Some(&arrival) {
+                index.remove(&hash.prefix());
+            }
+        }
+    }
+}

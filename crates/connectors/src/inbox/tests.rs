@@ -1,0 +1,183 @@
+//! Where inbox records go and how they are found again: in arrival order while the index has
+//! room, by hash past it or when another id holds the prefix, and both after a reopen.
+
+use serde_json::json;
+use store::{Store, StoreConfig};
+
+use super::*;
+
+fn record(at_ms: u64) -> InboxRecord {
+    InboxRecord {
+        body_sha256: "0".repeat(64),
+        response: json!({"status": "applied", "at": at_ms}),
+        at_ms,
+    }
+}
+
+/// Writes a record for `hash` where the inbox places it, as a webhook does, and indexes it.
+fn receive(inbox: &Inbox, records: &Records, hash: &IdHash, at_ms: u64) -> Place {
+    let lookup = inbox.lookup(records, hash).unwrap();
+    let place = inbox.place(&lookup, hash);
+    records
+        .write(vec![Records::put_inbox(
+            Inbox::key(records, place, hash),
+            &record(at_ms),
+        )])
+        .unwrap();
+    inbox.remember(place, hash);
+    place
+}
+
+/// The records of a connector named `scheduler`, in a store in `dir`.
+fn scheduler_records(dir: &std::path::Path) -> Records {
+    Records::new(Store::open(StoreConfig::new(dir)).unwrap(), "scheduler")
+}
+
+/// A fresh store's `scheduler` records and their inbox, indexing at most `limit` ids.
+fn opened(limit: usize) -> (tempfile::TempDir, Records, Inbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let records = scheduler_records(dir.path());
+    let inbox = Inbox::open(&records, limit).unwrap();
+    (dir, records, inbox)
+}
+
+fn found(inbox: &Inbox, records: &Records, hash: &IdHash) -> Option<u64> {
+    let lookup = inbox.lookup(records, hash).unwrap();
+    lookup.found.map(|record| record.at_ms)
+}
+
+#[test]
+fn ids_go_in_arrival_order_until_the_index_is_full_and_are_all_found_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+    let records = Records::new(store.clone(), "scheduler");
+    let inbox = Inbox::open(&records, 2).unwrap();
+    let ids: Vec<IdHash> = ["a", "b", "c", "d"].map(IdHash::of).to_vec();
+    let places: Vec<Place> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, hash)| receive(&inbox, &records, hash, n as u64))
+        .collect();
+    assert_eq!(
+        places,
+        [
+            Place::Arrival(0),
+            Place::Arrival(1),
+            Place::Hashed,
+            Place::Hashed
+        ]
+    );
+    assert_eq!(inbox.indexed(), 2);
+    for (n, hash) in ids.iter().enumerate() {
+        assert_eq!(found(&inbox, &records, hash), Some(n as u64));
+    }
+    assert_eq!(found(&inbox, &records, &IdHash::of("never")), None);
+
+    // Reopened with room: the index holds what is in arrival order, and numbers go on.
+    let reopened = Inbox::open(&records, 10).unwrap();
+    assert_eq!(reopened.indexed(), 2);
+    for (n, hash) in ids.iter().enumerate() {
+        assert_eq!(found(&reopened, &records, hash), Some(n as u64));
+    }
+    assert_eq!(
+        receive(&reopened, &records, &IdHash::of("e"), 4),
+        Place::Arrival(2)
+    );
+    // Another connector's records are not its own.
+    let other = Records::new(store, "scheduler-b");
+    let other_inbox = Inbox::open(&other, 10).unwrap();
+    assert_eq!(other_inbox.indexed(), 0);
+    assert_eq!(found(&other_inbox, &other, &ids[0]), None);
+}
+
+#[test]
+fn an_index_of_no_ids_keeps_every_record_by_hash() {
+    let (_dir, records, inbox) = opened(0);
+    let hash = IdHash::of("a");
+    assert_eq!(receive(&inbox, &records, &hash, 7), Place::Hashed);
+    assert_eq!(inbox.indexed(), 0);
+    assert_eq!(found(&inbox, &records, &hash), Some(7));
+}
+
+#[test]
+fn an_id_whose_prefix_another_id_holds_goes_by_hash_and_both_are_found() {
+    let (_dir, records, inbox) = opened(10);
+    // Two hashes with the same first 16 bytes: SHA-256 will not make them, a test can.
+    let first = IdHash([7; 32]);
+    let mut bytes = [7; 32];
+    bytes[31] = 8;
+    let second = IdHash(bytes);
+    assert_eq!(receive(&inbox, &records, &first, 1), Place::Arrival(0));
+    assert_eq!(found(&inbox, &records, &second), None);
+    assert_eq!(receive(&inbox, &records, &second, 2), Place::Hashed);
+    assert_eq!(found(&inbox, &records, &first), Some(1));
+    assert_eq!(found(&inbox, &records, &second), Some(2));
+    let reopened = Inbox::open(&records, 10).unwrap();
+    assert_eq!(found(&reopened, &records, &first), Some(1));
+    assert_eq!(found(&reopened, &records, &second), Some(2));
+}
+
+#[test]
+fn the_clean_up_forgets_an_entry_only_when_it_is_the_deleted_records() {
+    // Full after one id: the reused id still goes in arrival order, replacing its entry.
+    let (_dir, records, inbox) = opened(1);
+    let hash = IdHash::of("reused");
+    assert_eq!(receive(&inbox, &records, &hash, 1_000), Place::Arrival(0));
+    // It expires, and comes back before the clean-up deletes its first record.
+    let expired = records.expired_inbox(2_000).unwrap();
+    assert_eq!(expired, vec![records.received_key(0, &hash)]);
+    assert_eq!(receive(&inbox, &records, &hash, 5_000), Place::Arrival(1));
+    let deleted = records.delete_expired_inbox(&expired, 2_000).unwrap();
+    assert_eq!(deleted, expired);
+    inbox.forget(&deleted[0]);
+    assert_eq!(inbox.indexed(), 1);
+    assert_eq!(found(&inbox, &records, &hash), Some(5_000));
+    // Once the fresh record goes too, so does its entry, and the index has room again.
+    let deleted = records
+        .delete_expired_inbox(&records.expired_inbox(6_000).unwrap(), 6_000)
+        .unwrap();
+    assert_eq!(deleted, vec![records.received_key(1, &hash)]);
+    inbox.forget(&deleted[0]);
+    assert_eq!(inbox.indexed(), 0);
+    assert_eq!(found(&inbox, &records, &hash), None);
+    assert_eq!(
+        receive(&inbox, &records, &IdHash::of("next"), 7_000),
+        Place::Arrival(2)
+    );
+    // A key of the other kind, or not an inbox key at all, is no index entry.
+    inbox.forget(&records.inbox_key(&IdHash::of("next")));
+    inbox.forget(&RecordKey::new("connector.received", &["scheduler", "zz"]));
+    assert_eq!(inbox.indexed(), 1);
+}
+
+#[test]
+fn a_key_that_is_not_an_arrival_and_a_hash_stops_the_index_from_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = scheduler_records(dir.path());
+    records
+        .write(vec![Records::put_inbox(
+            RecordKey::new("connector.received", &["scheduler", "not-hex", "x"]),
+            &record(1),
+        )])
+        .unwrap();
+    let error = Inbox::open(&records, 10).err().expect("a corrupt key");
+    assert!(
+        error
+            .to_string()
+            .contains("connector.received/scheduler/not-hex/x"),
+        "{error}"
+    );
+}
+
+/// What docs/configuration.md says an index costs: the default bound fits a table of 2^20
+/// slots of 25 bytes (an entry and its control byte), about 26 MB.
+#[test]
+fn the_default_bound_fits_a_table_of_a_million_slots() {
+    assert_eq!(std::mem::size_of::<(Prefix, u64)>(), 24);
+    let mut index = Index::default();
+    for n in 0..crate::config::DEFAULT_INDEX_IDS as u64 {
+        index.insert(IdHash::of(&n.to_string()).prefix(), n);
+    }
+    assert!(index.capacity() < 1 << 20, "{}", index.capacity());
+    assert_eq!(index.len(), crate::config::DEFAULT_INDEX_IDS);
+}
