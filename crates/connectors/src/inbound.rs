@@ -200,10 +200,10 @@ async fn apply(
     let retention_ms =
         u64::try_from(handle.connector.dedupe_retention.as_millis()).unwrap_or(u64::MAX);
     let remembered_since = now_ms().saturating_sub(retention_ms);
-    let lookup = handle.inbox.lookup(records, hash)?;
+    let mut lookup = handle.inbox.lookup(records, hash)?;
     let previous = lookup
         .found
-        .clone()
+        .take()
         .filter(|previous| previous.at_ms >= remembered_since);
     if let Some(previous) = previous {
         if previous.body_sha256 != body_sha256 {

@@ -35,6 +35,14 @@ impl RecordKey {
     }
 
     /// Whether the key is in `space`.
+    ///
+    /// ```
+    /// use store::RecordKey;
+    /// let key = RecordKey::new("connector.inbox", &["scheduler", "00ff"]);
+    /// assert!(key.in_space("connector.inbox"));
+    /// assert!(!key.in_space("connector.in"));
+    /// assert!(!key.in_space("connector.inbox.old"));
+    /// ```
     pub fn in_space(&self, space: &str) -> bool {
         self.0[1..]
             .strip_prefix(space.as_bytes())
