@@ -60,6 +60,9 @@ pub enum Error {
     /// A blocking task panicked or was cancelled.
     #[error("a background task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// Handling a webhook panicked (a bug); nothing it had not written yet is written.
+    #[error("handling the webhook panicked")]
+    Panicked,
 }
 
 /// The connectors' result type.

@@ -6,6 +6,10 @@
 //! `locks`), so a webhook posted many times at once makes exactly one change. HTTP framing is `server`'s job.
 
 use std::cmp::Ordering;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value as Json};
@@ -17,6 +21,9 @@ use crate::mapping::MappingError;
 use crate::registry::{ConnectorHandle, Connectors};
 use crate::signature::SignatureError;
 use crate::state::{sha256_hex, InboxRecord, Records};
+
+#[cfg(test)]
+mod tests;
 
 /// The parts of an inbound request the connector needs.
 #[derive(Clone, Copy, Debug)]
@@ -113,14 +120,15 @@ impl Connectors {
             }
         };
         let body_sha256 = sha256_hex(request.body);
-        // Once started, a webhook runs to its end on a task of its own, even if its request is
-        // dropped (the client hangs up, the request times out): its write may already be queued,
-        // and its id's and entity's locks must be held until that write has landed, or another
-        // webhook could read the inbox or shadow from before it.
+        // Once started, a webhook runs to its end, even if its request is dropped (the client
+        // hangs up, the request times out): its write may already be queued, and its id's and
+        // entity's locks must be held until that write has landed, or another webhook could read
+        // the inbox or shadow from before it. It runs on the request's own task, and on a task
+        // of its own only if the request is dropped first (see `RunsToEnd`).
         let inbound_locks = self.inbound_locks();
         let (task_handle, task_id) = (handle.clone(), id.to_string());
-        // The outcome is counted on that task too, so a dropped request's webhook still counts.
-        tokio::spawn(async move {
+        // The outcome is counted inside it, so a dropped request's webhook still counts.
+        RunsToEnd::new(async move {
             // By the id's hash, which ends its inbox record's key, which the clean-up locks by.
             let hash = IdHash::of(&task_id);
             let _serialized = inbound_locks.lock(hash.hex()).await;
@@ -139,7 +147,56 @@ impl Connectors {
             }
             outcome
         })
-        .await?
+        .await
+    }
+}
+
+/// A webhook's handling, polled in place by its request and moved to a task of its own if the
+/// request is dropped before it ends, so that it always runs to its end. Spawning every webhook
+/// on a task of its own, as before, cost about 10 µs of CPU per webhook in hand-offs between
+/// tasks (docs/architecture.md). A panic while it runs is [`Error::Panicked`], as a task's panic
+/// was an error before.
+struct RunsToEnd {
+    work: Option<Pin<Box<dyn Future<Output = Result<WebhookOutcome>> + Send>>>,
+}
+
+impl RunsToEnd {
+    fn new(work: impl Future<Output = Result<WebhookOutcome>> + Send + 'static) -> Self {
+        Self {
+            work: Some(Box::pin(work)),
+        }
+    }
+}
+
+impl Future for RunsToEnd {
+    type Output = Result<WebhookOutcome>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(work) = self.work.as_mut() else {
+            return Poll::Ready(Err(Error::Panicked));
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(outcome)) => {
+                self.work = None;
+                Poll::Ready(outcome)
+            }
+            Err(_) => {
+                self.work = None;
+                Poll::Ready(Err(Error::Panicked))
+            }
+        }
+    }
+}
+
+impl Drop for RunsToEnd {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            // Outside a runtime (a process tearing down) there is nothing left to run it on.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(work);
+            }
+        }
     }
 }
 
@@ -182,8 +239,8 @@ fn check<'a>(
     Ok((id, body))
 }
 
-/// Runs with the webhook id's lock held, on the webhook's own task. It reads small records on
-/// that task (sled serves them from its cache, though a read waits while the writer applies a
+/// Runs with the webhook id's lock held, on its request's task (or a task of its own once the
+/// request is dropped, see [`RunsToEnd`]). It reads small records there (sled serves them from its cache, though a read waits while the writer applies a
 /// batch; taking the reads out altogether gained nothing, see docs/architecture.md) and waits
 /// for the flush without holding a thread: a thread per webhook, parked until its flush, cost
 /// more than the webhook's own work under load.

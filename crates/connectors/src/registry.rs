@@ -296,8 +296,8 @@ impl Connectors {
             .ok_or_else(|| Error::UnknownConnector(name.to_string()))
     }
 
-    /// The locks that serialize webhooks with the same id, shared so that a webhook's own task
-    /// can hold its id's lock.
+    /// The locks that serialize webhooks with the same id, shared so that a webhook's handling,
+    /// which outlives its request if that is dropped, can hold its id's lock.
     pub(crate) fn inbound_locks(&self) -> Arc<KeyedLocks<String>> {
         self.inbound_locks.clone()
     }

@@ -150,7 +150,7 @@ impl ApiError {
                     C::NoDeadLetter(_) => client(StatusCode::NOT_FOUND, "no_dead_letter", detail),
                     C::WrongKind { .. } => client(StatusCode::BAD_REQUEST, "wrong_kind", detail),
                     // `From` turns a wrapped store error into `Self::Store`.
-                    C::Store(_) | C::CorruptRecord { .. } | C::Task(_) => {
+                    C::Store(_) | C::CorruptRecord { .. } | C::Task(_) | C::Panicked => {
                         (StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), None)
                     }
                 }
