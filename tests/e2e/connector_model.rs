@@ -37,8 +37,8 @@ enum Op {
         field: usize,
         value: Option<u8>,
     },
-    /// The last webhook is sent again (same id, same body).
-    Duplicate,
+    /// An earlier webhook is sent again (same id, same body): the one this many from the last.
+    Duplicate(usize),
     /// A webhook whose `updatedAt` is older than the last one applied.
     Stale { id: usize, field: usize, value: u8 },
     /// The external system answers 500 until `Recover`.
@@ -61,7 +61,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..IDS.len(), 0..FIELDS.len(), value.clone()).prop_map(|(id, field, value)| Op::Local { id, field, value }),
         4 => (0..IDS.len(), 0..FIELDS.len(), value).prop_map(|(id, field, value)| Op::Webhook { id, field, value }),
-        1 => Just(Op::Duplicate),
+        1 => (0usize..4).prop_map(Op::Duplicate),
         1 => (0..IDS.len(), 0..FIELDS.len(), 0u8..6).prop_map(|(id, field, value)| Op::Stale { id, field, value }),
         1 => Just(Op::Fail),
         1 => Just(Op::Recover),
@@ -94,6 +94,9 @@ fn config(url: &str) -> Result<ConnectorConfig> {
         signing_secret = "{TEST_SECRET}"
         webhook_secret = "{TEST_SECRET}"
         version_field = "updatedAt"
+        # Two ids in the in-memory index, the rest kept under their hash: both kinds of record
+        # are looked up by the duplicates, across restarts.
+        dedupe_index_ids = 2
         timeout = "2s"
         [fields]
         scheduledDate = "date"
@@ -201,7 +204,7 @@ async fn run_case(ops: Vec<Op>) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut running = Some(start(dir.path(), &config).await?);
     let origin = WriteOptions::new(Origin::local("model")?);
-    let mut last_webhook: Option<(String, Vec<u8>)> = None;
+    let mut webhooks: Vec<(String, Vec<u8>)> = Vec::new();
     let mut counter = 0u64;
     let mut failing = false;
     // Local edits made while the system fails, which their deliveries keep retrying, and the
@@ -255,10 +258,11 @@ async fn run_case(ops: Vec<Op>) -> Result<()> {
                 let body = serde_json::to_vec(&body)?;
                 let webhook_id = format!("msg_{counter}");
                 let _ = send_webhook(current, &webhook_id, &body).await;
-                last_webhook = Some((webhook_id, body));
+                webhooks.push((webhook_id, body));
             }
-            Op::Duplicate => {
-                if let Some((webhook_id, body)) = &last_webhook {
+            Op::Duplicate(back) => {
+                let earlier = webhooks.len().checked_sub(1 + back);
+                if let Some((webhook_id, body)) = earlier.map(|index| &webhooks[index]) {
                     let before = current.store.last_seq();
                     let _ = send_webhook(current, webhook_id, body).await;
                     if current.store.last_seq() != before {
