@@ -6,15 +6,18 @@
 //! - in **arrival order** (`connector.received`, keyed by an arrival number and the id's
 //!   hash), with an in-memory index from the id's hash to its arrival number. A new key at the
 //!   end of the range costs sled next to nothing, where a key at a random place (the hash of
-//!   the id) cost about 20 µs of server CPU per webhook (docs/architecture.md, "Where a write's
+//!   the id) cost 10–20 µs of server CPU per webhook (docs/architecture.md, "Where a write's
 //!   time goes"). The index is rebuilt from the keys when the server starts.
 //! - **by hash** (`connector.inbox`, keyed by the id's hash alone), read with no index: where
 //!   every record went before the arrival order existed, and where a record goes when the index
 //!   is full (`dedupe_index_ids`) or when another retained id has the same 128-bit hash prefix.
 //!
 //! A lookup tries the index, then the hashed record, so records of both kinds are honoured
-//! whatever the index holds. Callers hold the id's lock (see `inbound`) across the lookup,
-//! the write and [`Inbox::remember`], and the clean-up holds it when it deletes.
+//! whatever the index holds. [`Inbox::place`] enters a new arrival in the index before its
+//! record is written, so that no written record is ever missing from it (a write that then
+//! fails leaves an entry whose record does not exist, which a lookup reads as no record there).
+//! Callers hold the id's lock (see `inbound`) across the lookup, the placing and the write, and
+//! the clean-up holds it when it deletes.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -97,7 +100,7 @@ type Index = HashMap<Prefix, u64, BuildHasherDefault<PrefixHasher>>;
 /// Where a new inbox record goes (see [`Inbox::place`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Place {
-    /// At this arrival number, to be indexed once written ([`Inbox::remember`]).
+    /// At this arrival number, already in the index.
     Arrival(u64),
     /// Under the id's hash, not indexed.
     Hashed,
@@ -108,9 +111,10 @@ pub(crate) enum Place {
 pub(crate) struct Lookup {
     /// The record kept for the id, if any (it may be older than the retention: the caller decides).
     pub found: Option<InboxRecord>,
-    /// Whether the index holds another id under this id's prefix: a new record for this id then
-    /// goes by hash, so that the other id stays indexed.
-    prefix_taken: bool,
+    /// The arrival number of this id's own record, when the index points at it: a new record
+    /// for the id may then replace that entry. An entry that points anywhere else is another
+    /// id's (one with the same 128-bit prefix), and a new record for this id goes by hash.
+    own: Option<u64>,
 }
 
 /// One connector's inbox index; see the module documentation.
@@ -151,42 +155,61 @@ impl Inbox {
         self.index().len()
     }
 
-    /// The record kept for `hash`: the indexed one, else the one kept by hash.
+    /// The record kept for `hash`: the indexed one, else the one kept by hash. An indexed
+    /// record received before `remembered_since` does not hide a later one kept by hash (which
+    /// a build from before the arrival order may have written).
     ///
     /// # Errors
     /// Store errors, and a record that cannot be decoded.
-    pub(crate) fn lookup(&self, records: &Records, hash: &IdHash) -> Result<Lookup> {
+    pub(crate) fn lookup(
+        &self,
+        records: &Records,
+        hash: &IdHash,
+        remembered_since: u64,
+    ) -> Result<Lookup> {
         let indexed = self.index().get(&hash.prefix()).copied();
-        let mut prefix_taken = false;
-        if let Some(arrival) = indexed {
-            // The key holds the whole hash: another id with the same prefix has no record here.
-            match records.inbox(&records.received_key(arrival, hash))? {
-                Some(found) => {
-                    return Ok(Lookup {
-                        found: Some(found),
-                        prefix_taken: false,
-                    })
+        // The key holds the whole hash: another id with the same prefix has no record here.
+        let own = match indexed {
+            Some(arrival) => records.inbox(&records.received_key(arrival, hash))?,
+            None => None,
+        };
+        let own_arrival = own.as_ref().and(indexed);
+        let found = match own {
+            Some(own) if own.at_ms >= remembered_since => Some(own),
+            // Expired or not indexed: a record kept by hash may be the newer one.
+            own => {
+                let hashed = records.inbox(&records.inbox_key(hash))?;
+                match (own, hashed) {
+                    (Some(own), Some(hashed)) => Some(if hashed.at_ms > own.at_ms {
+                        hashed
+                    } else {
+                        own
+                    }),
+                    (own, hashed) => hashed.or(own),
                 }
-                None => prefix_taken = true,
             }
-        }
+        };
         Ok(Lookup {
-            found: records.inbox(&records.inbox_key(hash))?,
-            prefix_taken,
+            found,
+            own: own_arrival,
         })
     }
 
     /// Where a new record for the id of `lookup` goes: in arrival order while the index has
-    /// room (or holds the id already, reused after it expired), else by hash.
+    /// room (or holds the id's own earlier record, reused after it expired), else by hash. An
+    /// arrival is entered in the index here, before its record is written: a concurrent webhook
+    /// whose id has the same prefix then finds the entry taken and goes by hash.
     pub(crate) fn place(&self, lookup: &Lookup, hash: &IdHash) -> Place {
-        if lookup.prefix_taken {
-            return Place::Hashed;
+        let mut index = self.index();
+        match index.get(&hash.prefix()) {
+            Some(entry) if Some(*entry) != lookup.own => return Place::Hashed,
+            Some(_) => {}
+            None if index.len() >= self.limit => return Place::Hashed,
+            None => {}
         }
-        let index = self.index();
-        if index.len() >= self.limit && !index.contains_key(&hash.prefix()) {
-            return Place::Hashed;
-        }
-        Place::Arrival(self.next_arrival.fetch_add(1, Ordering::Relaxed))
+        let arrival = self.next_arrival.fetch_add(1, Ordering::Relaxed);
+        index.insert(hash.prefix(), arrival);
+        Place::Arrival(arrival)
     }
 
     /// The key of a record at `place`.
@@ -194,13 +217,6 @@ impl Inbox {
         match place {
             Place::Arrival(arrival) => records.received_key(arrival, hash),
             Place::Hashed => records.inbox_key(hash),
-        }
-    }
-
-    /// Indexes a record written at `place`; called once it is written.
-    pub(crate) fn remember(&self, place: Place, hash: &IdHash) {
-        if let Place::Arrival(arrival) = place {
-            self.index().insert(hash.prefix(), arrival);
         }
     }
 

@@ -14,18 +14,22 @@ fn record(at_ms: u64) -> InboxRecord {
     }
 }
 
-/// Writes a record for `hash` where the inbox places it, as a webhook does, and indexes it.
+/// Writes a record for `hash` received at `at_ms` where the inbox places it, as a webhook does
+/// (one received earlier than that counts as expired: the id is reused).
 fn receive(inbox: &Inbox, records: &Records, hash: &IdHash, at_ms: u64) -> Place {
-    let lookup = inbox.lookup(records, hash).unwrap();
+    let lookup = inbox.lookup(records, hash, at_ms).unwrap();
     let place = inbox.place(&lookup, hash);
+    write(records, place, hash, at_ms);
+    place
+}
+
+fn write(records: &Records, place: Place, hash: &IdHash, at_ms: u64) {
     records
         .write(vec![Records::put_inbox(
             Inbox::key(records, place, hash),
             &record(at_ms),
         )])
         .unwrap();
-    inbox.remember(place, hash);
-    place
 }
 
 /// The records of a connector named `scheduler`, in a store in `dir`.
@@ -41,8 +45,25 @@ fn opened(limit: usize) -> (tempfile::TempDir, Records, Inbox) {
     (dir, records, inbox)
 }
 
+/// Two hashes with the same first 16 bytes: SHA-256 will not make them, a test can.
+fn same_prefix() -> (IdHash, IdHash) {
+    let mut bytes = [7; 32];
+    bytes[31] = 8;
+    (IdHash([7; 32]), IdHash(bytes))
+}
+
+/// Each id's record is found, received at the time given, before and after a reopen.
+fn both_found(inbox: &Inbox, records: &Records, expected: [(&IdHash, u64); 2]) {
+    let reopened = Inbox::open(records, 10).unwrap();
+    for inbox in [inbox, &reopened] {
+        for (hash, at_ms) in expected {
+            assert_eq!(found(inbox, records, hash), Some(at_ms));
+        }
+    }
+}
+
 fn found(inbox: &Inbox, records: &Records, hash: &IdHash) -> Option<u64> {
-    let lookup = inbox.lookup(records, hash).unwrap();
+    let lookup = inbox.lookup(records, hash, 0).unwrap();
     lookup.found.map(|record| record.at_ms)
 }
 
@@ -102,19 +123,57 @@ fn an_index_of_no_ids_keeps_every_record_by_hash() {
 #[test]
 fn an_id_whose_prefix_another_id_holds_goes_by_hash_and_both_are_found() {
     let (_dir, records, inbox) = opened(10);
-    // Two hashes with the same first 16 bytes: SHA-256 will not make them, a test can.
-    let first = IdHash([7; 32]);
-    let mut bytes = [7; 32];
-    bytes[31] = 8;
-    let second = IdHash(bytes);
+    let (first, second) = same_prefix();
     assert_eq!(receive(&inbox, &records, &first, 1), Place::Arrival(0));
     assert_eq!(found(&inbox, &records, &second), None);
     assert_eq!(receive(&inbox, &records, &second, 2), Place::Hashed);
-    assert_eq!(found(&inbox, &records, &first), Some(1));
-    assert_eq!(found(&inbox, &records, &second), Some(2));
-    let reopened = Inbox::open(&records, 10).unwrap();
-    assert_eq!(found(&reopened, &records, &first), Some(1));
-    assert_eq!(found(&reopened, &records, &second), Some(2));
+    both_found(&inbox, &records, [(&first, 1), (&second, 2)]);
+}
+
+#[test]
+fn of_two_ids_with_one_prefix_looked_up_at_once_the_second_placed_goes_by_hash() {
+    let (_dir, records, inbox) = opened(10);
+    let (first, second) = same_prefix();
+    // Both look up before either is placed (they hold different locks).
+    let first_lookup = inbox.lookup(&records, &first, 0).unwrap();
+    let second_lookup = inbox.lookup(&records, &second, 0).unwrap();
+    let second_place = inbox.place(&second_lookup, &second);
+    let first_place = inbox.place(&first_lookup, &first);
+    assert_eq!(
+        (second_place, first_place),
+        (Place::Arrival(0), Place::Hashed)
+    );
+    write(&records, second_place, &second, 2);
+    write(&records, first_place, &first, 1);
+    both_found(&inbox, &records, [(&first, 1), (&second, 2)]);
+}
+
+#[test]
+fn an_expired_indexed_record_does_not_hide_a_newer_one_kept_by_hash() {
+    // As after going back to a build from before the arrival order and forward again.
+    let (_dir, records, inbox) = opened(10);
+    let hash = IdHash::of("x");
+    assert_eq!(receive(&inbox, &records, &hash, 1_000), Place::Arrival(0));
+    write(&records, Place::Hashed, &hash, 5_000);
+    let lookup = inbox.lookup(&records, &hash, 2_000).unwrap();
+    assert_eq!(lookup.found.map(|record| record.at_ms), Some(5_000));
+    // Within the retention the indexed record answers, and is the one a repeat gets.
+    let lookup = inbox.lookup(&records, &hash, 500).unwrap();
+    assert_eq!(lookup.found.map(|record| record.at_ms), Some(1_000));
+}
+
+#[test]
+fn a_placed_arrival_is_indexed_before_its_record_is_written() {
+    let (_dir, records, inbox) = opened(1);
+    let hash = IdHash::of("a");
+    let lookup = inbox.lookup(&records, &hash, 0).unwrap();
+    assert_eq!(inbox.place(&lookup, &hash), Place::Arrival(0));
+    assert_eq!(inbox.indexed(), 1);
+    // Its write failed: the entry points at no record, which reads as none, and the id's next
+    // attempt goes by hash, as the entry is not known to be its own.
+    assert_eq!(found(&inbox, &records, &hash), None);
+    let lookup = inbox.lookup(&records, &hash, 0).unwrap();
+    assert_eq!(inbox.place(&lookup, &hash), Place::Hashed);
 }
 
 #[test]
