@@ -128,7 +128,7 @@ impl Connectors {
         let inbound_locks = self.inbound_locks();
         let (task_handle, task_id) = (handle.clone(), id.to_string());
         // The outcome is counted inside it, so a dropped request's webhook still counts.
-        RunsToEnd::new(async move {
+        RunsToEnd::new(self.tasks.clone(), async move {
             // By the id's hash, which ends its inbox record's key, which the clean-up locks by.
             let hash = IdHash::of(&task_id);
             let _serialized = inbound_locks.lock(hash.hex()).await;
@@ -158,12 +158,18 @@ impl Connectors {
 /// panic was an error before.
 struct RunsToEnd {
     work: Option<Pin<Box<dyn Future<Output = Result<WebhookOutcome>> + Send>>>,
+    /// Where it goes on if dropped.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl RunsToEnd {
-    fn new(work: impl Future<Output = Result<WebhookOutcome>> + Send + 'static) -> Self {
+    fn new(
+        tasks: tokio_util::task::TaskTracker,
+        work: impl Future<Output = Result<WebhookOutcome>> + Send + 'static,
+    ) -> Self {
         Self {
             work: Some(Box::pin(work)),
+            tasks,
         }
     }
 }
@@ -194,7 +200,7 @@ impl Drop for RunsToEnd {
         if let Some(work) = self.work.take() {
             // Outside a runtime (a process tearing down) there is nothing left to run it on.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(work);
+                self.tasks.spawn_on(work, &runtime);
             }
         }
     }

@@ -143,6 +143,9 @@ pub struct Connectors {
     by_name: Arc<BTreeMap<String, Arc<ConnectorHandle>>>,
     /// Serializes webhooks that carry the same id (see `locks`).
     inbound_locks: Arc<KeyedLocks<String>>,
+    /// Where a webhook whose request was dropped runs on (see `inbound::RunsToEnd`), so that
+    /// a shutdown that waits for the tracker's tasks waits for it too.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
 }
 
 /// A connector's state and lag, as `GET /v1/connectors/{name}` shows it.
@@ -262,7 +265,16 @@ impl Connectors {
             store,
             by_name: Arc::new(by_name),
             inbound_locks,
+            tasks: tokio_util::task::TaskTracker::new(),
         })
+    }
+
+    /// Runs the webhooks whose requests are dropped before they end on `tasks`, so that whoever
+    /// waits for those (the server, before it closes the store) waits for them too.
+    #[must_use]
+    pub fn with_task_tracker(mut self, tasks: tokio_util::task::TaskTracker) -> Self {
+        self.tasks = tasks;
+        self
     }
 
     /// The worker futures, one per connector, each running until `shutdown` is cancelled.

@@ -137,7 +137,8 @@ pub async fn run_with_store(
         tokio::task::spawn_blocking(move || ::connectors::Connectors::new(reader, validated))
             .await
             .map_err(Error::StoreTask)?
-            .map_err(Error::Connectors)?;
+            .map_err(Error::Connectors)?
+            .with_task_tracker(tasks.clone());
     for (name, worker) in connectors.workers(shutdown.child_token()) {
         tasks.spawn(worker.instrument(tracing::info_span!("delivery", connector = %name)));
     }

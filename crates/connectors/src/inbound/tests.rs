@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tokio_util::task::TaskTracker;
 
 use super::*;
 
@@ -17,7 +18,7 @@ fn outcome() -> WebhookOutcome {
 
 #[tokio::test]
 async fn polled_to_its_end_it_answers_in_place() {
-    let answer = RunsToEnd::new(async {
+    let answer = RunsToEnd::new(TaskTracker::new(), async {
         tokio::task::yield_now().await;
         Ok(outcome())
     })
@@ -27,11 +28,12 @@ async fn polled_to_its_end_it_answers_in_place() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_before_its_end_it_runs_on_by_itself() {
+async fn dropped_before_its_end_it_runs_on_by_itself_on_the_tracked_tasks() {
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let finished = Arc::new(AtomicBool::new(false));
     let flag = finished.clone();
-    let work = RunsToEnd::new(async move {
+    let tasks = TaskTracker::new();
+    let work = RunsToEnd::new(tasks.clone(), async move {
         // Waits for something only the test gives, after it has dropped the request's future.
         released.await.ok();
         flag.store(true, Ordering::SeqCst);
@@ -44,19 +46,26 @@ async fn dropped_before_its_end_it_runs_on_by_itself() {
         "it had to wait"
     );
     drop(work);
+    assert_eq!(
+        tasks.len(),
+        1,
+        "the rest of it is one of the tracker's tasks"
+    );
     release.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !finished.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the dropped work ran to its end");
+    // It runs on the tracker's tasks, so waiting for those waits for it.
+    tasks.close();
+    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .expect("the dropped work ended");
+    assert!(
+        finished.load(Ordering::SeqCst),
+        "the dropped work ran to its end"
+    );
 }
 
 #[tokio::test]
 async fn a_panic_is_an_error_not_a_dead_request() {
-    let failed = RunsToEnd::new(async {
+    let failed = RunsToEnd::new(TaskTracker::new(), async {
         tokio::task::yield_now().await;
         panic!("a bug");
     })
