@@ -595,6 +595,43 @@ async fn issue_3_webhook_ids_past_the_index_bound_are_remembered_across_a_restar
     Ok(())
 }
 
+/// A remembered webhook id's record key that cannot be read stops the server from starting,
+/// with an error that names the key, rather than let it forget the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_an_unreadable_inbox_key_stops_the_start_and_names_the_key() -> Result<()> {
+    let dir = tempfile::TempDir::new()?;
+    let config_file = dir.path().join("lockstep.toml");
+    std::fs::write(
+        &config_file,
+        connector("scheduler", "http://127.0.0.1:9", ""),
+    )?;
+    let config = server::Config::load(server::ConfigSources {
+        file: Some(&config_file),
+        data_dir: Some(dir.path().join("data")),
+        ..server::ConfigSources::default()
+    })?;
+    let store = store::Store::open(config.store.store_config())?;
+    let bad = store::RecordKey::new("connector.received", &["scheduler", "not-hex", "x"]);
+    store.write_records(vec![store::RecordWrite::put(bad, b"{}".to_vec())])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let started = server::run_with_store(
+        std::sync::Arc::new(config),
+        store,
+        listener,
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let error = tokio::time::timeout(Duration::from_secs(10), started)
+        .await?
+        .expect_err("the server started over an unreadable inbox key");
+    let said = format!("{:#}", anyhow::Error::from(error));
+    assert!(
+        said.starts_with("could not read the connectors' records: ")
+            && said.contains("connector.received/scheduler/not-hex/x"),
+        "{said}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue_3_one_webhook_id_posted_at_once_makes_one_change() -> Result<()> {
     let fake = FakeApi::start().await?;

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value as Json};
 use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
 
 use crate::error::{Error, Result};
-use crate::inbox::{IdHash, Inbox};
+use crate::inbox::IdHash;
 use crate::mapping::MappingError;
 use crate::registry::{ConnectorHandle, Connectors};
 use crate::signature::SignatureError;
@@ -178,6 +178,7 @@ impl Future for RunsToEnd {
     type Output = Result<WebhookOutcome>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Empty only once it has answered (`.await` never polls it again) or panicked.
         let Some(work) = self.work.as_mut() else {
             return Poll::Ready(Err(Error::Panicked));
         };
@@ -246,10 +247,11 @@ fn check<'a>(
 }
 
 /// Runs with the webhook id's lock held, on its request's task (or a task of its own once the
-/// request is dropped, see [`RunsToEnd`]). It reads small records there (sled serves them from its cache, though a read waits while the writer applies a
-/// batch; taking the reads out altogether gained nothing, see docs/architecture.md) and waits
-/// for the flush without holding a thread: a thread per webhook, parked until its flush, cost
-/// more than the webhook's own work under load.
+/// request is dropped, see [`RunsToEnd`]). It reads small records there (sled serves them from
+/// its cache, though a read waits while the writer applies a batch; taking the reads out
+/// altogether gained nothing, see docs/architecture.md) and waits for the flush without holding
+/// a thread: a thread per webhook, parked until its flush, cost more than the webhook's own
+/// work under load.
 async fn apply(
     handle: &ConnectorHandle,
     webhook_id: &str,
@@ -313,8 +315,7 @@ async fn apply(
                 "detail": format!("{} {mark} is older than {applied}, already applied; ignored",
                     connector.version_field.as_deref().unwrap_or_default()),
             });
-            let place = handle.inbox.place(&lookup, hash);
-            let inbox_key = Inbox::key(records, place, hash);
+            let inbox_key = handle.inbox.place(records, &lookup, hash);
             records
                 .write_async(vec![Records::put_inbox(inbox_key, &inbox(&response))])
                 .await?;
@@ -357,8 +358,7 @@ async fn apply(
     // one on disk. Everything but the response is worked out here, off the store's writer
     // thread, which runs the closure.
     let shadow_write = records.put_shadow(&key, &shadow);
-    let place = handle.inbox.place(&lookup, hash);
-    let inbox_key = Inbox::key(records, place, hash);
+    let inbox_key = handle.inbox.place(records, &lookup, hash);
     let (entity, inbox_unknown) = (key.clone(), unknown.clone());
     let written = records
         .store()

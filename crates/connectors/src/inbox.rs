@@ -97,15 +97,6 @@ impl Hasher for PrefixHasher {
 
 type Index = HashMap<Prefix, u64, BuildHasherDefault<PrefixHasher>>;
 
-/// Where a new inbox record goes (see [`Inbox::place`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Place {
-    /// At this arrival number, already in the index.
-    Arrival(u64),
-    /// Under the id's hash, not indexed.
-    Hashed,
-}
-
 /// What a lookup found.
 #[derive(Debug)]
 pub(crate) struct Lookup {
@@ -195,29 +186,22 @@ impl Inbox {
         })
     }
 
-    /// Where a new record for the id of `lookup` goes: in arrival order while the index has
-    /// room (or holds the id's own earlier record, reused after it expired), else by hash. An
-    /// arrival is entered in the index here, before its record is written: a concurrent webhook
-    /// whose id has the same prefix then finds the entry taken and goes by hash.
-    pub(crate) fn place(&self, lookup: &Lookup, hash: &IdHash) -> Place {
+    /// The key a new record for the id of `lookup` goes under: in arrival order while the
+    /// index has room (or holds the id's own earlier record, reused after it expired), else by
+    /// hash. An arrival is entered in the index here, before its record is written: a
+    /// concurrent webhook whose id has the same prefix then finds the entry taken and goes by
+    /// hash.
+    pub(crate) fn place(&self, records: &Records, lookup: &Lookup, hash: &IdHash) -> RecordKey {
         let mut index = self.index();
         match index.get(&hash.prefix()) {
-            Some(entry) if Some(*entry) != lookup.own => return Place::Hashed,
+            Some(entry) if Some(*entry) != lookup.own => return records.inbox_key(hash),
             Some(_) => {}
-            None if index.len() >= self.limit => return Place::Hashed,
+            None if index.len() >= self.limit => return records.inbox_key(hash),
             None => {}
         }
         let arrival = self.next_arrival.fetch_add(1, Ordering::Relaxed);
         index.insert(hash.prefix(), arrival);
-        Place::Arrival(arrival)
-    }
-
-    /// The key of a record at `place`.
-    pub(crate) fn key(records: &Records, place: Place, hash: &IdHash) -> RecordKey {
-        match place {
-            Place::Arrival(arrival) => records.received_key(arrival, hash),
-            Place::Hashed => records.inbox_key(hash),
-        }
+        records.received_key(arrival, hash)
     }
 
     /// Forgets the index entry of a record the clean-up deleted, if the entry is still that

@@ -9,8 +9,9 @@
 //! `config` validates `[[connectors]]` tables; `signature` signs and verifies Standard Webhooks
 //! messages; `mapping` translates between entity fields and external fields in both directions;
 //! `state` is the typed view of the connector records kept in the store (state, shadow, outbox,
-//! inbox); `inbox` indexes the webhook ids remembered; `inbound` handles webhooks; `delivery` is the outbound worker; `registry` holds the
-//! running connectors and the admin operations.
+//! inbox); `inbox` says where a webhook id's record goes and finds it again; `inbound` handles
+//! webhooks; `delivery` is the outbound worker; `registry` holds the running connectors and the
+//! admin operations.
 //!
 //! # Example
 //! ```

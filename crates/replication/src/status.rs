@@ -165,7 +165,7 @@ impl PeerState {
     /// Logs and records why a link ended or could not be set up.
     pub(crate) fn failed(&self, error: &Error) {
         let chain = cause_chain(error);
-        tracing::warn!(error = %chain, "replication link ended");
+        tracing::warn!(error = %chain, "replication link failed");
         self.errors.fetch_add(1, Ordering::Relaxed);
         let mut observed = self.observed();
         observed.last_error = Some(chain);

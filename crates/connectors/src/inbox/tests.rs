@@ -18,18 +18,34 @@ fn record(at_ms: u64) -> InboxRecord {
 /// (one received earlier than that counts as expired: the id is reused).
 fn receive(inbox: &Inbox, records: &Records, hash: &IdHash, at_ms: u64) -> Place {
     let lookup = inbox.lookup(records, hash, at_ms).unwrap();
-    let place = inbox.place(&lookup, hash);
-    write(records, place, hash, at_ms);
-    place
+    let key = inbox.place(records, &lookup, hash);
+    write(records, key.clone(), at_ms);
+    place_of(&key)
 }
 
-fn write(records: &Records, place: Place, hash: &IdHash, at_ms: u64) {
+fn write(records: &Records, key: RecordKey, at_ms: u64) {
     records
-        .write(vec![Records::put_inbox(
-            Inbox::key(records, place, hash),
-            &record(at_ms),
-        )])
+        .write(vec![Records::put_inbox(key, &record(at_ms))])
         .unwrap();
+}
+
+/// Where a key [`Inbox::place`] gave puts its record.
+#[derive(Debug, PartialEq)]
+enum Place {
+    /// In arrival order, at this number.
+    Arrival(u64),
+    /// Under the id's hash.
+    Hashed,
+}
+
+fn place_of(key: &RecordKey) -> Place {
+    match Records::received_of(key) {
+        Some((arrival, _)) => Place::Arrival(arrival),
+        None => {
+            assert!(key.in_space("connector.inbox"), "{key:?}");
+            Place::Hashed
+        }
+    }
 }
 
 /// The records of a connector named `scheduler`, in a store in `dir`.
@@ -137,14 +153,14 @@ fn of_two_ids_with_one_prefix_looked_up_at_once_the_second_placed_goes_by_hash()
     // Both look up before either is placed (they hold different locks).
     let first_lookup = inbox.lookup(&records, &first, 0).unwrap();
     let second_lookup = inbox.lookup(&records, &second, 0).unwrap();
-    let second_place = inbox.place(&second_lookup, &second);
-    let first_place = inbox.place(&first_lookup, &first);
+    let second_key = inbox.place(&records, &second_lookup, &second);
+    let first_key = inbox.place(&records, &first_lookup, &first);
     assert_eq!(
-        (second_place, first_place),
+        (place_of(&second_key), place_of(&first_key)),
         (Place::Arrival(0), Place::Hashed)
     );
-    write(&records, second_place, &second, 2);
-    write(&records, first_place, &first, 1);
+    write(&records, second_key, 2);
+    write(&records, first_key, 1);
     both_found(&inbox, &records, [(&first, 1), (&second, 2)]);
 }
 
@@ -154,7 +170,7 @@ fn an_expired_indexed_record_does_not_hide_a_newer_one_kept_by_hash() {
     let (_dir, records, inbox) = opened(10);
     let hash = IdHash::of("x");
     assert_eq!(receive(&inbox, &records, &hash, 1_000), Place::Arrival(0));
-    write(&records, Place::Hashed, &hash, 5_000);
+    write(&records, records.inbox_key(&hash), 5_000);
     let lookup = inbox.lookup(&records, &hash, 2_000).unwrap();
     assert_eq!(lookup.found.map(|record| record.at_ms), Some(5_000));
     // Within the retention the indexed record answers, and is the one a repeat gets.
@@ -167,13 +183,19 @@ fn a_placed_arrival_is_indexed_before_its_record_is_written() {
     let (_dir, records, inbox) = opened(1);
     let hash = IdHash::of("a");
     let lookup = inbox.lookup(&records, &hash, 0).unwrap();
-    assert_eq!(inbox.place(&lookup, &hash), Place::Arrival(0));
+    assert_eq!(
+        place_of(&inbox.place(&records, &lookup, &hash)),
+        Place::Arrival(0)
+    );
     assert_eq!(inbox.indexed(), 1);
     // Its write failed: the entry points at no record, which reads as none, and the id's next
     // attempt goes by hash, as the entry is not known to be its own.
     assert_eq!(found(&inbox, &records, &hash), None);
     let lookup = inbox.lookup(&records, &hash, 0).unwrap();
-    assert_eq!(inbox.place(&lookup, &hash), Place::Hashed);
+    assert_eq!(
+        place_of(&inbox.place(&records, &lookup, &hash)),
+        Place::Hashed
+    );
 }
 
 #[test]

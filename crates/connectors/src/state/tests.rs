@@ -73,9 +73,11 @@ fn an_id_reused_after_the_listing_keeps_its_fresh_record() {
         .unwrap();
     records.delete_expired_inbox(&expired, 2_000).unwrap();
     assert_eq!(records.inbox(&key).unwrap(), Some(received_at(5_000)));
-    // Its lock goes by the hash its record is kept under.
-    assert_eq!(
-        Records::inbox_lock_name(&key),
-        crate::state::sha256_hex(b"reused")
-    );
+    // The clean-up locks a record of either kind by the name a webhook with that id locks
+    // (`inbound`: the id's hash in hex).
+    let hash = IdHash::of("reused");
+    assert_eq!(hash.hex(), crate::state::sha256_hex(b"reused"));
+    for key in [records.inbox_key(&hash), records.received_key(7, &hash)] {
+        assert_eq!(Records::inbox_lock_name(&key), hash.hex(), "{key:?}");
+    }
 }
