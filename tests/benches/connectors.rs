@@ -37,34 +37,58 @@ officeCode = "site.code"
     )
 }
 
+/// Round `round` of connection `connection`'s webhook in the phase of `connections`: its id
+/// and its body.
+fn webhook(connections: u64, connection: u64, round: u64) -> (String, Vec<u8>) {
+    let body = json!({
+        "apptId": format!("w{connection}-{}", round % 500),
+        "scheduledDate": format!("2027-01-{:02}", 1 + round % 28),
+        "officeCode": format!("N{round}"),
+    })
+    .to_string();
+    // Unique across phases too: the 64-connection phase's first connection must not replay the
+    // 1-connection phase's ids (a replay is answered from the inbox, without a write, and would
+    // flatter the figure).
+    (
+        format!("msg_{connections}_{connection}_{round}"),
+        body.into_bytes(),
+    )
+}
+
 /// `connections` tasks posting signed webhooks, each with a fresh id, for `seconds`.
 async fn webhook_load(base: &str, connections: u64, seconds: u64) -> Result<Figures> {
     let secret = WebhookSecret::parse(TEST_SECRET)?;
-    let base = base.to_string();
+    let url = format!("{base}/v1/connectors/scheduler/webhook");
     closed_loop(
         "webhooks",
         connections,
         seconds,
         move |client, connection, round| {
-            let body = json!({
-                "apptId": format!("w{connection}-{}", round % 500),
-                "scheduledDate": format!("2027-01-{:02}", 1 + round % 28),
-                "officeCode": format!("N{round}"),
-            })
-            .to_string();
-            // Unique across phases too: the 64-connection phase's first connection must not
-            // replay the 1-connection phase's ids (a replay is answered from the inbox, without
-            // a write, and would flatter the figure).
-            let id = format!("msg_{connections}_{connection}_{round}");
-            signed(
-                client.post(format!("{base}/v1/connectors/scheduler/webhook")),
-                &secret,
-                &id,
-                unix_now(),
-                body.into_bytes(),
-            )
+            let (id, body) = webhook(connections, connection, round);
+            signed(client.post(&url), &secret, &id, unix_now(), body)
         },
     )
+    .await
+}
+
+/// One connection sending again, for `seconds`, the first 500 webhooks of the 1-connection
+/// phase (same ids, same bodies): each is verified and answered from the inbox, with no write.
+async fn repeated_webhooks(base: &str, seconds: u64) -> Result<Figures> {
+    let secret = WebhookSecret::parse(TEST_SECRET)?;
+    let url = format!("{base}/v1/connectors/scheduler/webhook");
+    closed_loop("repeated webhooks", 1, seconds, move |client, _, round| {
+        let (id, body) = webhook(1, 0, round % 500);
+        signed(client.post(&url), &secret, &id, unix_now(), body)
+    })
+    .await
+}
+
+/// One connection asking `GET /healthz` for `seconds`: HTTP there and back, nothing else.
+async fn health_checks(base: &str, seconds: u64) -> Result<Figures> {
+    let url = format!("{base}/healthz");
+    closed_loop("health checks", 1, seconds, move |client, _, _| {
+        client.get(&url)
+    })
     .await
 }
 
@@ -165,6 +189,10 @@ async fn main() -> Result<()> {
     webhook_load(&server.base, 8, 1).await?;
     println!("measuring: signed webhooks, 1 connection ({seconds} s)");
     let single = webhook_load(&server.base, 1, seconds).await?;
+    println!("measuring: the same webhooks again, 1 connection ({seconds} s)");
+    let repeated = repeated_webhooks(&server.base, seconds).await?;
+    println!("measuring: GET /healthz, 1 connection ({seconds} s)");
+    let health = health_checks(&server.base, seconds).await?;
     println!("measuring: signed webhooks, 64 connections ({seconds} s)");
     let before = CpuSample::take(&server)?;
     let many = webhook_load(&server.base, 64, seconds).await?;
@@ -178,6 +206,27 @@ async fn main() -> Result<()> {
         ("signed webhook ingest, 1 connection", &single),
         ("signed webhook ingest, 64 connections", &many),
     ]);
+    println!();
+    println!("A single connection, part by part (each request waits for the one before):");
+    println!("| 1 connection | ops/s | p50 | p99 | vs 1 thread |");
+    println!("|---|---|---|---|---|");
+    for (name, figures) in [
+        ("raw sled insert+flush, 1 thread", &baselines.one),
+        ("GET /healthz: HTTP alone", &health),
+        (
+            "a webhook sent again: verified, answered from the inbox, no write",
+            &repeated,
+        ),
+        ("a signed webhook: verified, written, flushed", &single),
+    ] {
+        println!(
+            "| {name} | {:.0} | {} | {} | {:.2}x |",
+            figures.ops_per_sec,
+            ms(figures.p50),
+            ms(figures.p99),
+            figures.ops_per_sec / baselines.one.ops_per_sec
+        );
+    }
     println!();
     print_cpu_table(&baselines, &[("webhooks", &many, &many_cpu)]);
     println!();

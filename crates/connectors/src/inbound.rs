@@ -1,6 +1,6 @@
 //! Inbound webhooks: verify, deduplicate by webhook id, drop stale deltas, map, and commit with
 //! origin `connector:<name>`, writing the idempotency record and the connector's shadow in the
-//! same atomic batch as the change.
+//! same atomic set of writes as the change.
 //!
 //! Concurrent deliveries of one webhook id are serialized by a lock on the exact id (see
 //! `locks`), so a webhook posted many times at once makes exactly one change. HTTP framing is `server`'s job.
@@ -353,7 +353,7 @@ async fn apply(
         options: WriteOptions::new(origin),
     };
     // The change, its feed row, the inbox record and the new shadow go through the store's
-    // writer queue, so concurrent webhooks share a sled batch and a flush. This thread keeps the
+    // writer queue, so concurrent webhooks share an application to sled and a flush. This thread keeps the
     // entity's connector lock until the write is durable, as the shadow it wrote is then the
     // one on disk. Everything but the response is worked out here, off the store's writer
     // thread, which runs the closure.

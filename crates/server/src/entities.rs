@@ -72,7 +72,7 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
 }
 
 /// Runs a write under the request's precondition, with the caller's origin, through the store's
-/// writer queue (so that concurrent requests share sled batches and flushes).
+/// writer queue (so that concurrent requests share applications to sled and flushes).
 async fn write_under(
     state: &AppState,
     key: &EntityKey,

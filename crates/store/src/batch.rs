@@ -1,12 +1,12 @@
-//! Many writes in one sled batch, and the writer thread that gathers them.
+//! Many writes applied as one set, and the writer thread that gathers them.
 //!
-//! A write on its own costs a sled batch (which takes sled's global write lock), a trip through
-//! the commit lock and a wake-up of the flush thread. Under load those costs, and the thread
-//! switches between the callers that pay them, outweigh the Automerge work itself.
-//! [`Store::write_many`] stages any number of writes and applies them as one batch, and
+//! A write on its own costs an application to sled (an intent and its removal, see `atomic`), a
+//! trip through the commit lock and a wake-up of the flush thread. Under load those costs, and
+//! the thread switches between the callers that pay them, outweigh the Automerge work itself.
+//! [`Store::write_many`] stages any number of writes and applies them as one set, and
 //! [`Store::submit`] queues a write for the store's writer thread, which takes every write
 //! waiting in the queue, applies them with `write_many`, and asks for one flush for all of them:
-//! concurrent callers then share the batch as well as the flush.
+//! concurrent callers then share the application as well as the flush.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -64,7 +64,7 @@ pub(crate) struct Job {
 pub(crate) type Queue = Sender<Job>;
 
 impl Store {
-    /// Applies `requests` in order, as few sled batches as possible, and returns every outcome
+    /// Applies `requests` in order, in as few atomic sets of writes as possible, and returns every outcome
     /// (in the order of `requests`) once all are applied; they are durable once the returned
     /// [`Unflushed`] is waited for. Each write succeeds or fails on its own, as the single-write
     /// methods would: a stale `if_match` fails that write only.
@@ -85,7 +85,7 @@ impl Store {
     }
 
     /// Stages every item with `stage` (under its entity's stripe lock) and commits them in as
-    /// few sled batches as possible, returning each outcome in the order of `items`. Nothing is
+    /// few atomic sets of writes as possible, returning each outcome in the order of `items`. Nothing is
     /// flushed: the caller waits for that.
     pub(crate) fn stage_and_commit<T>(
         &self,
@@ -124,7 +124,7 @@ impl Store {
     }
 
     /// Queues `request` for the store's writer thread and waits, without blocking a thread,
-    /// until it is durable. Concurrent submissions share sled batches and flushes, which makes
+    /// until it is durable. Concurrent submissions share applications to sled and flushes, which makes
     /// this the fastest way to write from many tasks at once.
     ///
     /// # Errors
@@ -133,8 +133,8 @@ impl Store {
         self.submit_job(request, None).await
     }
 
-    /// [`Store::submit`] with side records written in the same atomic batch as the change (or,
-    /// when it changes nothing, in the same batch as the writes it is applied with). `records`
+    /// [`Store::submit`] with side records written in the same atomic set as the change (or,
+    /// when it changes nothing, in the same set as the writes it is applied with). `records`
     /// is called once, on the writer thread with the entity locked, after the edit is applied in
     /// memory and before anything is written.
     ///

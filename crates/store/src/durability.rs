@@ -184,6 +184,18 @@ impl Durability {
         self.lock().check()
     }
 
+    /// Refuses every write from now on, as after a failed flush: for a write that failed while
+    /// it was being applied to sled, which may have left part of it there.
+    pub(crate) fn fail(&self) {
+        let mut state = self.lock();
+        if !state.failed {
+            tracing::error!("a write failed while it was applied; refusing further writes");
+        }
+        state.failed = true;
+        self.shared.done.iter().for_each(Condvar::notify_all);
+        self.shared.progress.send_replace(*state);
+    }
+
     /// A receiver of the highest feed sequence number known to be on disk.
     pub(crate) fn subscribe(&self) -> watch::Receiver<Seq> {
         self.shared.durable_seq.subscribe()

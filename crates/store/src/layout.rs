@@ -1,7 +1,8 @@
 //! How the store lays its data out in sled's one tree.
 //!
 //! Everything lives in the default tree, so that a change, its entity record and its feed row
-//! are written by one atomic `apply_batch`. Keys start with a one-byte tag:
+//! are written as one set that a crash leaves whole or absent (`atomic`). Keys start with a
+//! one-byte tag:
 //!
 //! | key | value |
 //! |---|---|
@@ -11,6 +12,7 @@
 //! | `a` kind `\0` id `\0` change hash (32 bytes) | where the changes of one merge from elsewhere came from (`Arrival`, JSON: an origin such as `peer:north`), keyed by the first of them |
 //! | `f` seq (u64 BE) | a feed row (`FeedRow`, JSON) |
 //! | `r` space `\0` part `\0` ... | a side record of another crate (`records`) |
+//! | `i` part (u32 BE) | a part of the intent of the set of writes being applied, while it is (`atomic`) |
 //!
 //! Kinds and ids never contain `\0` (see `key`), so prefixes never overlap.
 

@@ -3,7 +3,7 @@
 //! records and cursors.
 //!
 //! They live in the same sled tree as the entities, so a record can be written in the same
-//! atomic batch as the change it belongs to (see `Store::submit_with`): a webhook's change, its
+//! atomic set of writes as the change it belongs to (see `Store::submit_with`): a webhook's change, its
 //! idempotency record and the connector's shadow land together or not at all.
 //! What a record means is its owner's business; this module only stores bytes under a key.
 
@@ -107,11 +107,8 @@ impl RecordWrite {
         Self { key, value: None }
     }
 
-    pub(crate) fn add_to(&self, batch: &mut sled::Batch) {
-        match &self.value {
-            Some(value) => batch.insert(self.key.as_bytes(), value.as_slice()),
-            None => batch.remove(self.key.as_bytes()),
-        }
+    pub(crate) fn to_write(&self) -> crate::atomic::Write {
+        (self.key.as_bytes().to_vec(), self.value.clone())
     }
 }
 

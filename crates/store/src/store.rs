@@ -1,5 +1,5 @@
 //! The `Store`: every change to every entity enters here, is persisted with its feed row in one
-//! atomic sled batch, and is acknowledged only after a group flush.
+//! atomic set of writes (`atomic`), and is acknowledged only after a group flush.
 //!
 //! Concurrency: writers and readers of one entity take that entity's stripe lock, so a document
 //! is edited by one thread at a time; different entities proceed in parallel. The short `commit`
@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
+use crate::atomic::{self, Applier};
 use crate::batch::{self, Edit, WriteRequest};
 use crate::cache::{
     CachedFields, DocCache, JsonCache, LoadedDoc, RecordCache, INDEXES_PER_DOCUMENT,
@@ -248,6 +249,8 @@ const STRIPES: usize = 1024;
 
 pub(crate) struct Inner {
     db: sled::Db,
+    /// Applies every write to `db`, each set whole or not at all (see `atomic`).
+    applier: Applier,
     /// The writer thread's queue (see `batch`).
     queue: batch::Queue,
     durability: Durability,
@@ -330,6 +333,13 @@ impl Store {
     /// another process after a wait of two seconds).
     pub fn open(config: StoreConfig) -> Result<Self> {
         let db = open_sled(&config)?;
+        let finished = atomic::recover(&db)?;
+        if finished > 0 {
+            tracing::warn!(
+                writes = finished,
+                "finished a write that a crash interrupted before it was acknowledged"
+            );
+        }
         let last_seq = db
             .scan_prefix([layout::FEED])
             .keys()
@@ -346,6 +356,7 @@ impl Store {
                 batch::start_writers(inner, jobs, config.writer_threads);
                 Inner {
                     db,
+                    applier: Applier::default(),
                     queue,
                     durability,
                     cache: DocCache::new(config.cache_entries, config.cache_bytes),
@@ -456,7 +467,7 @@ impl Store {
         Ok(())
     }
 
-    /// Writes side records in one atomic batch and returns once it is durable.
+    /// Writes side records as one atomic set and returns once it is durable.
     ///
     /// # Errors
     /// [`Error::Closed`] after [`Store::close`], storage errors otherwise.
@@ -481,7 +492,7 @@ impl Store {
         self.unflushed(())?.wait_async().await
     }
 
-    /// Writes side records in one atomic batch without waiting for a flush: they become durable
+    /// Writes side records as one atomic set without waiting for a flush: they become durable
     /// with the next flush anyone asks for. For records that a crash may lose at no cost but
     /// repeated work, such as a replication cursor written once what it covers is durable
     /// (sled keeps writes in order, so a record never outlives what was written before it).
@@ -492,18 +503,24 @@ impl Store {
         self.apply_records(&writes)
     }
 
-    /// Applies side records in one atomic batch, without waiting for the flush.
+    /// Applies side records as one atomic set, without waiting for the flush.
     fn apply_records(&self, writes: &[RecordWrite]) -> Result<()> {
         if writes.is_empty() {
             return Ok(());
         }
         self.inner.durability.check()?;
-        let mut batch = sled::Batch::default();
-        for write in writes {
-            write.add_to(&mut batch);
-        }
-        self.inner.db.apply_batch(batch)?;
-        Ok(())
+        self.apply(writes.iter().map(RecordWrite::to_write).collect())
+    }
+
+    /// Applies `writes` to sled whole or not at all (`atomic`), without waiting for the flush.
+    /// Should that fail part-way, the store refuses further writes as after a failed flush: a
+    /// write that was applied in part is finished or dropped whole at the next start, never
+    /// acknowledged.
+    fn apply(&self, writes: Vec<atomic::Write>) -> Result<()> {
+        self.inner
+            .applier
+            .apply(&self.inner.db, writes)
+            .inspect_err(|_| self.inner.durability.fail())
     }
 
     /// Replaces all fields of the entity with `fields`, creating it if it does not exist.
@@ -940,18 +957,11 @@ impl Store {
             let mut record = self.record_locked(&key)?.unwrap_or(record);
             write_snapshot(&self.inner.db, &key, &doc, &mut record, &mut writes)?;
             record.history_bytes = Some(doc.history_bytes);
-            let mut batch = sled::Batch::default();
-            for (raw_key, value) in writes {
-                match value {
-                    Some(value) => batch.insert(raw_key, value),
-                    None => batch.remove(raw_key),
-                }
-            }
-            batch.insert(
+            writes.push((
                 layout::entity_key(layout::ENTITY, &key),
-                encode_record(&record),
-            );
-            self.inner.db.apply_batch(batch)?;
+                Some(encode_record(&record)),
+            ));
+            self.apply(writes)?;
             self.inner.records.put(key.clone(), record);
             self.inner.cache.put(key, doc);
             drop(guard);
@@ -1748,12 +1758,14 @@ impl Store {
             .expect("commit returns one result per staged write"))
     }
 
-    /// Numbers the feed rows of `staged` and applies them with everything staged in one atomic
-    /// sled batch, then puts the documents in the cache. Returns once applied, not flushed.
+    /// Numbers the feed rows of `staged` and applies them with everything staged as one atomic
+    /// set (`atomic`), then puts the documents in the cache. Returns once applied, not flushed.
     ///
     /// # Errors
     /// [`Error::Closed`] after [`Store::close`], storage errors otherwise; then nothing of
-    /// `staged` is written and its documents are dropped, so readers load what is on disk.
+    /// `staged` is acknowledged and its documents are dropped, so readers load what is on disk.
+    /// An error while sled applied the set may have left part of it there: the store then
+    /// refuses further writes, and the next start finishes the set or finds none of it.
     pub(crate) fn commit(&self, staged: Vec<Staged>) -> Result<Vec<Written>> {
         let rows = staged.iter().filter(|staged| staged.row.is_some()).count();
         let touches_sled = staged.iter().any(|staged| !staged.writes.is_empty());
@@ -1763,14 +1775,9 @@ impl Store {
         }
         let mut staged = staged;
         if touches_sled {
-            let mut batch = sled::Batch::default();
+            let mut writes = Vec::new();
             for item in &mut staged {
-                for (key, value) in item.writes.drain(..) {
-                    match value {
-                        Some(value) => batch.insert(key, value),
-                        None => batch.remove(key),
-                    }
-                }
+                writes.append(&mut item.writes);
             }
             let mut last_seq = self.inner.commit.lock().unwrap_or_else(|p| p.into_inner());
             let mut seq = *last_seq;
@@ -1790,11 +1797,11 @@ impl Store {
                     at_ms,
                 };
                 let encoded = serde_json::to_vec(&row).expect("a feed row always serializes");
-                batch.insert(&layout::feed_key(seq)[..], encoded);
+                writes.push((layout::feed_key(seq).to_vec(), Some(encoded)));
                 item.written.seq = Some(seq);
                 committed.push(row);
             }
-            self.inner.db.apply_batch(batch)?;
+            self.apply(writes)?;
             *last_seq = seq;
             // Before the rows can become durable: a reader that sees them durable must find
             // them in memory and among the kinds' last rows.

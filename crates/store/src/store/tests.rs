@@ -876,3 +876,65 @@ fn an_index_older_than_the_entity_on_disk_is_not_built_on() {
     assert_eq!(store.history(&key).unwrap().unwrap().len(), 4);
     assert!(store.conflicts(&key).unwrap().unwrap().is_empty());
 }
+
+/// A write a crash interrupted part-way (its intent on disk with the first of its keys, the
+/// rest missing) is finished when the store opens, before anything reads the store: the entity,
+/// its feed row and the feed's position are all there.
+#[test]
+fn a_write_a_crash_interrupted_is_finished_when_the_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = EntityKey::new("appointment", "1").unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let written = {
+        let store = open(dir.path(), 32);
+        store.patch(&key, &json!({ "a": 1 }), &options).unwrap();
+        store.close().unwrap();
+        store.stats().feed_seq
+    };
+    {
+        // Take the write apart again as a crash during its application would have left it.
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let writes: Vec<atomic::Write> = db
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry.unwrap();
+                (key.to_vec(), Some(value.to_vec()))
+            })
+            .collect();
+        assert!(writes.len() >= 3, "a chunk, the record and a feed row");
+        for (key, _) in &writes {
+            db.remove(key).unwrap();
+        }
+        // The intent's parts and the first write.
+        let operations = atomic::operations(writes.clone());
+        let parts = operations.len() - writes.len();
+        for (key, value) in operations.into_iter().take(parts / 2 + 1) {
+            db.insert(key, value.unwrap()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let store = open(dir.path(), 32);
+    assert_eq!(store.inner.db.scan_prefix([atomic::INTENT]).count(), 0);
+    assert_eq!(store.stats().feed_seq, written);
+    assert_eq!(
+        Json::Object(store.get(&key).unwrap().unwrap().data),
+        json!({ "a": 1 })
+    );
+}
+
+/// A write that failed while it was applied may have left part of itself in sled: the store
+/// then refuses every later write, as after a failed flush, so nothing after it is acknowledged.
+#[test]
+fn after_a_write_fails_part_way_the_store_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 32);
+    let key = EntityKey::new("appointment", "1").unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    store.patch(&key, &json!({ "a": 1 }), &options).unwrap();
+    store.inner.durability.fail();
+    assert!(matches!(
+        store.patch(&key, &json!({ "a": 2 }), &options),
+        Err(Error::Failed)
+    ));
+    assert!(!store.is_open());
+}

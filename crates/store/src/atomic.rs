@@ -1,0 +1,264 @@
+//! Writes of several keys that a crash leaves whole or absent, without sled's `apply_batch`.
+//!
+//! sled 0.34 makes a batch atomic at a price: `apply_batch` takes sled's global lock
+//! exclusively, so it waits for any `flush` under way (a flush holds that lock shared while it
+//! waits for the device), and it writes out the log buffer before and after the batch's own
+//! start marker, two log writes where one would do. Measured with the webhook benchmark, that
+//! was a fifth of the throughput at 64 connections and 60 µs of every single write (see
+//! architecture.md, "Where a write's time goes").
+//!
+//! [`Applier::apply`] does without it. It first inserts the *intent*, a value listing every
+//! write, in parts of at most 32 KiB (keys `i` and the part's number; sled would write a larger
+//! value to a file of its own); then it applies the writes one by one; then it removes the
+//! parts, the last first. One lock serializes applications, so their writes never interleave in
+//! sled's log, and after a crash sled recovers a prefix of its log (a write it keeps was
+//! preceded by every write made before it). So after a crash there is no intent, or the parts
+//! of the one application that was under way:
+//! - all of them: the crash came after the last part was written and before the removals began,
+//!   with some prefix of the writes on disk. [`recover`] applies all of the writes again and
+//!   removes the parts. Applying again a write that was kept changes nothing, since nothing
+//!   after it was kept.
+//! - a proper prefix of them (the intent cut short): the crash came while the parts were
+//!   written, before any write, or while they were removed, after every write. Either way the
+//!   application is whole or absent, and [`recover`] removes the parts.
+//!
+//! Readers of one key see each write as it lands, so a reader of several keys can see an
+//! application half done: the store's readers of an entity's several keys hold its stripe lock,
+//! which its writer holds until the application is over, as do the other crates' readers of
+//! their own records (under their own locks).
+
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// The tag of the intent's parts, whose keys are the tag and the part's number (u32, big
+/// endian). See `layout`.
+pub(crate) const INTENT: u8 = b'i';
+
+/// The most bytes of the intent one part holds: well under sled's blob threshold (a quarter of
+/// its 512 KiB segment), above which it writes a value to a file of its own.
+const PART_BYTES: usize = 32 * 1024;
+
+/// The intent's format version, the first byte of what it encodes.
+const FORMAT: u8 = 1;
+
+/// One write: a key and its new value, or `None` to remove it.
+pub(crate) type Write = (Vec<u8>, Option<Vec<u8>>);
+
+/// Applies sets of writes to a sled tree, one set at a time, each whole or not at all.
+#[derive(Default)]
+pub(crate) struct Applier {
+    lock: Mutex<()>,
+}
+
+impl Applier {
+    /// Applies `writes` in order, so that a crash at any point leaves all of them or none once
+    /// [`recover`] has run. Returns once they are applied, not flushed.
+    ///
+    /// # Errors
+    /// Storage errors. Then the writes may be partly applied in memory, and the intent is still
+    /// there: should it reach the disk, [`recover`] finishes the application at the next start.
+    /// The caller must refuse further writes (the store treats it as a failed flush).
+    pub(crate) fn apply(&self, db: &sled::Db, writes: Vec<Write>) -> Result<()> {
+        // A poisoned lock only means another application panicked; its intent is still there
+        // and the next start finishes it, as after a crash.
+        let _serialized = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, value) in operations(writes) {
+            put(db, key, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// What applying `writes` does to sled, in order: the intent's parts, the writes, the parts
+/// removed last first. One write alone needs no intent: sled applies each write whole.
+pub(crate) fn operations(writes: Vec<Write>) -> Vec<Write> {
+    if writes.len() < 2 {
+        return writes;
+    }
+    let intent = encode(&writes);
+    let mut stored = Vec::with_capacity(8 + intent.len());
+    stored.extend_from_slice(&(intent.len() as u64).to_le_bytes());
+    stored.extend_from_slice(&intent);
+    let parts: Vec<Write> = stored
+        .chunks(PART_BYTES)
+        .enumerate()
+        .map(|(number, part)| (part_key(number), Some(part.to_vec())))
+        .collect();
+    let removals: Vec<Write> = parts
+        .iter()
+        .rev()
+        .map(|(key, _)| (key.clone(), None))
+        .collect();
+    let mut operations = parts;
+    operations.extend(writes);
+    operations.extend(removals);
+    operations
+}
+
+fn part_key(number: usize) -> Vec<u8> {
+    let number = u32::try_from(number).expect("an intent has far fewer than 4 billion parts");
+    let mut key = vec![INTENT];
+    key.extend_from_slice(&number.to_be_bytes());
+    key
+}
+
+fn put(db: &sled::Db, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()> {
+    match value {
+        Some(value) => db.insert(key, value)?,
+        None => db.remove(key)?,
+    };
+    Ok(())
+}
+
+/// Finishes the application a crash interrupted, if any (see the module's comment): applies
+/// every write of a whole intent left in `db`, removes its parts, and flushes. Returns how many
+/// writes it applied again. Runs before anything else reads the store.
+///
+/// # Errors
+/// [`Error::Corrupt`] when the intent cannot be read (then it is left as it is); storage errors.
+pub(crate) fn recover(db: &sled::Db) -> Result<usize> {
+    let corrupt = |detail: String| Error::Corrupt {
+        what: "the intent of an interrupted write".into(),
+        detail,
+    };
+    let mut keys = Vec::new();
+    let mut stored = Vec::new();
+    for entry in db.scan_prefix([INTENT]) {
+        let (key, value) = entry?;
+        if key.as_ref() != part_key(keys.len()) {
+            return Err(corrupt(format!(
+                "part {} is missing (found key {:?})",
+                keys.len(),
+                String::from_utf8_lossy(&key)
+            )));
+        }
+        keys.push(key);
+        stored.extend_from_slice(&value);
+    }
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let applied = match whole(&stored).map_err(corrupt)? {
+        Some(writes) => {
+            let count = writes.len();
+            for (key, value) in writes {
+                put(db, key, value)?;
+            }
+            count
+        }
+        None => {
+            tracing::warn!(
+                "dropped the intent of a write a crash cut short (none or all of its writes had landed)"
+            );
+            0
+        }
+    };
+    for key in keys.into_iter().rev() {
+        db.remove(key)?;
+    }
+    db.flush()?;
+    Ok(applied)
+}
+
+/// The writes of the intent stored in `stored` (its parts, joined), or `None` when it is cut
+/// short; what is wrong with it otherwise.
+fn whole(stored: &[u8]) -> std::result::Result<Option<Vec<Write>>, String> {
+    let Some((length, intent)) = stored.split_first_chunk::<8>() else {
+        return Err(format!("its first part has {} bytes", stored.len()));
+    };
+    let length = u64::from_le_bytes(*length);
+    match (intent.len() as u64).cmp(&length) {
+        std::cmp::Ordering::Less => Ok(None),
+        std::cmp::Ordering::Equal => decode(intent).map(Some),
+        std::cmp::Ordering::Greater => Err(format!(
+            "its parts hold {} bytes, more than the {length} it says",
+            intent.len()
+        )),
+    }
+}
+
+/// The intent's value: the format byte, the number of writes, then each write as its key's
+/// length, the key, and either `0` (remove) or `1`, the value's length and the value. Numbers are
+/// u32, little endian. The count makes any cut-short intent an error, not fewer writes.
+fn encode(writes: &[Write]) -> Vec<u8> {
+    let size: usize = writes
+        .iter()
+        .map(|(key, value)| 9 + key.len() + value.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut bytes = Vec::with_capacity(5 + size);
+    bytes.push(FORMAT);
+    bytes.extend_from_slice(&length(writes).to_le_bytes());
+    for (key, value) in writes {
+        bytes.extend_from_slice(&length(key).to_le_bytes());
+        bytes.extend_from_slice(key);
+        match value {
+            Some(value) => {
+                bytes.push(1);
+                bytes.extend_from_slice(&length(value).to_le_bytes());
+                bytes.extend_from_slice(value);
+            }
+            None => bytes.push(0),
+        }
+    }
+    bytes
+}
+
+fn length<T>(items: &[T]) -> u32 {
+    // sled keeps keys and values far below 4 GiB (its segments are megabytes), and a set of
+    // writes is far shorter than 4 billion.
+    u32::try_from(items.len()).expect("a sled key or value, or a set of writes, is that short")
+}
+
+/// The writes of an intent [`encode`] made; what is wrong with it otherwise.
+fn decode(bytes: &[u8]) -> std::result::Result<Vec<Write>, String> {
+    let Some((&format, mut rest)) = bytes.split_first() else {
+        return Err("it is empty".into());
+    };
+    if format != FORMAT {
+        return Err(format!("unknown format {format}"));
+    }
+    let count = take_u32(&mut rest)?;
+    let mut writes = Vec::new();
+    while writes.len() < count as usize {
+        let key = take_sized(&mut rest)?;
+        let value = match take(&mut rest, 1)? {
+            [0] => None,
+            [1] => Some(take_sized(&mut rest)?),
+            [other] => return Err(format!("write {} has marker {other}", writes.len())),
+            _ => unreachable!("take(1) returns one byte"),
+        };
+        writes.push((key, value));
+    }
+    if !rest.is_empty() {
+        return Err(format!("{} bytes follow its {count} writes", rest.len()));
+    }
+    Ok(writes)
+}
+
+fn take<'a>(rest: &mut &'a [u8], count: usize) -> std::result::Result<&'a [u8], String> {
+    if rest.len() < count {
+        return Err(format!(
+            "it ends {} bytes short",
+            count.saturating_sub(rest.len())
+        ));
+    }
+    let (taken, left) = rest.split_at(count);
+    *rest = left;
+    Ok(taken)
+}
+
+fn take_u32(rest: &mut &[u8]) -> std::result::Result<u32, String> {
+    let bytes = take(rest, 4)?;
+    Ok(u32::from_le_bytes(
+        bytes.try_into().expect("take(4) returns four bytes"),
+    ))
+}
+
+fn take_sized(rest: &mut &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let size = take_u32(rest)?;
+    Ok(take(rest, size as usize)?.to_vec())
+}
+
+#[cfg(test)]
+mod tests;
