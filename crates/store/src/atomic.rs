@@ -8,32 +8,36 @@
 //! architecture.md, "Where a write's time goes").
 //!
 //! [`Applier::apply`] does without it. It first inserts the *intent*, a value listing every
-//! write, in parts of at most 32 KiB (keys `i` and the part's number; sled would write a larger
-//! value to a file of its own); then it applies the writes one by one; then it removes the
-//! parts, the last first. One lock serializes applications, so their writes never interleave in
-//! sled's log, and after a crash sled recovers a prefix of its log (a write it keeps was
-//! preceded by every write made before it). So after a crash there is no intent, or the parts
-//! of the one application that was under way:
+//! write, in parts of at most 32 KiB, into a sled tree of its own (`intent`, keyed by the part's
+//! number), away from the store's busiest keys; then it applies the writes one by one; then it
+//! removes the parts, the last first. One lock serializes applications, so their writes never
+//! interleave in sled's log (which all of its trees share), and after a crash sled recovers a
+//! prefix of its log (a write it keeps was preceded by every write made before it). So after a
+//! crash there is no intent, or the parts of the one application that was under way:
 //! - all of them: the crash came after the last part was written and before the removals began,
-//!   with some prefix of the writes on disk. [`recover`] applies all of the writes again and
-//!   removes the parts. Applying again a write that was kept changes nothing, since nothing
+//!   with some prefix of the writes on disk. [`Applier::open`] applies all of the writes again
+//!   and removes the parts. Applying again a write that was kept changes nothing, since nothing
 //!   after it was kept.
 //! - a proper prefix of them (the intent cut short): the crash came while the parts were
 //!   written, before any write, or while they were removed, after every write. Either way the
-//!   application is whole or absent, and [`recover`] removes the parts.
+//!   application is whole or absent, and the parts are removed.
+//!
+//! An application that fails part-way (a sled error, a panic) leaves its intent, and the
+//! applier refuses every later one, so that no later intent replaces it: the next start finishes
+//! it. Within a set, only the last write of each key is applied, as sled's batch did.
 //!
 //! Readers of one key see each write as it lands, so a reader of several keys can see an
 //! application half done: the store's readers of an entity's several keys hold its stripe lock,
 //! which its writer holds until the application is over, as do the other crates' readers of
 //! their own records (under their own locks).
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
-/// The tag of the intent's parts, whose keys are the tag and the part's number (u32, big
-/// endian). See `layout`.
-pub(crate) const INTENT: u8 = b'i';
+/// The name of the sled tree that holds the intent, keyed by the part's number (u32, big endian).
+const INTENT_TREE: &[u8] = b"intent";
 
 /// The most bytes of the intent one part holds: well under sled's blob threshold (a quarter of
 /// its 512 KiB segment), above which it writes a value to a file of its own.
@@ -45,107 +49,162 @@ const FORMAT: u8 = 1;
 /// One write: a key and its new value, or `None` to remove it.
 pub(crate) type Write = (Vec<u8>, Option<Vec<u8>>);
 
+/// One step of an application: a part of the intent written or removed, or one of the writes.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Step {
+    /// Part number `.0` of the intent, written (`Some`) or removed (`None`).
+    Part(u32, Option<Vec<u8>>),
+    /// One of the set's writes.
+    Write(Write),
+}
+
 /// Applies sets of writes to a sled tree, one set at a time, each whole or not at all.
-#[derive(Default)]
 pub(crate) struct Applier {
-    lock: Mutex<()>,
+    db: sled::Db,
+    intent: sled::Tree,
+    /// Held while a set is applied; `true` once one failed part-way.
+    failed: Mutex<bool>,
 }
 
 impl Applier {
+    /// The applier of `db`, once it has finished the application a crash interrupted, if any
+    /// (see the module's comment). Also returns how many writes it applied again. Runs before
+    /// anything else reads the store.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when the intent cannot be read (then it is left as it is); storage
+    /// errors.
+    pub(crate) fn open(db: &sled::Db) -> Result<(Self, usize)> {
+        let intent = db.open_tree(INTENT_TREE)?;
+        let recovered = recover(db, &intent)?;
+        let applier = Self {
+            db: db.clone(),
+            intent,
+            failed: Mutex::new(false),
+        };
+        Ok((applier, recovered))
+    }
+
     /// Applies `writes` in order, so that a crash at any point leaves all of them or none once
-    /// [`recover`] has run. Returns once they are applied, not flushed.
+    /// the store is opened again. Returns once they are applied, not flushed.
     ///
     /// # Errors
     /// Storage errors. Then the writes may be partly applied in memory, and the intent is still
-    /// there: should it reach the disk, [`recover`] finishes the application at the next start.
-    /// The caller must refuse further writes (the store treats it as a failed flush).
-    pub(crate) fn apply(&self, db: &sled::Db, writes: Vec<Write>) -> Result<()> {
-        // A poisoned lock only means another application panicked; its intent is still there
-        // and the next start finishes it, as after a crash.
-        let _serialized = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        for (key, value) in operations(writes) {
-            put(db, key, value)?;
+    /// there: should it reach the disk, the next start finishes the application. The applier
+    /// then refuses every later set with [`Error::Failed`], and so must the caller (the store
+    /// treats it as a failed flush).
+    pub(crate) fn apply(&self, writes: Vec<Write>) -> Result<()> {
+        // A poisoned lock means an application panicked part-way: as a failed one.
+        let mut failed = self.failed.lock().unwrap_or_else(|poisoned| {
+            let mut failed = poisoned.into_inner();
+            *failed = true;
+            failed
+        });
+        if *failed {
+            return Err(Error::Failed);
+        }
+        for step in steps(writes) {
+            if let Err(error) = self.run(step) {
+                *failed = true;
+                return Err(error);
+            }
         }
         Ok(())
+    }
+
+    fn run(&self, step: Step) -> Result<()> {
+        run(&self.db, &self.intent, step)
     }
 }
 
 /// What applying `writes` does to sled, in order: the intent's parts, the writes, the parts
-/// removed last first. One write alone needs no intent: sled applies each write whole.
-pub(crate) fn operations(writes: Vec<Write>) -> Vec<Write> {
+/// removed last first. Of several writes of one key only the last is kept. One write alone
+/// needs no intent: sled applies each write whole.
+pub(crate) fn steps(writes: Vec<Write>) -> Vec<Step> {
     if writes.len() < 2 {
-        return writes;
+        return writes.into_iter().map(Step::Write).collect();
+    }
+    let mut seen = HashSet::new();
+    let mut writes: Vec<Write> = writes
+        .into_iter()
+        .rev()
+        .filter(|(key, _)| seen.insert(key.clone()))
+        .collect();
+    writes.reverse();
+    if writes.len() < 2 {
+        return writes.into_iter().map(Step::Write).collect();
     }
     let intent = encode(&writes);
     let mut stored = Vec::with_capacity(8 + intent.len());
     stored.extend_from_slice(&(intent.len() as u64).to_le_bytes());
     stored.extend_from_slice(&intent);
-    let parts: Vec<Write> = stored
-        .chunks(PART_BYTES)
+    drop(intent);
+    let parts: Vec<Vec<u8>> = stored.chunks(PART_BYTES).map(<[u8]>::to_vec).collect();
+    drop(stored);
+    let count = part_number(parts.len());
+    let mut steps: Vec<Step> = parts
+        .into_iter()
         .enumerate()
-        .map(|(number, part)| (part_key(number), Some(part.to_vec())))
+        .map(|(number, part)| Step::Part(part_number(number), Some(part)))
         .collect();
-    let removals: Vec<Write> = parts
-        .iter()
-        .rev()
-        .map(|(key, _)| (key.clone(), None))
-        .collect();
-    let mut operations = parts;
-    operations.extend(writes);
-    operations.extend(removals);
-    operations
+    steps.extend(writes.into_iter().map(Step::Write));
+    steps.extend((0..count).rev().map(|number| Step::Part(number, None)));
+    steps
 }
 
-fn part_key(number: usize) -> Vec<u8> {
-    let number = u32::try_from(number).expect("an intent has far fewer than 4 billion parts");
-    let mut key = vec![INTENT];
-    key.extend_from_slice(&number.to_be_bytes());
-    key
+fn part_number(number: usize) -> u32 {
+    u32::try_from(number).expect("an intent has far fewer than 4 billion parts")
 }
 
-fn put(db: &sled::Db, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<()> {
-    match value {
-        Some(value) => db.insert(key, value)?,
-        None => db.remove(key)?,
-    };
+/// Carries out one step on `db` and its intent tree.
+pub(crate) fn run(db: &sled::Db, intent: &sled::Tree, step: Step) -> Result<()> {
+    match step {
+        Step::Part(number, Some(part)) => {
+            intent.insert(number.to_be_bytes(), part)?;
+        }
+        Step::Part(number, None) => {
+            intent.remove(number.to_be_bytes())?;
+        }
+        Step::Write((key, Some(value))) => {
+            db.insert(key, value)?;
+        }
+        Step::Write((key, None)) => {
+            db.remove(key)?;
+        }
+    }
     Ok(())
 }
 
-/// Finishes the application a crash interrupted, if any (see the module's comment): applies
-/// every write of a whole intent left in `db`, removes its parts, and flushes. Returns how many
-/// writes it applied again. Runs before anything else reads the store.
-///
-/// # Errors
-/// [`Error::Corrupt`] when the intent cannot be read (then it is left as it is); storage errors.
-pub(crate) fn recover(db: &sled::Db) -> Result<usize> {
+/// Finishes the application a crash interrupted, if any: applies every write of a whole
+/// intent, removes its parts, and flushes. Returns how many writes it applied again.
+fn recover(db: &sled::Db, intent: &sled::Tree) -> Result<usize> {
     let corrupt = |detail: String| Error::Corrupt {
         what: "the intent of an interrupted write".into(),
         detail,
     };
-    let mut keys = Vec::new();
+    let mut count = 0u32;
     let mut stored = Vec::new();
-    for entry in db.scan_prefix([INTENT]) {
+    for entry in intent.iter() {
         let (key, value) = entry?;
-        if key.as_ref() != part_key(keys.len()) {
+        if key.as_ref() != count.to_be_bytes() {
             return Err(corrupt(format!(
-                "part {} is missing (found key {:?})",
-                keys.len(),
-                String::from_utf8_lossy(&key)
+                "part {count} is missing (found key {:?})",
+                key.as_ref()
             )));
         }
-        keys.push(key);
+        count += 1;
         stored.extend_from_slice(&value);
     }
-    if keys.is_empty() {
+    if count == 0 {
         return Ok(0);
     }
     let applied = match whole(&stored).map_err(corrupt)? {
         Some(writes) => {
-            let count = writes.len();
-            for (key, value) in writes {
-                put(db, key, value)?;
+            let applied = writes.len();
+            for write in writes {
+                run(db, intent, Step::Write(write))?;
             }
-            count
+            applied
         }
         None => {
             tracing::warn!(
@@ -154,8 +213,8 @@ pub(crate) fn recover(db: &sled::Db) -> Result<usize> {
             0
         }
     };
-    for key in keys.into_iter().rev() {
-        db.remove(key)?;
+    for number in (0..count).rev() {
+        run(db, intent, Step::Part(number, None))?;
     }
     db.flush()?;
     Ok(applied)

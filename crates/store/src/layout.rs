@@ -12,9 +12,9 @@
 //! | `a` kind `\0` id `\0` change hash (32 bytes) | where the changes of one merge from elsewhere came from (`Arrival`, JSON: an origin such as `peer:north`), keyed by the first of them |
 //! | `f` seq (u64 BE) | a feed row (`FeedRow`, JSON) |
 //! | `r` space `\0` part `\0` ... | a side record of another crate (`records`) |
-//! | `i` part (u32 BE) | a part of the intent of the set of writes being applied, while it is (`atomic`) |
 //!
-//! Kinds and ids never contain `\0` (see `key`), so prefixes never overlap.
+//! Kinds and ids never contain `\0` (see `key`), so prefixes never overlap. The one other tree,
+//! `intent`, holds the intent of the set of writes being applied, while it is (`atomic`).
 
 use serde::{Deserialize, Serialize};
 

@@ -333,7 +333,7 @@ impl Store {
     /// another process after a wait of two seconds).
     pub fn open(config: StoreConfig) -> Result<Self> {
         let db = open_sled(&config)?;
-        let finished = atomic::recover(&db)?;
+        let (applier, finished) = Applier::open(&db)?;
         if finished > 0 {
             tracing::warn!(
                 writes = finished,
@@ -356,7 +356,7 @@ impl Store {
                 batch::start_writers(inner, jobs, config.writer_threads);
                 Inner {
                     db,
-                    applier: Applier::default(),
+                    applier,
                     queue,
                     durability,
                     cache: DocCache::new(config.cache_entries, config.cache_bytes),
@@ -519,7 +519,7 @@ impl Store {
     fn apply(&self, writes: Vec<atomic::Write>) -> Result<()> {
         self.inner
             .applier
-            .apply(&self.inner.db, writes)
+            .apply(writes)
             .inspect_err(|_| self.inner.durability.fail())
     }
 

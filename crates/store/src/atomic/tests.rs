@@ -40,11 +40,7 @@ fn before(db: &sled::Db) {
 }
 
 fn assert_applied(db: &sled::Db) {
-    assert_eq!(
-        db.scan_prefix([INTENT]).count(),
-        0,
-        "the intent is left behind"
-    );
+    assert_eq!(intent_parts(db), 0, "the intent is left behind");
     assert_eq!(value(db, "a").as_deref(), Some("new a"));
     assert_eq!(value(db, "b").as_deref(), Some("second b"));
     assert_eq!(value(db, "c").as_deref(), Some(""));
@@ -52,8 +48,18 @@ fn assert_applied(db: &sled::Db) {
     assert_eq!(value(db, "untouched").as_deref(), Some("kept"));
 }
 
+fn intent(db: &sled::Db) -> sled::Tree {
+    db.open_tree(INTENT_TREE).unwrap()
+}
+
 fn intent_parts(db: &sled::Db) -> usize {
-    db.scan_prefix([INTENT]).count()
+    intent(db).len()
+}
+
+fn applier(db: &sled::Db) -> Applier {
+    let (applier, recovered) = Applier::open(db).unwrap();
+    assert_eq!(recovered, 0, "nothing was left to finish");
+    applier
 }
 
 #[test]
@@ -61,25 +67,50 @@ fn an_application_lands_whole_and_leaves_no_intent() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
     before(&db);
-    Applier::default().apply(&db, application()).unwrap();
+    applier(&db).apply(application()).unwrap();
     assert_applied(&db);
-    assert_eq!(intent_parts(&db), 0);
-    assert_eq!(recover(&db).unwrap(), 0, "nothing was left to finish");
+    drop(db);
+    let db = open(dir.path());
+    applier(&db);
+    assert_applied(&db);
 }
 
 #[test]
 fn one_write_or_none_goes_without_an_intent() {
-    assert!(operations(vec![]).is_empty());
-    assert_eq!(
-        operations(vec![write("a", Some("1"))]),
-        vec![write("a", Some("1"))]
-    );
+    assert!(steps(vec![]).is_empty());
+    let one = write("a", Some("1"));
+    assert_eq!(steps(vec![one.clone()]), vec![Step::Write(one.clone())]);
+    // Two writes of one key are one write: the last.
+    let last = write("a", None);
+    assert_eq!(steps(vec![one, last.clone()]), vec![Step::Write(last)]);
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let applier = Applier::default();
-    applier.apply(&db, vec![write("a", Some("1"))]).unwrap();
-    applier.apply(&db, vec![write("a", None)]).unwrap();
+    let applier = applier(&db);
+    applier.apply(vec![write("a", Some("1"))]).unwrap();
+    applier.apply(vec![write("a", None)]).unwrap();
     assert_eq!(value(&db, "a"), None);
+}
+
+/// Only the last write of a key in a set is applied, so nothing in between is ever seen.
+#[test]
+fn of_several_writes_of_one_key_in_a_set_only_the_last_is_applied() {
+    let steps = steps(application());
+    let writes: Vec<&Write> = steps
+        .iter()
+        .filter_map(|step| match step {
+            Step::Write(write) => Some(write),
+            Step::Part(..) => None,
+        })
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            &write("a", Some("new a")),
+            &write("gone", None),
+            &write("c", Some("")),
+            &write("b", Some("second b")),
+        ]
+    );
 }
 
 /// An application whose intent takes several parts: a value larger than two of them.
@@ -89,36 +120,36 @@ fn large_application() -> Vec<Write> {
     writes
 }
 
-/// A crash after each operation of an application (sled keeps a prefix of what was written,
-/// flushed or not): while the intent's parts are written, between the writes, while the parts
-/// are removed. Whatever was kept, the next start ends with all of the writes, or with none of
-/// them when the intent never landed whole, and with no part of the intent.
+/// A crash after each step of an application (sled keeps a prefix of what was written, flushed
+/// or not): while the intent's parts are written, between the writes, while the parts are
+/// removed. Whatever was kept, the next start ends with all of the writes, or with none of them
+/// when the intent never landed whole, and with no part of the intent.
 #[test]
-fn a_crash_after_any_operation_of_an_application_leaves_it_whole_or_absent() {
-    let writes = large_application();
-    let operations = operations(writes.clone());
-    let parts = operations
+fn a_crash_after_any_step_of_an_application_leaves_it_whole_or_absent() {
+    let steps = steps(large_application());
+    let parts = steps
         .iter()
-        .take_while(|(key, value)| key[0] == INTENT && value.is_some())
+        .take_while(|step| matches!(step, Step::Part(_, Some(_))))
         .count();
+    let writes = steps.len() - 2 * parts;
     assert_eq!(
         parts, 3,
         "the large value spreads the intent over three parts"
     );
-    assert_eq!(operations.len(), 2 * parts + writes.len());
-    for done in 0..=operations.len() {
+    for done in 0..=steps.len() {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = open(dir.path());
             before(&db);
-            for (key, value) in operations[..done].iter().cloned() {
-                put(&db, key, value).unwrap();
+            let intent = intent(&db);
+            for step in steps[..done].iter().cloned() {
+                run(&db, &intent, step).unwrap();
             }
             db.flush().unwrap();
         }
         let db = open(dir.path());
-        let applied = recover(&db).unwrap();
-        assert_eq!(intent_parts(&db), 0, "after {done} operations");
+        let (_, applied) = Applier::open(&db).unwrap();
+        assert_eq!(intent_parts(&db), 0, "after {done} steps");
         if done < parts {
             assert_eq!(applied, 0);
             assert_eq!(value(&db, "a").as_deref(), Some("old a"), "after {done}");
@@ -126,12 +157,8 @@ fn a_crash_after_any_operation_of_an_application_leaves_it_whole_or_absent() {
             assert!(!db.contains_key("large").unwrap());
         } else {
             // Once the removals began the intent is cut short: every write had landed.
-            let again = if done <= parts + writes.len() {
-                writes.len()
-            } else {
-                0
-            };
-            assert_eq!(applied, again, "after {done} operations");
+            let again = if done <= parts + writes { writes } else { 0 };
+            assert_eq!(applied, again, "after {done} steps");
             assert_applied(&db);
             assert_eq!(
                 db.get("large").unwrap().unwrap().len(),
@@ -141,8 +168,33 @@ fn a_crash_after_any_operation_of_an_application_leaves_it_whole_or_absent() {
         drop(db);
         // The recovery itself was flushed: a second start finds nothing left to do.
         let db = open(dir.path());
-        assert_eq!(recover(&db).unwrap(), 0);
+        applier(&db);
     }
+}
+
+/// A set that fails part-way leaves its intent for the next start, and no later set may
+/// replace it: the applier refuses them all.
+#[test]
+fn after_a_set_fails_part_way_every_later_set_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let applier = applier(&db);
+    // A panic while the lock is held is a set that failed part-way.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let _held = applier.failed.lock().unwrap();
+                panic!("an application panicked");
+            })
+            .join()
+            .unwrap_err();
+    });
+    assert!(matches!(applier.apply(application()), Err(Error::Failed)));
+    assert!(matches!(
+        applier.apply(vec![write("a", Some("1"))]),
+        Err(Error::Failed)
+    ));
+    assert_eq!(value(&db, "a"), None);
 }
 
 #[test]
@@ -150,12 +202,13 @@ fn a_corrupt_intent_stops_the_recovery_and_says_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
     // A gap between parts.
-    for (key, value) in operations(large_application()).into_iter().take(3) {
-        if key != part_key(1) {
-            put(&db, key, value).unwrap();
+    let intent = intent(&db);
+    for step in steps(large_application()).into_iter().take(3) {
+        if !matches!(step, Step::Part(1, _)) {
+            run(&db, &intent, step).unwrap();
         }
     }
-    let error = recover(&db).unwrap_err().to_string();
+    let error = Applier::open(&db).err().unwrap().to_string();
     assert!(
         error.contains("the intent of an interrupted write") && error.contains("part 1 is missing"),
         "{error}"

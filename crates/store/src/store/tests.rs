@@ -906,15 +906,16 @@ fn a_write_a_crash_interrupted_is_finished_when_the_store_opens() {
             db.remove(key).unwrap();
         }
         // The intent's parts and the first write.
-        let operations = atomic::operations(writes.clone());
-        let parts = operations.len() - writes.len();
-        for (key, value) in operations.into_iter().take(parts / 2 + 1) {
-            db.insert(key, value.unwrap()).unwrap();
+        let steps = atomic::steps(writes.clone());
+        let parts = (steps.len() - writes.len()) / 2;
+        let intent = db.open_tree("intent").unwrap();
+        for step in steps.into_iter().take(parts + 1) {
+            atomic::run(&db, &intent, step).unwrap();
         }
         db.flush().unwrap();
     }
     let store = open(dir.path(), 32);
-    assert_eq!(store.inner.db.scan_prefix([atomic::INTENT]).count(), 0);
+    assert!(store.inner.db.open_tree("intent").unwrap().is_empty());
     assert_eq!(store.stats().feed_seq, written);
     assert_eq!(
         Json::Object(store.get(&key).unwrap().unwrap().data),
