@@ -7,24 +7,28 @@
 //! was a fifth of the throughput at 64 connections and 60 µs of every single write (see
 //! architecture.md, "Where a write's time goes").
 //!
-//! [`Applier::apply`] does without it. It first inserts the *intent*, a value listing every
-//! write, in parts of at most 32 KiB, into a sled tree of its own (`intent`, keyed by the part's
-//! number), away from the store's busiest keys; then it applies the writes one by one; then it
-//! removes the parts, the last first. One lock serializes applications, so their writes never
+//! [`Applier::apply`] does without it. It first inserts the *intent*, a value listing how to undo
+//! the set (each key it writes, with the value the key has before it or none), in parts of at
+//! most 32 KiB, into a sled tree of its own (`intent`, keyed by the part's number), away from the
+//! store's busiest keys; then it applies the writes one by one; then it removes the parts, the
+//! last first. Most of a set's bytes are new keys (chunks, feed rows, inbox records), so the
+//! intent is small: it names them and keeps the few earlier values a set overwrites (an entity
+//! record, a shadow). One lock serializes applications, so their writes never
 //! interleave in sled's log (which all of its trees share), and after a crash sled recovers a
 //! prefix of its log (a write it keeps was preceded by every write made before it). So after a
 //! crash there is no intent, or the parts of the one application that was under way:
 //! - all of them: the crash came after the last part was written and before the removals began,
-//!   with some prefix of the writes on disk. [`Applier::open`] applies all of the writes again
-//!   and removes the parts. Applying again a write that was kept changes nothing, since nothing
-//!   after it was kept.
+//!   with some prefix of the writes on disk. [`Applier::open`] puts every key back as the intent
+//!   says it was and removes the parts: the set is undone. Nothing after the set was kept, so
+//!   nothing later is undone with it. The set was never acknowledged: a write is acknowledged
+//!   only after a flush that covers the removal of its intent.
 //! - a proper prefix of them (the intent cut short): the crash came while the parts were
 //!   written, before any write, or while they were removed, after every write. Either way the
 //!   application is whole or absent, and the parts are removed.
 //!
 //! An application that fails part-way (a sled error, a panic) leaves its intent, and the
-//! applier refuses every later one, so that no later intent replaces it: the next start finishes
-//! it. Within a set, only the last write of each key is applied, as sled's batch did.
+//! applier refuses every later one, so that no later intent replaces it: the next start undoes
+//! it, so a write that reported an error never shows up later. Within a set, only the last write of each key is applied, as sled's batch did.
 //!
 //! Readers of one key see each write as it lands, so a reader of several keys can see an
 //! application half done: the store's readers of an entity's several keys hold its stripe lock,
@@ -67,9 +71,9 @@ pub(crate) struct Applier {
 }
 
 impl Applier {
-    /// The applier of `db`, once it has finished the application a crash interrupted, if any
-    /// (see the module's comment). Also returns how many writes it applied again. Runs before
-    /// anything else reads the store.
+    /// The applier of `db`, once it has undone the application a crash interrupted, if any
+    /// (see the module's comment). Also returns how many keys it put back. Runs before anything
+    /// else reads the store.
     ///
     /// # Errors
     /// [`Error::Corrupt`] when the intent cannot be read (then it is left as it is); storage
@@ -90,7 +94,7 @@ impl Applier {
     ///
     /// # Errors
     /// Storage errors. Then the writes may be partly applied in memory, and the intent is still
-    /// there: should it reach the disk, the next start finishes the application. The applier
+    /// there: should it reach the disk, the next start undoes the application. The applier
     /// then refuses every later set with [`Error::Failed`], and so must the caller (the store
     /// treats it as a failed flush).
     pub(crate) fn apply(&self, writes: Vec<Write>) -> Result<()> {
@@ -103,7 +107,11 @@ impl Applier {
         if *failed {
             return Err(Error::Failed);
         }
-        for step in steps(writes) {
+        let earlier = |key: &[u8]| -> Result<Option<Vec<u8>>> {
+            Ok(self.db.get(key)?.map(|value| value.to_vec()))
+        };
+        // A read that fails has written nothing yet.
+        for step in steps(writes, earlier)? {
             if let Err(error) = self.run(step) {
                 *failed = true;
                 return Err(error);
@@ -118,11 +126,18 @@ impl Applier {
 }
 
 /// What applying `writes` does to sled, in order: the intent's parts, the writes, the parts
-/// removed last first. Of several writes of one key only the last is kept. One write alone
-/// needs no intent: sled applies each write whole.
-pub(crate) fn steps(writes: Vec<Write>) -> Vec<Step> {
+/// removed last first. The intent lists how to undo the writes: each key with the value
+/// `earlier` reads for it now, or `None` where there is none. Of several writes of one key only
+/// the last is kept. One write alone needs no intent: sled applies each write whole.
+///
+/// # Errors
+/// Whatever `earlier` returns.
+pub(crate) fn steps(
+    writes: Vec<Write>,
+    earlier: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>,
+) -> Result<Vec<Step>> {
     if writes.len() < 2 {
-        return writes.into_iter().map(Step::Write).collect();
+        return Ok(writes.into_iter().map(Step::Write).collect());
     }
     let mut seen = HashSet::new();
     let mut writes: Vec<Write> = writes
@@ -132,9 +147,14 @@ pub(crate) fn steps(writes: Vec<Write>) -> Vec<Step> {
         .collect();
     writes.reverse();
     if writes.len() < 2 {
-        return writes.into_iter().map(Step::Write).collect();
+        return Ok(writes.into_iter().map(Step::Write).collect());
     }
-    let intent = encode(&writes);
+    let undo = writes
+        .iter()
+        .map(|(key, _)| Ok((key.clone(), earlier(key)?)))
+        .collect::<Result<Vec<Write>>>()?;
+    let intent = encode(&undo);
+    drop(undo);
     let mut stored = Vec::with_capacity(8 + intent.len());
     stored.extend_from_slice(&(intent.len() as u64).to_le_bytes());
     stored.extend_from_slice(&intent);
@@ -149,7 +169,7 @@ pub(crate) fn steps(writes: Vec<Write>) -> Vec<Step> {
         .collect();
     steps.extend(writes.into_iter().map(Step::Write));
     steps.extend((0..count).rev().map(|number| Step::Part(number, None)));
-    steps
+    Ok(steps)
 }
 
 fn part_number(number: usize) -> u32 {
@@ -175,8 +195,8 @@ pub(crate) fn run(db: &sled::Db, intent: &sled::Tree, step: Step) -> Result<()> 
     Ok(())
 }
 
-/// Finishes the application a crash interrupted, if any: applies every write of a whole
-/// intent, removes its parts, and flushes. Returns how many writes it applied again.
+/// Undoes the application a crash interrupted, if any: applies the undoing writes of a whole
+/// intent, removes its parts, and flushes. Returns how many keys it put back.
 fn recover(db: &sled::Db, intent: &sled::Tree) -> Result<usize> {
     let corrupt = |detail: String| Error::Corrupt {
         what: "the intent of an interrupted write".into(),
@@ -198,13 +218,13 @@ fn recover(db: &sled::Db, intent: &sled::Tree) -> Result<usize> {
     if count == 0 {
         return Ok(0);
     }
-    let applied = match whole(&stored).map_err(corrupt)? {
-        Some(writes) => {
-            let applied = writes.len();
-            for write in writes {
+    let undone = match whole(&stored).map_err(corrupt)? {
+        Some(undo) => {
+            let undone = undo.len();
+            for write in undo {
                 run(db, intent, Step::Write(write))?;
             }
-            applied
+            undone
         }
         None => {
             tracing::warn!(
@@ -217,7 +237,7 @@ fn recover(db: &sled::Db, intent: &sled::Tree) -> Result<usize> {
         run(db, intent, Step::Part(number, None))?;
     }
     db.flush()?;
-    Ok(applied)
+    Ok(undone)
 }
 
 /// The writes of the intent stored in `stored` (its parts, joined), or `None` when it is cut

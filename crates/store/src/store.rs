@@ -333,11 +333,11 @@ impl Store {
     /// another process after a wait of two seconds).
     pub fn open(config: StoreConfig) -> Result<Self> {
         let db = open_sled(&config)?;
-        let (applier, finished) = Applier::open(&db)?;
-        if finished > 0 {
+        let (applier, undone) = Applier::open(&db)?;
+        if undone > 0 {
             tracing::warn!(
-                writes = finished,
-                "finished a write that a crash interrupted before it was acknowledged"
+                keys = undone,
+                "undid a write that a crash interrupted before it was acknowledged"
             );
         }
         let last_seq = db
@@ -514,7 +514,7 @@ impl Store {
 
     /// Applies `writes` to sled whole or not at all (`atomic`), without waiting for the flush.
     /// Should that fail part-way, the store refuses further writes as after a failed flush: a
-    /// write that was applied in part is finished or dropped whole at the next start, never
+    /// write that was applied in part is undone at the next start, never
     /// acknowledged.
     fn apply(&self, writes: Vec<atomic::Write>) -> Result<()> {
         self.inner
@@ -1765,7 +1765,7 @@ impl Store {
     /// [`Error::Closed`] after [`Store::close`], storage errors otherwise; then nothing of
     /// `staged` is acknowledged and its documents are dropped, so readers load what is on disk.
     /// An error while sled applied the set may have left part of it there: the store then
-    /// refuses further writes, and the next start finishes the set or finds none of it.
+    /// refuses further writes, and the next start undoes what of the set was applied.
     pub(crate) fn commit(&self, staged: Vec<Staged>) -> Result<Vec<Written>> {
         let rows = staged.iter().filter(|staged| staged.row.is_some()).count();
         let touches_sled = staged.iter().any(|staged| !staged.writes.is_empty());

@@ -1,4 +1,4 @@
-//! Writes applied whole, and finished after a crash from any point of their application.
+//! Writes applied whole, and undone after a crash at any point before their intent is removed.
 
 use proptest::prelude::*;
 
@@ -37,7 +37,11 @@ fn before(db: &sled::Db) {
     db.insert("a", "old a").unwrap();
     db.insert("gone", "here").unwrap();
     db.insert("untouched", "kept").unwrap();
+    db.insert("big", vec![1; BIG]).unwrap();
 }
+
+/// The size of a value that spreads an intent that keeps it over three parts.
+const BIG: usize = 2 * PART_BYTES + 100;
 
 fn assert_applied(db: &sled::Db) {
     assert_eq!(intent_parts(db), 0, "the intent is left behind");
@@ -46,6 +50,27 @@ fn assert_applied(db: &sled::Db) {
     assert_eq!(value(db, "c").as_deref(), Some(""));
     assert_eq!(value(db, "gone"), None);
     assert_eq!(value(db, "untouched").as_deref(), Some("kept"));
+}
+
+/// The steps of `writes` over a store where no key has a value yet.
+fn fresh_steps(writes: Vec<Write>) -> Vec<Step> {
+    steps(writes, |_| Ok(None)).unwrap()
+}
+
+/// The steps of `writes` over `db` as it is now.
+fn steps_over(db: &sled::Db, writes: Vec<Write>) -> Vec<Step> {
+    steps(writes, |key| Ok(db.get(key)?.map(|value| value.to_vec()))).unwrap()
+}
+
+/// The state `before` made: none of the application.
+fn assert_before(db: &sled::Db) {
+    assert_eq!(intent_parts(db), 0, "the intent is left behind");
+    assert_eq!(value(db, "a").as_deref(), Some("old a"));
+    assert_eq!(value(db, "b"), None);
+    assert_eq!(value(db, "c"), None);
+    assert_eq!(value(db, "gone").as_deref(), Some("here"));
+    assert_eq!(value(db, "untouched").as_deref(), Some("kept"));
+    assert_eq!(db.get("big").unwrap().unwrap().len(), BIG);
 }
 
 fn intent(db: &sled::Db) -> sled::Tree {
@@ -77,12 +102,18 @@ fn an_application_lands_whole_and_leaves_no_intent() {
 
 #[test]
 fn one_write_or_none_goes_without_an_intent() {
-    assert!(steps(vec![]).is_empty());
+    assert!(fresh_steps(vec![]).is_empty());
     let one = write("a", Some("1"));
-    assert_eq!(steps(vec![one.clone()]), vec![Step::Write(one.clone())]);
+    assert_eq!(
+        fresh_steps(vec![one.clone()]),
+        vec![Step::Write(one.clone())]
+    );
     // Two writes of one key are one write: the last.
     let last = write("a", None);
-    assert_eq!(steps(vec![one, last.clone()]), vec![Step::Write(last)]);
+    assert_eq!(
+        fresh_steps(vec![one, last.clone()]),
+        vec![Step::Write(last)]
+    );
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
     let applier = applier(&db);
@@ -94,7 +125,7 @@ fn one_write_or_none_goes_without_an_intent() {
 /// Only the last write of a key in a set is applied, so nothing in between is ever seen.
 #[test]
 fn of_several_writes_of_one_key_in_a_set_only_the_last_is_applied() {
-    let steps = steps(application());
+    let steps = fresh_steps(application());
     let writes: Vec<&Write> = steps
         .iter()
         .filter_map(|step| match step {
@@ -113,20 +144,28 @@ fn of_several_writes_of_one_key_in_a_set_only_the_last_is_applied() {
     );
 }
 
-/// An application whose intent takes several parts: a value larger than two of them.
+/// An application whose intent takes several parts: it overwrites a value larger than two of
+/// them (which the intent keeps, to put it back), and writes a new key with another (which the
+/// intent only names).
 fn large_application() -> Vec<Write> {
     let mut writes = application();
-    writes.insert(1, (b"large".to_vec(), Some(vec![7; 2 * PART_BYTES + 100])));
+    writes.insert(1, write("big", Some("small now")));
+    writes.insert(2, (b"large".to_vec(), Some(vec![7; BIG])));
     writes
 }
 
 /// A crash after each step of an application (sled keeps a prefix of what was written, flushed
 /// or not): while the intent's parts are written, between the writes, while the parts are
-/// removed. Whatever was kept, the next start ends with all of the writes, or with none of them
-/// when the intent never landed whole, and with no part of the intent.
+/// removed. Whatever was kept, the next start ends with none of the writes, or with all of them
+/// once the intent's removal had begun, and with no part of the intent.
 #[test]
 fn a_crash_after_any_step_of_an_application_leaves_it_whole_or_absent() {
-    let steps = steps(large_application());
+    let steps = {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path());
+        before(&db);
+        steps_over(&db, large_application())
+    };
     let parts = steps
         .iter()
         .take_while(|step| matches!(step, Step::Part(_, Some(_))))
@@ -148,22 +187,20 @@ fn a_crash_after_any_step_of_an_application_leaves_it_whole_or_absent() {
             db.flush().unwrap();
         }
         let db = open(dir.path());
-        let (_, applied) = Applier::open(&db).unwrap();
+        let (_, undone) = Applier::open(&db).unwrap();
         assert_eq!(intent_parts(&db), 0, "after {done} steps");
-        if done < parts {
-            assert_eq!(applied, 0);
-            assert_eq!(value(&db, "a").as_deref(), Some("old a"), "after {done}");
-            assert_eq!(value(&db, "gone").as_deref(), Some("here"), "after {done}");
-            assert!(!db.contains_key("large").unwrap());
+        if done <= parts + writes {
+            // A whole intent puts every key of the set back; one cut short while its parts
+            // were written had nothing to undo.
+            let expected = if done < parts { 0 } else { writes };
+            assert_eq!(undone, expected, "after {done} steps");
+            assert_before(&db);
         } else {
             // Once the removals began the intent is cut short: every write had landed.
-            let again = if done <= parts + writes { writes } else { 0 };
-            assert_eq!(applied, again, "after {done} steps");
+            assert_eq!(undone, 0, "after {done} steps");
             assert_applied(&db);
-            assert_eq!(
-                db.get("large").unwrap().unwrap().len(),
-                2 * PART_BYTES + 100
-            );
+            assert_eq!(value(&db, "big").as_deref(), Some("small now"));
+            assert_eq!(db.get("large").unwrap().unwrap().len(), BIG);
         }
         drop(db);
         // The recovery itself was flushed: a second start finds nothing left to do.
@@ -202,8 +239,9 @@ fn a_corrupt_intent_stops_the_recovery_and_says_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
     // A gap between parts.
+    before(&db);
     let intent = intent(&db);
-    for step in steps(large_application()).into_iter().take(3) {
+    for step in steps_over(&db, large_application()).into_iter().take(3) {
         if !matches!(step, Step::Part(1, _)) {
             run(&db, &intent, step).unwrap();
         }

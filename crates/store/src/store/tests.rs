@@ -877,36 +877,66 @@ fn an_index_older_than_the_entity_on_disk_is_not_built_on() {
     assert!(store.conflicts(&key).unwrap().unwrap().is_empty());
 }
 
-/// A write a crash interrupted part-way (its intent on disk with the first of its keys, the
-/// rest missing) is finished when the store opens, before anything reads the store: the entity,
-/// its feed row and the feed's position are all there.
+/// Every key and value in sled's default tree at `dir`.
+fn dump(dir: &std::path::Path) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
+    let db = sled::Config::new().path(dir).open().unwrap();
+    db.iter()
+        .map(|entry| {
+            let (key, value) = entry.unwrap();
+            (key.to_vec(), value.to_vec())
+        })
+        .collect()
+}
+
+/// An update a crash interrupted part-way (its intent on disk with the first of its writes, the
+/// rest missing) is undone when the store opens, before anything reads it: the entity, the feed
+/// and everything else are as they were before it, and the store takes writes again.
 #[test]
-fn a_write_a_crash_interrupted_is_finished_when_the_store_opens() {
+fn a_write_a_crash_interrupted_is_undone_when_the_store_opens() {
     let dir = tempfile::tempdir().unwrap();
     let key = EntityKey::new("appointment", "1").unwrap();
     let options = WriteOptions::new(Origin::local("u").unwrap());
-    let written = {
+    let first = {
         let store = open(dir.path(), 32);
-        store.patch(&key, &json!({ "a": 1 }), &options).unwrap();
+        store
+            .patch(&key, &json!({ "a": 1, "b": 1 }), &options)
+            .unwrap();
         store.close().unwrap();
         store.stats().feed_seq
     };
+    let before = dump(dir.path());
     {
-        // Take the write apart again as a crash during its application would have left it.
+        let store = open(dir.path(), 32);
+        store.patch(&key, &json!({ "a": 2 }), &options).unwrap();
+        store.close().unwrap();
+    }
+    let after = dump(dir.path());
+    {
+        // Take the update apart again as a crash during its application would have left it:
+        // back to the state before it, then its intent and its first write.
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let writes: Vec<atomic::Write> = db
+        let mut writes: Vec<atomic::Write> = after
             .iter()
-            .map(|entry| {
-                let (key, value) = entry.unwrap();
-                (key.to_vec(), Some(value.to_vec()))
-            })
+            .filter(|(key, value)| before.get(*key) != Some(*value))
+            .map(|(key, value)| (key.clone(), Some(value.clone())))
             .collect();
+        writes.extend(
+            before
+                .keys()
+                .filter(|key| !after.contains_key(*key))
+                .map(|key| (key.clone(), None)),
+        );
         assert!(writes.len() >= 3, "a chunk, the record and a feed row");
         for (key, _) in &writes {
-            db.remove(key).unwrap();
+            match before.get(key) {
+                Some(value) => db.insert(key, value.as_slice()).unwrap(),
+                None => db.remove(key).unwrap(),
+            };
         }
-        // The intent's parts and the first write.
-        let steps = atomic::steps(writes.clone());
+        let steps = atomic::steps(writes.clone(), |key| {
+            Ok(db.get(key)?.map(|value| value.to_vec()))
+        })
+        .unwrap();
         let parts = (steps.len() - writes.len()) / 2;
         let intent = db.open_tree("intent").unwrap();
         for step in steps.into_iter().take(parts + 1) {
@@ -916,10 +946,19 @@ fn a_write_a_crash_interrupted_is_finished_when_the_store_opens() {
     }
     let store = open(dir.path(), 32);
     assert!(store.inner.db.open_tree("intent").unwrap().is_empty());
-    assert_eq!(store.stats().feed_seq, written);
+    assert_eq!(store.stats().feed_seq, first);
     assert_eq!(
         Json::Object(store.get(&key).unwrap().unwrap().data),
-        json!({ "a": 1 })
+        json!({ "a": 1, "b": 1 })
+    );
+    store.close().unwrap();
+    drop(store);
+    assert_eq!(dump(dir.path()), before);
+    let store = open(dir.path(), 32);
+    store.patch(&key, &json!({ "a": 3 }), &options).unwrap();
+    assert_eq!(
+        Json::Object(store.get(&key).unwrap().unwrap().data),
+        json!({ "a": 3, "b": 1 })
     );
 }
 
