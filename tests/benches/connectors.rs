@@ -222,31 +222,17 @@ async fn main() -> Result<()> {
     let outbound = outbound_latency(&binary, 1000, seconds).await?;
 
     println!();
+    // A single connection part by part: HTTP alone, then a webhook verified and answered from
+    // the inbox with nothing written, then the whole of it.
     baselines.print_table(&[
+        ("1 connection: GET /healthz, HTTP alone", &health),
+        (
+            "1 connection: a webhook sent again (verified, answered from the inbox, no write)",
+            &repeated,
+        ),
         ("signed webhook ingest, 1 connection", &single),
         ("signed webhook ingest, 64 connections", &many),
     ]);
-    println!();
-    println!("A single connection, part by part (each request waits for the one before):");
-    println!("| 1 connection | ops/s | p50 | p99 | vs 1 thread |");
-    println!("|---|---|---|---|---|");
-    for (name, figures) in [
-        ("raw sled insert+flush, 1 thread", &baselines.one),
-        ("GET /healthz: HTTP alone", &health),
-        (
-            "a webhook sent again: verified, answered from the inbox, no write",
-            &repeated,
-        ),
-        ("a signed webhook: verified, written, flushed", &single),
-    ] {
-        println!(
-            "| {name} | {:.0} | {} | {} | {:.2}x |",
-            figures.ops_per_sec,
-            ms(figures.p50),
-            ms(figures.p99),
-            figures.ops_per_sec / baselines.one.ops_per_sec
-        );
-    }
     println!();
     print_cpu_table(&baselines, &[("webhooks", &many, &many_cpu)]);
     println!();

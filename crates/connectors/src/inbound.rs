@@ -353,9 +353,9 @@ async fn apply(
         options: WriteOptions::new(origin),
     };
     // The change, its feed row, the inbox record and the new shadow go through the store's
-    // writer queue, so concurrent webhooks share an application to sled and a flush. This thread keeps the
-    // entity's connector lock until the write is durable, as the shadow it wrote is then the
-    // one on disk. Everything but the response is worked out here, off the store's writer
+    // writer queue, so concurrent webhooks share an application to sled and a flush. The webhook
+    // keeps the entity's connector lock until the write is durable, as the shadow it wrote is
+    // then the one on disk. Everything but the response is worked out here, off the store's writer
     // thread, which runs the closure.
     let shadow_write = records.put_shadow(&key, &shadow);
     let inbox_key = handle.inbox.place(records, &lookup, hash);

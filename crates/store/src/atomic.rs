@@ -13,10 +13,10 @@
 //! store's busiest keys; then it applies the writes one by one; then it removes the parts, the
 //! last first. Most of a set's bytes are new keys (chunks, feed rows, inbox records), so the
 //! intent is small: it names them and keeps the few earlier values a set overwrites (an entity
-//! record, a shadow). One lock serializes applications, so their writes never
-//! interleave in sled's log (which all of its trees share), and after a crash sled recovers a
-//! prefix of its log (a write it keeps was preceded by every write made before it). So after a
-//! crash there is no intent, or the parts of the one application that was under way:
+//! record, a shadow). One lock serializes applications, so their writes never interleave in
+//! sled's log (which all of its trees share), and after a crash sled recovers a prefix of its log
+//! (a write it keeps was preceded by every write made before it). So after a crash there is no
+//! intent, or the parts of the one application that was under way:
 //! - all of them: the crash came after the last part was written and before the removals began,
 //!   with some prefix of the writes on disk. [`Applier::open`] puts every key back as the intent
 //!   says it was and removes the parts: the set is undone. Nothing after the set was kept, so
@@ -28,7 +28,10 @@
 //!
 //! An application that fails part-way (a sled error, a panic) leaves its intent, and the
 //! applier refuses every later one, so that no later intent replaces it: the next start undoes
-//! it, so a write that reported an error never shows up later. Within a set, only the last write of each key is applied, as sled's batch did.
+//! it, so a write that reported an error never shows up later. (The store also refuses every
+//! later write then, as after a failed flush; the applier keeps its own flag because it must
+//! refuse under its lock, before a caller that checked the store earlier gets in.) Within a set,
+//! only the last write of each key is applied, as sled's batch did.
 //!
 //! Readers of one key see each write as it lands, so a reader of several keys can see an
 //! application half done: the store's readers of an entity's several keys hold its stripe lock,
@@ -112,7 +115,7 @@ impl Applier {
         };
         // A read that fails has written nothing yet.
         for step in steps(writes, earlier)? {
-            if let Err(error) = self.run(step) {
+            if let Err(error) = run(&self.db, &self.intent, step) {
                 *failed = true;
                 return Err(error);
             }
@@ -120,8 +123,13 @@ impl Applier {
         Ok(())
     }
 
-    fn run(&self, step: Step) -> Result<()> {
-        run(&self.db, &self.intent, step)
+    /// Makes the applier refuse every later set, as a set that failed part-way does.
+    #[cfg(test)]
+    pub(crate) fn fail(&self) {
+        *self
+            .failed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
     }
 }
 
@@ -136,9 +144,6 @@ pub(crate) fn steps(
     writes: Vec<Write>,
     earlier: impl Fn(&[u8]) -> Result<Option<Vec<u8>>>,
 ) -> Result<Vec<Step>> {
-    if writes.len() < 2 {
-        return Ok(writes.into_iter().map(Step::Write).collect());
-    }
     let mut seen = HashSet::new();
     let mut writes: Vec<Write> = writes
         .into_iter()
@@ -153,20 +158,13 @@ pub(crate) fn steps(
         .iter()
         .map(|(key, _)| Ok((key.clone(), earlier(key)?)))
         .collect::<Result<Vec<Write>>>()?;
-    let intent = encode(&undo);
-    drop(undo);
-    let mut stored = Vec::with_capacity(8 + intent.len());
-    stored.extend_from_slice(&(intent.len() as u64).to_le_bytes());
-    stored.extend_from_slice(&intent);
-    drop(intent);
-    let parts: Vec<Vec<u8>> = stored.chunks(PART_BYTES).map(<[u8]>::to_vec).collect();
-    drop(stored);
-    let count = part_number(parts.len());
-    let mut steps: Vec<Step> = parts
-        .into_iter()
+    let stored = encode(&undo);
+    let mut steps: Vec<Step> = stored
+        .chunks(PART_BYTES)
         .enumerate()
-        .map(|(number, part)| Step::Part(part_number(number), Some(part)))
+        .map(|(number, part)| Step::Part(part_number(number), Some(part.to_vec())))
         .collect();
+    let count = part_number(steps.len());
     steps.extend(writes.into_iter().map(Step::Write));
     steps.extend((0..count).rev().map(|number| Step::Part(number, None)));
     Ok(steps)
@@ -257,15 +255,18 @@ fn whole(stored: &[u8]) -> std::result::Result<Option<Vec<Write>>, String> {
     }
 }
 
-/// The intent's value: the format byte, the number of writes, then each write as its key's
-/// length, the key, and either `0` (remove) or `1`, the value's length and the value. Numbers are
-/// u32, little endian. The count makes any cut-short intent an error, not fewer writes.
+/// The intent as stored, before it is cut into parts: the length of the rest (u64), then the
+/// format byte, the number of writes, and each write as its key's length, the key, and either `0`
+/// (remove) or `1`, the value's length and the value. Numbers are little endian, u32 but the
+/// first. The length tells an intent cut short by a crash from a whole one ([`whole`]); the
+/// count makes any other cut an error, not fewer writes ([`decode`]).
 fn encode(writes: &[Write]) -> Vec<u8> {
     let size: usize = writes
         .iter()
         .map(|(key, value)| 9 + key.len() + value.as_ref().map_or(0, Vec::len))
         .sum();
-    let mut bytes = Vec::with_capacity(5 + size);
+    let mut bytes = Vec::with_capacity(13 + size);
+    bytes.extend_from_slice(&[0; 8]);
     bytes.push(FORMAT);
     bytes.extend_from_slice(&length(writes).to_le_bytes());
     for (key, value) in writes {
@@ -280,6 +281,8 @@ fn encode(writes: &[Write]) -> Vec<u8> {
             None => bytes.push(0),
         }
     }
+    let length = (bytes.len() - 8) as u64;
+    bytes[..8].copy_from_slice(&length.to_le_bytes());
     bytes
 }
 
@@ -289,7 +292,7 @@ fn length<T>(items: &[T]) -> u32 {
     u32::try_from(items.len()).expect("a sled key or value, or a set of writes, is that short")
 }
 
-/// The writes of an intent [`encode`] made; what is wrong with it otherwise.
+/// The writes of an intent [`encode`] made, after its length; what is wrong with it otherwise.
 fn decode(bytes: &[u8]) -> std::result::Result<Vec<Write>, String> {
     let Some((&format, mut rest)) = bytes.split_first() else {
         return Err("it is empty".into());

@@ -64,9 +64,9 @@ pub(crate) struct Job {
 pub(crate) type Queue = Sender<Job>;
 
 impl Store {
-    /// Applies `requests` in order, in as few atomic sets of writes as possible, and returns every outcome
-    /// (in the order of `requests`) once all are applied; they are durable once the returned
-    /// [`Unflushed`] is waited for. Each write succeeds or fails on its own, as the single-write
+    /// Applies `requests` in order, in as few atomic sets of writes as possible, and returns
+    /// every outcome (in the order of `requests`) once all are applied; they are durable once
+    /// the returned [`Unflushed`] is waited for. Each write succeeds or fails on its own, as the single-write
     /// methods would: a stale `if_match` fails that write only.
     ///
     /// A delete of an entity that does not exist changes nothing: its outcome has no entity and
@@ -85,8 +85,8 @@ impl Store {
     }
 
     /// Stages every item with `stage` (under its entity's stripe lock) and commits them in as
-    /// few atomic sets of writes as possible, returning each outcome in the order of `items`. Nothing is
-    /// flushed: the caller waits for that.
+    /// few atomic sets of writes as possible, returning each outcome in the order of `items`.
+    /// Nothing is flushed: the caller waits for that.
     pub(crate) fn stage_and_commit<T>(
         &self,
         items: Vec<T>,
@@ -124,8 +124,8 @@ impl Store {
     }
 
     /// Queues `request` for the store's writer thread and waits, without blocking a thread,
-    /// until it is durable. Concurrent submissions share applications to sled and flushes, which makes
-    /// this the fastest way to write from many tasks at once.
+    /// until it is durable. Concurrent submissions share applications to sled and flushes, which
+    /// makes this the fastest way to write from many tasks at once.
     ///
     /// # Errors
     /// As the single-write methods; [`Error::Closed`] when the store is closed.

@@ -191,8 +191,7 @@ impl Durability {
         if !state.failed {
             tracing::error!("a write failed while it was applied; refusing further writes");
         }
-        state.failed = true;
-        self.shared.done.iter().for_each(Condvar::notify_all);
+        refuse_writes(&self.shared, &mut state);
         self.shared.progress.send_replace(*state);
     }
 
@@ -225,6 +224,12 @@ impl Durability {
         }
         result
     }
+}
+
+/// Marks the store failed and wakes every writer waiting for a flush, which then gets the error.
+fn refuse_writes(shared: &Shared, state: &mut FlushState) {
+    state.failed = true;
+    shared.done.iter().for_each(Condvar::notify_all);
 }
 
 fn run_flusher(shared: Arc<Shared>, db: sled::Db, data_file: Option<File>, mode: SyncMode) {
@@ -269,8 +274,7 @@ fn run_flusher(shared: Arc<Shared>, db: sled::Db, data_file: Option<File>, mode:
             }
             Err(error) => {
                 tracing::error!(error = %error, "flush failed; refusing further writes");
-                state.failed = true;
-                shared.done.iter().for_each(Condvar::notify_all);
+                refuse_writes(&shared, &mut state);
             }
         }
         shared.progress.send_replace(*state);

@@ -1,9 +1,9 @@
 //! The feed: one row per committed change, in commit order, numbered by `Seq`.
 //!
 //! `Store` writes a row in the same atomic set of writes as the change it describes (see
-//! `atomic`), so a crash never
-//! leaves a change that subscribers and connectors will not see. Rows become visible to readers
-//! only once they are flushed, so a reader never sees a sequence number that a crash could reuse.
+//! `atomic`), so a crash never leaves a change that subscribers and connectors will not see.
+//! Rows become visible to readers only once they are flushed, so a reader never sees a sequence
+//! number that a crash could reuse.
 //! What a connector or a subscriber does with a row is its own business, not this module's.
 
 use std::fmt;
@@ -71,8 +71,7 @@ pub struct FeedRow {
 
 /// The feed rows committed last, in order, so that readers who keep up with the feed (event
 /// streams, connectors, replication) get new rows from memory: reading them from sled would
-/// cost a sled range scan each time (and, before the store stopped using `apply_batch`, waited
-/// while the writer applied its next batch), and each reader would decode every row again.
+/// cost a range scan each time, and each reader would decode every row again.
 ///
 /// It holds a run of consecutive sequence numbers, the last `capacity` committed; rows are added
 /// by the committing thread in sequence order, after their batch is applied and before they are

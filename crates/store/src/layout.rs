@@ -1,6 +1,6 @@
-//! How the store lays its data out in sled's one tree.
+//! How the store lays its data out in sled.
 //!
-//! Everything lives in the default tree, so that a change, its entity record and its feed row
+//! Everything but the intent of `atomic` lives in the default tree, so that a change, its entity record and its feed row
 //! are written as one set that a crash leaves whole or absent (`atomic`). Keys start with a
 //! one-byte tag:
 //!

@@ -3,8 +3,8 @@
 //! records and cursors.
 //!
 //! They live in the same sled tree as the entities, so a record can be written in the same
-//! atomic set of writes as the change it belongs to (see `Store::submit_with`): a webhook's change, its
-//! idempotency record and the connector's shadow land together or not at all.
+//! atomic set of writes as the change it belongs to (see `Store::submit_with`): a webhook's
+//! change, its idempotency record and the connector's shadow land together or not at all.
 //! What a record means is its owner's business; this module only stores bytes under a key.
 
 use std::fmt;

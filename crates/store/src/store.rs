@@ -514,8 +514,7 @@ impl Store {
 
     /// Applies `writes` to sled whole or not at all (`atomic`), without waiting for the flush.
     /// Should that fail part-way, the store refuses further writes as after a failed flush: a
-    /// write that was applied in part is undone at the next start, never
-    /// acknowledged.
+    /// write that was applied in part is undone at the next start, never acknowledged.
     fn apply(&self, writes: Vec<atomic::Write>) -> Result<()> {
         self.inner
             .applier

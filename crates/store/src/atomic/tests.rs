@@ -279,22 +279,26 @@ fn writes() -> impl Strategy<Value = Vec<Write>> {
 proptest! {
     #[test]
     fn an_intent_reads_back_as_its_writes(writes in writes()) {
-        prop_assert_eq!(decode(&encode(&writes)).unwrap(), writes);
+        prop_assert_eq!(whole(&encode(&writes)).unwrap(), Some(writes));
     }
 
-    /// Bytes that are not an intent are an error, never a panic or a wrong list: every proper
-    /// prefix of an intent, and an intent with bytes after it, is refused.
+    /// Bytes that are not an intent are an error, never a panic or a wrong list: an intent cut
+    /// short is known as such, and its body cut anywhere, or with bytes after it, is refused.
     #[test]
     fn anything_else_is_refused_without_a_panic(
         bytes in prop::collection::vec(any::<u8>(), 0..200),
         writes in writes(),
         cut in any::<prop::sample::Index>(),
     ) {
+        let _ = whole(&bytes);
         let _ = decode(&bytes);
         let intent = encode(&writes);
-        prop_assert!(decode(&intent[..cut.index(intent.len())]).is_err());
+        let short = &intent[..8 + cut.index(intent.len() - 8)];
+        prop_assert_eq!(whole(short).unwrap(), None);
+        prop_assert!(decode(&short[8..]).is_err());
         let mut longer = intent.clone();
         longer.push(0);
-        prop_assert!(decode(&longer).is_err());
+        prop_assert!(whole(&longer).is_err());
+        prop_assert!(decode(&longer[8..]).is_err());
     }
 }

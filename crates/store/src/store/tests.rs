@@ -971,7 +971,15 @@ fn after_a_write_fails_part_way_the_store_refuses_writes() {
     let key = EntityKey::new("appointment", "1").unwrap();
     let options = WriteOptions::new(Origin::local("u").unwrap());
     store.patch(&key, &json!({ "a": 1 }), &options).unwrap();
-    store.inner.durability.fail();
+    // The applier refuses as after a set that failed part-way; the store learns it from the
+    // next write it applies, and refuses the rest itself.
+    store.inner.applier.fail();
+    let record = RecordWrite::put(RecordKey::new("test", &["a"]), b"1".to_vec());
+    assert!(matches!(
+        store.write_records_lazily(vec![record]),
+        Err(Error::Failed)
+    ));
+    assert!(matches!(store.writable(), Err(Error::Failed)));
     assert!(matches!(
         store.patch(&key, &json!({ "a": 2 }), &options),
         Err(Error::Failed)
