@@ -248,10 +248,8 @@ fn check<'a>(
 
 /// Runs with the webhook id's lock held, on its request's task (or a task of its own once the
 /// request is dropped, see [`RunsToEnd`]). It reads small records there (sled serves them from
-/// its cache, though a read waits while the writer applies a batch; taking the reads out
-/// altogether gained nothing, see docs/architecture.md) and waits for the flush without holding
-/// a thread: a thread per webhook, parked until its flush, cost more than the webhook's own
-/// work under load.
+/// its cache) and waits for the flush without holding a thread: a thread per webhook, parked
+/// until its flush, cost more than the webhook's own work under load.
 async fn apply(
     handle: &ConnectorHandle,
     webhook_id: &str,

@@ -384,9 +384,9 @@ impl JsonCache {
 }
 
 /// The entity records of recently written or loaded entities, so that a write does not read its
-/// entity's record from sled (a lookup that also waits while the writer applies a batch). An
-/// entry is only filled or replaced by a thread holding the entity's stripe lock, from what is on
-/// disk or what it has just applied, so it always equals the record on disk.
+/// entity's record from sled. An entry is only filled or replaced by a thread holding the
+/// entity's stripe lock, from what is on disk or what it has just applied, so it always equals
+/// the record on disk.
 pub(crate) struct RecordCache {
     entries: Bounded<EntityRecord>,
 }
