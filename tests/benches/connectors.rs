@@ -15,7 +15,7 @@ use axum::extract::State;
 use connectors::WebhookSecret;
 use lockstep_tests::bench::{
     closed_loop, env_number, ms, print_cpu_table, release_binary, summarize, Baselines, CpuSample,
-    Figures, Server,
+    Figures, Server, SledOverHttp,
 };
 use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
 use serde_json::{json, Value};
@@ -205,6 +205,11 @@ async fn main() -> Result<()> {
     let binary = release_binary()?;
 
     let baselines = Baselines::measure(seconds).await?;
+    println!("measuring: raw sled insert+flush behind HTTP, 1 connection ({seconds} s)");
+    let floor = {
+        let floor = SledOverHttp::start()?;
+        floor.measure(seconds).await?
+    };
     let server = Server::start(&binary, &connector(None)).await?;
     webhook_load(&server.base, 8, 1).await?;
     println!("measuring: signed webhooks, 1 connection ({seconds} s)");
@@ -222,10 +227,15 @@ async fn main() -> Result<()> {
     let outbound = outbound_latency(&binary, 1000, seconds).await?;
 
     println!();
-    // A single connection part by part: HTTP alone, then a webhook verified and answered from
-    // the inbox with nothing written, then the whole of it.
+    // A single connection part by part: HTTP alone, HTTP with a raw sled insert+flush and
+    // nothing else, a webhook verified and answered from the inbox with nothing written, then
+    // the whole of it.
     baselines.print_table(&[
         ("1 connection: GET /healthz, HTTP alone", &health),
+        (
+            "1 connection: raw sled insert+flush behind HTTP, nothing else (the floor of a durable write)",
+            &floor,
+        ),
         (
             "1 connection: a webhook sent again (verified, answered from the inbox, no write)",
             &repeated,
