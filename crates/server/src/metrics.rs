@@ -144,6 +144,12 @@ impl Metrics {
                 store.flushes,
             ),
             (
+                "lockstep_store_blob_syncs_total",
+                "counter",
+                "Files of values or pages over about 128 KiB that sled wrote outside its log, synced by a flush (every flush in fsync mode, every 500 ms in flush mode).",
+                store.blob_syncs,
+            ),
+            (
                 "lockstep_store_cache_hits_total",
                 "counter",
                 "Document reads served from the cache.",

@@ -1,4 +1,5 @@
-//! Group commit: many writers, one `flush()` at a time, and an optional fdatasync.
+//! Group commit: many writers, one `flush()` at a time, and the files it syncs beyond sled's
+//! (`files`: in `fsync` mode an fdatasync of the log and sled's blob files).
 //!
 //! A writer applies its batch to sled, then asks for a flush and waits until a flush that
 //! started after its batch has finished. One dedicated thread runs the flushes, so writers that
@@ -11,7 +12,6 @@
 //! After each flush the thread publishes the highest feed sequence number that it covered, so
 //! readers of the feed only ever see rows that are on disk.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::feed::Seq;
+use crate::files::SyncedFiles;
 
 /// Which failure an acknowledged write survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -30,7 +31,8 @@ pub enum SyncMode {
     /// writes from the last half second or so (sled fsyncs in the background every 500 ms).
     #[default]
     Flush,
-    /// `flush()` followed by an fdatasync of the data file, shared by the group: survives power loss.
+    /// `flush()` followed by an fdatasync of the log file and an fsync of every file sled wrote a
+    /// large value or page to (`files`), shared by the group: survives power loss.
     Fsync,
 }
 
@@ -88,6 +90,8 @@ struct Shared {
     applied_seq: AtomicU64,
     durable_seq: watch::Sender<Seq>,
     flushes: AtomicU64,
+    /// Blob files synced (`SyncedFiles::blob_syncs`), published after each flush.
+    blob_syncs: AtomicU64,
 }
 
 /// The group-commit coordinator; cheap to clone.
@@ -98,12 +102,7 @@ pub(crate) struct Durability {
 }
 
 impl Durability {
-    pub(crate) fn start(
-        db: sled::Db,
-        data_file: Option<File>,
-        mode: SyncMode,
-        last_seq: Seq,
-    ) -> Self {
+    pub(crate) fn start(db: sled::Db, files: SyncedFiles, last_seq: Seq) -> Self {
         let (durable_seq, _) = watch::channel(last_seq);
         let (progress, _) = watch::channel(FlushState::default());
         let shared = Arc::new(Shared {
@@ -114,11 +113,12 @@ impl Durability {
             applied_seq: AtomicU64::new(last_seq.0),
             durable_seq,
             flushes: AtomicU64::new(0),
+            blob_syncs: AtomicU64::new(0),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("lockstep-flush".into())
-            .spawn(move || run_flusher(worker, db, data_file, mode))
+            .spawn(move || run_flusher(worker, db, files))
             .expect("spawning the flush thread only fails when the OS is out of threads");
         Self {
             shared,
@@ -208,6 +208,11 @@ impl Durability {
         self.shared.flushes.load(Ordering::Relaxed)
     }
 
+    /// Blob files synced since the store opened.
+    pub(crate) fn blob_syncs(&self) -> u64 {
+        self.shared.blob_syncs.load(Ordering::Relaxed)
+    }
+
     /// Runs a last flush and stops the thread; later writes fail with [`Error::Closed`].
     pub(crate) fn close(&self) -> Result<()> {
         let result = self.wait();
@@ -232,7 +237,7 @@ fn refuse_writes(shared: &Shared, state: &mut FlushState) {
     shared.done.iter().for_each(Condvar::notify_all);
 }
 
-fn run_flusher(shared: Arc<Shared>, db: sled::Db, data_file: Option<File>, mode: SyncMode) {
+fn run_flusher(shared: Arc<Shared>, db: sled::Db, mut files: SyncedFiles) {
     loop {
         let number = {
             let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -249,15 +254,14 @@ fn run_flusher(shared: Arc<Shared>, db: sled::Db, data_file: Option<File>, mode:
         // Every writer holding a ticket for this flush applied its batch before taking it,
         // so reading `applied_seq` now and flushing afterwards covers all of them.
         let covered = Seq(shared.applied_seq.load(Ordering::Acquire));
-        let outcome =
-            db.flush()
-                .map(|_| ())
-                .map_err(Error::from)
-                .and_then(|()| match (&data_file, mode) {
-                    (Some(file), SyncMode::Fsync) => file.sync_data().map_err(Error::Sync),
-                    _ => Ok(()),
-                });
+        let outcome = db
+            .flush()
+            .map_err(Error::from)
+            .and_then(|_| files.after_flush());
         shared.flushes.fetch_add(1, Ordering::Relaxed);
+        shared
+            .blob_syncs
+            .store(files.blob_syncs(), Ordering::Relaxed);
         let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
             Ok(()) => {

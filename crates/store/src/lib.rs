@@ -35,6 +35,7 @@ mod document;
 mod durability;
 mod error;
 mod feed;
+mod files;
 mod inflation;
 mod key;
 mod layout;

@@ -9,7 +9,6 @@
 use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -32,6 +31,7 @@ use crate::document::{self, FieldConflict};
 use crate::durability::{Durability, FlushTicket, SyncMode};
 use crate::error::{Error, Result};
 use crate::feed::{FeedRow, RecentRows, Seq};
+use crate::files::SyncedFiles;
 use crate::key::{EntityId, EntityKey, Kind};
 use crate::layout::{self, EntityRecord};
 use crate::nested;
@@ -223,6 +223,9 @@ pub struct StoreStats {
     pub index_only_writes: u64,
     /// Flushes run since the store was opened (each covers a group of writes).
     pub flushes: u64,
+    /// Files of large values and pages sled wrote (over about 128 KiB each) that a flush synced
+    /// (see `sync_mode`).
+    pub blob_syncs: u64,
     /// Document reads served from the cache.
     pub cache_hits: u64,
     /// Document reads that loaded from disk.
@@ -347,8 +350,8 @@ impl Store {
             .transpose()?
             .and_then(|key| layout::parse_feed_key(&key))
             .unwrap_or(Seq::ZERO);
-        let data_file = File::open(config.path.join("db")).ok();
-        let durability = Durability::start(db.clone(), data_file, config.sync_mode, last_seq);
+        let files = SyncedFiles::open(&config.path, config.sync_mode)?;
+        let durability = Durability::start(db.clone(), files, last_seq);
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
         let (queue, jobs) = batch::queue();
         Ok(Self {
@@ -1039,6 +1042,7 @@ impl Store {
             writes: self.inner.writes.load(Ordering::Relaxed),
             built_writes: self.inner.built_writes.load(Ordering::Relaxed),
             flushes: self.inner.durability.flushes(),
+            blob_syncs: self.inner.durability.blob_syncs(),
             cache_hits: self.inner.cache.hits.load(Ordering::Relaxed),
             cache_misses: self.inner.cache.misses.load(Ordering::Relaxed),
             cached_documents: self.inner.cache.len() as u64,

@@ -986,3 +986,56 @@ fn after_a_write_fails_part_way_the_store_refuses_writes() {
     ));
     assert!(!store.is_open());
 }
+
+/// `len` pseudo-random letters, which Automerge's deflate cannot shrink much, so that the
+/// entity's stored bytes exceed sled's blob threshold (about 128 KiB).
+fn incompressible(len: usize) -> String {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(len as u64);
+    (0..len)
+        .map(|_| char::from(rng.gen_range(b'a'..=b'z')))
+        .collect()
+}
+
+fn blob_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("blobs")).map_or(0, Iterator::count)
+}
+
+#[test]
+fn in_fsync_mode_every_blob_file_is_synced_before_the_write_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |config| config.sync_mode = SyncMode::Fsync);
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    for id in ["1", "2"] {
+        let key = EntityKey::new("permit", id).unwrap();
+        store
+            .patch(&key, &json!({ "scan": incompressible(300_000) }), &options)
+            .unwrap();
+        let files = blob_files(dir.path());
+        assert!(files > 0, "the write made no blob file; the test needs one");
+        assert!(
+            store.stats().blob_syncs >= files as u64,
+            "{} syncs of {files} blob files",
+            store.stats().blob_syncs
+        );
+    }
+}
+
+#[test]
+fn in_flush_mode_blob_files_are_synced_within_half_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with(dir.path(), |config| config.sync_mode = SyncMode::Flush);
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let key = EntityKey::new("permit", "1").unwrap();
+    store
+        .patch(&key, &json!({ "scan": incompressible(300_000) }), &options)
+        .unwrap();
+    let files = blob_files(dir.path());
+    assert!(files > 0, "the write made no blob file; the test needs one");
+    std::thread::sleep(Duration::from_millis(600));
+    // The next flush, half a second after the last sync, syncs them.
+    store
+        .patch(&key, &json!({ "status": "scanned" }), &options)
+        .unwrap();
+    assert!(store.stats().blob_syncs >= files as u64);
+}
