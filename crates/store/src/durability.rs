@@ -257,7 +257,7 @@ fn run_flusher(shared: Arc<Shared>, db: sled::Db, mut files: SyncedFiles) {
         let outcome = db
             .flush()
             .map_err(Error::from)
-            .and_then(|_| files.after_flush());
+            .and_then(|_| files.after_flush(&db));
         shared.flushes.fetch_add(1, Ordering::Relaxed);
         shared
             .blob_syncs
