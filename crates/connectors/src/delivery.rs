@@ -204,6 +204,9 @@ pub(crate) fn plan_with(
 }
 
 pub(crate) fn preview(handle: &ConnectorHandle, entity: &EntityKey) -> Result<Preview> {
+    // The shadow, the entity and its pending attempt read at one moment: planning and recording
+    // an attempt change them together under this lock (never held across a request).
+    let _locked = handle.lock_entity(entity);
     let records = &handle.records;
     let shadow = records.shadow(entity)?;
     let computed = compute(handle, entity, &shadow)?;
