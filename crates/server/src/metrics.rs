@@ -146,7 +146,7 @@ impl Metrics {
             (
                 "lockstep_store_blob_syncs_total",
                 "counter",
-                "Files of values or pages over about 128 KiB that sled wrote outside its log, synced by a flush (every flush in fsync mode, every 500 ms in flush mode).",
+                "Files of values or pages over about 128 KiB that sled wrote outside its log, synced: after every flush in fsync mode, every 500 ms by a thread of their own in flush mode.",
                 store.blob_syncs,
             ),
             (

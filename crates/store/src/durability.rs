@@ -90,8 +90,8 @@ struct Shared {
     applied_seq: AtomicU64,
     durable_seq: watch::Sender<Seq>,
     flushes: AtomicU64,
-    /// Blob files synced (`SyncedFiles::blob_syncs`), published after each flush.
-    blob_syncs: AtomicU64,
+    /// Blob files synced (`SyncedFiles::syncs`).
+    blob_syncs: Arc<AtomicU64>,
 }
 
 /// The group-commit coordinator; cheap to clone.
@@ -113,7 +113,7 @@ impl Durability {
             applied_seq: AtomicU64::new(last_seq.0),
             durable_seq,
             flushes: AtomicU64::new(0),
-            blob_syncs: AtomicU64::new(0),
+            blob_syncs: files.syncs(),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -259,9 +259,6 @@ fn run_flusher(shared: Arc<Shared>, db: sled::Db, mut files: SyncedFiles) {
             .map_err(Error::from)
             .and_then(|_| files.after_flush(&db));
         shared.flushes.fetch_add(1, Ordering::Relaxed);
-        shared
-            .blob_syncs
-            .store(files.blob_syncs(), Ordering::Relaxed);
         let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
             Ok(()) => {

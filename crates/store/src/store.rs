@@ -223,7 +223,7 @@ pub struct StoreStats {
     pub index_only_writes: u64,
     /// Flushes run since the store was opened (each covers a group of writes).
     pub flushes: u64,
-    /// Files of large values and pages sled wrote (over about 128 KiB each) that a flush synced
+    /// Files of large values and pages sled wrote (over about 128 KiB each) that were synced
     /// (see `sync_mode`).
     pub blob_syncs: u64,
     /// Document reads served from the cache.
@@ -350,7 +350,7 @@ impl Store {
             .transpose()?
             .and_then(|key| layout::parse_feed_key(&key))
             .unwrap_or(Seq::ZERO);
-        let files = SyncedFiles::open(&config.path, config.sync_mode)?;
+        let files = SyncedFiles::open(&config.path, config.sync_mode, &db)?;
         let durability = Durability::start(db.clone(), files, last_seq);
         let stripes = (0..STRIPES).map(|_| Mutex::new(())).collect();
         let (queue, jobs) = batch::queue();
