@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ use crate::state::{sha256_hex, Attempt, Records, Shadow};
 const FEED_BATCH: usize = 512;
 /// How often expired inbound ids are forgotten.
 const INBOX_GC_EVERY: Duration = Duration::from_secs(3600);
+/// How soon a clean-up of expired ids that failed is tried again.
+const INBOX_GC_RETRY: Duration = Duration::from_secs(60);
 /// The most expired inbox records deleted in one write.
 const INBOX_GC_BATCH: usize = 4096;
 /// The longest `Retry-After` honoured.
@@ -548,7 +550,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
     let mut deliveries = Deliveries::new(&handle.connector.name);
     let mut index = DueIndex::new();
     let mut reload = true;
-    let mut last_gc: Option<tokio::time::Instant> = None;
+    let mut inbox_gc = InboxGc::default();
     loop {
         let outcome = step(
             &handle,
@@ -556,7 +558,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
             &mut index,
             &mut reload,
             &mut deliveries,
-            &mut last_gc,
+            &mut inbox_gc,
         )
         .await;
         let (more, next_due) = match outcome {
@@ -738,6 +740,66 @@ fn set_due(index: &mut DueIndex, entity: EntityKey, due: Due) {
     }
 }
 
+/// The hourly clean-up of expired webhook ids, on a blocking thread of its own, so that the
+/// worker's deliveries do not wait for it.
+#[derive(Default)]
+struct InboxGc {
+    /// When the next clean-up is due; `None` at start (at once).
+    next: Option<tokio::time::Instant>,
+    /// The clean-up under way, and whether it failed.
+    running: Option<(tokio::task::JoinHandle<()>, Arc<AtomicBool>)>,
+}
+
+impl InboxGc {
+    /// Starts a clean-up when one is due and none is running. One that failed has logged its
+    /// error and set the connector's last error; it is tried again a minute later.
+    fn start_if_due(&mut self, handle: &Arc<ConnectorHandle>) {
+        if let Some((task, failed)) = &self.running {
+            if !task.is_finished() {
+                return;
+            }
+            if failed.load(Ordering::Acquire) {
+                self.next = Some(tokio::time::Instant::now() + INBOX_GC_RETRY);
+            }
+            self.running = None;
+        }
+        if self
+            .next
+            .is_some_and(|next| tokio::time::Instant::now() < next)
+        {
+            return;
+        }
+        self.next = Some(tokio::time::Instant::now() + INBOX_GC_EVERY);
+        let gc = handle.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        let failure = failed.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            if let Err(error) = clean_inbox(&gc) {
+                tracing::error!(connector = %gc.connector.name, error = %error, "forgetting expired webhook ids failed; trying again in a minute");
+                gc.note_error(Some(error.to_string()));
+                failure.store(true, Ordering::Release);
+            }
+        });
+        self.running = Some((task, failed));
+    }
+}
+
+/// Forgets the webhook ids older than the connector's `dedupe_retention`.
+fn clean_inbox(handle: &ConnectorHandle) -> Result<()> {
+    let cutoff = now_ms().saturating_sub(handle.connector.dedupe_retention.as_millis() as u64);
+    let expired = handle.records.expired_inbox(cutoff)?;
+    // In bounded batches (after a long stop, a day's ids may expire at once), each under its
+    // ids' locks, so an id reused since the listing keeps its fresh record.
+    for batch in expired.chunks(INBOX_GC_BATCH) {
+        let names: Vec<String> = batch.iter().map(Records::inbox_lock_name).collect();
+        let _locked = handle.inbound_locks.blocking_lock_all(&names);
+        for deleted in handle.records.delete_expired_inbox(batch, cutoff)? {
+            handle.inbox.forget(&deleted);
+        }
+    }
+    Ok(())
+}
+
 /// One pass: reread what changed, plan new feed rows, start due deliveries.
 /// Returns whether more feed rows are waiting and when the next attempt is due.
 async fn step(
@@ -746,27 +808,9 @@ async fn step(
     index: &mut DueIndex,
     reload: &mut bool,
     deliveries: &mut Deliveries,
-    last_gc: &mut Option<tokio::time::Instant>,
+    inbox_gc: &mut InboxGc,
 ) -> Result<(bool, Option<u64>)> {
-    if last_gc.is_none_or(|at| at.elapsed() >= INBOX_GC_EVERY) {
-        *last_gc = Some(tokio::time::Instant::now());
-        let gc = handle.clone();
-        tokio::task::spawn_blocking(move || {
-            let cutoff = now_ms().saturating_sub(gc.connector.dedupe_retention.as_millis() as u64);
-            let expired = gc.records.expired_inbox(cutoff)?;
-            // In bounded batches (after a long stop, a day's ids may expire at once), each under
-            // its ids' locks, so an id reused since the listing keeps its fresh record.
-            for batch in expired.chunks(INBOX_GC_BATCH) {
-                let names: Vec<String> = batch.iter().map(Records::inbox_lock_name).collect();
-                let _locked = gc.inbound_locks.blocking_lock_all(&names);
-                for deleted in gc.records.delete_expired_inbox(batch, cutoff)? {
-                    gc.inbox.forget(&deleted);
-                }
-            }
-            Ok::<_, crate::error::Error>(())
-        })
-        .await??;
-    }
+    inbox_gc.start_if_due(handle);
     if handle.connector.url.is_none() {
         return Ok((false, None));
     }

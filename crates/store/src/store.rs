@@ -10,6 +10,7 @@ use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -454,18 +455,20 @@ impl Store {
 
     /// Calls `visit` with each side record under `prefix` (its children, not `prefix` itself), in
     /// key order, one at a time: for a scan of more records than should be held in memory at
-    /// once. Stops at the first error `visit` returns.
+    /// once. Stops when `visit` answers [`ControlFlow::Break`] or returns an error.
     ///
     /// # Errors
     /// Storage errors, and whatever `visit` returns.
     pub fn visit_records<E: From<Error>>(
         &self,
         prefix: &RecordKey,
-        mut visit: impl FnMut(RecordKey, &[u8]) -> std::result::Result<(), E>,
+        mut visit: impl FnMut(RecordKey, &[u8]) -> std::result::Result<ControlFlow<()>, E>,
     ) -> std::result::Result<(), E> {
         for entry in self.inner.db.scan_prefix(prefix.child_prefix()) {
             let (key, value) = entry.map_err(Error::from)?;
-            visit(RecordKey::from_bytes(&key), &value)?;
+            if visit(RecordKey::from_bytes(&key), &value)?.is_break() {
+                break;
+            }
         }
         Ok(())
     }

@@ -74,3 +74,50 @@ async fn a_pause_during_a_replay_is_kept() {
         );
     }
 }
+
+/// The worker forgets expired webhook ids as it starts, of both kinds, on a thread of its own,
+/// and keeps the ids still within the retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_forgets_expired_webhook_ids_as_it_starts() {
+    use crate::inbox::IdHash;
+    use crate::state::InboxRecord;
+
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = Store::open(StoreConfig::new(dir.path())).expect("the store opens");
+    let records = Records::new(store.clone(), "scheduler");
+    let at = |at_ms: u64| InboxRecord {
+        body_sha256: "0".repeat(64),
+        response: json!({"status": "applied"}),
+        at_ms,
+    };
+    let now = crate::inbound::now_ms();
+    let (old_received, old_hashed, young) = (
+        records.received_key(0, &IdHash::of("old")),
+        records.inbox_key(&IdHash::of("old-by-hash")),
+        records.received_key(1, &IdHash::of("young")),
+    );
+    records
+        .write(vec![
+            Records::put_inbox(old_received.clone(), &at(1_000)),
+            Records::put_inbox(old_hashed.clone(), &at(1_000)),
+            Records::put_inbox(young.clone(), &at(now)),
+        ])
+        .expect("written");
+    let connectors = Connectors::new(store.clone(), scheduler()).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    for (_, worker) in connectors.workers(shutdown.clone()) {
+        tokio::spawn(worker);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while records.inbox(&old_received).unwrap().is_some()
+        || records.inbox(&old_hashed).unwrap().is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expired ids were not forgotten"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(records.inbox(&young).unwrap(), Some(at(now)));
+    shutdown.cancel();
+}

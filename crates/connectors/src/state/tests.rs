@@ -81,3 +81,26 @@ fn an_id_reused_after_the_listing_keeps_its_fresh_record() {
         assert_eq!(Records::inbox_lock_name(&key), hash.hex(), "{key:?}");
     }
 }
+
+#[test]
+fn records_in_arrival_order_are_read_up_to_the_first_young_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+    let records = Records::new(store, "scheduler");
+    let key = |arrival: u64| records.received_key(arrival, &IdHash::of(&arrival.to_string()));
+    // Arrival 2 was timed a moment before arrival 1 and placed after it.
+    records
+        .write(
+            [(0, 1_000), (1, 3_000), (2, 1_500), (3, 4_000)]
+                .into_iter()
+                .map(|(arrival, at_ms)| Records::put_inbox(key(arrival), &received_at(at_ms)))
+                .collect(),
+        )
+        .unwrap();
+    // The scan stops at arrival 1, the first received after the cutoff; arrival 2 waits.
+    assert_eq!(records.expired_inbox(2_000).unwrap(), vec![key(0)]);
+    assert_eq!(
+        records.expired_inbox(3_500).unwrap(),
+        vec![key(0), key(1), key(2)]
+    );
+}
