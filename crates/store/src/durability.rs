@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::feed::Seq;
-use crate::files::SyncedFiles;
+use crate::files::{SharedBlobs, SyncedFiles};
 
 /// Which failure an acknowledged write survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -91,7 +91,7 @@ struct Shared {
     durable_seq: watch::Sender<Seq>,
     flushes: AtomicU64,
     /// Blob files synced (`SyncedFiles::syncs`).
-    blob_syncs: Arc<AtomicU64>,
+    blob_syncs: Arc<SharedBlobs>,
 }
 
 /// The group-commit coordinator; cheap to clone.
@@ -210,7 +210,7 @@ impl Durability {
 
     /// Blob files synced since the store opened.
     pub(crate) fn blob_syncs(&self) -> u64 {
-        self.shared.blob_syncs.load(Ordering::Relaxed)
+        self.shared.blob_syncs.count()
     }
 
     /// Runs a last flush and stops the thread; later writes fail with [`Error::Closed`].

@@ -9,14 +9,20 @@
 //! torn: a missing one is skipped, so its value is lost, and a torn one fails its checksum,
 //! where sled's recovery stops reading the log, so every write after it is lost too.
 //!
-//! [`SyncedFiles::after_flush`] closes that gap. In `fsync` mode, after every flush, it syncs
-//! each blob file it has not synced yet (once whole: see [`BlobFiles::sync_new`]), then the
-//! `blobs` directory, then the log (an fdatasync): an acknowledged write's blobs are on the disk
-//! before it is. In `flush` mode a thread of its own syncs the new blob files every 500 ms, as
-//! sled syncs its log, so a power loss costs about the last half second whatever the values'
-//! size, and acknowledgements never wait for it. Finding
-//! the new files lists the directory, which costs time with its number of files (about 3 ms for
-//! 10,000 on this machine's ext4): in `fsync` mode, at every flush.
+//! [`SyncedFiles`] closes that gap. In `fsync` mode, after every flush, it syncs each blob file
+//! it has not synced yet (once whole: see [`BlobFiles::sync_new`]), then the `blobs`
+//! directory, then the log (an fdatasync): an acknowledged write's blobs are on the disk before
+//! it is. In both modes a thread of its own syncs new blob files every 500 ms, as sled fsyncs
+//! its log: sled's own background work rewrites pages into new blob files without a write of
+//! ours (in `flush` mode this is all there is, so a power loss costs about the last half second
+//! whatever the values' size, and acknowledgements never wait for it). The files already there
+//! are synced when the store opens (a process killed before they were synced left them to the
+//! kernel), and once more when it closes. A failed sync is kept: the kernel may drop the data it
+//! could not write and call the pages clean, so a later sync that succeeds proves nothing, and
+//! the store refuses writes from the next flush on, as after a failed flush.
+//!
+//! Finding the new files lists the directory, which costs time with its number of files (about
+//! 3 ms for 10,000 on this machine's ext4): in `fsync` mode, at every flush.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -25,81 +31,83 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::durability::SyncMode;
 use crate::error::{Error, Result};
 
-/// How often `flush` mode syncs new blob files: as often as sled fsyncs its log.
-const FLUSH_MODE_BLOB_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the background thread syncs new blob files: as often as sled fsyncs its log.
+const BACKGROUND_INTERVAL: Duration = Duration::from_millis(500);
 
 /// sled's files that a flush syncs, per [`SyncMode`].
 pub(crate) struct SyncedFiles {
-    /// `fsync` mode: sled's log file and its blob files, synced after every flush.
-    after_flush: Option<(File, BlobFiles)>,
-    /// `flush` mode: the thread that syncs new blob files every 500 ms, off the flush's path,
-    /// and the sender whose drop stops it.
+    /// `fsync` mode: sled's log file, fdatasynced after every flush (after the blob files).
+    log: Option<File>,
+    blobs: Arc<SharedBlobs>,
+    /// The thread that syncs new blob files every 500 ms, and the sender whose drop stops it.
     background: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
-    syncs: Arc<AtomicU64>,
 }
 
 impl SyncedFiles {
-    /// sled's files in the store directory `dir`, which sled has opened (and so created) as
-    /// `db`. Syncs the directory itself once, so that the files sled created in it (the log, the
-    /// `blobs` directory) survive a power loss; in `flush` mode, starts the thread that syncs
-    /// blob files.
+    /// sled's files in the store directory `dir`, which sled has opened as `db`. Syncs the
+    /// directory and its parent (the names sled made: the log, `blobs`, the directory itself)
+    /// and every blob file already there, then starts the background thread.
     ///
     /// # Errors
-    /// [`Error::Sync`] when the log file cannot be opened or the directory cannot be synced.
+    /// [`Error::Sync`] when a file cannot be opened or synced.
     pub(crate) fn open(dir: &Path, mode: SyncMode, db: &sled::Db) -> Result<Self> {
         let log = File::open(dir.join("db")).map_err(Error::Sync)?;
-        sync_directory(dir).map_err(Error::Sync)?;
-        let syncs = Arc::new(AtomicU64::new(0));
-        let blobs = BlobFiles::new(dir.join("blobs"), Arc::clone(&syncs));
-        let (after_flush, background) = match mode {
-            SyncMode::Fsync => (Some((log, blobs)), None),
-            SyncMode::Flush => {
-                let (stop, stopped) = mpsc::channel();
-                let db = db.clone();
-                let thread = std::thread::Builder::new()
-                    .name("lockstep-blob-sync".into())
-                    .spawn(move || sync_in_background(&db, blobs, &stopped))
-                    .map_err(Error::Sync)?;
-                (None, Some((stop, thread)))
-            }
+        sync_path(dir).map_err(Error::Sync)?;
+        if let Some(parent) = dir.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            sync_path(parent).map_err(Error::Sync)?;
+        }
+        let blobs = Arc::new(SharedBlobs {
+            files: Mutex::new(BlobFiles::new(dir.join("blobs"))),
+            failure: Mutex::new(None),
+            syncs: AtomicU64::new(0),
+        });
+        blobs.sync_new(db)?;
+        let (stop, stopped) = mpsc::channel();
+        let thread = {
+            let (db, blobs) = (db.clone(), Arc::clone(&blobs));
+            std::thread::Builder::new()
+                .name("lockstep-blob-sync".into())
+                .spawn(move || sync_in_background(&db, &blobs, &stopped))
+                .map_err(Error::Sync)?
         };
         Ok(Self {
-            after_flush,
-            background,
-            syncs,
+            log: (mode == SyncMode::Fsync).then_some(log),
+            blobs,
+            background: Some((stop, thread)),
         })
     }
 
     /// Run after each `flush()` of sled, before the writes it covers are acknowledged.
     ///
     /// # Errors
-    /// [`Error::Sync`] when a file cannot be synced: what the flush covers may not survive a
-    /// power loss.
+    /// [`Error::Sync`] when a file cannot be synced, now or earlier (see the module's comment):
+    /// what the flush covers may not survive a power loss.
     pub(crate) fn after_flush(&mut self, db: &sled::Db) -> Result<()> {
-        match &mut self.after_flush {
-            Some((log, blobs)) => {
-                blobs.sync_new(|| settle(db))?;
+        match &self.log {
+            Some(log) => {
+                self.blobs.sync_new(db)?;
                 log.sync_data().map_err(Error::Sync)
             }
-            None => Ok(()),
+            None => self.blobs.check(),
         }
     }
 
-    /// How many blob files have been synced since the store opened.
-    pub(crate) fn syncs(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.syncs)
+    /// The count of blob files synced since the store opened, kept up to date.
+    pub(crate) fn syncs(&self) -> Arc<SharedBlobs> {
+        Arc::clone(&self.blobs)
     }
 }
 
 impl Drop for SyncedFiles {
-    /// Stops the background thread (it lets go of sled) and waits for it.
+    /// Stops the background thread (it syncs the newest blob files once more and lets go of
+    /// sled) and waits for it. The store's last flush has run by then.
     fn drop(&mut self) {
         if let Some((stop, thread)) = self.background.take() {
             drop(stop);
@@ -108,22 +116,79 @@ impl Drop for SyncedFiles {
     }
 }
 
+/// The blob files' state, shared by the flush thread and the background thread.
+pub(crate) struct SharedBlobs {
+    files: Mutex<BlobFiles>,
+    /// The first failed sync, kept (see the module's comment).
+    failure: Mutex<Option<(io::ErrorKind, String)>>,
+    syncs: AtomicU64,
+}
+
+impl SharedBlobs {
+    /// Blob files synced since the store opened.
+    pub(crate) fn count(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// [`BlobFiles::sync_new`] with sled's `flush()` to settle, unless a sync failed before.
+    fn sync_new(&self, db: &sled::Db) -> Result<()> {
+        self.check()?;
+        let mut files = lock(&self.files);
+        match files.sync_new(|| settle(db), sync_path) {
+            Ok(synced) => {
+                self.syncs.fetch_add(synced as u64, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(Error::Sync(error)) => {
+                *lock(&self.failure) = Some((error.kind(), error.to_string()));
+                Err(Error::Sync(error))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The failure kept, if any, as an error.
+    fn check(&self) -> Result<()> {
+        match &*lock(&self.failure) {
+            Some((kind, message)) => Err(Error::Sync(io::Error::new(
+                *kind,
+                format!("an earlier sync of sled's blob files failed: {message}"),
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Another `flush()`, after which every blob file listed before it is whole (see
 /// [`BlobFiles::sync_new`]).
 fn settle(db: &sled::Db) -> Result<()> {
     db.flush().map(drop).map_err(Error::from)
 }
 
-/// `flush` mode's thread: syncs new blob files every 500 ms until `stopped` is dropped. A
-/// failure is logged and tried again; in this mode acknowledged writes never waited for it.
-fn sync_in_background(db: &sled::Db, mut blobs: BlobFiles, stopped: &mpsc::Receiver<()>) {
-    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(FLUSH_MODE_BLOB_INTERVAL) {
-        if let Err(error) = blobs.sync_new(|| settle(db)) {
-            tracing::error!(
-                %error,
-                "syncing sled's blob files failed; a power loss could lose large values written since"
-            );
+/// fsyncs a file or directory (a directory's sync makes the names in it survive a power loss).
+fn sync_path(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
+/// The background thread: syncs new blob files every 500 ms until `stopped` is dropped, then
+/// once more. After a failure it stops; the flush thread reports the failure from then on.
+fn sync_in_background(db: &sled::Db, blobs: &SharedBlobs, stopped: &mpsc::Receiver<()>) {
+    let report = |error: Error| {
+        tracing::error!(%error, "syncing sled's blob files failed; refusing further writes");
+    };
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(BACKGROUND_INTERVAL) {
+        if let Err(error) = blobs.sync_new(db) {
+            return report(error);
         }
+    }
+    if let Err(error) = blobs.sync_new(db) {
+        report(error);
     }
 }
 
@@ -132,29 +197,31 @@ struct BlobFiles {
     dir: PathBuf,
     /// The blob files synced (and still there when last listed).
     synced: HashSet<OsString>,
-    /// Blob files synced, counted for metrics.
-    syncs: Arc<AtomicU64>,
 }
 
 impl BlobFiles {
-    fn new(dir: PathBuf, syncs: Arc<AtomicU64>) -> Self {
+    fn new(dir: PathBuf) -> Self {
         Self {
             dir,
             synced: HashSet::new(),
-            syncs,
         }
     }
 
-    /// Syncs every blob file not synced yet, then the directory, and forgets the files sled
-    /// has removed; files sled removes while this runs are skipped. Returns how many files it
-    /// synced.
+    /// Syncs (with `sync`) every blob file not synced yet, then the directory, and forgets the
+    /// files sled has removed; files sled removes while this runs are skipped. Returns how many
+    /// files it synced.
     ///
-    /// Run after a flush, the listing holds every blob file that flush covers, complete. It may
+    /// Run after a flush, the listing holds every blob file that flush covers, whole. It may
     /// also hold one sled is still writing (for a write the flush does not cover), so when there
     /// are new files, `settle` (another `flush()`) runs before they are synced: sled creates a
-    /// blob file after it has reserved the file's place in the log, and a flush waits for every
-    /// reservation made before it starts to be complete, so every listed file is then whole.
-    fn sync_new(&mut self, settle: impl FnOnce() -> Result<()>) -> Result<usize> {
+    /// blob file after it has reserved the file's place in the log (and published that place as
+    /// reserved), and a flush waits for every reservation made before it starts to be complete,
+    /// so every listed file is then whole.
+    fn sync_new(
+        &mut self,
+        settle: impl FnOnce() -> Result<()>,
+        mut sync: impl FnMut(&Path) -> io::Result<()>,
+    ) -> Result<usize> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             // sled makes the directory when it opens; should it be gone there is nothing to sync.
@@ -170,76 +237,139 @@ impl BlobFiles {
             }
             present.insert(name);
         }
+        let mut synced = 0;
         if !new.is_empty() {
             settle()?;
             for name in &new {
-                match File::open(self.dir.join(name)) {
-                    Ok(file) => file.sync_data().map_err(Error::Sync)?,
+                match sync(&self.dir.join(name)) {
+                    Ok(()) => synced += 1,
                     Err(error) if error.kind() == io::ErrorKind::NotFound => {}
                     Err(error) => return Err(Error::Sync(error)),
                 }
             }
-            sync_directory(&self.dir).map_err(Error::Sync)?;
+            sync(&self.dir).map_err(Error::Sync)?;
         }
         self.synced = present;
-        self.syncs.fetch_add(new.len() as u64, Ordering::Relaxed);
-        Ok(new.len())
+        Ok(synced)
     }
-}
-
-/// fsyncs a directory, so that the names made in it survive a power loss.
-fn sync_directory(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
+    use std::cell::RefCell;
 
     use super::*;
 
+    /// `sync_new` with recorders: what it did, in order.
+    fn sync_recorded(blobs: &mut BlobFiles) -> (usize, Vec<String>) {
+        let done = RefCell::new(Vec::new());
+        let synced = blobs
+            .sync_new(
+                || {
+                    done.borrow_mut().push("settle".to_string());
+                    Ok(())
+                },
+                |path| {
+                    let name = path.file_name().map(|name| name.to_string_lossy());
+                    done.borrow_mut()
+                        .push(format!("sync {}", name.unwrap_or_default()));
+                    sync_path(path)
+                },
+            )
+            .expect("synced");
+        (synced, done.into_inner())
+    }
+
     #[test]
-    fn new_blob_files_are_synced_once_after_a_settling_flush_and_removed_ones_forgotten() {
+    fn new_blob_files_are_synced_once_after_a_settling_flush_then_their_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut blobs = BlobFiles::new(dir.path().to_path_buf(), Arc::default());
-        let settled = Cell::new(0);
-        let settle = || {
-            settled.set(settled.get() + 1);
-            Ok(())
-        };
-        assert_eq!(blobs.sync_new(settle).expect("empty"), 0);
-        assert_eq!(settled.get(), 0, "nothing new: no settling flush");
+        let blobs_dir = dir.path().join("blobs");
+        std::fs::create_dir(&blobs_dir).expect("mkdir");
+        let mut blobs = BlobFiles::new(blobs_dir.clone());
+        assert_eq!(
+            sync_recorded(&mut blobs),
+            (0, vec![]),
+            "nothing, not even a flush"
+        );
 
-        std::fs::write(dir.path().join("100"), b"one").expect("write");
-        std::fs::write(dir.path().join("200"), b"two").expect("write");
-        assert_eq!(blobs.sync_new(settle).expect("two new files"), 2);
-        assert_eq!(settled.get(), 1);
-        assert_eq!(blobs.sync_new(settle).expect("nothing new"), 0);
-        assert_eq!(settled.get(), 1);
+        std::fs::write(blobs_dir.join("100"), b"one").expect("write");
+        std::fs::write(blobs_dir.join("200"), b"two").expect("write");
+        let (synced, mut done) = sync_recorded(&mut blobs);
+        assert_eq!(synced, 2);
+        done[1..3].sort();
+        assert_eq!(done, ["settle", "sync 100", "sync 200", "sync blobs"]);
+        assert_eq!(sync_recorded(&mut blobs), (0, vec![]));
 
-        std::fs::remove_file(dir.path().join("200")).expect("remove");
-        assert_eq!(blobs.sync_new(settle).expect("one removed"), 0);
+        std::fs::remove_file(blobs_dir.join("200")).expect("remove");
+        assert_eq!(sync_recorded(&mut blobs), (0, vec![]));
         assert_eq!(blobs.synced.len(), 1);
-        std::fs::write(dir.path().join("300"), b"three").expect("write");
-        assert_eq!(blobs.sync_new(settle).expect("one new"), 1);
-        assert_eq!(blobs.syncs.load(Ordering::Relaxed), 3);
-        assert_eq!(settled.get(), 2);
+        std::fs::write(blobs_dir.join("300"), b"three").expect("write");
+        let (synced, done) = sync_recorded(&mut blobs);
+        assert_eq!(
+            (synced, done),
+            (
+                1,
+                vec!["settle".into(), "sync 300".into(), "sync blobs".into()]
+            )
+        );
+    }
+
+    #[test]
+    fn a_file_removed_before_its_sync_is_not_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("100"), b"one").expect("write");
+        let mut blobs = BlobFiles::new(dir.path().to_path_buf());
+        let removed = blobs.sync_new(
+            || Ok(()),
+            |path| {
+                if path.ends_with("100") {
+                    Err(io::ErrorKind::NotFound.into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(removed.expect("skipped"), 0);
     }
 
     #[test]
     fn a_failed_settling_flush_syncs_nothing_and_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("100"), b"one").expect("write");
-        let mut blobs = BlobFiles::new(dir.path().to_path_buf(), Arc::default());
-        assert!(blobs.sync_new(|| Err(Error::Failed)).is_err());
-        assert_eq!(blobs.syncs.load(Ordering::Relaxed), 0);
+        let mut blobs = BlobFiles::new(dir.path().to_path_buf());
+        assert!(blobs
+            .sync_new(|| Err(Error::Failed), |_| panic!("nothing is synced"))
+            .is_err());
         assert!(blobs.synced.is_empty(), "the file is still to sync");
+    }
+
+    #[test]
+    fn a_failed_sync_is_kept_and_reported_at_every_later_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .open()
+            .expect("sled opens");
+        let mut files = SyncedFiles::open(dir.path(), SyncMode::Flush, &db).expect("opened");
+        files.after_flush(&db).expect("nothing failed yet");
+        *lock(&files.blobs.failure) = Some((io::ErrorKind::Other, "EIO".into()));
+        for _ in 0..2 {
+            match files.after_flush(&db) {
+                Err(Error::Sync(error)) => assert!(error.to_string().contains("EIO"), "{error}"),
+                other => panic!("the failure is not kept: {other:?}"),
+            }
+        }
     }
 
     #[test]
     fn a_missing_blob_directory_has_nothing_to_sync() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut blobs = BlobFiles::new(dir.path().join("blobs"), Arc::default());
-        assert_eq!(blobs.sync_new(|| Ok(())).expect("no directory"), 0);
+        let mut blobs = BlobFiles::new(dir.path().join("blobs"));
+        assert_eq!(
+            blobs
+                .sync_new(|| Ok(()), |_| panic!("nothing to sync"))
+                .expect("no directory"),
+            0
+        );
     }
 }

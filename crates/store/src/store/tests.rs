@@ -1019,6 +1019,12 @@ fn in_fsync_mode_every_blob_file_is_synced_before_the_write_returns() {
             store.stats().blob_syncs
         );
     }
+    // A store opened over blob files syncs them before it takes a write (a process killed
+    // before it synced them left them to the kernel).
+    drop(store);
+    let files = blob_files(dir.path());
+    let store = open_with(dir.path(), |config| config.sync_mode = SyncMode::Fsync);
+    assert!(store.stats().blob_syncs >= files as u64);
 }
 
 #[test]
