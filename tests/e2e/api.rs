@@ -132,6 +132,38 @@ async fn if_match_accepts_the_current_version_and_refuses_a_stale_one() -> Resul
     }
     let (status, _) = server.get("/v1/entities/appointment/absent").await?;
     assert_eq!(status, 404);
+
+    // The precondition is judged before the body: a PUT with no fields (which no entity can
+    // take) and a stale `If-Match`, or one on an absent entity, is 412 too; at the current
+    // version it is the body's 422.
+    let put_nothing = |path: &str, if_match: String| {
+        server
+            .client()
+            .put(server.url(path))
+            .header("content-type", "application/json")
+            .header("if-match", if_match)
+            .body("{}")
+    };
+    for (target, if_match) in [
+        (path, format!("\"{v1}\"")),
+        ("/v1/entities/appointment/absent", format!("\"{v1}\"")),
+        ("/v1/entities/appointment/absent", "*".to_string()),
+    ] {
+        expect_error(
+            server.send(put_nothing(target, if_match)).await?,
+            412,
+            "version_mismatch",
+        )
+        .await?;
+    }
+    expect_error(
+        server
+            .send(put_nothing(path, format!("\"{current_version}\"")))
+            .await?,
+        422,
+        "unwritable_value",
+    )
+    .await?;
     server.stop().await?;
     Ok(())
 }

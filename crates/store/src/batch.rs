@@ -170,6 +170,11 @@ impl Store {
             Edit::Replace(fields) => {
                 let fields = writable_object(fields, "the entity's fields")?;
                 if fields.values().all(Json::is_null) {
+                    // The precondition is judged before the content (RFC 9110, 13.2.2): a stale
+                    // `If-Match` is a mismatch whatever the body holds.
+                    if let Some(expected) = &options.if_match {
+                        self.check_if_match(key, expected)?;
+                    }
                     return Err(Error::UnwritableValue(
                         "an entity needs at least one field; use DELETE to remove it".into(),
                     ));

@@ -1092,6 +1092,24 @@ impl Store {
             .transpose()
     }
 
+    /// [`Error::VersionMismatch`] unless the entity exists at `expected`; for a caller holding
+    /// the entity's stripe lock.
+    pub(crate) fn check_if_match(&self, key: &EntityKey, expected: &Version) -> Result<()> {
+        let current = self
+            .record_locked(key)?
+            .filter(|record| record.exists)
+            .map(|record| record.version)
+            .unwrap_or_default();
+        if !current.is_empty() && Version::parse(&current)?.heads() == expected.heads() {
+            return Ok(());
+        }
+        Err(Error::VersionMismatch {
+            key: key.clone(),
+            expected: expected.to_string(),
+            current,
+        })
+    }
+
     /// [`Store::record`] for a caller holding the entity's stripe lock: from the record cache when
     /// it is there, and kept there when it is read from disk.
     fn record_locked(&self, key: &EntityKey) -> Result<Option<EntityRecord>> {
