@@ -222,7 +222,7 @@ async fn main() -> Result<()> {
     let before = CpuSample::take(&server)?;
     let many = webhook_load(&server.base, 64, seconds).await?;
     let many_cpu = CpuSample::take(&server)?.since(&before);
-    drop(server);
+    server.finish().await?;
     println!("measuring: outbound latency at 1,000 edits/s (1 s cold, then {seconds} s)");
     let outbound = outbound_latency(&binary, 1000, seconds).await?;
 
