@@ -573,9 +573,11 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
         if more {
             continue;
         }
-        let sleep_for = next_due.map_or(Duration::from_secs(3600), |due| {
-            Duration::from_millis(due.saturating_sub(now_ms()))
-        });
+        let sleep_for = next_due
+            .map_or(Duration::from_secs(3600), |due| {
+                Duration::from_millis(due.saturating_sub(now_ms()))
+            })
+            .min(inbox_gc.until_due());
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = feed.changed() => {
@@ -751,14 +753,15 @@ struct InboxGc {
 }
 
 impl InboxGc {
-    /// Starts a clean-up when one is due and none is running. One that failed has logged its
-    /// error and set the connector's last error; it is tried again a minute later.
+    /// Starts a clean-up when one is due and none is running. One that failed (an error, which
+    /// it has logged and set as the connector's last error, or a panic) wakes the worker and is
+    /// tried again a minute later.
     fn start_if_due(&mut self, handle: &Arc<ConnectorHandle>) {
-        if let Some((task, failed)) = &self.running {
+        if let Some((task, succeeded)) = &self.running {
             if !task.is_finished() {
                 return;
             }
-            if failed.load(Ordering::Acquire) {
+            if !succeeded.load(Ordering::Acquire) {
                 self.next = Some(tokio::time::Instant::now() + INBOX_GC_RETRY);
             }
             self.running = None;
@@ -771,16 +774,35 @@ impl InboxGc {
         }
         self.next = Some(tokio::time::Instant::now() + INBOX_GC_EVERY);
         let gc = handle.clone();
-        let failed = Arc::new(AtomicBool::new(false));
-        let failure = failed.clone();
+        let succeeded = Arc::new(AtomicBool::new(false));
+        let success = succeeded.clone();
         let task = tokio::task::spawn_blocking(move || {
-            if let Err(error) = clean_inbox(&gc) {
-                tracing::error!(connector = %gc.connector.name, error = %error, "forgetting expired webhook ids failed; trying again in a minute");
-                gc.note_error(Some(error.to_string()));
-                failure.store(true, Ordering::Release);
+            // Wakes the worker when it ends other than well, so that the retry is planned.
+            struct WakeUnlessDone<'a>(&'a ConnectorHandle, &'a AtomicBool);
+            impl Drop for WakeUnlessDone<'_> {
+                fn drop(&mut self) {
+                    if !self.1.load(Ordering::Acquire) {
+                        self.0.wake();
+                    }
+                }
+            }
+            let _wake = WakeUnlessDone(&gc, &success);
+            match clean_inbox(&gc) {
+                Ok(()) => success.store(true, Ordering::Release),
+                Err(error) => {
+                    tracing::error!(connector = %gc.connector.name, error = %error, "forgetting expired webhook ids failed; trying again in a minute");
+                    gc.note_error(Some(error.to_string()));
+                }
             }
         });
-        self.running = Some((task, failed));
+        self.running = Some((task, succeeded));
+    }
+
+    /// How long until the next clean-up is due (the worker sleeps no longer than that).
+    fn until_due(&self) -> Duration {
+        self.next.map_or(Duration::ZERO, |next| {
+            next.saturating_duration_since(tokio::time::Instant::now())
+        })
     }
 }
 

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use store::{EntityKey, RecordKey, RecordWrite, Seq, Store};
 
 use crate::error::{Error, Result};
+use crate::inbound::now_ms;
 use crate::inbox::IdHash;
 
 #[cfg(test)]
@@ -33,6 +34,8 @@ const SHADOW: &str = "connector.shadow";
 const OUTBOX: &str = "connector.outbox";
 const INBOX: &str = "connector.inbox";
 const RECEIVED: &str = "connector.received";
+/// How far ahead of now an inbox record may be dated before the clean-up reads past it.
+const CLOCK_SLACK_MS: u64 = 3_600_000;
 const REPLAN: &str = "connector.replan";
 
 /// A connector's persisted run state.
@@ -290,11 +293,14 @@ impl Records {
     ///
     /// Records in arrival order are read only up to the first one received at or after the
     /// cutoff: the ones after it arrived later, so they are (nearly all) younger, and reading
-    /// them all would cost as much as the ids retained. Their arrival numbers are given as they
-    /// are placed, a little after their time is read, so a record behind the first young one
-    /// may be a few moments older than it; it is forgotten at a later clean-up, after the
-    /// retention all the same. Records kept by hash are in no order and are all read.
+    /// them all would cost as much as the ids retained. A record's arrival number is given when
+    /// it is placed, and its time read a little later, on the writer, so a record behind the
+    /// first young one may be a few moments older than it; it is forgotten at a later clean-up,
+    /// after the retention all the same. A record dated more than an hour ahead of now (the
+    /// clock was set back since) does not stop the reading, so that it cannot hold back the
+    /// records after it. Records kept by hash are in no order and are all read.
     pub(crate) fn expired_inbox(&self, cutoff_ms: u64) -> Result<Vec<RecordKey>> {
+        let far_ahead = now_ms().saturating_add(CLOCK_SLACK_MS);
         let mut expired = Vec::new();
         for space in [RECEIVED, INBOX] {
             let prefix = RecordKey::new(space, &[&self.connector]);
@@ -303,7 +309,7 @@ impl Records {
                 if record.at_ms < cutoff_ms {
                     expired.push(key);
                     Ok::<_, Error>(ControlFlow::Continue(()))
-                } else if space == RECEIVED {
+                } else if space == RECEIVED && record.at_ms <= far_ahead {
                     Ok(ControlFlow::Break(()))
                 } else {
                     Ok(ControlFlow::Continue(()))

@@ -103,4 +103,16 @@ fn records_in_arrival_order_are_read_up_to_the_first_young_one() {
         records.expired_inbox(3_500).unwrap(),
         vec![key(0), key(1), key(2)]
     );
+    // A record dated hours ahead (the clock was set back since) does not hold the rest back.
+    let ahead = crate::inbound::now_ms() + 3 * 3_600_000;
+    records
+        .write(vec![
+            Records::put_inbox(key(4), &received_at(ahead)),
+            Records::put_inbox(key(5), &received_at(5_000)),
+        ])
+        .unwrap();
+    assert_eq!(
+        records.expired_inbox(6_000).unwrap(),
+        vec![key(0), key(1), key(2), key(3), key(5)]
+    );
 }
