@@ -550,7 +550,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
     let mut deliveries = Deliveries::new(&handle.connector.name);
     let mut index = DueIndex::new();
     let mut reload = true;
-    let mut inbox_gc = InboxGc::default();
+    let mut inbox_gc = InboxGc::new(shutdown.clone());
     loop {
         let outcome = step(
             &handle,
@@ -744,8 +744,10 @@ fn set_due(index: &mut DueIndex, entity: EntityKey, due: Due) {
 
 /// The hourly clean-up of expired webhook ids, on a blocking thread of its own, so that the
 /// worker's deliveries do not wait for it.
-#[derive(Default)]
 struct InboxGc {
+    /// The worker's shutdown: a clean-up stops between batches once it is cancelled, so that the
+    /// server does not close the store under it.
+    shutdown: CancellationToken,
     /// When the next clean-up is due; `None` at start (at once).
     next: Option<tokio::time::Instant>,
     /// The clean-up under way, and whether it failed.
@@ -753,6 +755,14 @@ struct InboxGc {
 }
 
 impl InboxGc {
+    fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            shutdown,
+            next: None,
+            running: None,
+        }
+    }
+
     /// Starts a clean-up when one is due and none is running. One that failed (an error, which
     /// it has logged and set as the connector's last error, or a panic) wakes the worker and is
     /// tried again a minute later.
@@ -774,6 +784,7 @@ impl InboxGc {
         }
         self.next = Some(tokio::time::Instant::now() + INBOX_GC_EVERY);
         let gc = handle.clone();
+        let shutdown = self.shutdown.clone();
         let succeeded = Arc::new(AtomicBool::new(false));
         let success = succeeded.clone();
         let task = tokio::task::spawn_blocking(move || {
@@ -787,7 +798,7 @@ impl InboxGc {
                 }
             }
             let _wake = WakeUnlessDone(&gc, &success);
-            match clean_inbox(&gc) {
+            match clean_inbox(&gc, &shutdown) {
                 Ok(()) => success.store(true, Ordering::Release),
                 Err(error) => {
                     tracing::error!(connector = %gc.connector.name, error = %error, "forgetting expired webhook ids failed; trying again in a minute");
@@ -806,13 +817,17 @@ impl InboxGc {
     }
 }
 
-/// Forgets the webhook ids older than the connector's `dedupe_retention`.
-fn clean_inbox(handle: &ConnectorHandle) -> Result<()> {
+/// Forgets the webhook ids older than the connector's `dedupe_retention`, stopping between
+/// batches once `shutdown` is cancelled (what is left waits for the next start).
+fn clean_inbox(handle: &ConnectorHandle, shutdown: &CancellationToken) -> Result<()> {
     let cutoff = now_ms().saturating_sub(handle.connector.dedupe_retention.as_millis() as u64);
     let expired = handle.records.expired_inbox(cutoff)?;
     // In bounded batches (after a long stop, a day's ids may expire at once), each under its
     // ids' locks, so an id reused since the listing keeps its fresh record.
     for batch in expired.chunks(INBOX_GC_BATCH) {
+        if shutdown.is_cancelled() {
+            break;
+        }
         let names: Vec<String> = batch.iter().map(Records::inbox_lock_name).collect();
         let _locked = handle.inbound_locks.blocking_lock_all(&names);
         for deleted in handle.records.delete_expired_inbox(batch, cutoff)? {
