@@ -121,3 +121,49 @@ async fn the_worker_forgets_expired_webhook_ids_as_it_starts() {
     assert_eq!(records.inbox(&young).unwrap(), Some(at(now)));
     shutdown.cancel();
 }
+
+/// A clean-up that fails (here the store no longer takes writes) is reported as the connector's
+/// last error rather than lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_clean_up_of_webhook_ids_is_the_connectors_last_error() {
+    use crate::inbox::IdHash;
+    use crate::state::InboxRecord;
+
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = Store::open(StoreConfig::new(dir.path())).expect("the store opens");
+    let records = Records::new(store.clone(), "scheduler");
+    let old = records.received_key(0, &IdHash::of("old"));
+    let record = InboxRecord {
+        body_sha256: "0".repeat(64),
+        response: json!({"status": "applied"}),
+        at_ms: 1_000,
+    };
+    records
+        .write(vec![Records::put_inbox(old.clone(), &record)])
+        .expect("written");
+    let connectors = Connectors::new(store.clone(), scheduler()).unwrap();
+    store.close().expect("closed");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    for (_, worker) in connectors.workers(shutdown.clone()) {
+        tokio::spawn(worker);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = connectors.status("scheduler").await.expect("a status");
+        if let Some(error) = status.last_error {
+            assert!(error.contains("closed"), "{error}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failure was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        records.inbox(&old).unwrap(),
+        Some(record),
+        "nothing deleted"
+    );
+    shutdown.cancel();
+}
