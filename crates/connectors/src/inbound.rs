@@ -10,9 +10,9 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value as Json};
+pub(crate) use store::now_ms;
 use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
 
 use crate::error::{Error, Result};
@@ -45,13 +45,6 @@ pub struct WebhookOutcome {
     pub response: Json,
     /// Whether this is a repeat of an id already processed (the original response is returned).
     pub replayed: bool,
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Refuses a `version_field` value that cannot be ordered against the last one applied: only

@@ -5,10 +5,9 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use store::Seq;
+use store::{now_ms, Seq};
 
 use crate::error::{Error, Result};
 use crate::session::Progress;
@@ -200,13 +199,6 @@ impl PeerState {
             errors: self.errors.load(Ordering::Relaxed),
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// An error with every source after it: `a: b: c`.

@@ -58,6 +58,7 @@ pub use key::{EntityId, EntityKey, Kind};
 pub use origin::Origin;
 pub use records::{CommitView, RecordKey, RecordWrite};
 pub use replica::SyncState;
+pub use store::now_ms;
 pub use store::{
     Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, Unflushed, WriteOptions, Written,
 };

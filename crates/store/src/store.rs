@@ -2126,7 +2126,9 @@ fn decode_record(raw_key: &[u8], raw: &[u8]) -> Result<EntityRecord> {
     })
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch by the system clock (0 should the clock read before it),
+/// as every crate stamps records and counts ages.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_millis() as u64)
