@@ -14,8 +14,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use connectors::WebhookSecret;
 use lockstep_tests::bench::{
-    closed_loop, env_number, ms, print_cpu_table, release_binary, settle_disk, summarize,
-    Baselines, CpuSample, Figures, Server, SledOverHttp,
+    closed_loop, env_number, ms, print_cpu_table, release_binary, sled_over_http, summarize,
+    Baselines, CpuSample, Figures, Server,
 };
 use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
 use serde_json::{json, Value};
@@ -206,11 +206,7 @@ async fn main() -> Result<()> {
 
     let baselines = Baselines::measure(seconds).await?;
     println!("measuring: raw sled insert+flush behind HTTP, 1 connection ({seconds} s)");
-    let floor = {
-        let floor = SledOverHttp::start()?;
-        floor.measure(seconds).await?
-    };
-    tokio::task::spawn_blocking(settle_disk).await??;
+    let floor = sled_over_http(seconds).await?;
     let server = Server::start(&binary, &connector(None)).await?;
     webhook_load(&server.base, 8, 1).await?;
     println!("measuring: signed webhooks, 1 connection ({seconds} s)");

@@ -54,10 +54,7 @@ pub fn summarize(mut latencies: Vec<Duration>, elapsed: Duration) -> Figures {
 /// When sled fails.
 pub fn sled_baseline(seconds: u64, threads: usize) -> Result<Figures> {
     let dir = tempfile::tempdir()?;
-    let db = sled::Config::new()
-        .path(dir.path())
-        .cache_capacity(64 * 1024 * 1024)
-        .open()?;
+    let db = raw_sled(dir.path())?;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let threads: Vec<_> = (0..threads)
@@ -101,94 +98,72 @@ pub fn settle_disk() -> Result<()> {
     Ok(())
 }
 
-/// The floor of a durable write over HTTP: a server on its own 2-worker tokio runtime (as
-/// `lockstep serve` runs on this machine) whose one route, `POST /`, inserts the body into raw
-/// sled under a new key and flushes, inline on the request's worker, with nothing else: no
-/// parsing, no hand-off to another thread. No request of Lockstep's that makes a write durable
-/// can be faster at one connection; measured beside the baselines, it says how much of the
-/// 1-thread baseline HTTP alone leaves for everything else.
-pub struct SledOverHttp {
-    /// `http://127.0.0.1:<port>/`.
-    pub url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
-    _dir: tempfile::TempDir,
+/// A fresh sled database in `dir`, configured as every raw-sled measurement here is.
+fn raw_sled(dir: &Path) -> Result<sled::Db> {
+    Ok(sled::Config::new()
+        .path(dir)
+        .cache_capacity(64 * 1024 * 1024)
+        .open()?)
 }
 
-impl SledOverHttp {
-    /// Opens a fresh sled directory (as the baselines do) and starts serving.
-    ///
-    /// # Errors
-    /// When sled or the listener fails.
-    pub fn start() -> Result<Self> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
+/// The floor of a durable write over HTTP, at one connection for `seconds`: a server on its own
+/// 2-worker tokio runtime (as `lockstep serve` runs on this machine) whose one route, `POST /`,
+/// inserts the body (200 bytes) into raw sled under a new key and flushes, inline on the
+/// request's worker, with nothing else: no parsing, no hand-off to another thread. No request
+/// of Lockstep's that makes a write durable can be faster at one connection; measured beside
+/// the baselines, it says how much of the 1-thread baseline HTTP alone leaves for everything
+/// else. The server is stopped, its directory removed and the disk settled before it returns.
+///
+/// # Errors
+/// When sled, the listener or a request fails.
+pub async fn sled_over_http(seconds: u64) -> Result<Figures> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
 
-        let dir = tempfile::tempdir()?;
-        let db = sled::Config::new()
-            .path(dir.path())
-            .cache_capacity(64 * 1024 * 1024)
-            .open()?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        let url = format!("http://{}/", listener.local_addr()?);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let counter = Arc::new(AtomicU64::new(0));
-        let thread = std::thread::spawn(move || -> Result<()> {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                let put = move |body: axum::body::Bytes| {
-                    let (db, counter) = (db.clone(), Arc::clone(&counter));
-                    async move {
-                        let key = counter.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-                        match db.insert(key, body.as_ref()).and_then(|_| db.flush()) {
-                            Ok(_) => axum::http::StatusCode::NO_CONTENT,
-                            Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                        }
+    let dir = tempfile::tempdir()?;
+    let db = raw_sled(dir.path())?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let counter = Arc::new(AtomicU64::new(0));
+    let server = std::thread::spawn(move || -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let put = move |body: axum::body::Bytes| {
+                let (db, counter) = (db.clone(), Arc::clone(&counter));
+                async move {
+                    let key = counter.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+                    match db.insert(key, body.as_ref()).and_then(|_| db.flush()) {
+                        Ok(_) => axum::http::StatusCode::NO_CONTENT,
+                        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                     }
-                };
-                let app = axum::Router::new().route("/", axum::routing::post(put));
-                axum::serve(tokio::net::TcpListener::from_std(listener)?, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.await;
-                    })
-                    .await?;
-                Ok(())
-            })
-        });
-        Ok(Self {
-            url,
-            stop: Some(stop),
-            thread: Some(thread),
-            _dir: dir,
+                }
+            };
+            let app = axum::Router::new().route("/", axum::routing::post(put));
+            axum::serve(tokio::net::TcpListener::from_std(listener)?, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await?;
+            Ok(())
         })
-    }
-
-    /// One connection posting 200-byte bodies for `seconds`.
-    ///
-    /// # Errors
-    /// When a request fails.
-    pub async fn measure(&self, seconds: u64) -> Result<Figures> {
-        let url = self.url.clone();
-        closed_loop("sled writes over HTTP", 1, seconds, move |client, _, _| {
-            client.post(&url).body(vec![7u8; 200])
-        })
-        .await
-    }
-}
-
-impl Drop for SledOverHttp {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    });
+    let figures = closed_loop("sled writes over HTTP", 1, seconds, move |client, _, _| {
+        client.post(&url).body(vec![7u8; 200])
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        server.join().expect("the floor's server thread panicked")?;
+        dir.close()?;
+        settle_disk()
+    })
+    .await??;
+    figures
 }
 
 /// The two baselines every throughput figure is set against, measured in the same run: the

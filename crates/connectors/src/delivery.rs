@@ -10,18 +10,17 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
 use serde_json::{Map, Value as Json};
-use store::{EntityKey, RecordWrite};
+use store::{now_ms, EntityKey, RecordWrite};
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-use crate::inbound::now_ms;
 use crate::registry::{ConnectorHandle, Preview};
 use crate::state::{sha256_hex, Attempt, Records, Shadow};
 
@@ -750,8 +749,12 @@ struct InboxGc {
     shutdown: CancellationToken,
     /// When the next clean-up is due; `None` at start (at once).
     next: Option<tokio::time::Instant>,
-    /// The clean-up under way, and whether it failed.
-    running: Option<(tokio::task::JoinHandle<()>, Arc<AtomicBool>)>,
+    /// The clean-up under way, and when it started. Its task wakes the worker as it ends, well
+    /// or not (a panic included), and hands over how it ended.
+    running: Option<(
+        tokio::task::JoinHandle<std::result::Result<(), String>>,
+        tokio::time::Instant,
+    )>,
 }
 
 impl InboxGc {
@@ -763,18 +766,30 @@ impl InboxGc {
         }
     }
 
-    /// Starts a clean-up when one is due and none is running. One that failed (an error, which
-    /// it has logged and set as the connector's last error, or a panic) wakes the worker and is
-    /// tried again a minute later.
-    fn start_if_due(&mut self, handle: &Arc<ConnectorHandle>) {
-        if let Some((task, succeeded)) = &self.running {
-            if !task.is_finished() {
-                return;
-            }
-            if !succeeded.load(Ordering::Acquire) {
-                self.next = Some(tokio::time::Instant::now() + INBOX_GC_RETRY);
-            }
-            self.running = None;
+    /// Takes the outcome of a clean-up that has ended, then starts one when it is due and none
+    /// is running. One that failed (an error or a panic) is logged, set as the connector's last
+    /// error, and tried again a minute later.
+    async fn start_if_due(&mut self, handle: &Arc<ConnectorHandle>) {
+        if self
+            .running
+            .as_ref()
+            .is_some_and(|(task, _)| !task.is_finished())
+        {
+            return;
+        }
+        if let Some((task, started)) = self.running.take() {
+            let failure = match task.await {
+                Ok(outcome) => outcome.err(),
+                Err(ended) => Some(format!("the clean-up's task ended: {ended}")),
+            };
+            self.next = Some(match failure {
+                None => started + INBOX_GC_EVERY,
+                Some(failure) => {
+                    tracing::error!(connector = %handle.connector.name, error = %failure, "forgetting expired webhook ids failed; trying again in a minute");
+                    handle.note_error(Some(failure));
+                    tokio::time::Instant::now() + INBOX_GC_RETRY
+                }
+            });
         }
         if self
             .next
@@ -782,38 +797,28 @@ impl InboxGc {
         {
             return;
         }
-        self.next = Some(tokio::time::Instant::now() + INBOX_GC_EVERY);
-        let gc = handle.clone();
-        let shutdown = self.shutdown.clone();
-        let succeeded = Arc::new(AtomicBool::new(false));
-        let success = succeeded.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            // Wakes the worker when it ends other than well, so that the retry is planned.
-            struct WakeUnlessDone<'a>(&'a ConnectorHandle, &'a AtomicBool);
-            impl Drop for WakeUnlessDone<'_> {
-                fn drop(&mut self) {
-                    if !self.1.load(Ordering::Acquire) {
-                        self.0.wake();
-                    }
-                }
-            }
-            let _wake = WakeUnlessDone(&gc, &success);
-            match clean_inbox(&gc, &shutdown) {
-                Ok(()) => success.store(true, Ordering::Release),
-                Err(error) => {
-                    tracing::error!(connector = %gc.connector.name, error = %error, "forgetting expired webhook ids failed; trying again in a minute");
-                    gc.note_error(Some(error.to_string()));
-                }
-            }
+        let (gc, shutdown) = (handle.clone(), self.shutdown.clone());
+        let task = tokio::spawn(async move {
+            let cleaner = gc.clone();
+            let outcome =
+                match tokio::task::spawn_blocking(move || clean_inbox(&cleaner, &shutdown)).await {
+                    Ok(cleaned) => cleaned.map_err(|error| error.to_string()),
+                    Err(ended) => Err(format!("the clean-up's task ended: {ended}")),
+                };
+            gc.wake();
+            outcome
         });
-        self.running = Some((task, succeeded));
+        self.running = Some((task, tokio::time::Instant::now()));
     }
 
-    /// How long until the next clean-up is due (the worker sleeps no longer than that).
+    /// How long until the next clean-up is due (the worker sleeps no longer than that; while one
+    /// runs, its end wakes the worker).
     fn until_due(&self) -> Duration {
-        self.next.map_or(Duration::ZERO, |next| {
-            next.saturating_duration_since(tokio::time::Instant::now())
-        })
+        match (&self.running, self.next) {
+            (Some(_), _) => Duration::MAX,
+            (None, None) => Duration::ZERO,
+            (None, Some(next)) => next.saturating_duration_since(tokio::time::Instant::now()),
+        }
     }
 }
 
@@ -847,7 +852,7 @@ async fn step(
     deliveries: &mut Deliveries,
     inbox_gc: &mut InboxGc,
 ) -> Result<(bool, Option<u64>)> {
-    inbox_gc.start_if_due(handle);
+    inbox_gc.start_if_due(handle).await;
     if handle.connector.url.is_none() {
         return Ok((false, None));
     }

@@ -12,8 +12,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use serde_json::{json, Map, Value as Json};
-pub(crate) use store::now_ms;
-use store::{Edit, EntityKey, Origin, WriteOptions, WriteRequest};
+use store::{now_ms, Edit, EntityKey, Origin, WriteOptions, WriteRequest};
 
 use crate::error::{Error, Result};
 use crate::inbox::IdHash;

@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
-use store::{EntityKey, Seq, Store};
+use store::{now_ms, EntityKey, Seq, Store};
 use tokio::sync::Notify;
 
 use crate::config::Connector;
 use crate::delivery;
 use crate::error::{Error, Result};
-use crate::inbound::now_ms;
 use crate::inbox::Inbox;
 use crate::locks::{KeyedGuard, KeyedLocks};
 use crate::state::{Attempt, Records};

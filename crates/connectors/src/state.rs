@@ -20,10 +20,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
-use store::{EntityKey, RecordKey, RecordWrite, Seq, Store};
+use store::{now_ms, EntityKey, RecordKey, RecordWrite, Seq, Store};
 
 use crate::error::{Error, Result};
-use crate::inbound::now_ms;
 use crate::inbox::IdHash;
 
 #[cfg(test)]

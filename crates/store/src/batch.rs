@@ -66,8 +66,8 @@ pub(crate) type Queue = Sender<Job>;
 impl Store {
     /// Applies `requests` in order, in as few atomic sets of writes as possible, and returns
     /// every outcome (in the order of `requests`) once all are applied; they are durable once
-    /// the returned [`Unflushed`] is waited for. Each write succeeds or fails on its own, as the single-write
-    /// methods would: a stale `if_match` fails that write only.
+    /// the returned [`Unflushed`] is waited for. Each write succeeds or fails on its own, as the
+    /// single-write methods would: a stale `if_match` fails that write only.
     ///
     /// A delete of an entity that does not exist changes nothing: its outcome has no entity and
     /// no feed row (`entity` and `seq` are `None`).

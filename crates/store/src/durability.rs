@@ -90,8 +90,8 @@ struct Shared {
     applied_seq: AtomicU64,
     durable_seq: watch::Sender<Seq>,
     flushes: AtomicU64,
-    /// Blob files synced (`SyncedFiles::syncs`).
-    blob_syncs: Arc<SharedBlobs>,
+    /// The blob files' state, for the count of those synced (`files`).
+    blobs: Arc<SharedBlobs>,
 }
 
 /// The group-commit coordinator; cheap to clone.
@@ -113,7 +113,7 @@ impl Durability {
             applied_seq: AtomicU64::new(last_seq.0),
             durable_seq,
             flushes: AtomicU64::new(0),
-            blob_syncs: files.syncs(),
+            blobs: files.blobs(),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -210,7 +210,7 @@ impl Durability {
 
     /// Blob files synced since the store opened.
     pub(crate) fn blob_syncs(&self) -> u64 {
-        self.shared.blob_syncs.count()
+        self.shared.blobs.count()
     }
 
     /// Runs a last flush and stops the thread; later writes fail with [`Error::Closed`].

@@ -99,8 +99,8 @@ impl SyncedFiles {
         }
     }
 
-    /// The count of blob files synced since the store opened, kept up to date.
-    pub(crate) fn syncs(&self) -> Arc<SharedBlobs> {
+    /// The blob files' state, shared (for [`SharedBlobs::count`]).
+    pub(crate) fn blobs(&self) -> Arc<SharedBlobs> {
         Arc::clone(&self.blobs)
     }
 }

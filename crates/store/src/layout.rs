@@ -1,8 +1,8 @@
 //! How the store lays its data out in sled.
 //!
-//! Everything but the intent of `atomic` lives in the default tree, so that a change, its entity record and its feed row
-//! are written as one set that a crash leaves whole or absent (`atomic`). Keys start with a
-//! one-byte tag:
+//! Everything but the intent of `atomic` lives in the default tree, so that a change, its entity
+//! record and its feed row are written as one set that a crash leaves whole or absent
+//! (`atomic`). Keys start with a one-byte tag:
 //!
 //! | key | value |
 //! |---|---|

@@ -58,8 +58,8 @@ pub use key::{EntityId, EntityKey, Kind};
 pub use origin::Origin;
 pub use records::{CommitView, RecordKey, RecordWrite};
 pub use replica::SyncState;
-pub use store::now_ms;
 pub use store::{
-    Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, Unflushed, WriteOptions, Written,
+    now_ms, Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, Unflushed, WriteOptions,
+    Written,
 };
 pub use version::Version;

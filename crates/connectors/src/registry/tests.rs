@@ -90,7 +90,7 @@ async fn the_worker_forgets_expired_webhook_ids_as_it_starts() {
         response: json!({"status": "applied"}),
         at_ms,
     };
-    let now = crate::inbound::now_ms();
+    let now = store::now_ms();
     let (old_received, old_hashed, young) = (
         records.received_key(0, &IdHash::of("old")),
         records.inbox_key(&IdHash::of("old-by-hash")),

@@ -104,7 +104,7 @@ fn records_in_arrival_order_are_read_up_to_the_first_young_one() {
         vec![key(0), key(1), key(2)]
     );
     // A record dated hours ahead (the clock was set back since) does not hold the rest back.
-    let ahead = crate::inbound::now_ms() + 3 * 3_600_000;
+    let ahead = store::now_ms() + 3 * 3_600_000;
     records
         .write(vec![
             Records::put_inbox(key(4), &received_at(ahead)),

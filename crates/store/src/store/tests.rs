@@ -1001,18 +1001,25 @@ fn blob_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("blobs")).map_or(0, Iterator::count)
 }
 
+/// Writes the permit `id` with a 300 KB field, which sled keeps as a blob file, and returns
+/// how many blob files the store in `dir` has then.
+fn write_a_blob(store: &Store, dir: &std::path::Path, id: &str) -> usize {
+    let key = EntityKey::new("permit", id).unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    store
+        .patch(&key, &json!({ "scan": incompressible(300_000) }), &options)
+        .unwrap();
+    let files = blob_files(dir);
+    assert!(files > 0, "the write made no blob file; the test needs one");
+    files
+}
+
 #[test]
 fn in_fsync_mode_every_blob_file_is_synced_before_the_write_returns() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(dir.path(), |config| config.sync_mode = SyncMode::Fsync);
-    let options = WriteOptions::new(Origin::local("u").unwrap());
     for id in ["1", "2"] {
-        let key = EntityKey::new("permit", id).unwrap();
-        store
-            .patch(&key, &json!({ "scan": incompressible(300_000) }), &options)
-            .unwrap();
-        let files = blob_files(dir.path());
-        assert!(files > 0, "the write made no blob file; the test needs one");
+        let files = write_a_blob(&store, dir.path(), id);
         assert!(
             store.stats().blob_syncs >= files as u64,
             "{} syncs of {files} blob files",
@@ -1031,13 +1038,7 @@ fn in_fsync_mode_every_blob_file_is_synced_before_the_write_returns() {
 fn in_flush_mode_a_thread_of_its_own_syncs_blob_files() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_with(dir.path(), |config| config.sync_mode = SyncMode::Flush);
-    let options = WriteOptions::new(Origin::local("u").unwrap());
-    let key = EntityKey::new("permit", "1").unwrap();
-    store
-        .patch(&key, &json!({ "scan": incompressible(300_000) }), &options)
-        .unwrap();
-    let files = blob_files(dir.path());
-    assert!(files > 0, "the write made no blob file; the test needs one");
+    let files = write_a_blob(&store, dir.path(), "1");
     // A thread of its own syncs them every 500 ms, without a write to start it.
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.stats().blob_syncs < files as u64 {
