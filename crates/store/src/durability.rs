@@ -274,7 +274,7 @@ fn run_flusher(shared: Arc<Shared>, db: sled::Db, mut files: SyncedFiles) {
                 shared.done[(number % 2) as usize].notify_all();
             }
             Err(error) => {
-                tracing::error!(error = %error, "flush failed; refusing further writes");
+                tracing::error!(error = %error, cause = ?std::error::Error::source(&error).map(ToString::to_string), "flush failed; refusing further writes");
                 refuse_writes(&shared, &mut state);
             }
         }

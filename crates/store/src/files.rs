@@ -180,7 +180,7 @@ fn sync_path(path: &Path) -> io::Result<()> {
 /// once more. After a failure it stops; the flush thread reports the failure from then on.
 fn sync_in_background(db: &sled::Db, blobs: &SharedBlobs, stopped: &mpsc::Receiver<()>) {
     let report = |error: Error| {
-        tracing::error!(%error, "syncing sled's blob files failed; refusing further writes");
+        tracing::error!(%error, cause = ?std::error::Error::source(&error).map(ToString::to_string), "syncing sled's blob files failed; refusing further writes");
     };
     while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(BACKGROUND_INTERVAL) {
         if let Err(error) = blobs.sync_new(db) {
