@@ -926,4 +926,111 @@ mod tests {
         assert!(deliveries.entities.is_empty());
         assert!(deliveries.in_flight().is_empty());
     }
+
+    /// The connector `scheduler` on a store of its own.
+    fn scheduler() -> (tempfile::TempDir, store::Store, Arc<ConnectorHandle>) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store =
+            store::Store::open(store::StoreConfig::new(dir.path())).expect("the store opens");
+        let connectors =
+            crate::Connectors::new(store.clone(), crate::registry::tests::scheduler()).unwrap();
+        let handle = connectors.handle("scheduler").expect("the connector");
+        (dir, store, handle)
+    }
+
+    /// Writes two expired webhook ids; returns their keys.
+    fn expired_ids(handle: &ConnectorHandle) -> Vec<store::RecordKey> {
+        use crate::inbox::IdHash;
+        use crate::state::InboxRecord;
+
+        let keys: Vec<_> = (0..2)
+            .map(|n| {
+                handle
+                    .records
+                    .received_key(n, &IdHash::of(&format!("old-{n}")))
+            })
+            .collect();
+        let record = InboxRecord {
+            body_sha256: "0".repeat(64),
+            response: serde_json::json!({"status": "applied"}),
+            at_ms: 1_000,
+        };
+        handle
+            .records
+            .write(
+                keys.iter()
+                    .map(|key| Records::put_inbox(key.clone(), &record))
+                    .collect(),
+            )
+            .expect("written");
+        keys
+    }
+
+    /// Once the worker is shut down, a clean-up deletes no further batch, so the server can
+    /// close the store; what is left waits for the next start.
+    #[test]
+    fn a_clean_up_stops_once_the_worker_is_shut_down() {
+        let (_dir, _store, handle) = scheduler();
+        let keys = expired_ids(&handle);
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        clean_inbox(&handle, &shutdown).expect("stopped, not failed");
+        for key in &keys {
+            assert!(handle.records.inbox(key).unwrap().is_some(), "deleted");
+        }
+        clean_inbox(&handle, &CancellationToken::new()).expect("cleaned");
+        for key in &keys {
+            assert!(handle.records.inbox(key).unwrap().is_none(), "kept");
+        }
+    }
+
+    /// Waits (on the clock, which is paused) for the clean-up under way to end.
+    async fn clean_up_ended(gc: &InboxGc) {
+        for _ in 0..3000 {
+            match &gc.running {
+                Some((task, _)) if !task.is_finished() => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    tokio::task::yield_now().await;
+                }
+                _ => return,
+            }
+        }
+        panic!("the clean-up did not end");
+    }
+
+    /// A clean-up that ends well is due again an hour after it started; one that fails, a
+    /// minute after its failure is seen, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_clean_up_is_tried_again_a_minute_later_and_one_that_ends_well_an_hour_later()
+    {
+        let (_dir, store, handle) = scheduler();
+        let keys = expired_ids(&handle);
+        let mut gc = InboxGc::new(CancellationToken::new());
+        assert_eq!(gc.until_due(), Duration::ZERO, "due at start");
+        gc.start_if_due(&handle).await;
+        assert_eq!(gc.until_due(), Duration::MAX, "running");
+        clean_up_ended(&gc).await;
+        gc.start_if_due(&handle).await;
+        assert!(gc.running.is_none());
+        assert_eq!(gc.until_due(), INBOX_GC_EVERY);
+        assert!(handle.records.inbox(&keys[0]).unwrap().is_none());
+
+        tokio::time::advance(INBOX_GC_EVERY).await;
+        expired_ids(&handle);
+        store.close().expect("closed");
+        gc.start_if_due(&handle).await;
+        clean_up_ended(&gc).await;
+        gc.start_if_due(&handle).await;
+        assert!(gc.running.is_none(), "not started again at once");
+        assert_eq!(gc.until_due(), INBOX_GC_RETRY);
+        assert!(handle.observed.lock().unwrap().last_error.is_some());
+
+        tokio::time::advance(INBOX_GC_RETRY - Duration::from_millis(1)).await;
+        gc.start_if_due(&handle).await;
+        assert!(gc.running.is_none(), "started early");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        gc.start_if_due(&handle).await;
+        assert!(gc.running.is_some(), "not tried again");
+        clean_up_ended(&gc).await;
+    }
 }

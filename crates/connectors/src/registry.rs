@@ -21,7 +21,7 @@ use crate::locks::{KeyedGuard, KeyedLocks};
 use crate::state::{Attempt, Records};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// A monotonically increasing counter for metrics.
 #[derive(Debug, Default)]

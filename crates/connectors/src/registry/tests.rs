@@ -10,7 +10,8 @@ use store::{Edit, Origin, StoreConfig, WriteOptions, WriteRequest};
 use super::*;
 use crate::config::{validate_all, ConnectorConfig};
 
-fn scheduler() -> Vec<Connector> {
+/// One connector, `scheduler`, with a URL nothing listens on.
+pub(crate) fn scheduler() -> Vec<Connector> {
     #[derive(Deserialize)]
     struct File {
         connectors: Vec<ConnectorConfig>,
