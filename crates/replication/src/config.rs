@@ -14,6 +14,8 @@ use serde::Deserialize;
 use store::Origin;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use crate::frame::MAX_BATCH_ENTITIES;
+
 /// The path of the replication endpoint on every site.
 pub const ENDPOINT_PATH: &str = "/v1/replication";
 
@@ -149,10 +151,10 @@ pub fn validate(
             return invalid(key.into(), "must be at least 1".into());
         }
     }
-    if settings.batch_entities > 10_000 {
+    if settings.batch_entities > MAX_BATCH_ENTITIES {
         return invalid(
             "replication.batch_entities".into(),
-            "must be at most 10000".into(),
+            format!("must be at most {MAX_BATCH_ENTITIES}"),
         );
     }
     for (key, value) in [

@@ -10,10 +10,15 @@ use store::{EntityKey, Seq};
 
 use crate::error::{Error, Result};
 
-/// The most items a decoder reserves room for before reading them: a count is checked only
-/// against the bytes left, and an item takes about 80 bytes in memory for every few on the
-/// wire, so reserving a hostile frame's whole count at once could ask for gigabytes.
+/// The most items a decoder reserves room for before reading them: an item takes about 150
+/// bytes in memory for as few as 6 on the wire, so reserving a count up front could ask for
+/// far more than the frame's size.
 const MAX_PREALLOCATED: usize = 1024;
+
+/// The most entities one batch may hold, whatever the sites' `batch_entities` (the largest
+/// value that setting takes): a frame with more rows or entries is malformed. Without this
+/// bound, a frame of minimal rows would decode to about 24 times its size in memory.
+pub const MAX_BATCH_ENTITIES: usize = 10_000;
 
 /// The protocol version sent in [`Frame::Hello`]; a peer with another version is refused.
 /// Version 2 announces up to [`BATCHES_IN_FLIGHT`] batches at once (version 1: one).
@@ -197,7 +202,7 @@ impl Frame {
                 let batch = input.number()?;
                 let through = Seq(input.number()?);
                 let head = Seq(input.number()?);
-                let count = input.count()?;
+                let count = input.items()?;
                 let mut rows = Vec::with_capacity(count.min(MAX_PREALLOCATED));
                 for _ in 0..count {
                     rows.push(Row {
@@ -215,7 +220,7 @@ impl Frame {
             }
             SYNC => {
                 let batch = input.number()?;
-                let count = input.count()?;
+                let count = input.items()?;
                 let mut entries = Vec::with_capacity(count.min(MAX_PREALLOCATED));
                 for _ in 0..count {
                     let key = input.key()?;
@@ -235,7 +240,7 @@ impl Frame {
             }
             REPLY => {
                 let batch = input.number()?;
-                let count = input.count()?;
+                let count = input.items()?;
                 let mut entries = Vec::with_capacity(count.min(MAX_PREALLOCATED));
                 for _ in 0..count {
                     entries.push(ReplyEntry {
@@ -359,6 +364,18 @@ impl Reader<'_> {
             )));
         }
         Ok(count as usize)
+    }
+
+    /// The number of rows or entries that follow: at most [`MAX_BATCH_ENTITIES`], and never
+    /// more than the bytes left.
+    fn items(&mut self) -> Result<usize> {
+        let count = self.count()?;
+        if count > MAX_BATCH_ENTITIES {
+            return Err(malformed(format!(
+                "{count} items in one frame; a batch holds at most {MAX_BATCH_ENTITIES} entities"
+            )));
+        }
+        Ok(count)
     }
 
     fn bytes(&mut self) -> Result<Vec<u8>> {

@@ -66,7 +66,10 @@ pub use config::{
     validate, ConfigError, Peer, PeerConfig, PeerToken, ReplicationSettings, Token, ENDPOINT_PATH,
 };
 pub use error::{Error, Result};
-pub use frame::{Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT, PROTOCOL_VERSION};
+pub use frame::{
+    Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT, MAX_BATCH_ENTITIES,
+    PROTOCOL_VERSION,
+};
 pub use link::accept_key;
 pub use registry::{Replication, Worker};
 pub use session::{stored_cursor, Progress, Session, SessionSettings};

@@ -173,6 +173,11 @@ impl Session {
     /// now, [`Error::Rejected`] for Automerge data the store refused, [`Error::Stuck`] for an
     /// entity that does not converge, and storage errors.
     pub fn accept(&mut self, frame: Frame) -> Result<Vec<Frame>> {
+        let out = self.accept_frame(frame)?;
+        self.durable_before_sent(out)
+    }
+
+    fn accept_frame(&mut self, frame: Frame) -> Result<Vec<Frame>> {
         if self.remote_site.is_none() && !matches!(frame, Frame::Hello { .. }) {
             return Err(Error::Protocol(format!(
                 "a {} frame before the hello",
@@ -219,7 +224,24 @@ impl Session {
     /// # Errors
     /// As [`Session::accept`].
     pub fn work(&mut self) -> Result<Vec<Frame>> {
-        self.apply_reply()
+        let out = self.apply_reply()?;
+        self.durable_before_sent(out)
+    }
+
+    /// `out`, once every change it may carry is durable here. Sync messages and documents are
+    /// read from memory, where a write is before its flush: sent sooner, a change that a crash
+    /// then loses here would live on at the peer, which never announces it back (it came from
+    /// here), and the sites would differ until the entity changed again.
+    fn durable_before_sent(&self, out: Vec<Frame>) -> Result<Vec<Frame>> {
+        let carries_changes = out.iter().any(|frame| match frame {
+            Frame::Sync { entries, .. } => entries.iter().any(|entry| entry.message.is_some()),
+            Frame::Reply { entries, .. } => entries.iter().any(|entry| entry.message.is_some()),
+            _ => false,
+        });
+        if carries_changes {
+            self.store.wait_durable()?;
+        }
+        Ok(out)
     }
 
     /// Called when the local feed has grown: announces new rows if the peer is ready for them.

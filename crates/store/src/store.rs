@@ -1571,11 +1571,12 @@ impl Store {
         }
     }
 
-    /// Blocks until everything applied to sled before this call is flushed (see `durability`).
+    /// Blocks until everything applied to sled before this call is flushed (see `durability`):
+    /// everything a read before it returned is then durable.
     ///
     /// # Errors
-    /// [`Error::Closed`] when the store is closed or a flush failed.
-    pub(crate) fn wait_durable(&self) -> Result<()> {
+    /// [`Error::Closed`] when the store is closed, [`Error::Failed`] when a flush failed.
+    pub fn wait_durable(&self) -> Result<()> {
         self.inner.durability.wait()
     }
 

@@ -119,3 +119,39 @@ fn hostile_lengths_and_keys_are_malformed_not_allocated() {
     assert!(matches!(Frame::decode(&[]), Err(Error::Malformed(_))));
     assert!(matches!(Frame::decode(&[99]), Err(Error::Malformed(_))));
 }
+
+/// A frame of more rows or entries than a batch may hold is malformed before its items are
+/// read: minimal rows take about 24 times their size in memory once decoded.
+#[test]
+fn a_frame_holds_at_most_a_batchs_worth_of_items() {
+    let row = |n: usize| Row {
+        key: EntityKey::new("a", n.to_string()).expect("a valid key"),
+        version: String::new(),
+        seq: Seq(0),
+    };
+    let rows = |count: usize| Frame::Rows {
+        batch: 0,
+        rows: (0..count).map(row).collect(),
+        through: Seq(1),
+        head: Seq(1),
+    };
+    let largest = rows(MAX_BATCH_ENTITIES);
+    assert_eq!(Frame::decode(&largest.encode()).expect("decodes"), largest);
+    assert!(matches!(
+        Frame::decode(&rows(MAX_BATCH_ENTITIES + 1).encode()),
+        Err(Error::Malformed(_))
+    ));
+    let replies = Frame::Reply {
+        batch: 0,
+        entries: (0..=MAX_BATCH_ENTITIES)
+            .map(|n| ReplyEntry {
+                key: row(n).key,
+                message: None,
+            })
+            .collect(),
+    };
+    assert!(matches!(
+        Frame::decode(&replies.encode()),
+        Err(Error::Malformed(_))
+    ));
+}

@@ -17,7 +17,9 @@ use store::{EntityKey, Seq, SyncState, Version};
 
 use super::{rejected, Session};
 use crate::error::{Error, Result};
-use crate::frame::{Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT};
+use crate::frame::{
+    Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT, MAX_BATCH_ENTITIES,
+};
 
 /// The puller's state.
 pub(super) struct Pull {
@@ -123,11 +125,12 @@ impl Session {
         if self.pull.batches.iter().any(|known| known.id == batch) {
             return Err(Error::Protocol(format!("batch {batch} announced twice")));
         }
-        if rows.len() > self.settings.batch_entities {
+        // The announcer's `batch_entities` sizes its batches, not this site's: sites need not
+        // agree on it. Only the protocol's bound applies (which decoding enforces already).
+        if rows.len() > MAX_BATCH_ENTITIES {
             return Err(Error::Protocol(format!(
-                "{} rows in one batch; at most {} were expected",
+                "{} rows in one batch; at most {MAX_BATCH_ENTITIES} are allowed",
                 rows.len(),
-                self.settings.batch_entities
             )));
         }
         // A batch covers the feed after the one before it. The first one in flight may start

@@ -4,7 +4,9 @@
 //! Up to [`BATCHES_IN_FLIGHT`] batches are in flight at a time, each of rows after the last
 //! one announced, at most one per entity and at most `batch_entities`, leaving out rows whose
 //! change came from this very peer (it has them; an optimisation only, since the peer skips
-//! entities it is up to date on anyway). The peer acknowledges them in order. The sync states
+//! entities it is up to date on anyway), unless the peer starts from the beginning of the feed:
+//! a peer whose store was replaced (its disk lost) has none of its own changes either. The
+//! peer acknowledges them in order. The sync states
 //! for the peer's requests live until it acknowledges their batch. Deciding which entities to
 //! ask for is `pull`'s business.
 
@@ -23,6 +25,9 @@ pub(super) struct Serve {
     pub(super) their_cursor: Option<Seq>,
     /// The last local feed row announced.
     announced: Seq,
+    /// Whether rows whose change came from the peer are announced too: when it starts from the
+    /// beginning of the feed, as a peer with a new store does.
+    announce_theirs: bool,
     next_batch: u64,
     /// The batches announced and not yet acknowledged, oldest first.
     outstanding: VecDeque<Outstanding>,
@@ -44,6 +49,7 @@ impl Serve {
     pub(super) fn start_at(&mut self, store: &Store, cursor: Seq, peer: &str) {
         let last = store.last_seq();
         self.their_cursor = Some(cursor);
+        self.announce_theirs = cursor == Seq::ZERO;
         self.announced = if cursor > last {
             tracing::warn!(%peer, %cursor, %last, "the peer's cursor is past the end of the feed; announcing from the start");
             Seq::ZERO
@@ -95,7 +101,7 @@ impl Session {
                     break 'scan;
                 }
                 through = feed_row.seq;
-                if feed_row.origin == self.origin {
+                if feed_row.origin == self.origin && !self.serve.announce_theirs {
                     continue;
                 }
                 rows.insert(

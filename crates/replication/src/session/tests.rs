@@ -39,9 +39,16 @@ fn hello(cursor: u64) -> Frame {
 
 /// A session at `store` for peer `remote`, past the hello exchange.
 fn session(store: &Store, settings: SessionSettings) -> (Session, Vec<Frame>) {
+    session_from(store, settings, 0)
+}
+
+/// [`session`] with a peer whose cursor of this site's feed is `cursor`.
+fn session_from(store: &Store, settings: SessionSettings, cursor: u64) -> (Session, Vec<Frame>) {
     let mut session =
         Session::open(store.clone(), "remote", "local", settings).expect("a session opens");
-    let out = session.receive(hello(0)).expect("the hello is accepted");
+    let out = session
+        .receive(hello(cursor))
+        .expect("the hello is accepted");
     (session, out)
 }
 
@@ -286,9 +293,21 @@ fn frames_out_of_turn_are_protocol_errors() {
     ));
 }
 
+/// The keys of the rows in the first frame of `out`, and the feed row that frame covers.
+fn announced(out: &[Frame]) -> (Vec<String>, Seq) {
+    let Some(Frame::Rows { rows, through, .. }) = out.first() else {
+        panic!("expected rows: {out:?}");
+    };
+    let keys = rows.iter().map(|row| row.key.to_string()).collect();
+    (keys, *through)
+}
+
+/// Changes that came from the peer are not announced back to it, unless it starts from the
+/// beginning of the feed, as a peer whose store was replaced does: it has lost them too.
 #[test]
-fn changes_from_the_peer_itself_are_not_announced_back() {
+fn changes_from_the_peer_itself_are_announced_back_only_from_the_start() {
     let (_dir, store) = open();
+    write(&store, "first", json!({"c": 3}));
     let (_other_dir, other) = open();
     let from_peer = other
         .patch(
@@ -313,13 +332,66 @@ fn changes_from_the_peer_itself_are_not_announced_back() {
         Some(from_peer.version.as_str())
     );
     write(&store, "ours", json!({"b": 2}));
-    let (_session, out) = session(&store, SessionSettings::default());
-    let Some(Frame::Rows { rows, through, .. }) = out.first() else {
-        panic!("expected rows: {out:?}");
-    };
-    let keys: Vec<String> = rows.iter().map(|row| row.key.to_string()).collect();
+    let (_session, out) = session_from(&store, SessionSettings::default(), 1);
+    let (keys, through) = announced(&out);
     assert_eq!(keys, ["appointment/ours"]);
-    assert_eq!(*through, Seq(2), "the skipped row is covered all the same");
+    assert_eq!(through, Seq(3), "the skipped row is covered all the same");
+
+    let (_session, out) = session(&store, SessionSettings::default());
+    let (keys, through) = announced(&out);
+    assert_eq!(
+        keys,
+        [
+            "appointment/first",
+            "appointment/ours",
+            "appointment/theirs"
+        ]
+    );
+    assert_eq!(through, Seq(3));
+}
+
+/// Delivers frames between two sessions until neither has anything to send.
+fn exchange(a: &mut Session, b: &mut Session, from_a: Vec<Frame>, from_b: Vec<Frame>) {
+    let (mut to_b, mut to_a): (
+        std::collections::VecDeque<Frame>,
+        std::collections::VecDeque<Frame>,
+    ) = (from_a.into(), from_b.into());
+    for _ in 0..10_000 {
+        if let Some(frame) = to_b.pop_front() {
+            to_a.extend(b.receive(frame).expect("b accepts a's frame"));
+        } else if let Some(frame) = to_a.pop_front() {
+            to_b.extend(a.receive(frame).expect("a accepts b's frame"));
+        } else {
+            return;
+        }
+    }
+    panic!("the sessions did not settle");
+}
+
+/// Each site sizes the batches it announces by its own `batch_entities`; a site set lower takes
+/// them all the same (sites need not agree on the setting).
+#[test]
+fn a_batch_larger_than_the_pullers_own_setting_is_taken() {
+    let (_north_dir, north) = open();
+    for index in 0..4 {
+        write(&north, &format!("e{index}"), json!({"n": index}));
+    }
+    let (_south_dir, south) = open();
+    let settings = |batch_entities| SessionSettings {
+        batch_entities,
+        max_rounds: 8,
+    };
+    let (mut announcer, from_north) = session(&north, settings(4));
+    assert_eq!(announced(&from_north).0.len(), 4);
+    let (mut puller, from_south) = session(&south, settings(2));
+    exchange(&mut announcer, &mut puller, from_north, from_south);
+    for index in 0..4 {
+        assert_eq!(
+            south.version(&key(&format!("e{index}"))).expect("read"),
+            north.version(&key(&format!("e{index}"))).expect("read"),
+        );
+    }
+    assert_eq!(puller.progress().cursor, Seq(4));
 }
 
 #[test]
