@@ -266,6 +266,10 @@ async fn apply(
                 id: webhook_id.to_string(),
             });
         }
+        // The record is durable unless the flush of the write that made it failed (the first
+        // request held the id's lock until its flush ended): the store then refuses writes, and
+        // the repeat is refused as the first was, so the sender keeps retrying.
+        records.store().writable()?;
         return Ok(WebhookOutcome {
             response: previous.response,
             replayed: true,

@@ -248,7 +248,8 @@ impl IntoResponse for ApiError {
                     Self::Store(store::Error::Failed) => {
                         "a flush failed (a full disk, say; see the server's log), so the store \
                          takes no more writes until the server is restarted; every write \
-                         acknowledged before is kept, and reads go on"
+                         acknowledged before is kept, and reads go on for the data the failure \
+                         did not touch"
                     }
                     _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                         "the store is not taking writes: the server is shutting down"
@@ -302,4 +303,22 @@ impl fmt::Display for CauseChain<'_> {
         }
         Ok(())
     }
+}
+
+/// Middleware: a server fault (500) while the store has failed is answered as that failure
+/// (503 `store_failed`). After a failed flush, sled also refuses to read a page that was written
+/// after the last successful flush (it would have to make that write durable first), so such a
+/// read fails with the storage error; the cause is logged where it happened.
+pub(crate) async fn failed_store(
+    axum::extract::State(state): axum::extract::State<crate::state::AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let response = next.run(request).await;
+    if response.status() == StatusCode::INTERNAL_SERVER_ERROR
+        && matches!(state.store.writable(), Err(store::Error::Failed))
+    {
+        return ApiError::Store(store::Error::Failed).into_response();
+    }
+    response
 }

@@ -33,6 +33,9 @@ const MAX_WRITER_THREADS: usize = 64;
 /// (each weighs at least 16 KiB, see `StoreStats::cached_document_bytes`).
 const MIN_CACHE_BYTES: u64 = 1024 * 1024;
 
+/// The longest `limits.request_timeout`, `header_read_timeout` and `write_timeout`.
+const MAX_LIMIT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// The environment variables the server reads, each with the key it sets and how its value is typed.
 const ENV_KEYS: &[(&str, &[&str], EnvValue)] = &[
     ("LOCKSTEP_LISTEN", &["listen"], EnvValue::Text),
@@ -544,6 +547,11 @@ impl Config {
         ] {
             if duration.is_zero() {
                 return invalid(key, "must be longer than zero");
+            }
+            // hyper adds the header read timeout to the current instant, which panics past what
+            // an `Instant` holds (a "never" written as thousands of years); a day is plenty.
+            if duration > MAX_LIMIT_TIMEOUT {
+                return invalid(key, "must be at most 24h");
             }
         }
         let mut names = HashSet::new();

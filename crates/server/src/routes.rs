@@ -1,7 +1,8 @@
 //! The whole route table: each resource's `router()`, with the middleware that applies to it.
 //!
 //! Layers, outermost first: `telemetry` (every request, answered or refused, is logged and counted),
-//! the body limit, then for `/v1` only the concurrency cap, the request timeout and authentication
+//! the body limit, `api_error::failed_store` (a server fault while the store has failed is that
+//! failure, 503), then for `/v1` only the concurrency cap, the request timeout and authentication
 //! (connector webhooks are signed instead, so they skip authentication; the replication websocket
 //! checks its own tokens and is exempt from the time limit and the concurrency cap).
 //! `/healthz`, `/readyz` and `/metrics` sit outside the `/v1` limits and auth, so probes and scrapes
@@ -14,7 +15,9 @@ use axum::Router;
 
 use crate::api_error::ApiError;
 use crate::state::AppState;
-use crate::{auth, changes, connectors, entities, health, limits, metrics, replication, telemetry};
+use crate::{
+    api_error, auth, changes, connectors, entities, health, limits, metrics, replication, telemetry,
+};
 
 /// Every route, with its middleware, ready to serve.
 pub(crate) fn app(state: AppState) -> Router {
@@ -39,6 +42,7 @@ pub(crate) fn app(state: AppState) -> Router {
         .merge(metrics::router())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(from_fn_with_state(state.clone(), api_error::failed_store))
         .layer(DefaultBodyLimit::max(state.config.limits.max_body_bytes))
         .layer(axum::middleware::from_fn(limits::check_head))
         .layer(from_fn_with_state(state.clone(), telemetry::observe))

@@ -189,6 +189,15 @@ fn bad_values_name_their_key_or_variable() {
             "limits.max_event_streams",
         ),
         ("[limits]\nwrite_timeout = \"0s\"\n", "limits.write_timeout"),
+        // hyper would panic on every connection adding this to the current instant.
+        (
+            "[limits]\nheader_read_timeout = \"300000000000years\"\n",
+            "limits.header_read_timeout",
+        ),
+        (
+            "[limits]\nrequest_timeout = \"25h\"\n",
+            "limits.request_timeout",
+        ),
     ] {
         let error = load_toml(text, &[]).expect_err(key);
         assert!(error.to_string().contains(key), "{error}");
