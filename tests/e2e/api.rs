@@ -133,37 +133,57 @@ async fn if_match_accepts_the_current_version_and_refuses_a_stale_one() -> Resul
     let (status, _) = server.get("/v1/entities/appointment/absent").await?;
     assert_eq!(status, 404);
 
-    // The precondition is judged before the body: a PUT with no fields (which no entity can
-    // take) and a stale `If-Match`, or one on an absent entity, is 412 too; at the current
-    // version it is the body's 422.
-    let put_nothing = |path: &str, if_match: String| {
+    // The precondition is judged before the content: a body the store refuses (a PUT with no
+    // fields, which no entity can take, a body that is not an object, an empty field name,
+    // nesting past the limit) with a stale `If-Match`, or one on an absent entity, is 412 too;
+    // at the current version it is the body's 422.
+    let deep = format!("{}1{}", r#"{"a":"#.repeat(40), "}".repeat(40));
+    let refused_bodies = [
+        ("PUT", "{}".to_string()),
+        ("PUT", "[1]".to_string()),
+        ("PATCH", "[1]".to_string()),
+        ("PATCH", r#"{"": 1}"#.to_string()),
+        ("PATCH", deep),
+    ];
+    let refused = |method: &str, path: &str, if_match: String, body: &str| {
         server
             .client()
-            .put(server.url(path))
+            .request(method.parse().expect("a method"), server.url(path))
             .header("content-type", "application/json")
             .header("if-match", if_match)
-            .body("{}")
+            .body(body.to_string())
     };
-    for (target, if_match) in [
-        (path, format!("\"{v1}\"")),
-        ("/v1/entities/appointment/absent", format!("\"{v1}\"")),
-        ("/v1/entities/appointment/absent", "*".to_string()),
-    ] {
+    let feed_before = server.feed_len();
+    for (method, body) in &refused_bodies {
+        for (target, if_match) in [
+            (path, format!("\"{v1}\"")),
+            ("/v1/entities/appointment/absent", format!("\"{v1}\"")),
+            ("/v1/entities/appointment/absent", "*".to_string()),
+        ] {
+            expect_error(
+                server.send(refused(method, target, if_match, body)).await?,
+                412,
+                "version_mismatch",
+            )
+            .await
+            .with_context(|| format!("{method} {target} {body}"))?;
+        }
         expect_error(
-            server.send(put_nothing(target, if_match)).await?,
-            412,
-            "version_mismatch",
+            server
+                .send(refused(
+                    method,
+                    path,
+                    format!("\"{current_version}\""),
+                    body,
+                ))
+                .await?,
+            422,
+            "unwritable_value",
         )
-        .await?;
+        .await
+        .with_context(|| format!("{method} {body} at the current version"))?;
     }
-    expect_error(
-        server
-            .send(put_nothing(path, format!("\"{current_version}\"")))
-            .await?,
-        422,
-        "unwritable_value",
-    )
-    .await?;
+    assert_eq!(server.feed_len(), feed_before, "a refused body was written");
     server.stop().await?;
     Ok(())
 }

@@ -111,6 +111,7 @@ impl ApiError {
                     (StatusCode::SERVICE_UNAVAILABLE, "store_failed".into(), None)
                 }
                 store::Error::Storage(_)
+                | store::Error::Panicked(_)
                 | store::Error::Sync(_)
                 | store::Error::Corrupt { .. }
                 | store::Error::Automerge(_) => {

@@ -9,6 +9,7 @@
 //! concurrent callers then share the application as well as the flush.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
@@ -16,7 +17,7 @@ use serde_json::{Map, Value as Json};
 use tokio::sync::oneshot;
 
 use crate::document;
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 use crate::key::EntityKey;
 use crate::records::{CommitView, RecordWrite};
 use crate::store::{AfterJson, Inner, Staged, Store, Unflushed, WriteOptions, Written};
@@ -108,7 +109,15 @@ impl Store {
                 self.commit_pending(&mut pending, &mut outcomes);
             }
             self.hold_stripe(&key, &mut pending, &mut outcomes);
-            match stage(item) {
+            // Staging only works in memory (an Automerge transaction, a caller's records): a
+            // panic there fails this write alone, and the document it had taken is dropped, so
+            // the next write of the entity loads it from disk.
+            let staged = catch_unwind(AssertUnwindSafe(|| stage(item))).unwrap_or_else(|panic| {
+                let message = panic_message(&*panic);
+                tracing::error!(entity = %key, panic = %message, "working out a write panicked");
+                Err(Error::Panicked(message))
+            });
+            match staged {
                 Ok(staged) => {
                     pending.keys.insert(key);
                     pending.staged.push((index, staged));
@@ -162,22 +171,24 @@ impl Store {
         let WriteRequest { key, edit, options } = request;
         let records =
             |view: &CommitView<'_>| records.map_or_else(Vec::new, |records| records(view));
+        // The precondition is judged before the content (RFC 9110, 13.2.1): a stale `If-Match`
+        // is a mismatch whatever the body holds, so a body refused for its content is checked
+        // against it first.
+        let refuse = |refused: Error| match &options.if_match {
+            Some(expected) => self.check_if_match(key, expected).err().unwrap_or(refused),
+            None => refused,
+        };
         match edit {
             Edit::MergePatch(patch) => {
-                let patch = writable_object(patch, "a merge patch")?;
+                let patch = writable_object(patch, "a merge patch").map_err(refuse)?;
                 self.stage_write(key, options, document::JsonEdit::MergePatch(patch), records)
             }
             Edit::Replace(fields) => {
-                let fields = writable_object(fields, "the entity's fields")?;
+                let fields = writable_object(fields, "the entity's fields").map_err(refuse)?;
                 if fields.values().all(Json::is_null) {
-                    // The precondition is judged before the content (RFC 9110, 13.2.2): a stale
-                    // `If-Match` is a mismatch whatever the body holds.
-                    if let Some(expected) = &options.if_match {
-                        self.check_if_match(key, expected)?;
-                    }
-                    return Err(Error::UnwritableValue(
+                    return Err(refuse(Error::UnwritableValue(
                         "an entity needs at least one field; use DELETE to remove it".into(),
-                    ));
+                    )));
                 }
                 self.stage_write(key, options, document::JsonEdit::Replace(fields), records)
             }
@@ -329,12 +340,23 @@ fn run_writer(inner: &Weak<Inner>, jobs: &Mutex<Receiver<Job>>) {
         };
         let store = Store::from_inner(Arc::clone(&inner));
         drop(inner);
-        let outcomes = store.stage_and_commit(
-            items,
-            |(request, _)| request.key.clone(),
-            |(request, records)| store.stage_request(&request, records),
-        );
-        match store.unflushed(outcomes) {
+        // A panic while staging fails its write alone (`stage_and_commit`); one while applying
+        // the batch may have left part of it in sled, so the store then refuses writes, as after
+        // a failed flush (the next start undoes the part), and this thread goes on answering.
+        let committed = catch_unwind(AssertUnwindSafe(|| {
+            let outcomes = store.stage_and_commit(
+                items,
+                |(request, _)| request.key.clone(),
+                |(request, records)| store.stage_request(&request, records),
+            );
+            store.unflushed(outcomes)
+        }));
+        let committed = committed.unwrap_or_else(|panic| {
+            tracing::error!(panic = %panic_message(&*panic), "applying a batch of writes panicked; refusing further writes");
+            store.refuse_writes();
+            Err(Error::Failed)
+        });
+        match committed {
             Ok(unflushed) => {
                 for (reply, outcome) in replies.into_iter().zip(unflushed.split()) {
                     let _ = reply.send(Ok(outcome));

@@ -54,6 +54,9 @@ pub enum Error {
     /// Automerge refused an operation it should have accepted (a bug in the store).
     #[error("automerge rejected an operation")]
     Automerge(#[from] automerge::AutomergeError),
+    /// Working out a write panicked (a bug): that write failed and nothing of it was written.
+    #[error("a write panicked while it was worked out (a bug): {0}")]
+    Panicked(String),
     /// The store is shutting down or its flusher died; the write may not be durable.
     #[error("the store is closed")]
     Closed,
@@ -91,4 +94,13 @@ impl Error {
             },
         }
     }
+}
+
+/// The message a panic was raised with, for an error or a log line.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(ToString::to_string)
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

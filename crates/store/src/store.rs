@@ -1571,6 +1571,11 @@ impl Store {
         }
     }
 
+    /// Refuses every write from now on, as after a failed flush (see `Durability::fail`).
+    pub(crate) fn refuse_writes(&self) {
+        self.inner.durability.fail();
+    }
+
     /// Blocks until everything applied to sled before this call is flushed (see `durability`):
     /// everything a read before it returned is then durable.
     ///
