@@ -703,3 +703,120 @@ async fn three_processes() -> Result<()> {
     }
     Ok(())
 }
+
+/// PUTs `item/<prefix><n>` for `n` in `0..count` at `base`.
+async fn put_items(client: &reqwest::Client, base: &str, prefix: &str, count: u64) -> Result<()> {
+    for n in 0..count {
+        let response = client
+            .put(format!("{base}/v1/entities/item/{prefix}{n}"))
+            .json(&json!({ "n": n }))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?;
+        ensure!(
+            response.status().is_success(),
+            "{prefix}{n}: {}",
+            response.status()
+        );
+    }
+    Ok(())
+}
+
+/// A site restored from a backup has lost what it wrote since, and writes new rows under the
+/// feed numbers its peer had already consumed. Both are healed: its peer announces the lost
+/// changes back (the site's cursor is behind what it acknowledged there), and the site
+/// announces its feed again from what the peer had acknowledged here (the peer's cursor is past
+/// that), so the new rows are not skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_4_a_site_restored_from_a_backup_gets_back_what_it_lost_and_sends_what_it_wrote(
+) -> Result<()> {
+    tokio::time::timeout(Duration::from_secs(55), restored_from_a_backup())
+        .await
+        .context("the backup test took longer than 55 s")?
+}
+
+async fn restored_from_a_backup() -> Result<()> {
+    let binary = release_binary()?;
+    let root = tempfile::tempdir()?;
+    let (north_port, south_port) = (free_port()?, free_port()?);
+    let (north_url, south_url) = (
+        format!("http://127.0.0.1:{north_port}"),
+        format!("http://127.0.0.1:{south_port}"),
+    );
+    // North dials south; north alone (no peer) is the same site cut off.
+    let north_linked = root.path().join("north.toml");
+    let north_alone = root.path().join("north-alone.toml");
+    let south_config = root.path().join("south.toml");
+    std::fs::write(
+        &north_linked,
+        site_toml(
+            "north",
+            &[],
+            &[dial("south", &south_url, "tok-north")],
+            "200ms",
+        ),
+    )?;
+    std::fs::write(&north_alone, site_toml("north", &[], &[], "200ms"))?;
+    std::fs::write(
+        &south_config,
+        site_toml("south", &[("north", "tok-north")], &[], "200ms"),
+    )?;
+    let (north_data, south_data, backup) = (
+        root.path().join("north-data"),
+        root.path().join("south-data"),
+        root.path().join("north-backup"),
+    );
+    let client = reqwest::Client::new();
+    let bases = [north_url.as_str(), south_url.as_str()];
+    let south = Process::start(&binary, &south_config, &south_data, south_port).await?;
+    let north = Process::start(&binary, &north_linked, &north_data, north_port).await?;
+    put_items(&client, &north_url, "before", 10).await?;
+    converged(&client, &bases, "item", CONVERGE).await?;
+
+    // The backup: a copy of north's directory while it is stopped.
+    north.kill().await?;
+    copy_dir(&north_data, &backup)?;
+    let north = Process::start(&binary, &north_linked, &north_data, north_port).await?;
+    put_items(&client, &north_url, "lost", 10).await?;
+    let before_restore = converged(&client, &bases, "item", CONVERGE).await?;
+    ensure!(before_restore.len() == 20, "{} items", before_restore.len());
+
+    // North is restored and, cut off, writes new rows under the numbers south has consumed.
+    north.kill().await?;
+    std::fs::remove_dir_all(&north_data)?;
+    copy_dir(&backup, &north_data)?;
+    let north = Process::start(&binary, &north_alone, &north_data, north_port).await?;
+    put_items(&client, &north_url, "after", 15).await?;
+    north.kill().await?;
+    let north = Process::start(&binary, &north_linked, &north_data, north_port).await?;
+
+    let healed = converged(&client, &bases, "item", CONVERGE).await?;
+    let mut prefixes: BTreeMap<String, usize> = BTreeMap::new();
+    for id in healed.keys() {
+        let prefix = id.trim_end_matches(|c: char| c.is_ascii_digit());
+        *prefixes.entry(prefix.to_string()).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> = [("after", 15), ("before", 10), ("lost", 10)]
+        .into_iter()
+        .map(|(prefix, count)| (prefix.to_string(), count))
+        .collect();
+    assert_eq!(prefixes, expected);
+    north.kill().await?;
+    south.kill().await?;
+    Ok(())
+}
+
+/// Copies a directory tree (a store's data directory) to `to`, which must not exist.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}

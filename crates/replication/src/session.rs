@@ -89,25 +89,36 @@ pub struct Session {
 /// consumed that peer's feed, as a decimal number.
 const CURSOR_SPACE: &str = "replication.cursor";
 
+/// The record space of the acknowledgements: `replication.acked/<peer>` holds how far that peer
+/// last said it had consumed this site's feed (its last `Done`), as a decimal number.
+const ACKED_SPACE: &str = "replication.acked";
+
 /// How far this site has consumed `peer`'s feed, as last written to disk.
 ///
 /// # Errors
 /// Storage errors, or [`store::Error::Corrupt`] when the record is not a number.
 pub fn stored_cursor(store: &Store, peer: &str) -> store::Result<Seq> {
-    let Some(raw) = store.read_record(&cursor_key(peer))? else {
-        return Ok(Seq::ZERO);
+    Ok(stored_seq(store, CURSOR_SPACE, peer, "replication cursor")?.unwrap_or(Seq::ZERO))
+}
+
+/// How far `peer` last acknowledged this site's feed, as last written to disk; `None` before
+/// its first acknowledgement (or one made by a version that did not keep them).
+fn stored_acked(store: &Store, peer: &str) -> store::Result<Option<Seq>> {
+    stored_seq(store, ACKED_SPACE, peer, "replication acknowledgement")
+}
+
+fn stored_seq(store: &Store, space: &str, peer: &str, what: &str) -> store::Result<Option<Seq>> {
+    let Some(raw) = store.read_record(&RecordKey::new(space, &[peer]))? else {
+        return Ok(None);
     };
     std::str::from_utf8(&raw)
         .ok()
         .and_then(|text| text.parse().ok())
+        .map(Some)
         .ok_or_else(|| store::Error::Corrupt {
-            what: format!("the replication cursor of {peer}"),
+            what: format!("the {what} of {peer}"),
             detail: "not a number".into(),
         })
-}
-
-fn cursor_key(peer: &str) -> RecordKey {
-    RecordKey::new(CURSOR_SPACE, &[peer])
 }
 
 impl Session {
@@ -199,7 +210,8 @@ impl Session {
                     )));
                 }
                 self.remote_site = Some(site);
-                self.serve.start_at(&self.store, cursor, &self.peer);
+                let acked = stored_acked(&self.store, &self.peer)?;
+                self.serve.start_at(&self.store, cursor, acked, &self.peer);
                 self.announce()
             }
             Frame::Rows {
@@ -276,9 +288,20 @@ impl Session {
     /// Writes the cursor, without waiting for it to be durable: what it covers already is, and
     /// a crash that loses it only makes the peer announce those batches again.
     fn save_cursor(&self, cursor: Seq) -> Result<()> {
+        self.save_seq(CURSOR_SPACE, cursor)
+    }
+
+    /// Writes how far the peer has acknowledged this site's feed, lazily too: a crash that loses
+    /// it only makes a later hello look ahead of it, and the batches after it are announced
+    /// again (see `Serve::start_at`).
+    fn save_acked(&self, cursor: Seq) -> Result<()> {
+        self.save_seq(ACKED_SPACE, cursor)
+    }
+
+    fn save_seq(&self, space: &str, seq: Seq) -> Result<()> {
         self.store.write_records_lazily(vec![RecordWrite::put(
-            cursor_key(&self.peer),
-            cursor.to_string(),
+            RecordKey::new(space, &[&self.peer]),
+            seq.to_string(),
         )])?;
         Ok(())
     }

@@ -4,9 +4,9 @@
 //! Up to [`BATCHES_IN_FLIGHT`] batches are in flight at a time, each of rows after the last
 //! one announced, at most one per entity and at most `batch_entities`, leaving out rows whose
 //! change came from this very peer (it has them; an optimisation only, since the peer skips
-//! entities it is up to date on anyway), unless the peer starts from the beginning of the feed:
-//! a peer whose store was replaced (its disk lost) has none of its own changes either. The
-//! peer acknowledges them in order. The sync states
+//! entities it is up to date on anyway), unless the peer may have lost them: it starts from the
+//! beginning of the feed, or from behind what it last acknowledged (see [`Serve::start_at`]).
+//! The peer acknowledges them in order. The sync states
 //! for the peer's requests live until it acknowledges their batch. Deciding which entities to
 //! ask for is `pull`'s business.
 
@@ -44,16 +44,31 @@ struct Outstanding {
 }
 
 impl Serve {
-    /// Starts announcing after `cursor`, or from the beginning when the cursor is past the end
-    /// of the local feed (the peer remembers a store that this one replaced).
-    pub(super) fn start_at(&mut self, store: &Store, cursor: Seq, peer: &str) {
+    /// Starts announcing after `cursor`, the peer's cursor of this site's feed, checked against
+    /// `acked`, what it last acknowledged here:
+    /// - past the end of the local feed: from the beginning (the peer remembers a store that
+    ///   this one replaced);
+    /// - past `acked`: from `acked`, since this store may have been restored from a backup and
+    ///   have written other rows under the numbers the peer consumed (a crash that lost the
+    ///   lazily written acknowledgement also lands here, and costs those batches again);
+    /// - behind `acked`: from `cursor`, and the peer's own changes are announced back to it too,
+    ///   since its store may have been replaced or restored and lost them (a crash that lost
+    ///   its lazily written cursor also lands here, and costs a few rows);
+    /// - at 0: from the beginning, the peer's own changes included, for the same reason.
+    pub(super) fn start_at(&mut self, store: &Store, cursor: Seq, acked: Option<Seq>, peer: &str) {
         let last = store.last_seq();
         self.their_cursor = Some(cursor);
-        self.announce_theirs = cursor == Seq::ZERO;
+        self.announce_theirs = cursor == Seq::ZERO || acked.is_some_and(|acked| cursor < acked);
         self.announced = if cursor > last {
             tracing::warn!(%peer, %cursor, %last, "the peer's cursor is past the end of the feed; announcing from the start");
             Seq::ZERO
+        } else if let Some(acked) = acked.filter(|acked| cursor > *acked) {
+            tracing::warn!(%peer, %cursor, %acked, "the peer's cursor is past what it acknowledged here (was this store restored from a backup?); announcing again from there");
+            acked
         } else {
+            if self.announce_theirs && cursor > Seq::ZERO {
+                tracing::warn!(%peer, %cursor, acked = ?acked, "the peer's cursor is behind what it acknowledged here (was its store replaced or restored?); announcing its own changes back to it too");
+            }
             cursor
         };
     }
@@ -223,6 +238,7 @@ impl Session {
         }
         self.serve.outstanding.pop_front();
         self.serve.their_cursor = Some(cursor);
+        self.save_acked(cursor)?;
         self.announce()
     }
 }

@@ -624,7 +624,10 @@ fn a_peer_whose_store_was_replaced_moves_the_cursor_back() {
     let (_dir, store) = open();
     let (_other_dir, other) = open();
     store
-        .write_records(vec![RecordWrite::put(cursor_key("remote"), "100")])
+        .write_records(vec![RecordWrite::put(
+            RecordKey::new(CURSOR_SPACE, &["remote"]),
+            "100",
+        )])
         .expect("an old cursor");
     let version = write(&other, "1", json!({"n": 1}));
     let (mut session, _) = session(&store, SessionSettings::default());
@@ -633,4 +636,91 @@ fn a_peer_whose_store_was_replaced_moves_the_cursor_back() {
     let out = session.receive(whole_reply(0, &other, "1")).expect("reply");
     assert_eq!(out, vec![done(0, 1)]);
     assert_eq!(stored_cursor(&store, "remote").expect("read"), Seq(1));
+}
+
+/// Writes `theirs` as a change from the peer `remote` (`peer:remote`) into `store`.
+fn merge_from_peer(store: &Store, id: &str) {
+    let (_dir, other) = open();
+    other
+        .patch(
+            &key(id),
+            &json!({"a": 1}),
+            &WriteOptions::new(Origin::local("bob").expect("valid")),
+        )
+        .expect("write");
+    let bytes = other.save(&key(id)).expect("save").expect("it exists");
+    store
+        .merge(
+            &key(id),
+            &bytes,
+            &Origin::parse("peer:remote").expect("valid"),
+        )
+        .expect("merge");
+}
+
+/// A session whose peer acknowledges this site's feed up to `acked`, then goes away.
+fn acknowledge(store: &Store, acked: u64) {
+    let (mut session, out) = session(store, SessionSettings::default());
+    let Some(Frame::Rows { batch, .. }) = out.first() else {
+        panic!("expected rows: {out:?}");
+    };
+    session.receive(done(*batch, acked)).expect("done");
+}
+
+/// A peer whose hello is behind what it acknowledged here may have lost its store (restored
+/// from a backup, say): its own changes are announced back to it from its cursor on, which
+/// it would otherwise never get again.
+#[test]
+fn a_peer_behind_what_it_acknowledged_gets_its_own_changes_back() {
+    let (_dir, store) = open();
+    write(&store, "first", json!({"c": 3}));
+    merge_from_peer(&store, "theirs");
+    write(&store, "ours", json!({"b": 2}));
+    acknowledge(&store, 3);
+    let (_session, out) = session_from(&store, SessionSettings::default(), 1);
+    assert_eq!(
+        announced(&out),
+        (
+            vec!["appointment/ours".to_string(), "appointment/theirs".into()],
+            Seq(3)
+        )
+    );
+    // At what it acknowledged, its own changes are left out as usual.
+    acknowledge(&store, 1);
+    let (_session, out) = session_from(&store, SessionSettings::default(), 1);
+    assert_eq!(
+        announced(&out),
+        (vec!["appointment/ours".to_string()], Seq(3))
+    );
+}
+
+/// A peer whose hello is past what it acknowledged here has consumed rows this store may no
+/// longer have (restored from a backup, it wrote other rows under the same numbers): the
+/// feed is announced again from what it acknowledged.
+#[test]
+fn a_peer_past_what_it_acknowledged_is_announced_again_from_there() {
+    let (_dir, store) = open();
+    for index in 0..5 {
+        write(&store, &format!("e{index}"), json!({"n": index}));
+    }
+    acknowledge(&store, 2);
+    let (_session, out) = session_from(&store, SessionSettings::default(), 4);
+    assert_eq!(
+        announced(&out),
+        (
+            vec![
+                "appointment/e2".to_string(),
+                "appointment/e3".into(),
+                "appointment/e4".into()
+            ],
+            Seq(5)
+        )
+    );
+    // At what it acknowledged, the feed goes on from its cursor.
+    acknowledge(&store, 4);
+    let (_session, out) = session_from(&store, SessionSettings::default(), 4);
+    assert_eq!(
+        announced(&out),
+        (vec!["appointment/e4".to_string()], Seq(5))
+    );
 }
