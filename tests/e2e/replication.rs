@@ -820,3 +820,66 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// The replication websocket's upgrade request as peer `token`'s holder, sent over plain HTTP:
+/// the answer when the server refuses the link.
+async fn upgrade_refused(server: &TestServer, token: &str) -> Result<reqwest::Response> {
+    Ok(reqwest::Client::new()
+        .get(server.url("/v1/replication"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await?)
+}
+
+/// One peer cannot take every accepted link slot: past `MAX_LINKS_PER_PEER` links its next
+/// one is refused (503 `too_many_links`), while another peer still gets in; once one of its
+/// links ends, it may open another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_4_one_peer_cannot_take_every_link() -> Result<()> {
+    let north = TestServer::start_with(&site_toml(
+        "north",
+        &[("south", "tok-south"), ("west", "tok-west")],
+        &[],
+        "1s",
+    ))
+    .await?;
+    let mut links = Vec::new();
+    for _ in 0..replication::MAX_LINKS_PER_PEER {
+        links.push(connect(&north).await?);
+    }
+    let refused = upgrade_refused(&north, "tok-south").await?;
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = expect_error(refused, 503, "too_many_links").await?;
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("south")),
+        "{body}"
+    );
+
+    let mut request = format!("ws://{}/v1/replication", north.address()).into_client_request()?;
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer tok-west".parse()?);
+    let (_west, _) = within("west connecting", tokio_tungstenite::connect_async(request)).await??;
+
+    let mut ended = links.pop().context("a link")?;
+    ended.close(None).await?;
+    drop(ended);
+    let _again = poll_until("south may link again", || async {
+        let mut request =
+            format!("ws://{}/v1/replication", north.address()).into_client_request()?;
+        request
+            .headers_mut()
+            .insert("authorization", "Bearer tok-south".parse()?);
+        Ok(tokio_tungstenite::connect_async(request)
+            .await
+            .ok()
+            .map(|(socket, _)| socket))
+    })
+    .await?;
+    north.stop().await?;
+    Ok(())
+}

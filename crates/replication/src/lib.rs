@@ -71,6 +71,6 @@ pub use frame::{
     PROTOCOL_VERSION,
 };
 pub use link::accept_key;
-pub use registry::{Replication, Worker};
+pub use registry::{LinkSlot, Refusal, Replication, Worker, MAX_LINKS_PER_PEER};
 pub use session::{stored_cursor, Progress, Session, SessionSettings};
 pub use status::{PeerState, PeerStatus};

@@ -47,6 +47,29 @@ struct Inner {
     tokens: Vec<(Token, String)>,
     peers: BTreeMap<String, Arc<PeerState>>,
     accepted: Arc<Semaphore>,
+    /// Each accepting peer's own slots, [`MAX_LINKS_PER_PEER`] each.
+    peer_links: BTreeMap<String, Arc<Semaphore>>,
+}
+
+/// The most links one peer may have accepted here at once: its link, and a few more while
+/// links that a reconnect left behind wait out their idle timeout. Without it, one peer (a
+/// buggy or compromised one) could take every `max_connections` slot and lock the others out.
+pub const MAX_LINKS_PER_PEER: usize = 4;
+
+/// Room for one accepted link: a slot of `max_connections` and one of its peer's own; both are
+/// given back when it is dropped.
+pub struct LinkSlot {
+    _all: OwnedSemaphorePermit,
+    _peer: OwnedSemaphorePermit,
+}
+
+/// Why [`Replication::admit`] refused a link.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` links are up.
+    Full,
+    /// The peer has [`MAX_LINKS_PER_PEER`] links up here already.
+    PeerFull,
 }
 
 impl Replication {
@@ -83,11 +106,22 @@ impl Replication {
             .iter()
             .map(|token| (token.token.clone(), token.name.clone()))
             .collect();
+        let peer_links = settings
+            .tokens
+            .iter()
+            .map(|token| {
+                (
+                    token.name.clone(),
+                    Arc::new(Semaphore::new(MAX_LINKS_PER_PEER)),
+                )
+            })
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 site: site.to_string(),
                 accepted: Arc::new(Semaphore::new(settings.max_connections)),
+                peer_links,
                 settings,
                 dialed,
                 tokens,
@@ -131,9 +165,28 @@ impl Replication {
         found
     }
 
-    /// A slot for one more accepted link, or `None` when `max_connections` are up.
-    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
-        self.inner.accepted.clone().try_acquire_owned().ok()
+    /// A slot for one more accepted link with `peer` (a name [`Replication::identify`] gave).
+    ///
+    /// # Errors
+    /// [`Refusal::PeerFull`] when the peer has [`MAX_LINKS_PER_PEER`] links up here (or is not
+    /// an accepting peer), [`Refusal::Full`] when `max_connections` links are up.
+    pub fn admit(&self, peer: &str) -> Result<LinkSlot, Refusal> {
+        let peer = self
+            .inner
+            .peer_links
+            .get(peer)
+            .and_then(|links| links.clone().try_acquire_owned().ok())
+            .ok_or(Refusal::PeerFull)?;
+        let all = self
+            .inner
+            .accepted
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Full)?;
+        Ok(LinkSlot {
+            _all: all,
+            _peer: peer,
+        })
     }
 
     /// Runs an accepted link with `peer` (identified by [`Replication::identify`]) over an
@@ -143,7 +196,7 @@ impl Replication {
         &self,
         peer: String,
         io: I,
-        permit: OwnedSemaphorePermit,
+        slot: LinkSlot,
         shutdown: CancellationToken,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send,
@@ -162,7 +215,7 @@ impl Replication {
         }
         .instrument(span)
         .await;
-        drop(permit);
+        drop(slot);
     }
 
     /// Every known peer's status, by name.

@@ -46,6 +46,8 @@ pub(crate) enum ApiError {
     Overloaded,
     /// `limits.max_event_streams` change feed streams are already open.
     TooManyStreams { limit: usize },
+    /// The replication peer already has its most links up here.
+    TooManyLinks { peer: String, limit: usize },
     /// The server is shutting down.
     ShuttingDown,
     /// A bug or an environment failure outside the store (a panicked blocking task).
@@ -205,6 +207,14 @@ impl ApiError {
                 "overloaded",
                 "too many requests are in progress; retry shortly".into(),
             ),
+            Self::TooManyLinks { peer, limit } => client(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_links",
+                format!(
+                    "peer {peer} already has {limit} replication links open here; one is enough, \
+                     and a link left behind by a reconnect ends at its idle timeout"
+                ),
+            ),
             Self::TooManyStreams { limit } => client(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_streams",
@@ -269,7 +279,10 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"lockstep\""),
                 );
             }
-            Self::Overloaded | Self::ShuttingDown | Self::Store(store::Error::Closed) => {
+            Self::Overloaded
+            | Self::TooManyLinks { .. }
+            | Self::ShuttingDown
+            | Self::Store(store::Error::Closed) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::TooManyStreams { .. } => {

@@ -100,7 +100,16 @@ async fn accept(State(state): State<AppState>, mut request: Request) -> Result<R
             "this endpoint speaks the replication protocol over a websocket (version 13); see docs/replication.md",
         ));
     };
-    let permit = state.replication.admit().ok_or(ApiError::Overloaded)?;
+    let slot = state
+        .replication
+        .admit(&peer)
+        .map_err(|refusal| match refusal {
+            replication::Refusal::Full => ApiError::Overloaded,
+            replication::Refusal::PeerFull => ApiError::TooManyLinks {
+                peer: peer.clone(),
+                limit: replication::MAX_LINKS_PER_PEER,
+            },
+        })?;
     let upgrade = hyper::upgrade::on(&mut request);
     let replication = state.replication.clone();
     let shutdown = state.shutdown.child_token();
@@ -110,7 +119,7 @@ async fn accept(State(state): State<AppState>, mut request: Request) -> Result<R
             match upgrade.await {
                 Ok(upgraded) => {
                     replication
-                        .serve_upgraded(peer, TokioIo::new(upgraded), permit, shutdown)
+                        .serve_upgraded(peer, TokioIo::new(upgraded), slot, shutdown)
                         .await;
                 }
                 Err(error) => tracing::warn!(error = %error, "a peer's websocket upgrade failed"),
