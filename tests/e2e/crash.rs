@@ -345,6 +345,17 @@ async fn webhook_writer(
     }
 }
 
+/// Writes `dir/lockstep.toml` with one connector, `scheduler`, verifying webhooks with
+/// `TEST_SECRET`, whose other keys and tables are `rest`; returns its path.
+fn scheduler_config(dir: &Path, rest: &str) -> Result<std::path::PathBuf> {
+    let config = dir.join("lockstep.toml");
+    std::fs::write(
+        &config,
+        format!("[[connectors]]\nname = \"scheduler\"\nwebhook_secret = \"{TEST_SECRET}\"\n{rest}"),
+    )?;
+    Ok(config)
+}
+
 async fn post_webhook(
     client: &reqwest::Client,
     base: &str,
@@ -379,18 +390,13 @@ async fn connector_crash_cycles() -> Result<()> {
     fake.keep_state("apptId");
     // Slow answers keep deliveries in flight when the kill comes.
     fake.set(Behavior::Stall(Duration::from_millis(150)));
-    let config = data.path().join("lockstep.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[[connectors]]
-name = "scheduler"
-kind = "appointment"
+    let config = scheduler_config(
+        data.path(),
+        &format!(
+            r#"kind = "appointment"
 id_field = "apptId"
 url = "{}/sync"
 timeout = "2s"
-webhook_secret = "{TEST_SECRET}"
 [connectors.fields]
 scheduledDate = "date"
 [connectors.retry]
@@ -548,21 +554,14 @@ async fn a_full_disk_stops_writes_and_loses_no_acknowledged_one() -> Result<()> 
     let binary = release_binary()?;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let config = dir.path().join("lockstep.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[[connectors]]
-name = "scheduler"
-kind = "doc"
+    let config = scheduler_config(
+        dir.path(),
+        r#"kind = "doc"
 id_field = "id"
-webhook_secret = "{TEST_SECRET}"
 [connectors.fields]
 text = "text"
 n = "n"
-"#
-        ),
+"#,
     )?;
     // `ulimit -f 4096` (blocks of 512 bytes in a POSIX shell) makes a write past 2 MiB fail
     // (EFBIG) as a full disk would (ENOSPC); the signal that would otherwise kill the process

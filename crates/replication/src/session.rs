@@ -251,7 +251,7 @@ impl Session {
             _ => false,
         });
         if carries_changes {
-            self.store.wait_durable()?;
+            self.store.wait_changes_durable()?;
         }
         Ok(out)
     }

@@ -174,6 +174,16 @@ impl Durability {
         self.wait_for(self.request()?)
     }
 
+    /// Blocks until every feed row applied so far is flushed; at once, without a flush, when
+    /// every one already is.
+    pub(crate) fn wait_applied(&self) -> Result<()> {
+        let applied = self.shared.applied_seq.load(Ordering::Acquire);
+        if self.durable_seq().0 >= applied {
+            return self.check();
+        }
+        self.wait()
+    }
+
     fn lock(&self) -> MutexGuard<'_, FlushState> {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1576,13 +1576,24 @@ impl Store {
         self.inner.durability.fail();
     }
 
-    /// Blocks until everything applied to sled before this call is flushed (see `durability`):
-    /// everything a read before it returned is then durable.
+    /// Blocks until everything applied to sled before this call is flushed (see `durability`).
     ///
     /// # Errors
     /// [`Error::Closed`] when the store is closed, [`Error::Failed`] when a flush failed.
-    pub fn wait_durable(&self) -> Result<()> {
+    pub(crate) fn wait_durable(&self) -> Result<()> {
         self.inner.durability.wait()
+    }
+
+    /// Blocks until every change a read of an entity has returned so far is durable: at once,
+    /// without a flush, when every feed row applied is already flushed. A change is in memory
+    /// (and in sled) before its flush, and a reader holds the entity's stripe lock, which the
+    /// commit holds from applying the change to recording its feed row as applied (and to
+    /// putting the document back in the cache): what a read saw is counted then.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] when the store is closed, [`Error::Failed`] when a flush failed.
+    pub fn wait_changes_durable(&self) -> Result<()> {
+        self.inner.durability.wait_applied()
     }
 
     /// Works out what persisting `doc` takes (its new chunk or a snapshot, its entity record, the

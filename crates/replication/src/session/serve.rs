@@ -25,9 +25,10 @@ pub(super) struct Serve {
     pub(super) their_cursor: Option<Seq>,
     /// The last local feed row announced.
     announced: Seq,
-    /// Whether rows whose change came from the peer are announced too: when it starts from the
-    /// beginning of the feed, as a peer with a new store does.
-    announce_theirs: bool,
+    /// Rows whose change came from the peer are announced too up to this one: the end of the
+    /// feed at its hello when it may have lost them (see [`Serve::start_at`]), else none. Rows
+    /// that arrive from it later it has.
+    theirs_through: Seq,
     next_batch: u64,
     /// The batches announced and not yet acknowledged, oldest first.
     outstanding: VecDeque<Outstanding>,
@@ -58,7 +59,8 @@ impl Serve {
     pub(super) fn start_at(&mut self, store: &Store, cursor: Seq, acked: Option<Seq>, peer: &str) {
         let last = store.last_seq();
         self.their_cursor = Some(cursor);
-        self.announce_theirs = cursor == Seq::ZERO || acked.is_some_and(|acked| cursor < acked);
+        let may_have_lost = cursor == Seq::ZERO || acked.is_some_and(|acked| cursor < acked);
+        self.theirs_through = if may_have_lost { last } else { Seq::ZERO };
         self.announced = if cursor > last {
             tracing::warn!(%peer, %cursor, %last, "the peer's cursor is past the end of the feed; announcing from the start");
             Seq::ZERO
@@ -66,7 +68,7 @@ impl Serve {
             tracing::warn!(%peer, %cursor, %acked, "the peer's cursor is past what it acknowledged here (was this store restored from a backup?); announcing again from there");
             acked
         } else {
-            if self.announce_theirs && cursor > Seq::ZERO {
+            if may_have_lost && cursor > Seq::ZERO {
                 tracing::warn!(%peer, %cursor, acked = ?acked, "the peer's cursor is behind what it acknowledged here (was its store replaced or restored?); announcing its own changes back to it too");
             }
             cursor
@@ -116,7 +118,7 @@ impl Session {
                     break 'scan;
                 }
                 through = feed_row.seq;
-                if feed_row.origin == self.origin && !self.serve.announce_theirs {
+                if feed_row.origin == self.origin && feed_row.seq > self.serve.theirs_through {
                     continue;
                 }
                 rows.insert(

@@ -1046,3 +1046,37 @@ fn in_flush_mode_a_thread_of_its_own_syncs_blob_files() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Waiting for the changes read so far to be durable runs no flush when every change already
+/// is (replication asks before each frame that carries changes), and one when a change was
+/// applied since the last flush.
+#[test]
+fn waiting_for_changes_to_be_durable_flushes_only_when_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 32);
+    let key = EntityKey::new("appointment", "1").unwrap();
+    let written = store
+        .patch(
+            &key,
+            &json!({"a": 1}),
+            &WriteOptions::new(Origin::local("u").unwrap()),
+        )
+        .unwrap();
+    let flushes = store.stats().flushes;
+    store.wait_changes_durable().unwrap();
+    assert_eq!(
+        store.stats().flushes,
+        flushes,
+        "a flush with nothing to flush"
+    );
+    assert!(store.last_seq() >= written.seq.unwrap());
+    // Applied without waiting for its flush: the wait covers it.
+    store.inner.durability.applied(Seq(store.last_seq().0 + 1));
+    store.wait_changes_durable().unwrap();
+    assert!(
+        store.stats().flushes > flushes,
+        "no flush for an applied row"
+    );
+    store.close().unwrap();
+    assert!(matches!(store.wait_changes_durable(), Err(Error::Closed)));
+}
