@@ -1997,7 +1997,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// handle, a moment after the last `Db` is dropped; reopening a directory in the same process
 /// right after closing it (a restart, a test) would otherwise fail now and then. Another process
 /// that holds the directory still makes `open` fail, after [`LOCK_WAIT`].
-fn open_sled(config: &StoreConfig) -> Result<sled::Db> {
+pub(crate) fn open_sled(config: &StoreConfig) -> Result<sled::Db> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         let opened = sled::Config::new()

@@ -4,8 +4,10 @@ use proptest::prelude::*;
 
 use super::*;
 
+/// sled in `dir`, as the store opens it: waiting a moment for the lock the last handle of a
+/// reopened directory may still hold.
 fn open(dir: &std::path::Path) -> sled::Db {
-    sled::Config::new().path(dir).open().unwrap()
+    crate::store::open_sled(&crate::StoreConfig::new(dir)).unwrap()
 }
 
 fn write(key: &str, value: Option<&str>) -> Write {

@@ -879,7 +879,7 @@ fn an_index_older_than_the_entity_on_disk_is_not_built_on() {
 
 /// Every key and value in sled's default tree at `dir`.
 fn dump(dir: &std::path::Path) -> std::collections::BTreeMap<Vec<u8>, Vec<u8>> {
-    let db = sled::Config::new().path(dir).open().unwrap();
+    let db = open_sled(&StoreConfig::new(dir)).unwrap();
     db.iter()
         .map(|entry| {
             let (key, value) = entry.unwrap();
@@ -914,7 +914,7 @@ fn a_write_a_crash_interrupted_is_undone_when_the_store_opens() {
     {
         // Take the update apart again as a crash during its application would have left it:
         // back to the state before it, then its intent and its first write.
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = open_sled(&StoreConfig::new(dir.path())).unwrap();
         let mut writes: Vec<atomic::Write> = after
             .iter()
             .filter(|(key, value)| before.get(*key) != Some(*value))
