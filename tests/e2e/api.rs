@@ -189,6 +189,66 @@ async fn if_match_accepts_the_current_version_and_refuses_a_stale_one() -> Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn if_match_any_holds_for_an_entity_that_exists_however_busy_it_is() -> Result<()> {
+    // `*` is judged by the store as the write is made. Read first and written at the version
+    // read, it lost to every write that landed in between, and under this load some `*` writes
+    // failed with 412 after their retries although the entity existed throughout.
+    let server = TestServer::start_with("[store]\nwriter_threads = 2").await?;
+    let path = "/v1/entities/slot/busy";
+    let (status, body) = server.patch(path, &json!({"n": 0})).await?;
+    assert_eq!(status, 201, "{body}");
+    let shared = &server;
+    let unconditional = (0..32).map(|writer| {
+        let request = shared.patch_request(path, &json!({"plain": writer}));
+        async move {
+            for _ in 0..20 {
+                let request = request.try_clone().context("cloning a request")?;
+                let (status, body) = shared.json(request).await?;
+                anyhow::ensure!(status == 200, "an unconditional write: {status} {body}");
+            }
+            anyhow::Ok(())
+        }
+    });
+    let any_version = (0..32).map(|writer| {
+        let request = shared
+            .patch_request(path, &json!({"any": writer}))
+            .header("if-match", "*");
+        async move {
+            let mut refused = 0;
+            for _ in 0..20 {
+                let request = request.try_clone().context("cloning a request")?;
+                let (status, body) = shared.json(request).await?;
+                match status.as_u16() {
+                    200 => {}
+                    412 => refused += 1,
+                    _ => anyhow::bail!("an If-Match: * write: {status} {body}"),
+                }
+            }
+            anyhow::Ok(refused)
+        }
+    });
+    let (plain, any) = tokio::join!(
+        futures::future::try_join_all(unconditional),
+        futures::future::try_join_all(any_version)
+    );
+    plain?;
+    let refused: u32 = any?.into_iter().sum();
+    assert_eq!(
+        refused, 0,
+        "If-Match: * writes refused on an entity that exists"
+    );
+    // On an entity that does not exist, `*` is still 412 and writes nothing.
+    let feed = server.feed_len();
+    let absent = server
+        .patch_request("/v1/entities/slot/absent", &json!({"n": 1}))
+        .header("if-match", "*");
+    expect_error(server.send(absent).await?, 412, "version_mismatch").await?;
+    assert_eq!(server.feed_len(), feed);
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_makes_the_entity_404_and_keeps_its_history() -> Result<()> {
     let server = TestServer::start().await?;
     let path = "/v1/entities/slot/s1";

@@ -14,8 +14,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use store::{
-    Edit, Entity, EntityId, EntityKey, FieldConflict, HistoryEntry, Kind, Version, WriteOptions,
-    WriteRequest,
+    Edit, Entity, EntityId, EntityKey, FieldConflict, HistoryEntry, IfMatch, Kind, Version,
+    WriteOptions, WriteRequest,
 };
 
 use crate::api_error::ApiError;
@@ -27,9 +27,6 @@ use crate::state::AppState;
 const DEFAULT_PAGE: usize = 100;
 /// The largest page a client may ask for.
 const MAX_PAGE: usize = 1000;
-/// How often an `If-Match: *` write retries when the entity changes between reading its version
-/// and writing; each retry means another writer made progress.
-const ANY_VERSION_ATTEMPTS: usize = 8;
 
 /// The entity routes.
 pub(crate) fn router() -> Router<AppState> {
@@ -43,15 +40,8 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/v1/entities/{kind}/{id}/conflicts", get(conflicts))
 }
 
-/// What an `If-Match` header asks for.
-enum Precondition {
-    /// `*`: the entity must exist.
-    Exists,
-    /// The entity must be at exactly this version.
-    At(Version),
-}
-
-fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
+/// The request's `If-Match`: `*` or one version, quoted or bare.
+fn precondition(headers: &HeaderMap) -> Result<Option<IfMatch>, ApiError> {
     let mut values = headers.get_all(header::IF_MATCH).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -66,59 +56,29 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
         ApiError::bad_request("invalid_version", "If-Match is not a readable version")
     })?;
     if value.trim() == "*" {
-        return Ok(Some(Precondition::Exists));
+        return Ok(Some(IfMatch::Exists));
     }
-    Ok(Some(Precondition::At(Version::parse(value)?)))
+    Ok(Some(IfMatch::At(Version::parse(value)?)))
 }
 
 /// Runs a write under the request's precondition, with the caller's origin, through the store's
-/// writer queue (so that concurrent requests share applications to sled and flushes).
+/// writer queue (so that concurrent requests share applications to sled and flushes). The store
+/// judges the precondition under the entity's lock, `*` included.
 async fn write_under(
     state: &AppState,
     key: &EntityKey,
-    precondition: Option<Precondition>,
+    if_match: Option<IfMatch>,
     caller: Caller,
     edit: Edit,
 ) -> Result<store::Written, ApiError> {
-    let mut request = WriteRequest {
+    let mut options = WriteOptions::new(caller.origin);
+    options.if_match = if_match;
+    let request = WriteRequest {
         key: key.clone(),
         edit,
-        options: WriteOptions::new(caller.origin),
+        options,
     };
-    match precondition {
-        None => Ok(state.store.submit(request).await?),
-        Some(Precondition::At(version)) => {
-            request.options.if_match = Some(version);
-            Ok(state.store.submit(request).await?)
-        }
-        Some(Precondition::Exists) => {
-            // The store takes an exact version, so `*` reads the current one and writes at it,
-            // retrying when another writer got in between.
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                let lookup_key = key.clone();
-                let Some(current) = state.blocking(move |store| store.get(&lookup_key)).await?
-                else {
-                    return Err(store::Error::VersionMismatch {
-                        key: key.clone(),
-                        expected: "*".into(),
-                        current: String::new(),
-                    }
-                    .into());
-                };
-                request.options.if_match = Some(Version::parse(&current.version)?);
-                match state.store.submit(request.clone()).await {
-                    Err(store::Error::VersionMismatch { current, .. })
-                        if !current.is_empty() && attempts < ANY_VERSION_ATTEMPTS =>
-                    {
-                        continue
-                    }
-                    outcome => return Ok(outcome?),
-                }
-            }
-        }
-    }
+    Ok(state.store.submit(request).await?)
 }
 
 /// An entity answered with its version as the `ETag`.

@@ -62,4 +62,4 @@ pub use store::{
     now_ms, Entity, HistoryEntry, Page, Store, StoreConfig, StoreStats, Unflushed, WriteOptions,
     Written,
 };
-pub use version::Version;
+pub use version::{IfMatch, Version};

@@ -38,7 +38,7 @@ use crate::layout::{self, EntityRecord};
 use crate::nested;
 use crate::origin::Origin;
 use crate::records::{CommitView, RecordKey, RecordWrite};
-use crate::version::Version;
+use crate::version::{IfMatch, Version};
 
 /// How a store is opened.
 #[derive(Clone, Debug)]
@@ -173,8 +173,9 @@ impl Written {
 pub struct WriteOptions {
     /// Recorded in the change and its feed row.
     pub origin: Origin,
-    /// When set, the write fails with [`Error::VersionMismatch`] unless the entity is at this version.
-    pub if_match: Option<Version>,
+    /// When set, the write fails with [`Error::VersionMismatch`] unless the entity exists (at
+    /// this version, for [`IfMatch::At`]).
+    pub if_match: Option<IfMatch>,
 }
 
 impl WriteOptions {
@@ -1092,16 +1093,20 @@ impl Store {
             .transpose()
     }
 
-    /// [`Error::VersionMismatch`] unless the entity exists at `expected`; for a caller holding
-    /// the entity's stripe lock.
-    pub(crate) fn check_if_match(&self, key: &EntityKey, expected: &Version) -> Result<()> {
+    /// [`Error::VersionMismatch`] unless the entity meets `expected`; for a caller holding the
+    /// entity's stripe lock.
+    pub(crate) fn check_if_match(&self, key: &EntityKey, expected: &IfMatch) -> Result<()> {
         let current = self
             .record_locked(key)?
             .filter(|record| record.exists)
             .map(|record| record.version)
             .unwrap_or_default();
-        // Both in their one written form (heads sorted), so the strings compare as the heads.
-        if !current.is_empty() && current == expected.to_string() {
+        let holds = match expected {
+            IfMatch::Exists => !current.is_empty(),
+            // Both in their one written form (heads sorted), so the strings compare as the heads.
+            IfMatch::At(version) => !current.is_empty() && current == version.to_string(),
+        };
+        if holds {
             return Ok(());
         }
         Err(Error::VersionMismatch {
@@ -1298,10 +1303,11 @@ impl Store {
             time: (now_ms() / 1000) as i64,
         };
         let version = Version::from_heads(before.clone());
+        // Whether the entity exists is settled below (a built write needs fields to build on).
         let matches = options
             .if_match
             .as_ref()
-            .is_none_or(|expected| expected.heads() == version.heads());
+            .is_none_or(|expected| expected.holds(!before.is_empty(), &version));
         if let (document::JsonEdit::MergePatch(patch), true) =
             (&edit, matches && self.inner.config.build_writes)
         {
@@ -1347,7 +1353,7 @@ impl Store {
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
         if let Some(expected) = &options.if_match {
-            if expected.heads() != Version::from_heads(before.clone()).heads() || !existed {
+            if !expected.holds(existed, &Version::from_heads(before.clone())) {
                 let current = if existed {
                     Version::from_heads(before).to_string()
                 } else {

@@ -70,6 +70,43 @@ impl Version {
     }
 }
 
+/// What a write asks of the entity it changes, as HTTP's `If-Match` does. Judged under the
+/// entity's stripe lock, so no other write can come between the check and the write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IfMatch {
+    /// The entity must exist, at whatever version (`If-Match: *`).
+    Exists,
+    /// The entity must exist at exactly this version.
+    At(Version),
+}
+
+impl IfMatch {
+    /// Whether an entity that `exists` (has fields) at `current` meets it.
+    pub(crate) fn holds(&self, exists: bool, current: &Version) -> bool {
+        exists
+            && match self {
+                Self::Exists => true,
+                Self::At(expected) => expected == current,
+            }
+    }
+}
+
+impl fmt::Display for IfMatch {
+    /// `*`, or the version, as the client sent it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exists => f.write_str("*"),
+            Self::At(version) => version.fmt(f),
+        }
+    }
+}
+
+impl From<Version> for IfMatch {
+    fn from(version: Version) -> Self {
+        Self::At(version)
+    }
+}
+
 /// A part of a version as an error shows it: quoted, and cut short when it is much longer than
 /// a hash, so that an error does not echo a large header back.
 fn shown(part: &str) -> String {

@@ -103,7 +103,7 @@ fn the_record_cache_holds_what_is_on_disk() {
     let stale = Version::parse(&store.record(&keys[1]).unwrap().unwrap().version).unwrap();
     store.patch(&keys[1], &json!({"n": -1}), &options).unwrap();
     let mut conditional = options.clone();
-    conditional.if_match = Some(stale);
+    conditional.if_match = Some(stale.into());
     assert!(store
         .patch(&keys[1], &json!({"n": -2}), &conditional)
         .is_err());

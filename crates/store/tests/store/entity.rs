@@ -380,6 +380,43 @@ fn if_match_guards_every_write() {
     assert_eq!(store.get(&absent_key()).unwrap(), None);
 }
 
+#[test]
+fn if_match_any_needs_the_entity_to_exist() {
+    let harness = Harness::open();
+    let store = harness.store();
+    let entity = key("appointment", "1");
+    let mut any = local("u");
+    any.if_match = Some(store::IfMatch::Exists);
+    let mismatch = |outcome: Result<_, Error>| {
+        matches!(outcome, Err(Error::VersionMismatch { ref expected, ref current, .. })
+            if expected == "*" && current.is_empty())
+    };
+    // Absent: refused, for every kind of write, and nothing is written.
+    assert!(mismatch(
+        store.patch(&entity, &json!({"a": 1}), &any).map(|_| ())
+    ));
+    assert!(mismatch(
+        store.replace(&entity, &json!({"a": 1}), &any).map(|_| ())
+    ));
+    assert!(mismatch(store.delete(&entity, &any).map(|_| ())));
+    assert_eq!(store.get(&entity).unwrap(), None);
+    // Present, at whatever version: taken.
+    store.patch(&entity, &json!({"a": 1}), &local("u")).unwrap();
+    store.patch(&entity, &json!({"a": 2}), &any).unwrap();
+    store.patch(&entity, &json!({"b": {"c": 1}}), &any).unwrap();
+    store.replace(&entity, &json!({"a": 3}), &any).unwrap();
+    assert_eq!(
+        store.get(&entity).unwrap().unwrap().data,
+        object(json!({"a": 3}))
+    );
+    assert!(store.delete(&entity, &any).unwrap().is_some());
+    // Deleted: refused again.
+    assert!(mismatch(
+        store.patch(&entity, &json!({"a": 4}), &any).map(|_| ())
+    ));
+    assert_eq!(store.get(&entity).unwrap(), None);
+}
+
 fn absent_key() -> store::EntityKey {
     key("appointment", "never")
 }

@@ -57,7 +57,7 @@ pub fn local(name: &str) -> WriteOptions {
 
 pub fn if_match(name: &str, version: &str) -> WriteOptions {
     let mut options = local(name);
-    options.if_match = Some(Version::parse(version).expect("a valid version"));
+    options.if_match = Some(Version::parse(version).expect("a valid version").into());
     options
 }
 
