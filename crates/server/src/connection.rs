@@ -11,6 +11,9 @@
 //! the header-read timeout, and HTTP is served over it; a connection whose handshake fails is
 //! closed (a plain-HTTP client gets no answer it could read).
 //!
+//! hyper answers a request head it cannot parse itself, with an empty body; [`JsonParseErrors`]
+//! gives that answer our JSON body.
+//!
 //! On shutdown the loop stops accepting, and each connection finishes the request in progress and
 //! closes. A connection still busy when the grace period ends is dropped (`force`).
 //!
@@ -37,6 +40,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Limits;
+use crate::parse_errors::JsonParseErrors;
 use crate::tls::Acceptor;
 
 /// How long to pause accepting after an error such as running out of file descriptors,
@@ -130,7 +134,10 @@ async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let connection = builder
-        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+        .serve_connection(
+            TokioIo::new(JsonParseErrors::new(stream)),
+            TowerToHyperService::new(app),
+        )
         .with_upgrades();
     tokio::pin!(connection);
     let outcome = tokio::select! {

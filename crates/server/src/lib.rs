@@ -50,6 +50,7 @@ mod extract;
 mod health;
 mod limits;
 mod metrics;
+mod parse_errors;
 mod replication;
 mod routes;
 mod state;

@@ -21,8 +21,8 @@ pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
 pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Middleware: refuses a request whose target or headers are larger than the limits above, with
-/// our JSON errors (414, 431). Hyper answers heads larger than its own buffer (about 400 KiB),
-/// or with more than 100 headers, with 431 and no body before any of this runs.
+/// our JSON errors (414, 431). Hyper refuses heads larger than its own buffer (about 400 KiB),
+/// or with more than 100 headers, before any of this runs (see `parse_errors`).
 pub(crate) async fn check_head(request: Request, next: Next) -> Result<Response, ApiError> {
     let target = request
         .uri()

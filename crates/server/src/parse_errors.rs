@@ -1,0 +1,201 @@
+//! JSON bodies for the answers hyper writes itself, to requests it cannot parse.
+//!
+//! hyper answers a request head it cannot read before any of our code sees the request: 400 for
+//! a request line or header that is not HTTP/1.1, 414 for a target longer than it reads (64 KiB),
+//! 431 for a head larger than its buffer (about 400 KiB) or with more than 100 headers. That
+//! answer has `content-length: 0` and no body, and the connection closes after it. Every bad
+//! input gets a `{"code","detail"}` body, so [`JsonParseErrors`] sits between hyper and the
+//! connection and rewrites exactly that answer into one with a JSON body.
+//!
+//! It knows the answer by its bytes: a write that is a whole response head of one of those three
+//! statuses, with `content-length: 0` and no `content-type`. Every answer of ours to a request
+//! that reached the router carries a JSON body and its type, so nothing of ours looks like that.
+//! Anything else passes through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+#[cfg(test)]
+mod tests;
+
+/// hyper writes its answer's head in one piece, a hundred bytes or so; a write longer than this
+/// is not one.
+const MAX_ANSWER_HEAD: usize = 1024;
+
+/// A connection's byte stream whose writes of hyper's own parse-error answers get a JSON body.
+pub(crate) struct JsonParseErrors<S> {
+    inner: S,
+    /// An answer rewritten, and how much of it the connection has taken.
+    rewritten: Option<(Vec<u8>, usize)>,
+}
+
+impl<S> JsonParseErrors<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        Self {
+            inner,
+            rewritten: None,
+        }
+    }
+}
+
+/// The code and detail of hyper's answer with this status.
+fn error_for(status: u16) -> Option<(&'static str, &'static str)> {
+    Some(match status {
+        400 => (
+            "malformed_request",
+            "the request line or a header is not valid HTTP/1.1, so the request was not read",
+        ),
+        414 => (
+            "uri_too_long",
+            "the path and query are longer than the HTTP parser reads (the limit is 8 KiB)",
+        ),
+        431 => (
+            "headers_too_large",
+            "the request's head is larger than the HTTP parser reads (about 400 KiB) or has more \
+             than 100 headers (the limit is 64 KiB of headers in all)",
+        ),
+        _ => return None,
+    })
+}
+
+/// `written` with a JSON body, when it is hyper's answer to a request it could not parse.
+pub(crate) fn rewrite(written: &[u8]) -> Option<Vec<u8>> {
+    if written.len() > MAX_ANSWER_HEAD {
+        return None;
+    }
+    let head = std::str::from_utf8(written)
+        .ok()?
+        .strip_suffix("\r\n\r\n")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let rest = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| status_line.strip_prefix("HTTP/1.0 "))?;
+    let (code, detail) = error_for(rest.get(..3)?.parse().ok()?)?;
+    let mut kept = Vec::new();
+    let mut empty = false;
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        if name.eq_ignore_ascii_case("content-length") {
+            if value.trim() != "0" {
+                return None;
+            }
+            empty = true;
+        } else if name.eq_ignore_ascii_case("content-type")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return None;
+        } else {
+            kept.push(line);
+        }
+    }
+    if !empty {
+        return None;
+    }
+    let body = serde_json::json!({ "code": code, "detail": detail }).to_string();
+    let mut answer = format!(
+        "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for line in kept {
+        answer.push_str(line);
+        answer.push_str("\r\n");
+    }
+    answer.push_str("\r\n");
+    answer.push_str(&body);
+    Some(answer.into_bytes())
+}
+
+impl<S: AsyncWrite + Unpin> JsonParseErrors<S> {
+    /// Writes what is left of a rewritten answer; ready once all of it is written.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((answer, written)) = &mut self.rewritten {
+            if *written == answer.len() {
+                self.rewritten = None;
+                break;
+            }
+            let wrote = ready!(Pin::new(&mut self.inner).poll_write(cx, &answer[*written..]))?;
+            if wrote == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *written += wrote;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `written` as a rewritten answer when it is one of hyper's: the whole of it counts as
+    /// written, and the answer goes out now or at the flush hyper makes next.
+    fn take_answer(&mut self, written: &[u8], cx: &mut Context<'_>) -> Option<io::Result<usize>> {
+        let answer = rewrite(written)?;
+        self.rewritten = Some((answer, 0));
+        match self.drain(cx) {
+            Poll::Ready(Err(error)) => Some(Err(error)),
+            _ => Some(Ok(written.len())),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for JsonParseErrors<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        if let Some(taken) = this.take_answer(buf, cx) {
+            return Poll::Ready(taken);
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        let total: usize = bufs.iter().map(|buf| buf.len()).sum();
+        let starts_a_head = bufs
+            .iter()
+            .find(|buf| !buf.is_empty())
+            .is_some_and(|buf| buf.starts_with(b"HTTP/1."));
+        if starts_a_head && total <= MAX_ANSWER_HEAD {
+            let written: Vec<u8> = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
+            if let Some(taken) = this.take_answer(&written, cx) {
+                return Poll::Ready(taken);
+            }
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
