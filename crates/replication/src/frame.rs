@@ -20,9 +20,19 @@ const MAX_PREALLOCATED: usize = 1024;
 /// bound, a frame of minimal rows would decode to about 24 times its size in memory.
 pub const MAX_BATCH_ENTITIES: usize = 10_000;
 
-/// The protocol version sent in [`Frame::Hello`]; a peer with another version is refused.
-/// Version 2 announces up to [`BATCHES_IN_FLIGHT`] batches at once (version 1: one).
-pub const PROTOCOL_VERSION: u64 = 2;
+/// The protocol version sent in [`Frame::Hello`]. Version 2 announces up to
+/// [`BATCHES_IN_FLIGHT`] batches at once (version 1: one). Version 3 may answer one
+/// [`Frame::Sync`] with several [`Frame::Reply`] frames, each of about [`REPLY_BYTES`] at most, so
+/// that no frame of a large batch takes long to cross a slow link.
+pub const PROTOCOL_VERSION: u64 = 3;
+
+/// The oldest protocol version a site still links with. A peer of version 2 is sent each reply
+/// in one frame, as it expects; one of another version is refused.
+pub const OLDEST_PROTOCOL_VERSION: u64 = 2;
+
+/// How many bytes of sync messages and documents one [`Frame::Reply`] carries before the rest
+/// go in the next, for a peer of version 3 or later; a single larger entry goes alone.
+pub const REPLY_BYTES: usize = 1024 * 1024;
 
 /// How many announced batches may be unacknowledged at once. More than one lets the announcer
 /// answer the next batch's requests while the puller applies the last batch's replies.
@@ -58,7 +68,8 @@ pub enum Frame {
         /// One entry per entity still being synced.
         entries: Vec<SyncEntry>,
     },
-    /// The answer to [`Frame::Sync`]: exactly one entry per requested entity, in order.
+    /// The answer to [`Frame::Sync`]: exactly one entry per requested entity, in order, in one
+    /// frame or (protocol version 3 on) in several.
     Reply {
         /// The batch being synced.
         batch: u64,

@@ -289,6 +289,7 @@ impl Replication {
         let settings = SessionSettings {
             batch_entities: self.inner.settings.batch_entities,
             max_rounds: self.inner.settings.max_rounds,
+            ..SessionSettings::default()
         };
         let opened =
             tokio::task::spawn_blocking(move || Session::open(store, &name, &site, settings))

@@ -27,7 +27,7 @@ mod serve;
 use store::{Origin, RecordKey, RecordWrite, Seq, Store};
 
 use crate::error::{Error, Result};
-use crate::frame::{Frame, PROTOCOL_VERSION};
+use crate::frame::{Frame, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, REPLY_BYTES};
 
 /// How a session batches and bounds its work.
 #[derive(Clone, Copy, Debug)]
@@ -36,14 +36,18 @@ pub struct SessionSettings {
     pub batch_entities: usize,
     /// How many round trips one entity's sync session may take before it is reset.
     pub max_rounds: u32,
+    /// How many bytes of messages one reply frame carries before the rest go in the next (for
+    /// a peer that takes replies in several frames).
+    pub reply_bytes: usize,
 }
 
 impl Default for SessionSettings {
-    /// 256 entities per batch and 32 rounds per entity.
+    /// 256 entities per batch, 32 rounds per entity and [`REPLY_BYTES`] a reply frame.
     fn default() -> Self {
         Self {
             batch_entities: 256,
             max_rounds: 32,
+            reply_bytes: REPLY_BYTES,
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct Session {
     site: String,
     settings: SessionSettings,
     remote_site: Option<String>,
+    /// The protocol version of the peer's hello (this site's own until it arrives).
+    remote_protocol: u64,
     pull: pull::Pull,
     serve: serve::Serve,
     rows_received: u64,
@@ -143,8 +149,10 @@ impl Session {
             settings: SessionSettings {
                 batch_entities: settings.batch_entities.max(1),
                 max_rounds: settings.max_rounds.max(1),
+                reply_bytes: settings.reply_bytes.max(1),
             },
             remote_site: None,
+            remote_protocol: PROTOCOL_VERSION,
             pull: pull::Pull::starting_at(cursor),
             serve: serve::Serve::default(),
             rows_received: 0,
@@ -204,12 +212,14 @@ impl Session {
                 if self.remote_site.is_some() {
                     return Err(Error::Protocol("a second hello".into()));
                 }
-                if protocol != PROTOCOL_VERSION {
+                if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol) {
                     return Err(Error::Protocol(format!(
-                        "protocol version {protocol}; this site speaks {PROTOCOL_VERSION}"
+                        "protocol version {protocol}; this site speaks versions \
+                         {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
                     )));
                 }
                 self.remote_site = Some(site);
+                self.remote_protocol = protocol;
                 let acked = stored_acked(&self.store, &self.peer)?;
                 self.serve.start_at(&self.store, cursor, acked, &self.peer);
                 self.announce()

@@ -243,8 +243,10 @@ impl Session {
                 "a reply for batch {batch}, which is not in progress"
             )));
         };
+        // The answer to a request may come in several frames (protocol version 3 on), each
+        // with at least one of the entries still awaited.
         let awaited = current.entities.values().filter(|e| e.awaiting).count();
-        if awaited == 0 || replies.len() != awaited {
+        if replies.is_empty() || replies.len() > awaited {
             return Err(Error::Protocol(format!(
                 "{} replies for {awaited} requests",
                 replies.len()

@@ -205,7 +205,16 @@ impl Session {
                 outcome.map_err(|error| rejected(key, error))?;
             }
         }
-        let mut replies = Vec::with_capacity(work.len());
+        // A peer of version 3 on takes the answer in frames of about `reply_bytes` each, so that
+        // each frame crosses a slow link well within the idle timeout; an older one, in one.
+        let frame_bytes = if self.remote_protocol >= 3 {
+            self.settings.reply_bytes
+        } else {
+            usize::MAX
+        };
+        let mut frames = Vec::new();
+        let mut replies = Vec::new();
+        let mut bytes: usize = 0;
         for (key, mode, mut state, _) in work {
             let message = match mode {
                 Mode::Whole => store.stored_document(&key)?,
@@ -215,12 +224,22 @@ impl Session {
                     message
                 }
             };
+            let size = key.to_string().len() + message.as_ref().map_or(0, Vec::len);
+            if !replies.is_empty() && bytes.saturating_add(size) > frame_bytes {
+                frames.push(Frame::Reply {
+                    batch,
+                    entries: std::mem::take(&mut replies),
+                });
+                bytes = 0;
+            }
+            bytes += size;
             replies.push(ReplyEntry { key, message });
         }
-        Ok(vec![Frame::Reply {
+        frames.push(Frame::Reply {
             batch,
             entries: replies,
-        }])
+        });
+        Ok(frames)
     }
 
     pub(super) fn receive_done(&mut self, batch: u64, cursor: Seq) -> Result<Vec<Frame>> {

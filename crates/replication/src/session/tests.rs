@@ -6,7 +6,7 @@ use store::{EntityKey, Origin, Seq, Store, StoreConfig, WriteOptions};
 use tempfile::TempDir;
 
 use super::*;
-use crate::frame::{Mode, ReplyEntry, Row, SyncEntry};
+use crate::frame::{Mode, ReplyEntry, Row, SyncEntry, PROTOCOL_VERSION, REPLY_BYTES};
 
 fn open() -> (TempDir, Store) {
     let dir = tempfile::tempdir().expect("a temp dir");
@@ -121,6 +121,7 @@ fn an_entity_that_never_converges_is_reset_then_fetched_whole_then_reported() {
     let settings = SessionSettings {
         batch_entities: 8,
         max_rounds: 3,
+        ..SessionSettings::default()
     };
     let (mut session, _) = session(&store, settings);
     let mut out = session
@@ -281,16 +282,19 @@ fn frames_out_of_turn_are_protocol_errors() {
             "{name}"
         );
     }
-    let mut wrong_version =
-        Session::open(store.clone(), "remote", "local", SessionSettings::default()).expect("open");
-    assert!(matches!(
-        wrong_version.receive(Frame::Hello {
-            protocol: 99,
-            site: "x".into(),
-            cursor: Seq::ZERO
-        }),
-        Err(Error::Protocol(_))
-    ));
+    for protocol in [1, crate::frame::PROTOCOL_VERSION + 1, 99] {
+        let mut wrong_version =
+            Session::open(store.clone(), "remote", "local", SessionSettings::default())
+                .expect("open");
+        assert!(matches!(
+            wrong_version.receive(Frame::Hello {
+                protocol,
+                site: "x".into(),
+                cursor: Seq::ZERO
+            }),
+            Err(Error::Protocol(_))
+        ));
+    }
 }
 
 /// The keys of the rows in the first frame of `out`, and the feed row that frame covers.
@@ -350,6 +354,172 @@ fn exchange(a: &mut Session, b: &mut Session, from_a: Vec<Frame>, from_b: Vec<Fr
     panic!("the sessions did not settle");
 }
 
+/// The frames `announcer` answers a request for every entity of `north` with, after it
+/// announced them to a puller at `south` whose hello said protocol `protocol`; then the two
+/// exchange the rest, and south must end with north's versions.
+fn replies_to(
+    north: &Store,
+    south: &Store,
+    ids: &[String],
+    protocol: u64,
+    reply_bytes: usize,
+) -> Vec<Frame> {
+    let settings = SessionSettings {
+        reply_bytes,
+        ..SessionSettings::default()
+    };
+    let mut announcer = Session::open(north.clone(), "remote", "north", settings).expect("open");
+    let rows = announcer
+        .receive(Frame::Hello {
+            protocol,
+            site: "south".into(),
+            cursor: Seq::ZERO,
+        })
+        .expect("the hello is accepted");
+    let (mut puller, from_south) = session(south, SessionSettings::default());
+    assert!(from_south.is_empty(), "south has nothing to announce");
+    let mut requests = Vec::new();
+    for frame in rows {
+        requests.extend(puller.receive(frame).expect("rows are accepted"));
+    }
+    let Some(Frame::Sync { entries, .. }) = requests.first() else {
+        panic!("no request: {requests:?}");
+    };
+    assert_eq!(entries.len(), ids.len());
+    let replies = announcer
+        .receive(requests.remove(0))
+        .expect("the request is answered");
+    exchange(&mut announcer, &mut puller, replies.clone(), requests);
+    for id in ids {
+        assert_eq!(
+            south.version(&key(id)).expect("read"),
+            north.version(&key(id)).expect("read"),
+            "{id}"
+        );
+    }
+    assert!(puller.progress().cursor > Seq::ZERO);
+    replies
+}
+
+/// A request's answer larger than `reply_bytes` comes in several frames, which the puller takes
+/// one at a time (so that no one frame takes long to cross a slow link); a peer on protocol 2
+/// gets it in one frame, as it expects.
+#[test]
+fn a_large_answer_comes_in_several_reply_frames_except_to_a_peer_on_protocol_2() {
+    let (_north_dir, north) = open();
+    let ids: Vec<String> = (0..5).map(|index| format!("e{index}")).collect();
+    for (index, id) in ids.iter().enumerate() {
+        write(&north, id, json!({"n": index, "id": id}));
+    }
+    let parts = |replies: &[Frame]| -> Vec<Vec<usize>> {
+        replies
+            .iter()
+            .map(|frame| match frame {
+                Frame::Reply { entries, .. } => entries
+                    .iter()
+                    .map(|entry| {
+                        entry.key.to_string().len() + entry.message.as_ref().map_or(0, Vec::len)
+                    })
+                    .collect(),
+                other => panic!("not a reply: {other:?}"),
+            })
+            .collect()
+    };
+    let (_south_dir, south) = open();
+    let whole = parts(&replies_to(
+        &north,
+        &south,
+        &ids,
+        PROTOCOL_VERSION,
+        REPLY_BYTES,
+    ));
+    assert_eq!(whole.len(), 1, "{whole:?}");
+    // Half of the answer's bytes a frame: each frame as full as the next entry lets it be.
+    let total: usize = whole[0].iter().sum();
+    let (_south_dir, south) = open();
+    let half = parts(&replies_to(
+        &north,
+        &south,
+        &ids,
+        PROTOCOL_VERSION,
+        total / 2,
+    ));
+    assert!((2..5).contains(&half.len()), "{half:?}");
+    assert_eq!(half.iter().map(Vec::len).sum::<usize>(), 5);
+    for (frame, next) in half.iter().zip(half.iter().skip(1)) {
+        assert!(frame.iter().sum::<usize>() <= total / 2, "{half:?}");
+        assert!(
+            frame.iter().sum::<usize>() + next[0] > total / 2,
+            "{half:?}"
+        );
+    }
+    let (_south_dir, south) = open();
+    let each = parts(&replies_to(&north, &south, &ids, PROTOCOL_VERSION, 1));
+    assert_eq!(each.iter().map(Vec::len).collect::<Vec<_>>(), vec![1; 5]);
+    let (_south_dir, south) = open();
+    let old = parts(&replies_to(
+        &north,
+        &south,
+        &ids,
+        crate::frame::OLDEST_PROTOCOL_VERSION,
+        1,
+    ));
+    assert_eq!(old.iter().map(Vec::len).collect::<Vec<_>>(), vec![5]);
+}
+
+/// Replies that answer more entities than were asked for, or none, are refused; a part of the
+/// answer is taken.
+#[test]
+fn a_reply_frame_holds_part_of_the_awaited_entries_at_most_all_and_at_least_one() {
+    let (_north_dir, north) = open();
+    for id in ["a", "b"] {
+        write(&north, id, json!({"id": id}));
+    }
+    let rows = {
+        let (_, rows) = session(&north, SessionSettings::default());
+        rows
+    };
+    let (_south_dir, south) = open();
+    let start = || {
+        let (mut puller, _) = session(&south, SessionSettings::default());
+        let requests = puller.receive(rows[0].clone()).expect("rows are accepted");
+        assert!(matches!(&requests[..], [Frame::Sync { entries, .. }] if entries.len() == 2));
+        puller
+    };
+    let reply = |ids: &[&str]| Frame::Reply {
+        batch: 0,
+        entries: ids
+            .iter()
+            .map(|id| ReplyEntry {
+                key: key(id),
+                message: north.stored_document(&key(id)).expect("read"),
+            })
+            .collect(),
+    };
+    assert!(matches!(
+        start().receive(reply(&[])),
+        Err(Error::Protocol(_))
+    ));
+    assert!(matches!(
+        start().receive(reply(&["a", "b", "a"])),
+        Err(Error::Protocol(_))
+    ));
+    let mut puller = start();
+    puller.receive(reply(&["b"])).expect("a part is taken");
+    assert!(matches!(
+        puller.receive(reply(&["b"])),
+        Err(Error::Protocol(_))
+    ));
+    let out = puller.receive(reply(&["a"])).expect("the rest is taken");
+    assert_eq!(out, vec![done(0, 2)]);
+    for id in ["a", "b"] {
+        assert_eq!(
+            south.version(&key(id)).expect("read"),
+            north.version(&key(id)).expect("read")
+        );
+    }
+}
+
 /// Each site sizes the batches it announces by its own `batch_entities`; a site set lower takes
 /// them all the same (sites need not agree on the setting).
 #[test]
@@ -362,6 +532,7 @@ fn a_batch_larger_than_the_pullers_own_setting_is_taken() {
     let settings = |batch_entities| SessionSettings {
         batch_entities,
         max_rounds: 8,
+        ..SessionSettings::default()
     };
     let (mut announcer, from_north) = session(&north, settings(4));
     assert_eq!(announced(&from_north).0.len(), 4);
@@ -387,6 +558,7 @@ fn batches_hold_at_most_batch_entities_and_cover_the_whole_feed() {
     let settings = SessionSettings {
         batch_entities: 3,
         max_rounds: 8,
+        ..SessionSettings::default()
     };
     let (mut session, out) = session(&store, settings);
     let mut in_flight: std::collections::VecDeque<Frame> = out.into();
@@ -431,6 +603,7 @@ fn batches_are_acknowledged_in_the_order_they_were_announced() {
     let settings = SessionSettings {
         batch_entities: 2,
         max_rounds: 8,
+        ..SessionSettings::default()
     };
     let (mut session, out) = session(&store, settings);
     let batches: Vec<(u64, Seq)> = out
