@@ -133,6 +133,16 @@ async fn heads_the_http_parser_refuses_get_json_errors_too() -> Result<()> {
         assert_eq!(body["code"], code, "{body}");
         assert!(body["detail"].is_string(), "{body}");
     }
+    // On a keep-alive connection, after a request that was served.
+    let mut stream = server
+        .send_raw(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await?;
+    let response = read_raw_response(&mut stream).await?;
+    assert_eq!(response.status, 200, "{response:?}");
+    write_raw(&mut stream, b"GET /healthz HTTP/1.1\r\nbad header\r\n\r\n").await?;
+    let response = read_raw_response(&mut stream).await?;
+    assert_eq!(response.status, 400, "{response:?}");
+    assert_eq!(response.json()?["code"], "malformed_request");
     // A head past the parser's buffer (about 400 KiB): the server answers before reading it all,
     // so the write may fail once the server has closed; the answer is still read.
     let mut stream = within(

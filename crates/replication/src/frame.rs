@@ -22,16 +22,17 @@ pub const MAX_BATCH_ENTITIES: usize = 10_000;
 
 /// The protocol version sent in [`Frame::Hello`]. Version 2 announces up to
 /// [`BATCHES_IN_FLIGHT`] batches at once (version 1: one). Version 3 may answer one
-/// [`Frame::Sync`] with several [`Frame::Reply`] frames, each of about [`REPLY_BYTES`] at most, so
-/// that no frame of a large batch takes long to cross a slow link.
+/// [`Frame::Sync`] in parts ([`Frame::ReplyPart`]s, then a [`Frame::Reply`]), each of about
+/// [`REPLY_BYTES`] at most, so that no frame of a large batch takes long to cross a slow link.
+/// Two sites speak the lower of their two versions.
 pub const PROTOCOL_VERSION: u64 = 3;
 
-/// The oldest protocol version a site still links with. A peer of version 2 is sent each reply
-/// in one frame, as it expects; one of another version is refused.
+/// The oldest protocol version a site still links with: a peer of version 2 is answered in one
+/// frame per request, as it expects; a hello of version 1 is refused.
 pub const OLDEST_PROTOCOL_VERSION: u64 = 2;
 
-/// How many bytes of sync messages and documents one [`Frame::Reply`] carries before the rest
-/// go in the next, for a peer of version 3 or later; a single larger entry goes alone.
+/// How many bytes of sync messages and documents one reply frame carries before the rest go in
+/// the next, when the two sites speak version 3 or later; a single larger entry goes alone.
 pub const REPLY_BYTES: usize = 1024 * 1024;
 
 /// How many announced batches may be unacknowledged at once. More than one lets the announcer
@@ -68,12 +69,20 @@ pub enum Frame {
         /// One entry per entity still being synced.
         entries: Vec<SyncEntry>,
     },
-    /// The answer to [`Frame::Sync`]: exactly one entry per requested entity, in order, in one
-    /// frame or (protocol version 3 on) in several.
+    /// The answer to [`Frame::Sync`], or its last part: with the [`Frame::ReplyPart`]s before
+    /// it, exactly one entry per requested entity, in order.
     Reply {
         /// The batch being synced.
         batch: u64,
-        /// One entry per requested entity.
+        /// One entry per requested entity (not answered by the parts before).
+        entries: Vec<ReplyEntry>,
+    },
+    /// A part of the answer to [`Frame::Sync`] that more parts follow, the last a
+    /// [`Frame::Reply`] (protocol version 3 on).
+    ReplyPart {
+        /// The batch being synced.
+        batch: u64,
+        /// One entry for each of some of the requested entities, in order.
         entries: Vec<ReplyEntry>,
     },
     /// Every entity of the batch is up to date and the cursor is on disk.
@@ -118,7 +127,7 @@ pub struct SyncEntry {
     pub message: Option<Vec<u8>>,
 }
 
-/// One entity in [`Frame::Reply`].
+/// One entity in [`Frame::Reply`] or [`Frame::ReplyPart`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplyEntry {
     /// The entity.
@@ -132,6 +141,7 @@ const ROWS: u8 = 2;
 const SYNC: u8 = 3;
 const REPLY: u8 = 4;
 const DONE: u8 = 5;
+const REPLY_PART: u8 = 6;
 
 impl Frame {
     /// The frame's bytes.
@@ -179,8 +189,12 @@ impl Frame {
                     out.optional_bytes(entry.message.as_deref());
                 }
             }
-            Frame::Reply { batch, entries } => {
-                out.byte(REPLY);
+            Frame::Reply { batch, entries } | Frame::ReplyPart { batch, entries } => {
+                out.byte(if matches!(self, Frame::Reply { .. }) {
+                    REPLY
+                } else {
+                    REPLY_PART
+                });
                 out.number(*batch);
                 out.number(entries.len() as u64);
                 for entry in entries {
@@ -249,7 +263,7 @@ impl Frame {
                 }
                 Frame::Sync { batch, entries }
             }
-            REPLY => {
+            tag @ (REPLY | REPLY_PART) => {
                 let batch = input.number()?;
                 let count = input.items()?;
                 let mut entries = Vec::with_capacity(count.min(MAX_PREALLOCATED));
@@ -259,7 +273,11 @@ impl Frame {
                         message: input.optional_bytes()?,
                     });
                 }
-                Frame::Reply { batch, entries }
+                if tag == REPLY {
+                    Frame::Reply { batch, entries }
+                } else {
+                    Frame::ReplyPart { batch, entries }
+                }
             }
             DONE => Frame::Done {
                 batch: input.number()?,
@@ -283,6 +301,7 @@ impl Frame {
             Frame::Rows { .. } => "rows",
             Frame::Sync { .. } => "sync",
             Frame::Reply { .. } => "reply",
+            Frame::ReplyPart { .. } => "reply part",
             Frame::Done { .. } => "done",
         }
     }

@@ -35,10 +35,13 @@ pub(crate) const MAX_FRAME_BYTES: usize = 256 * 1024 * 1024;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How much is read from the peer while sending, before reading waits for it to be handled.
-/// A peer sends only a few frames before it needs an answer; this bounds the rest, in messages
-/// and in bytes, so a peer's big frames hold at most about two frames' worth of memory here.
+/// A peer answers one request in as many reply frames as its size needs (about 1 MiB each), and
+/// both sides may be answering at once: each must take in all the other sends before it reads
+/// again, or both would wait for ever. This bounds what is taken, in bytes by the largest frame
+/// (as much as one frame of the largest size) and in messages by more parts than a request's
+/// answer has under that, so a peer's frames hold at most about two frames' worth of memory here.
 const INBOX_LIMIT: InboxLimit = InboxLimit {
-    messages: 16,
+    messages: 4096,
     bytes: MAX_FRAME_BYTES,
 };
 
@@ -408,5 +411,40 @@ mod tests {
         let (from_b, from_a) = tokio::join!(side(a, big(1)), side(b, big(2)));
         assert_eq!(from_b.expect("a sent"), Some(4 * 1024 * 1024));
         assert_eq!(from_a.expect("b sent"), Some(4 * 1024 * 1024));
+    }
+
+    /// Both sides answering a request at once, each in many reply frames: each takes in all the
+    /// other sends while it sends (with the inbox's old bound of 16 messages, both stopped
+    /// reading and waited for each other until the idle timeout).
+    #[tokio::test]
+    async fn two_sides_sending_many_frames_at_once_both_get_through() {
+        const FRAMES: usize = 100;
+        let (a, b) = pair().await;
+        let side = |socket: WebSocketStream<tokio::io::DuplexStream>, fill: u8| async move {
+            let (mut sink, mut stream) = socket.split();
+            let mut inbox = Inbox::new();
+            for _ in 0..FRAMES {
+                let message = Message::binary(vec![fill; 64 * 1024]);
+                send(
+                    &mut sink,
+                    &mut stream,
+                    &mut inbox,
+                    message,
+                    Duration::from_secs(5),
+                )
+                .await?;
+            }
+            let mut received = 0;
+            while received < FRAMES {
+                match next_message(&mut inbox, &mut stream).await {
+                    Some(Ok(Message::Binary(bytes))) if bytes.len() == 64 * 1024 => received += 1,
+                    other => panic!("not a frame of the peer's: {other:?}"),
+                }
+            }
+            Ok::<_, Error>(received)
+        };
+        let (from_b, from_a) = tokio::join!(side(a, 1), side(b, 2));
+        assert_eq!(from_b.expect("a sent all"), FRAMES);
+        assert_eq!(from_a.expect("b sent all"), FRAMES);
     }
 }

@@ -82,8 +82,9 @@ pub struct Session {
     site: String,
     settings: SessionSettings,
     remote_site: Option<String>,
-    /// The protocol version of the peer's hello (this site's own until it arrives).
-    remote_protocol: u64,
+    /// The protocol version the two sites speak: the lower of theirs (this site's own until
+    /// the peer's hello arrives).
+    protocol: u64,
     pull: pull::Pull,
     serve: serve::Serve,
     rows_received: u64,
@@ -152,7 +153,7 @@ impl Session {
                 reply_bytes: settings.reply_bytes.max(1),
             },
             remote_site: None,
-            remote_protocol: PROTOCOL_VERSION,
+            protocol: PROTOCOL_VERSION,
             pull: pull::Pull::starting_at(cursor),
             serve: serve::Serve::default(),
             rows_received: 0,
@@ -212,14 +213,16 @@ impl Session {
                 if self.remote_site.is_some() {
                     return Err(Error::Protocol("a second hello".into()));
                 }
-                if !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&protocol) {
+                // The two sites speak the lower of their versions: a later version than this
+                // site's is taken, and its peer speaks this one.
+                if protocol < OLDEST_PROTOCOL_VERSION {
                     return Err(Error::Protocol(format!(
                         "protocol version {protocol}; this site speaks versions \
                          {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
                     )));
                 }
                 self.remote_site = Some(site);
-                self.remote_protocol = protocol;
+                self.protocol = protocol.min(PROTOCOL_VERSION);
                 let acked = stored_acked(&self.store, &self.peer)?;
                 self.serve.start_at(&self.store, cursor, acked, &self.peer);
                 self.announce()
@@ -231,7 +234,14 @@ impl Session {
                 head,
             } => self.receive_rows(batch, rows, through, head),
             Frame::Sync { batch, entries } => self.answer_sync(batch, entries),
-            Frame::Reply { batch, entries } => self.receive_reply(batch, entries),
+            Frame::Reply { batch, entries } => self.receive_reply(batch, entries, true),
+            Frame::ReplyPart { batch, entries } if self.protocol >= 3 => {
+                self.receive_reply(batch, entries, false)
+            }
+            Frame::ReplyPart { .. } => Err(Error::Protocol(format!(
+                "a reply part, which protocol version {} does not have",
+                self.protocol
+            ))),
             Frame::Done { batch, cursor } => self.receive_done(batch, cursor),
         }
     }
@@ -257,7 +267,9 @@ impl Session {
     fn durable_before_sent(&self, out: Vec<Frame>) -> Result<Vec<Frame>> {
         let carries_changes = out.iter().any(|frame| match frame {
             Frame::Sync { entries, .. } => entries.iter().any(|entry| entry.message.is_some()),
-            Frame::Reply { entries, .. } => entries.iter().any(|entry| entry.message.is_some()),
+            Frame::Reply { entries, .. } | Frame::ReplyPart { entries, .. } => {
+                entries.iter().any(|entry| entry.message.is_some())
+            }
             _ => false,
         });
         if carries_changes {

@@ -10,7 +10,8 @@
 //! It knows the answer by its bytes: a write that is a whole response head of one of those three
 //! statuses, with `content-length: 0` and no `content-type`. Every answer of ours to a request
 //! that reached the router carries a JSON body and its type, so nothing of ours looks like that.
-//! Anything else passes through untouched.
+//! Anything else passes through untouched, and once the connection has switched protocols (a
+//! `101` head: the replication websocket) every write does: its bytes are not HTTP any more.
 
 use std::io;
 use std::pin::Pin;
@@ -30,6 +31,8 @@ pub(crate) struct JsonParseErrors<S> {
     inner: S,
     /// An answer rewritten, and how much of it the connection has taken.
     rewritten: Option<(Vec<u8>, usize)>,
+    /// Whether the connection switched protocols: nothing is looked at after that.
+    upgraded: bool,
 }
 
 impl<S> JsonParseErrors<S> {
@@ -37,6 +40,7 @@ impl<S> JsonParseErrors<S> {
         Self {
             inner,
             rewritten: None,
+            upgraded: false,
         }
     }
 }
@@ -127,8 +131,16 @@ impl<S: AsyncWrite + Unpin> JsonParseErrors<S> {
     }
 
     /// Takes `written` as a rewritten answer when it is one of hyper's: the whole of it counts as
-    /// written, and the answer goes out now or at the flush hyper makes next.
+    /// written, and the answer goes out now or at the flush hyper makes next. Notes a switch of
+    /// protocols, after which nothing is taken.
     fn take_answer(&mut self, written: &[u8], cx: &mut Context<'_>) -> Option<io::Result<usize>> {
+        if self.upgraded {
+            return None;
+        }
+        if written.starts_with(b"HTTP/1.1 101 ") {
+            self.upgraded = true;
+            return None;
+        }
         let answer = rewrite(written)?;
         self.rewritten = Some((answer, 0));
         match self.drain(cx) {
@@ -170,10 +182,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
         let this = self.get_mut();
         ready!(this.drain(cx))?;
         let total: usize = bufs.iter().map(|buf| buf.len()).sum();
-        let starts_a_head = bufs
-            .iter()
-            .find(|buf| !buf.is_empty())
-            .is_some_and(|buf| buf.starts_with(b"HTTP/1."));
+        let first = bufs.iter().find(|buf| !buf.is_empty());
+        if !this.upgraded && first.is_some_and(|buf| buf.starts_with(b"HTTP/1.1 101 ")) {
+            this.upgraded = true;
+        }
+        let starts_a_head = first.is_some_and(|buf| buf.starts_with(b"HTTP/1."));
         if starts_a_head && total <= MAX_ANSWER_HEAD {
             let written: Vec<u8> = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
             if let Some(taken) = this.take_answer(&written, cx) {

@@ -59,14 +59,19 @@ fn frame() -> impl Strategy<Value = Frame> {
             }),
         (
             any::<u64>(),
-            proptest::collection::vec((key(), message()), 0..8)
+            proptest::collection::vec((key(), message()), 0..8),
+            any::<bool>()
         )
-            .prop_map(|(batch, entries)| Frame::Reply {
-                batch,
-                entries: entries
+            .prop_map(|(batch, entries, last)| {
+                let entries = entries
                     .into_iter()
                     .map(|(key, message)| ReplyEntry { key, message })
-                    .collect(),
+                    .collect();
+                if last {
+                    Frame::Reply { batch, entries }
+                } else {
+                    Frame::ReplyPart { batch, entries }
+                }
             }),
         (any::<u64>(), any::<u64>()).prop_map(|(batch, cursor)| Frame::Done {
             batch,
@@ -152,6 +157,14 @@ fn a_frame_holds_at_most_a_batchs_worth_of_items() {
     };
     assert!(matches!(
         Frame::decode(&replies.encode()),
+        Err(Error::Malformed(_))
+    ));
+    let Frame::Reply { batch, entries } = replies else {
+        unreachable!()
+    };
+    let part = Frame::ReplyPart { batch, entries };
+    assert!(matches!(
+        Frame::decode(&part.encode()),
         Err(Error::Malformed(_))
     ));
 }

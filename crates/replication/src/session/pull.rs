@@ -72,6 +72,9 @@ struct PullBatch {
     rows: Option<Vec<Row>>,
     /// The entities not yet at their announced version.
     entities: BTreeMap<EntityKey, Pending>,
+    /// The requests on the wire, oldest first: the entities each asked for, in order, less those
+    /// a part of its answer brought already. The peer answers them in order.
+    requests: VecDeque<VecDeque<EntityKey>>,
 }
 
 impl PullBatch {
@@ -164,6 +167,7 @@ impl Session {
             through,
             rows: Some(rows),
             entities: BTreeMap::new(),
+            requests: VecDeque::new(),
         });
         let mut out = self.start_next()?;
         out.extend(self.finish_batches()?);
@@ -225,46 +229,62 @@ impl Session {
             // Nothing to request: the batch is complete; the next one may start.
             return self.start_next();
         }
+        current
+            .requests
+            .push_back(entries.iter().map(|entry| entry.key.clone()).collect());
         Ok(vec![Frame::Sync {
             batch: current.id,
             entries,
         }])
     }
 
-    /// Takes a reply: checks it against the request and queues it for [`Session::work`], then
-    /// starts the next batch if no other request is on the wire.
+    /// Takes a reply, or a part of one (`last` false): checks it against the oldest request of
+    /// its batch on the wire and queues it for [`Session::work`], then starts the next batch if
+    /// no other request is on the wire.
     pub(super) fn receive_reply(
         &mut self,
         batch: u64,
         replies: Vec<ReplyEntry>,
+        last: bool,
     ) -> Result<Vec<Frame>> {
         let Some(current) = self.pull.batch_mut(batch) else {
             return Err(Error::Protocol(format!(
                 "a reply for batch {batch}, which is not in progress"
             )));
         };
-        // The answer to a request may come in several frames (protocol version 3 on), each
-        // with at least one of the entries still awaited.
-        let awaited = current.entities.values().filter(|e| e.awaiting).count();
-        if replies.is_empty() || replies.len() > awaited {
+        let Some(request) = current.requests.front_mut() else {
             return Err(Error::Protocol(format!(
-                "{} replies for {awaited} requests",
-                replies.len()
+                "a reply for batch {batch}, which has no request on the wire"
+            )));
+        };
+        // Check every entry before taking any, so a bad frame changes nothing. A part holds
+        // some of the entities still to answer, the last frame all the rest, in request order.
+        let fits = if last {
+            replies.len() == request.len()
+        } else {
+            !replies.is_empty() && replies.len() < request.len()
+        };
+        if !fits {
+            return Err(Error::Protocol(format!(
+                "a {} of {} entries, where {} of the request are still to answer",
+                if last { "reply" } else { "reply part" },
+                replies.len(),
+                request.len()
             )));
         }
-        // Check every reply before taking any, so a bad frame changes nothing.
-        let mut answered = HashSet::with_capacity(replies.len());
-        for reply in &replies {
-            let awaiting = current
-                .entities
-                .get(&reply.key)
-                .is_some_and(|pending| pending.awaiting);
-            if !awaiting || !answered.insert(&reply.key) {
-                return Err(Error::Protocol(format!(
-                    "a reply for {}, which was not asked for",
-                    reply.key
-                )));
-            }
+        if let Some((reply, asked)) = replies
+            .iter()
+            .zip(request.iter())
+            .find(|(reply, asked)| reply.key != **asked)
+        {
+            return Err(Error::Protocol(format!(
+                "a reply for {}, where {asked} was asked for next",
+                reply.key
+            )));
+        }
+        request.drain(..replies.len());
+        if last {
+            current.requests.pop_front();
         }
         for reply in &replies {
             if let Some(pending) = current.entities.get_mut(&reply.key) {
@@ -406,6 +426,11 @@ impl Session {
         }
         for key in &synced {
             current.entities.remove(key);
+        }
+        if !entries.is_empty() {
+            current
+                .requests
+                .push_back(entries.iter().map(|entry| entry.key.clone()).collect());
         }
         self.entities_synced += synced.len() as u64;
         self.sync_fallbacks += fallbacks;

@@ -205,9 +205,9 @@ impl Session {
                 outcome.map_err(|error| rejected(key, error))?;
             }
         }
-        // A peer of version 3 on takes the answer in frames of about `reply_bytes` each, so that
-        // each frame crosses a slow link well within the idle timeout; an older one, in one.
-        let frame_bytes = if self.remote_protocol >= 3 {
+        // From version 3 on, the answer goes in parts of about `reply_bytes` each, so that each
+        // frame crosses a slow link well within the idle timeout; in version 2, in one frame.
+        let frame_bytes = if self.protocol >= 3 {
             self.settings.reply_bytes
         } else {
             usize::MAX
@@ -226,7 +226,7 @@ impl Session {
             };
             let size = key.to_string().len() + message.as_ref().map_or(0, Vec::len);
             if !replies.is_empty() && bytes.saturating_add(size) > frame_bytes {
-                frames.push(Frame::Reply {
+                frames.push(Frame::ReplyPart {
                     batch,
                     entries: std::mem::take(&mut replies),
                 });

@@ -282,7 +282,7 @@ fn frames_out_of_turn_are_protocol_errors() {
             "{name}"
         );
     }
-    for protocol in [1, crate::frame::PROTOCOL_VERSION + 1, 99] {
+    for protocol in [0, 1] {
         let mut wrong_version =
             Session::open(store.clone(), "remote", "local", SessionSettings::default())
                 .expect("open");
@@ -415,7 +415,7 @@ fn a_large_answer_comes_in_several_reply_frames_except_to_a_peer_on_protocol_2()
         replies
             .iter()
             .map(|frame| match frame {
-                Frame::Reply { entries, .. } => entries
+                Frame::Reply { entries, .. } | Frame::ReplyPart { entries, .. } => entries
                     .iter()
                     .map(|entry| {
                         entry.key.to_string().len() + entry.message.as_ref().map_or(0, Vec::len)
@@ -454,7 +454,12 @@ fn a_large_answer_comes_in_several_reply_frames_except_to_a_peer_on_protocol_2()
         );
     }
     let (_south_dir, south) = open();
-    let each = parts(&replies_to(&north, &south, &ids, PROTOCOL_VERSION, 1));
+    let frames = replies_to(&north, &south, &ids, PROTOCOL_VERSION, 1);
+    assert!(frames[..4]
+        .iter()
+        .all(|frame| matches!(frame, Frame::ReplyPart { .. })));
+    assert!(matches!(frames[4], Frame::Reply { .. }));
+    let each = parts(&frames);
     assert_eq!(each.iter().map(Vec::len).collect::<Vec<_>>(), vec![1; 5]);
     let (_south_dir, south) = open();
     let old = parts(&replies_to(
@@ -467,12 +472,13 @@ fn a_large_answer_comes_in_several_reply_frames_except_to_a_peer_on_protocol_2()
     assert_eq!(old.iter().map(Vec::len).collect::<Vec<_>>(), vec![5]);
 }
 
-/// Replies that answer more entities than were asked for, or none, are refused; a part of the
-/// answer is taken.
+/// A request's answer comes as parts, each with some of the entities still to answer, then a
+/// reply with all the rest, each in request order: anything else ends the link, so an answer
+/// that leaves an entity out is an error rather than a batch that never completes.
 #[test]
-fn a_reply_frame_holds_part_of_the_awaited_entries_at_most_all_and_at_least_one() {
+fn an_answer_in_parts_must_bring_every_entity_asked_for_in_order() {
     let (_north_dir, north) = open();
-    for id in ["a", "b"] {
+    for id in ["a", "b", "c"] {
         write(&north, id, json!({"id": id}));
     }
     let rows = {
@@ -480,44 +486,92 @@ fn a_reply_frame_holds_part_of_the_awaited_entries_at_most_all_and_at_least_one(
         rows
     };
     let (_south_dir, south) = open();
-    let start = || {
-        let (mut puller, _) = session(&south, SessionSettings::default());
+    let start = |protocol: u64| {
+        let mut puller =
+            Session::open(south.clone(), "remote", "local", SessionSettings::default())
+                .expect("a session opens");
+        puller
+            .receive(Frame::Hello {
+                protocol,
+                site: "remote".into(),
+                cursor: Seq::ZERO,
+            })
+            .expect("the hello is accepted");
         let requests = puller.receive(rows[0].clone()).expect("rows are accepted");
-        assert!(matches!(&requests[..], [Frame::Sync { entries, .. }] if entries.len() == 2));
+        let [Frame::Sync { entries, .. }] = &requests[..] else {
+            panic!("one request: {requests:?}");
+        };
+        let asked: Vec<String> = entries
+            .iter()
+            .map(|entry| entry.key.id.to_string())
+            .collect();
+        assert_eq!(asked, ["a", "b", "c"]);
         puller
     };
-    let reply = |ids: &[&str]| Frame::Reply {
-        batch: 0,
-        entries: ids
-            .iter()
+    let entries = |ids: &[&str]| -> Vec<ReplyEntry> {
+        ids.iter()
             .map(|id| ReplyEntry {
                 key: key(id),
                 message: north.stored_document(&key(id)).expect("read"),
             })
-            .collect(),
+            .collect()
     };
+    let reply = |ids: &[&str]| Frame::Reply {
+        batch: 0,
+        entries: entries(ids),
+    };
+    let part = |ids: &[&str]| Frame::ReplyPart {
+        batch: 0,
+        entries: entries(ids),
+    };
+    for wrong in [
+        reply(&[]),
+        reply(&["a", "b"]),
+        reply(&["a", "c", "b"]),
+        reply(&["a", "b", "c", "a"]),
+        part(&[]),
+        part(&["b"]),
+        part(&["a", "b", "c"]),
+    ] {
+        let refused = start(PROTOCOL_VERSION).receive(wrong.clone());
+        assert!(
+            matches!(refused, Err(Error::Protocol(_))),
+            "{wrong:?}: {refused:?}"
+        );
+    }
+    // A peer speaking version 2 sends no parts.
+    let refused = start(2).receive(part(&["a"]));
+    assert!(matches!(refused, Err(Error::Protocol(_))), "{refused:?}");
+    let mut puller = start(PROTOCOL_VERSION);
+    assert_eq!(puller.receive(part(&["a"])).expect("a part"), vec![]);
     assert!(matches!(
-        start().receive(reply(&[])),
+        puller.receive(part(&["b", "c"])),
         Err(Error::Protocol(_))
     ));
-    assert!(matches!(
-        start().receive(reply(&["a", "b", "a"])),
-        Err(Error::Protocol(_))
-    ));
-    let mut puller = start();
-    puller.receive(reply(&["b"])).expect("a part is taken");
-    assert!(matches!(
-        puller.receive(reply(&["b"])),
-        Err(Error::Protocol(_))
-    ));
-    let out = puller.receive(reply(&["a"])).expect("the rest is taken");
-    assert_eq!(out, vec![done(0, 2)]);
-    for id in ["a", "b"] {
+    assert_eq!(puller.receive(part(&["b"])).expect("a part"), vec![]);
+    let out = puller.receive(reply(&["c"])).expect("the rest");
+    assert_eq!(out, vec![done(0, 3)]);
+    for id in ["a", "b", "c"] {
         assert_eq!(
             south.version(&key(id)).expect("read"),
             north.version(&key(id)).expect("read")
         );
     }
+}
+
+/// Two sites speak the lower of their protocol versions: a hello of a later version than this
+/// site's is taken, and answered as this site's version says.
+#[test]
+fn a_peer_of_a_later_protocol_version_is_spoken_to_in_this_sites() {
+    let (_north_dir, north) = open();
+    let ids: Vec<String> = (0..3).map(|index| format!("e{index}")).collect();
+    for id in &ids {
+        write(&north, id, json!({"id": id}));
+    }
+    let (_south_dir, south) = open();
+    let replies = replies_to(&north, &south, &ids, PROTOCOL_VERSION + 1, 1);
+    assert_eq!(replies.len(), 3);
+    assert!(matches!(replies.last(), Some(Frame::Reply { .. })));
 }
 
 /// Each site sizes the batches it announces by its own `batch_entities`; a site set lower takes

@@ -112,3 +112,18 @@ async fn a_rewritten_answer_goes_out_whole_through_a_narrow_connection() {
     far.read_to_end(&mut received).await.unwrap();
     assert_eq!(received, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
 }
+
+#[tokio::test]
+async fn nothing_is_rewritten_once_the_connection_switched_protocols() {
+    let (near, mut far) = tokio::io::duplex(4096);
+    let mut stream = JsonParseErrors::new(near);
+    let switched = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
+    stream.write_all(switched.as_bytes()).await.unwrap();
+    // Websocket bytes that happen to read as hyper's answer stay as they are.
+    stream.write_all(HYPERS_431.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+    drop(stream);
+    let mut received = Vec::new();
+    far.read_to_end(&mut received).await.unwrap();
+    assert_eq!(received, format!("{switched}{HYPERS_431}").into_bytes());
+}
