@@ -59,17 +59,22 @@ impl Serve {
     pub(super) fn start_at(&mut self, store: &Store, cursor: Seq, acked: Option<Seq>, peer: &str) {
         let last = store.last_seq();
         self.their_cursor = Some(cursor);
-        let may_have_lost = cursor == Seq::ZERO || acked.is_some_and(|acked| cursor < acked);
+        // No acknowledgement on record says nothing of what the peer has: none was written yet
+        // (it is written lazily, so a crash, or a backup taken right after one, can lose the
+        // first), or this store was restored from a backup made before the first. Both are taken
+        // as an acknowledgement of nothing, so the feed is announced again from the start.
+        let acked = acked.unwrap_or(Seq::ZERO);
+        let may_have_lost = cursor == Seq::ZERO || cursor < acked;
         self.theirs_through = if may_have_lost { last } else { Seq::ZERO };
         self.announced = if cursor > last {
             tracing::warn!(%peer, %cursor, %last, "the peer's cursor is past the end of the feed; announcing from the start");
             Seq::ZERO
-        } else if let Some(acked) = acked.filter(|acked| cursor > *acked) {
-            tracing::warn!(%peer, %cursor, %acked, "the peer's cursor is past what it acknowledged here (was this store restored from a backup?); announcing again from there");
+        } else if cursor > acked {
+            tracing::warn!(%peer, %cursor, %acked, "the peer's cursor is past what it acknowledged here (was this store restored from a backup, or is the acknowledgement not on record yet?); announcing again from there");
             acked
         } else {
             if may_have_lost && cursor > Seq::ZERO {
-                tracing::warn!(%peer, %cursor, acked = ?acked, "the peer's cursor is behind what it acknowledged here (was its store replaced or restored?); announcing its own changes back to it too");
+                tracing::warn!(%peer, %cursor, %acked, "the peer's cursor is behind what it acknowledged here (was its store replaced or restored?); announcing its own changes back to it too");
             }
             cursor
         };

@@ -315,6 +315,7 @@ fn changes_from_the_peer_itself_are_announced_back_only_from_the_start() {
     write(&store, "first", json!({"c": 3}));
     merge_from_peer(&store, "theirs");
     write(&store, "ours", json!({"b": 2}));
+    acknowledge(&store, 1);
     let (_session, out) = session_from(&store, SessionSettings::default(), 1);
     let (keys, through) = announced(&out);
     assert_eq!(keys, ["appointment/ours"]);
@@ -334,6 +335,34 @@ fn changes_from_the_peer_itself_are_announced_back_only_from_the_start() {
     merge_from_peer(&store, "later");
     let out = session.poll_feed().expect("announced");
     assert_eq!(announced(&out), (Vec::new(), Seq(4)));
+}
+
+/// The acknowledgement of what a peer has is written lazily, so a crash, or a backup taken just
+/// after one, can leave none on record. A peer whose cursor is past zero is then announced the
+/// whole feed again: this store may have been restored from a backup and have written other rows
+/// under the numbers that peer consumed (a site restored that way sent its peer only the rows
+/// past the peer's cursor, and the two differed for ever).
+#[test]
+fn with_no_acknowledgement_on_record_the_feed_is_announced_again_from_the_start() {
+    let (_dir, store) = open();
+    for id in ["a", "b", "c"] {
+        write(&store, id, json!({"n": 1}));
+    }
+    let (_session, out) = session_from(&store, SessionSettings::default(), 2);
+    assert_eq!(
+        announced(&out),
+        (
+            vec![
+                "appointment/a".to_string(),
+                "appointment/b".to_string(),
+                "appointment/c".to_string()
+            ],
+            Seq(3)
+        )
+    );
+    acknowledge(&store, 2);
+    let (_session, out) = session_from(&store, SessionSettings::default(), 2);
+    assert_eq!(announced(&out), (vec!["appointment/c".to_string()], Seq(3)));
 }
 
 /// Delivers frames between two sessions until neither has anything to send.

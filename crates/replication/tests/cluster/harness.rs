@@ -315,6 +315,26 @@ impl Cluster {
         }
     }
 
+    /// The connections whose sessions are not both idle (a batch or a request still in flight),
+    /// by their ends' names; after [`Cluster::settle`], any is a batch that waits for ever.
+    pub fn busy_connections(&self) -> Vec<(String, String)> {
+        self.connections
+            .iter()
+            .filter(|connection| {
+                connection
+                    .sessions
+                    .as_ref()
+                    .is_some_and(|(a, b)| !a.is_idle() || !b.is_idle())
+            })
+            .map(|connection| {
+                (
+                    self.nodes[connection.ends.0].name.clone(),
+                    self.nodes[connection.ends.1].name.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// Every entity any site has, with each site's view of it.
     pub fn snapshot(&self) -> BTreeMap<EntityKey, Views> {
         let mut keys = BTreeSet::new();
