@@ -53,19 +53,21 @@ struct InboxLimit {
 }
 
 impl InboxLimit {
-    /// Whether another message may be read into `inbox`: nothing is read after the end of the
-    /// stream or an error (the loop reports those), nor once the inbox is full.
-    fn admits(self, inbox: &Inbox) -> bool {
-        let bytes: usize = inbox
-            .iter()
-            .map(|message| match message {
-                Some(Ok(message)) => message.len(),
-                _ => 0,
-            })
-            .sum();
+    /// Whether another message may be read into `inbox`, which holds `bytes` of messages:
+    /// nothing is read after the end of the stream or an error (the loop reports those), nor
+    /// once the inbox is full.
+    fn admits(self, inbox: &Inbox, bytes: usize) -> bool {
         inbox.len() < self.messages
             && bytes < self.bytes
             && !matches!(inbox.back(), Some(None | Some(Err(_))))
+    }
+}
+
+/// The bytes of a message read into the inbox.
+fn inbox_bytes(message: &Option<std::result::Result<Message, tungstenite::Error>>) -> usize {
+    match message {
+        Some(Ok(message)) => message.len(),
+        _ => 0,
     }
 }
 
@@ -304,11 +306,16 @@ where
     tokio::pin!(sending);
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
+    // Counted once, then as messages come in: the inbox may hold thousands.
+    let mut bytes: usize = inbox.iter().map(inbox_bytes).sum();
     loop {
-        let readable = limit.admits(inbox);
+        let readable = limit.admits(inbox, bytes);
         tokio::select! {
             sent = &mut sending => return sent.map_err(Error::from),
-            received = stream.next(), if readable => inbox.push_back(received),
+            received = stream.next(), if readable => {
+                bytes += inbox_bytes(&received);
+                inbox.push_back(received);
+            }
             () = &mut deadline => return Err(Error::Idle(timeout)),
         }
     }

@@ -67,7 +67,12 @@ fn error_for(status: u16) -> Option<(&'static str, &'static str)> {
 
 /// `written` with a JSON body, when it is hyper's answer to a request it could not parse.
 pub(crate) fn rewrite(written: &[u8]) -> Option<Vec<u8>> {
-    if written.len() > MAX_ANSWER_HEAD {
+    // Most writes are answers of ours, with a body after their head: those are told apart by
+    // their ends before anything is parsed.
+    if written.len() > MAX_ANSWER_HEAD
+        || !written.starts_with(b"HTTP/1.")
+        || !written.ends_with(b"\r\n\r\n")
+    {
         return None;
     }
     let head = std::str::from_utf8(written)
