@@ -252,7 +252,7 @@ async fn main() -> Result<()> {
     for follower in &followers {
         follower.task.abort();
     }
-    drop(server);
+    server.finish().await?;
 
     println!("measuring: memory with {entities} entities");
     let server = Server::start(&binary, "").await?;
@@ -263,7 +263,7 @@ async fn main() -> Result<()> {
         format!("RSS after 10,000 random reads of {entities}"),
         server.rss_mib()?,
     ));
-    drop(server);
+    server.finish().await?;
 
     println!("measuring: memory with long histories (256 entities x 6 values of 64 KB)");
     // No byte bound to speak of (the count bound, 4,096, holds every entity), then 32 MiB.

@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lockstep_tests::expect_error;
 use lockstep_tests::sites::release_binary;
 use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
+use lockstep_tests::{expect_error, within_for};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -171,9 +171,7 @@ async fn feed_versions(client: &reqwest::Client, base: &str) -> Result<HashSet<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue_2_kill_9_loses_no_acknowledged_write() -> Result<()> {
-    tokio::time::timeout(Duration::from_secs(240), crash_cycles())
-        .await
-        .context("the crash test took longer than 240 s")?
+    within_for(Duration::from_secs(240), "the crash test", crash_cycles()).await?
 }
 
 async fn crash_cycles() -> Result<()> {
@@ -377,9 +375,12 @@ async fn post_webhook(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue_3_kill_9_loses_no_acknowledged_webhook_or_delivery_and_rekeys_nothing() -> Result<()>
 {
-    tokio::time::timeout(Duration::from_secs(240), connector_crash_cycles())
-        .await
-        .context("the connector crash test took longer than 240 s")?
+    within_for(
+        Duration::from_secs(240),
+        "the connector crash test",
+        connector_crash_cycles(),
+    )
+    .await?
 }
 
 async fn connector_crash_cycles() -> Result<()> {

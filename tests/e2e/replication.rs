@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use futures::{SinkExt, StreamExt};
 use lockstep_tests::fake_api::FakeApi;
 use lockstep_tests::sites::{converged, free_port, release_binary, site_toml, Dial, Process};
-use lockstep_tests::{expect_error, poll_until, within, TestServer};
+use lockstep_tests::{expect_error, poll_until, within, within_for, TestServer};
 use rand::{Rng, SeedableRng};
 use replication::{Frame, Mode, SyncEntry};
 use serde_json::{json, Value};
@@ -575,9 +575,12 @@ async fn write_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn issue_4_three_processes_converge_after_one_is_killed_and_restarted() -> Result<()> {
-    tokio::time::timeout(Duration::from_secs(55), three_processes())
-        .await
-        .context("the three-process test took longer than 55 s")?
+    within_for(
+        Duration::from_secs(55),
+        "the three-process test",
+        three_processes(),
+    )
+    .await?
 }
 
 async fn three_processes() -> Result<()> {
@@ -730,9 +733,12 @@ async fn put_items(client: &reqwest::Client, base: &str, prefix: &str, count: u6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue_4_a_site_restored_from_a_backup_gets_back_what_it_lost_and_sends_what_it_wrote(
 ) -> Result<()> {
-    tokio::time::timeout(Duration::from_secs(55), restored_from_a_backup())
-        .await
-        .context("the backup test took longer than 55 s")?
+    within_for(
+        Duration::from_secs(55),
+        "the backup test",
+        restored_from_a_backup(),
+    )
+    .await?
 }
 
 async fn restored_from_a_backup() -> Result<()> {

@@ -309,8 +309,12 @@ impl Server {
     /// When the process cannot be killed, the directory removed or `sync` run.
     pub async fn finish(mut self) -> Result<()> {
         self.child.kill().await?;
-        self.data.close()?;
-        tokio::task::spawn_blocking(settle_disk).await?
+        let data = self.data;
+        tokio::task::spawn_blocking(move || {
+            data.close()?;
+            settle_disk()
+        })
+        .await?
     }
 
     /// The server's resident memory, in MiB.

@@ -58,9 +58,17 @@ const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// # Errors
 /// When the deadline passes first.
 pub async fn within<F: Future>(what: &str, future: F) -> Result<F::Output> {
-    tokio::time::timeout(TIMEOUT, future)
+    within_for(TIMEOUT, what, future).await
+}
+
+/// Awaits `future`, failing with `what` if it takes longer than `limit` (a whole test's bound).
+///
+/// # Errors
+/// When the deadline passes first.
+pub async fn within_for<F: Future>(limit: Duration, what: &str, future: F) -> Result<F::Output> {
+    tokio::time::timeout(limit, future)
         .await
-        .with_context(|| format!("timed out after {TIMEOUT:?}: {what}"))
+        .with_context(|| format!("timed out after {limit:?}: {what}"))
 }
 
 /// Runs `check` until it returns `Some`, pausing briefly between attempts, for at most [`TIMEOUT`].

@@ -19,6 +19,9 @@ use crate::frame::MAX_BATCH_ENTITIES;
 /// The path of the replication endpoint on every site.
 pub const ENDPOINT_PATH: &str = "/v1/replication";
 
+/// The longest `replication.idle_timeout` taken.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// The `[replication]` section.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,6 +167,14 @@ pub fn validate(
         if value.is_zero() {
             return invalid(key.into(), "must be longer than zero".into());
         }
+    }
+    // The link adds the idle timeout to the current instant, which panics past what an
+    // `Instant` holds (a "never" written as thousands of years); a day is plenty.
+    if settings.idle_timeout > MAX_IDLE_TIMEOUT {
+        return invalid(
+            "replication.idle_timeout".into(),
+            "must be at most 24h".into(),
+        );
     }
     if settings.reconnect_max < settings.reconnect_min {
         return invalid(

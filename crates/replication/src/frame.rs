@@ -20,19 +20,15 @@ const MAX_PREALLOCATED: usize = 1024;
 /// bound, a frame of minimal rows would decode to about 24 times its size in memory.
 pub const MAX_BATCH_ENTITIES: usize = 10_000;
 
-/// The protocol version sent in [`Frame::Hello`]. Version 2 announces up to
-/// [`BATCHES_IN_FLIGHT`] batches at once (version 1: one). Version 3 may answer one
-/// [`Frame::Sync`] in parts ([`Frame::ReplyPart`]s, then a [`Frame::Reply`]), each of about
-/// [`REPLY_BYTES`] at most, so that no frame of a large batch takes long to cross a slow link.
-/// Two sites speak the lower of their two versions.
+/// The protocol version sent in [`Frame::Hello`]. Version 2 announced up to
+/// [`BATCHES_IN_FLIGHT`] batches at once (version 1: one). Version 3 answers one [`Frame::Sync`]
+/// in parts ([`Frame::ReplyPart`]s, then a [`Frame::Reply`]), each of about [`REPLY_BYTES`] at
+/// most, so that no frame of a large batch takes long to cross a slow link. A hello of an older
+/// version is refused; one of a later version is taken, and that peer speaks this one.
 pub const PROTOCOL_VERSION: u64 = 3;
 
-/// The oldest protocol version a site still links with: a peer of version 2 is answered in one
-/// frame per request, as it expects; a hello of version 1 is refused.
-pub const OLDEST_PROTOCOL_VERSION: u64 = 2;
-
 /// How many bytes of sync messages and documents one reply frame carries before the rest go in
-/// the next, when the two sites speak version 3 or later; a single larger entry goes alone.
+/// the next; a single larger entry goes alone.
 pub const REPLY_BYTES: usize = 1024 * 1024;
 
 /// How many announced batches may be unacknowledged at once. More than one lets the announcer
@@ -78,7 +74,7 @@ pub enum Frame {
         entries: Vec<ReplyEntry>,
     },
     /// A part of the answer to [`Frame::Sync`] that more parts follow, the last a
-    /// [`Frame::Reply`] (protocol version 3 on).
+    /// [`Frame::Reply`].
     ReplyPart {
         /// The batch being synced.
         batch: u64,
@@ -134,6 +130,15 @@ pub struct ReplyEntry {
     pub key: EntityKey,
     /// An Automerge sync message, or (after [`Mode::Whole`]) the saved document.
     pub message: Option<Vec<u8>>,
+}
+
+impl ReplyEntry {
+    /// The bytes it takes in a frame, near enough to size reply parts by.
+    pub fn size(&self) -> usize {
+        self.key.kind.as_str().len()
+            + self.key.id.as_str().len()
+            + self.message.as_ref().map_or(0, Vec::len)
+    }
 }
 
 const HELLO: u8 = 1;

@@ -36,10 +36,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How much is read from the peer while sending, before reading waits for it to be handled.
 /// A peer answers one request in as many reply frames as its size needs (about 1 MiB each), and
-/// both sides may be answering at once: each must take in all the other sends before it reads
-/// again, or both would wait for ever. This bounds what is taken, in bytes by the largest frame
-/// (as much as one frame of the largest size) and in messages by more parts than a request's
-/// answer has under that, so a peer's frames hold at most about two frames' worth of memory here.
+/// both sides may be answering at once: each must take in what the other sends before it reads
+/// again, or both would wait for ever (until both answers pass this bound). This bounds what is
+/// taken, in bytes by the largest frame and in messages by more parts than an answer has under
+/// that, so a peer's frames hold at most 256 MiB and one more frame of memory here.
 const INBOX_LIMIT: InboxLimit = InboxLimit {
     messages: 4096,
     bytes: MAX_FRAME_BYTES,

@@ -27,7 +27,7 @@ mod serve;
 use store::{Origin, RecordKey, RecordWrite, Seq, Store};
 
 use crate::error::{Error, Result};
-use crate::frame::{Frame, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION, REPLY_BYTES};
+use crate::frame::{Frame, PROTOCOL_VERSION, REPLY_BYTES};
 
 /// How a session batches and bounds its work.
 #[derive(Clone, Copy, Debug)]
@@ -82,9 +82,6 @@ pub struct Session {
     site: String,
     settings: SessionSettings,
     remote_site: Option<String>,
-    /// The protocol version the two sites speak: the lower of theirs (this site's own until
-    /// the peer's hello arrives).
-    protocol: u64,
     pull: pull::Pull,
     serve: serve::Serve,
     rows_received: u64,
@@ -153,7 +150,6 @@ impl Session {
                 reply_bytes: settings.reply_bytes.max(1),
             },
             remote_site: None,
-            protocol: PROTOCOL_VERSION,
             pull: pull::Pull::starting_at(cursor),
             serve: serve::Serve::default(),
             rows_received: 0,
@@ -213,16 +209,14 @@ impl Session {
                 if self.remote_site.is_some() {
                     return Err(Error::Protocol("a second hello".into()));
                 }
-                // The two sites speak the lower of their versions: a later version than this
-                // site's is taken, and its peer speaks this one.
-                if protocol < OLDEST_PROTOCOL_VERSION {
+                // A later version than this site's is taken: its peer speaks this one.
+                if protocol < PROTOCOL_VERSION {
                     return Err(Error::Protocol(format!(
-                        "protocol version {protocol}; this site speaks versions \
-                         {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}"
+                        "protocol version {protocol}; this site speaks version \
+                         {PROTOCOL_VERSION} (or takes a later one, which then speaks it)"
                     )));
                 }
                 self.remote_site = Some(site);
-                self.protocol = protocol.min(PROTOCOL_VERSION);
                 let acked = stored_acked(&self.store, &self.peer)?;
                 self.serve.start_at(&self.store, cursor, acked, &self.peer);
                 self.announce()
@@ -235,13 +229,7 @@ impl Session {
             } => self.receive_rows(batch, rows, through, head),
             Frame::Sync { batch, entries } => self.answer_sync(batch, entries),
             Frame::Reply { batch, entries } => self.receive_reply(batch, entries, true),
-            Frame::ReplyPart { batch, entries } if self.protocol >= 3 => {
-                self.receive_reply(batch, entries, false)
-            }
-            Frame::ReplyPart { .. } => Err(Error::Protocol(format!(
-                "a reply part, which protocol version {} does not have",
-                self.protocol
-            ))),
+            Frame::ReplyPart { batch, entries } => self.receive_reply(batch, entries, false),
             Frame::Done { batch, cursor } => self.receive_done(batch, cursor),
         }
     }

@@ -38,6 +38,9 @@ pub(crate) enum ApiError {
     UriTooLong { limit: usize },
     /// The request's headers are larger than `limit` bytes in all.
     HeadersTooLarge { limit: usize },
+    /// The request's head is larger than the HTTP parser reads, or has too many headers (hyper
+    /// answers it before any route; see `parse_errors`).
+    HeadTooLarge,
     /// The body's `Content-Type` is not one this endpoint reads.
     UnsupportedMediaType(String),
     /// The request took longer than `limits.request_timeout`.
@@ -76,6 +79,18 @@ impl ApiError {
             code: "not_found",
             detail: detail.into(),
         }
+    }
+
+    /// The status and the JSON body of a client error, for an answer written outside axum (see
+    /// `parse_errors`); `None` for a server fault, which only `into_response` answers.
+    pub(crate) fn client_body(&self) -> Option<(StatusCode, String)> {
+        let (status, code, detail) = self.parts();
+        let body = serde_json::to_string(&Body {
+            code,
+            detail: detail?,
+        })
+        .ok()?;
+        Some((status, body))
     }
 
     /// The status, the code and the detail a client sees; `None` as the detail for a server fault.
@@ -188,6 +203,15 @@ impl ApiError {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers_too_large",
                 format!("the request's headers are larger than {limit} bytes in all"),
+            ),
+            Self::HeadTooLarge => client(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                format!(
+                    "the request's head is larger than the HTTP parser reads (about 400 KiB) or \
+                     has more than 100 headers; headers may take {} bytes in all",
+                    crate::limits::MAX_HEADER_BYTES
+                ),
             ),
             Self::UnsupportedMediaType(detail) => client(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

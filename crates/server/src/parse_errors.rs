@@ -19,6 +19,9 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::api_error::ApiError;
+use crate::limits::MAX_URI_BYTES;
+
 #[cfg(test)]
 mod tests;
 
@@ -45,22 +48,17 @@ impl<S> JsonParseErrors<S> {
     }
 }
 
-/// The code and detail of hyper's answer with this status.
-fn error_for(status: u16) -> Option<(&'static str, &'static str)> {
+/// Our error for hyper's answer with this status.
+fn error_for(status: u16) -> Option<ApiError> {
     Some(match status {
-        400 => (
+        400 => ApiError::bad_request(
             "malformed_request",
             "the request line or a header is not valid HTTP/1.1, so the request was not read",
         ),
-        414 => (
-            "uri_too_long",
-            "the path and query are longer than the HTTP parser reads (the limit is 8 KiB)",
-        ),
-        431 => (
-            "headers_too_large",
-            "the request's head is larger than the HTTP parser reads (about 400 KiB) or has more \
-             than 100 headers (the limit is 64 KiB of headers in all)",
-        ),
+        414 => ApiError::UriTooLong {
+            limit: MAX_URI_BYTES,
+        },
+        431 => ApiError::HeadTooLarge,
         _ => return None,
     })
 }
@@ -83,7 +81,7 @@ pub(crate) fn rewrite(written: &[u8]) -> Option<Vec<u8>> {
     let rest = status_line
         .strip_prefix("HTTP/1.1 ")
         .or_else(|| status_line.strip_prefix("HTTP/1.0 "))?;
-    let (code, detail) = error_for(rest.get(..3)?.parse().ok()?)?;
+    let error = error_for(rest.get(..3)?.parse().ok()?)?;
     let mut kept = Vec::new();
     let mut empty = false;
     for line in lines {
@@ -104,7 +102,7 @@ pub(crate) fn rewrite(written: &[u8]) -> Option<Vec<u8>> {
     if !empty {
         return None;
     }
-    let body = serde_json::json!({ "code": code, "detail": detail }).to_string();
+    let (_, body) = error.client_body()?;
     let mut answer = format!(
         "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
         body.len()
@@ -186,16 +184,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.drain(cx))?;
-        let total: usize = bufs.iter().map(|buf| buf.len()).sum();
-        let first = bufs.iter().find(|buf| !buf.is_empty());
-        if !this.upgraded && first.is_some_and(|buf| buf.starts_with(b"HTTP/1.1 101 ")) {
-            this.upgraded = true;
-        }
-        let starts_a_head = first.is_some_and(|buf| buf.starts_with(b"HTTP/1."));
-        if starts_a_head && total <= MAX_ANSWER_HEAD {
-            let written: Vec<u8> = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
-            if let Some(taken) = this.take_answer(&written, cx) {
-                return Poll::Ready(taken);
+        // hyper's own answer is a head with nothing after it: one piece, looked at in place.
+        let mut pieces = bufs.iter().filter(|buf| !buf.is_empty());
+        if let Some(first) = pieces.next() {
+            if pieces.next().is_none() {
+                if let Some(taken) = this.take_answer(first, cx) {
+                    return Poll::Ready(taken);
+                }
+            } else if first.starts_with(b"HTTP/1.1 101 ") {
+                this.upgraded = true;
             }
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)

@@ -132,6 +132,15 @@ fn each_mistake_names_its_key() {
             "replication.site",
         ),
         (
+            // Added to the current instant, which panics past its range; a day is the bound.
+            ReplicationSettings {
+                idle_timeout: Duration::from_secs(24 * 3600 + 1),
+                ..settings()
+            },
+            vec![],
+            "replication.idle_timeout",
+        ),
+        (
             ReplicationSettings {
                 reconnect_max: Duration::from_millis(1),
                 ..settings()

@@ -6,10 +6,13 @@
 //! batch. An entity that needs too many rounds is reset, then fetched whole; what the peer does
 //! with its side of the sync is `serve`'s business.
 //!
-//! Up to [`BATCHES_IN_FLIGHT`] batches are announced at once, and acknowledged in order. A reply
-//! is accepted (checked, and its entities no longer awaited) as soon as it arrives, and applied
-//! by [`Session::work`]; accepting it starts the next batch when no request is on the wire, so
-//! the peer prepares the next reply while this site applies the last one.
+//! Up to [`BATCHES_IN_FLIGHT`] batches are announced at once, and acknowledged in order. A reply,
+//! or a part of one, is accepted (checked against the oldest request of its batch on the wire)
+//! as soon as it arrives, and applied by [`Session::work`]; accepting the last frame of an answer
+//! starts the next batch when no request is on the wire, so the peer prepares the next reply
+//! while this site applies the last one. A part applied before the rest of its answer arrived
+//! may have asked again for some of its entities already; the next batch then waits for that
+//! request's answer.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -78,8 +81,10 @@ struct PullBatch {
 }
 
 impl PullBatch {
+    /// Whether a request of the batch is on the wire (no request is kept once all of it is
+    /// answered).
     fn requesting(&self) -> bool {
-        self.entities.values().any(|pending| pending.awaiting)
+        !self.requests.is_empty()
     }
 
     fn is_complete(&self) -> bool {
@@ -95,8 +100,6 @@ struct Pending {
     /// Round trips in the current attempt.
     rounds: u32,
     stage: Stage,
-    /// Whether a request for it is on the wire.
-    awaiting: bool,
 }
 
 /// Which attempt an entity is on.
@@ -221,7 +224,6 @@ impl Session {
                     state,
                     rounds: 0,
                     stage,
-                    awaiting: true,
                 },
             );
         }
@@ -286,11 +288,6 @@ impl Session {
         if last {
             current.requests.pop_front();
         }
-        for reply in &replies {
-            if let Some(pending) = current.entities.get_mut(&reply.key) {
-                pending.awaiting = false;
-            }
-        }
         self.pull.replies.push_back((batch, replies));
         self.start_next()
     }
@@ -316,7 +313,7 @@ impl Session {
             let stage = current
                 .entities
                 .get(&reply.key)
-                .expect("every reply was checked to name an awaited entity")
+                .expect("every reply was checked to name an entity of a request on the wire")
                 .stage;
             match (reply.message, stage) {
                 (Some(document), Stage::Whole) => documents.push((reply.key, document)),
@@ -417,7 +414,6 @@ impl Session {
                     }
                 }
             };
-            pending.awaiting = true;
             entries.push(SyncEntry {
                 key: key.clone(),
                 mode,

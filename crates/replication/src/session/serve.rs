@@ -210,13 +210,9 @@ impl Session {
                 outcome.map_err(|error| rejected(key, error))?;
             }
         }
-        // From version 3 on, the answer goes in parts of about `reply_bytes` each, so that each
-        // frame crosses a slow link well within the idle timeout; in version 2, in one frame.
-        let frame_bytes = if self.protocol >= 3 {
-            self.settings.reply_bytes
-        } else {
-            usize::MAX
-        };
+        // The answer goes in parts of about `reply_bytes` each, so that each frame crosses a
+        // slow link well within the idle timeout.
+        let frame_bytes = self.settings.reply_bytes;
         let mut frames = Vec::new();
         let mut replies = Vec::new();
         let mut bytes: usize = 0;
@@ -229,7 +225,8 @@ impl Session {
                     message
                 }
             };
-            let size = key.to_string().len() + message.as_ref().map_or(0, Vec::len);
+            let reply = ReplyEntry { key, message };
+            let size = reply.size();
             if !replies.is_empty() && bytes.saturating_add(size) > frame_bytes {
                 frames.push(Frame::ReplyPart {
                     batch,
@@ -238,7 +235,7 @@ impl Session {
                 bytes = 0;
             }
             bytes += size;
-            replies.push(ReplyEntry { key, message });
+            replies.push(reply);
         }
         frames.push(Frame::Reply {
             batch,

@@ -282,7 +282,7 @@ fn frames_out_of_turn_are_protocol_errors() {
             "{name}"
         );
     }
-    for protocol in [0, 1] {
+    for protocol in [0, 1, 2] {
         let mut wrong_version =
             Session::open(store.clone(), "remote", "local", SessionSettings::default())
                 .expect("open");
@@ -349,20 +349,14 @@ fn with_no_acknowledgement_on_record_the_feed_is_announced_again_from_the_start(
         write(&store, id, json!({"n": 1}));
     }
     let (_session, out) = session_from(&store, SessionSettings::default(), 2);
-    assert_eq!(
-        announced(&out),
-        (
-            vec![
-                "appointment/a".to_string(),
-                "appointment/b".to_string(),
-                "appointment/c".to_string()
-            ],
-            Seq(3)
-        )
-    );
+    let (keys, through) = announced(&out);
+    assert_eq!(keys, ["appointment/a", "appointment/b", "appointment/c"]);
+    assert_eq!(through, Seq(3));
     acknowledge(&store, 2);
     let (_session, out) = session_from(&store, SessionSettings::default(), 2);
-    assert_eq!(announced(&out), (vec!["appointment/c".to_string()], Seq(3)));
+    let (keys, through) = announced(&out);
+    assert_eq!(keys, ["appointment/c"]);
+    assert_eq!(through, Seq(3));
 }
 
 /// Delivers frames between two sessions until neither has anything to send.
@@ -431,10 +425,9 @@ fn replies_to(
 }
 
 /// A request's answer larger than `reply_bytes` comes in several frames, which the puller takes
-/// one at a time (so that no one frame takes long to cross a slow link); a peer on protocol 2
-/// gets it in one frame, as it expects.
+/// one at a time (so that no one frame takes long to cross a slow link).
 #[test]
-fn a_large_answer_comes_in_several_reply_frames_except_to_a_peer_on_protocol_2() {
+fn a_large_answer_comes_in_several_reply_frames() {
     let (_north_dir, north) = open();
     let ids: Vec<String> = (0..5).map(|index| format!("e{index}")).collect();
     for (index, id) in ids.iter().enumerate() {
@@ -444,12 +437,9 @@ fn a_large_answer_comes_in_several_reply_frames_except_to_a_peer_on_protocol_2()
         replies
             .iter()
             .map(|frame| match frame {
-                Frame::Reply { entries, .. } | Frame::ReplyPart { entries, .. } => entries
-                    .iter()
-                    .map(|entry| {
-                        entry.key.to_string().len() + entry.message.as_ref().map_or(0, Vec::len)
-                    })
-                    .collect(),
+                Frame::Reply { entries, .. } | Frame::ReplyPart { entries, .. } => {
+                    entries.iter().map(ReplyEntry::size).collect()
+                }
                 other => panic!("not a reply: {other:?}"),
             })
             .collect()
@@ -490,15 +480,6 @@ fn a_large_answer_comes_in_several_reply_frames_except_to_a_peer_on_protocol_2()
     assert!(matches!(frames[4], Frame::Reply { .. }));
     let each = parts(&frames);
     assert_eq!(each.iter().map(Vec::len).collect::<Vec<_>>(), vec![1; 5]);
-    let (_south_dir, south) = open();
-    let old = parts(&replies_to(
-        &north,
-        &south,
-        &ids,
-        crate::frame::OLDEST_PROTOCOL_VERSION,
-        1,
-    ));
-    assert_eq!(old.iter().map(Vec::len).collect::<Vec<_>>(), vec![5]);
 }
 
 /// A request's answer comes as parts, each with some of the entities still to answer, then a
@@ -515,17 +496,8 @@ fn an_answer_in_parts_must_bring_every_entity_asked_for_in_order() {
         rows
     };
     let (_south_dir, south) = open();
-    let start = |protocol: u64| {
-        let mut puller =
-            Session::open(south.clone(), "remote", "local", SessionSettings::default())
-                .expect("a session opens");
-        puller
-            .receive(Frame::Hello {
-                protocol,
-                site: "remote".into(),
-                cursor: Seq::ZERO,
-            })
-            .expect("the hello is accepted");
+    let start = || {
+        let (mut puller, _) = session(&south, SessionSettings::default());
         let requests = puller.receive(rows[0].clone()).expect("rows are accepted");
         let [Frame::Sync { entries, .. }] = &requests[..] else {
             panic!("one request: {requests:?}");
@@ -562,16 +534,13 @@ fn an_answer_in_parts_must_bring_every_entity_asked_for_in_order() {
         part(&["b"]),
         part(&["a", "b", "c"]),
     ] {
-        let refused = start(PROTOCOL_VERSION).receive(wrong.clone());
+        let refused = start().receive(wrong.clone());
         assert!(
             matches!(refused, Err(Error::Protocol(_))),
             "{wrong:?}: {refused:?}"
         );
     }
-    // A peer speaking version 2 sends no parts.
-    let refused = start(2).receive(part(&["a"]));
-    assert!(matches!(refused, Err(Error::Protocol(_))), "{refused:?}");
-    let mut puller = start(PROTOCOL_VERSION);
+    let mut puller = start();
     assert_eq!(puller.receive(part(&["a"])).expect("a part"), vec![]);
     assert!(matches!(
         puller.receive(part(&["b", "c"])),
