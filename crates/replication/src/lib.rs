@@ -14,7 +14,8 @@
 //! `config` holds the `[replication]` and `[[peers]]` settings; `frame` is the wire format;
 //! `session` is the protocol as a state machine without IO (frames in, frames out), with the
 //! puller's half in `session::pull` and the announcer's in `session::serve`; `link` runs a
-//! session over one websocket; `backoff` paces reconnection; `status` is what links report;
+//! session over one websocket, judging silence by `activity` (when bytes last moved over the
+//! connection); `backoff` paces reconnection; `status` is what links report;
 //! `registry` holds the peers, dials and accepts.
 //!
 //! # Example
@@ -52,6 +53,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod activity;
 mod backoff;
 mod config;
 mod error;

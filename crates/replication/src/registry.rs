@@ -13,16 +13,18 @@ use std::sync::Arc;
 use store::Store;
 use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{tungstenite, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::activity::{Activity, Watched};
 use crate::backoff::Backoff;
 use crate::config::{Peer, ReplicationSettings, Token};
 use crate::error::{Error, Result};
@@ -205,13 +207,15 @@ impl Replication {
             tracing::warn!(%peer, "an accepted link names no known peer");
             return;
         };
+        let activity = Activity::default();
+        let io = activity.watch(io);
         let socket =
             WebSocketStream::from_raw_socket(io, Role::Server, Some(link::websocket_config()))
                 .await;
         let span = tracing::info_span!("link", direction = "accepted");
         async {
             tracing::info!("peer connected");
-            self.run_link(socket, &state, &shutdown).await;
+            self.run_link(socket, activity, &state, &shutdown).await;
         }
         .instrument(span)
         .await;
@@ -245,14 +249,15 @@ impl Replication {
         async {
             loop {
                 let started = Instant::now();
+                let activity = Activity::default();
                 let connected = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    connected = connect(&peer, settings.idle_timeout) => connected,
+                    connected = connect(&peer, settings.idle_timeout, &activity) => connected,
                 };
                 match connected {
                     Ok(socket) => {
                         tracing::info!(url = %peer.url, "connected to peer");
-                        self.run_link(socket, &state, &shutdown).await;
+                        self.run_link(socket, activity, &state, &shutdown).await;
                     }
                     Err(error) => state.failed(&error),
                 }
@@ -274,10 +279,12 @@ impl Replication {
         .await;
     }
 
-    /// Runs a link over `socket` until it ends, and reports how it ended.
+    /// Runs a link over `socket`, whose connection stamps `activity`, until it ends, and reports
+    /// how it ended.
     async fn run_link<S>(
         &self,
         socket: WebSocketStream<S>,
+        activity: Activity,
         state: &PeerState,
         shutdown: &CancellationToken,
     ) where
@@ -305,6 +312,7 @@ impl Replication {
         };
         link::run(
             socket,
+            activity,
             session,
             &self.inner.store,
             state,
@@ -315,23 +323,35 @@ impl Replication {
     }
 }
 
-/// Opens a websocket to `peer`'s replication endpoint, presenting its token.
+/// Opens a websocket to `peer`'s replication endpoint, presenting its token, over a connection
+/// that stamps `activity`.
 async fn connect(
     peer: &Peer,
     timeout: std::time::Duration,
-) -> Result<WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    activity: &Activity,
+) -> Result<WebSocketStream<MaybeTlsStream<Watched<TcpStream>>>> {
     let mut request = peer.endpoint.as_str().into_client_request()?;
     let bearer = HeaderValue::from_str(&format!("Bearer {}", peer.token.expose()))
         .map_err(|_| Error::Protocol("the peer token is not a valid header value".into()))?;
     request.headers_mut().insert(AUTHORIZATION, bearer);
+    // The endpoint was checked when the configuration was read: it has a host, and a port or
+    // a scheme that gives one.
+    let address = socket_address(request.uri())?;
     // A `wss://` endpoint always has its own configuration (see `tls`), never the default one.
     let connector = peer.tls.clone().map(tokio_tungstenite::Connector::Rustls);
-    let connecting = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        Some(link::websocket_config()),
-        true,
-        connector,
-    );
+    let connecting = async {
+        let tcp = TcpStream::connect(&address)
+            .await
+            .map_err(tungstenite::Error::Io)?;
+        tcp.set_nodelay(true).map_err(tungstenite::Error::Io)?;
+        tokio_tungstenite::client_async_tls_with_config(
+            request,
+            activity.watch(tcp),
+            Some(link::websocket_config()),
+            connector,
+        )
+        .await
+    };
     match tokio::time::timeout(timeout, connecting).await {
         Err(_) => Err(Error::ConnectTimeout(timeout)),
         Ok(Ok((socket, _))) => Ok(socket),
@@ -349,4 +369,20 @@ async fn connect(
         }
         Ok(Err(error)) => Err(error.into()),
     }
+}
+
+/// The `host:port` a websocket URL connects to.
+fn socket_address(uri: &tungstenite::http::Uri) -> Result<String> {
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::Protocol(format!("the endpoint {uri} has no host")))?;
+    let port = uri
+        .port_u16()
+        .or(match uri.scheme_str() {
+            Some("wss") => Some(443),
+            Some("ws") => Some(80),
+            _ => None,
+        })
+        .ok_or_else(|| Error::Protocol(format!("the endpoint {uri} has no port")))?;
+    Ok(format!("{host}:{port}"))
 }
