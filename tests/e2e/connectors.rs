@@ -42,9 +42,25 @@ async fn post_webhook(
     body: &Value,
     timestamp: Option<i64>,
 ) -> Result<reqwest::Response> {
-    let request = server
-        .client()
-        .post(server.url(&format!("/v1/connectors/{name}/webhook")));
+    post_webhook_to(
+        server,
+        &format!("/v1/connectors/{name}/webhook"),
+        id,
+        body,
+        timestamp,
+    )
+    .await
+}
+
+/// [`post_webhook`] to `path`, which may carry a query string.
+async fn post_webhook_to(
+    server: &TestServer,
+    path: &str,
+    id: &str,
+    body: &Value,
+    timestamp: Option<i64>,
+) -> Result<reqwest::Response> {
+    let request = server.client().post(server.url(path));
     server
         .send(signed(
             request,
@@ -452,6 +468,44 @@ async fn issue_3_a_webhook_from_one_connector_reaches_the_other_only() -> Result
         "a was sent its own change: {:#?}",
         a.received()
     );
+    Ok(())
+}
+
+/// Senders' webhook URLs sometimes carry parameters of their own: the query string is ignored
+/// (the signature covers the body), and a repeat of the id under another query string is still
+/// a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_3_a_query_string_on_the_webhook_url_is_ignored() -> Result<()> {
+    let fake = FakeApi::start().await?;
+    let server = TestServer::start_with(&connector("scheduler", &fake.base, "")).await?;
+    let body = json!({"apptId": "31", "scheduledDate": "2027-04-04"});
+    let path = "/v1/connectors/scheduler/webhook";
+    let first = post_webhook_to(
+        &server,
+        &format!("{path}?source=crm&attempt=1"),
+        "msg_q",
+        &body,
+        None,
+    )
+    .await?;
+    assert_eq!(first.status(), 200);
+    let first = first.json::<Value>().await?;
+    assert_eq!(first["status"], "applied", "{first}");
+    let (_, entity) = server.get("/v1/entities/appointment/31").await?;
+    assert_eq!(entity["data"]["date"], "2027-04-04", "{entity}");
+    let before = server.feed_len();
+    let repeat =
+        post_webhook_to(&server, &format!("{path}?attempt=2"), "msg_q", &body, None).await?;
+    assert_eq!(repeat.status(), 200);
+    assert_eq!(
+        repeat
+            .headers()
+            .get("lockstep-idempotent-replay")
+            .map(|value| value.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert_eq!(repeat.json::<Value>().await?, first);
+    assert_eq!(server.feed_len(), before, "a repeat changes nothing");
     Ok(())
 }
 

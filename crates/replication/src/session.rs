@@ -106,9 +106,21 @@ pub fn stored_cursor(store: &Store, peer: &str) -> store::Result<Seq> {
 }
 
 /// How far `peer` last acknowledged this site's feed, as last written to disk; `None` before
-/// its first acknowledgement (or one made by a version that did not keep them).
+/// its first acknowledgement (or one made by a version that did not keep them), and when the
+/// record is not a number (logged). Either way the feed is announced again from the start,
+/// which is always safe (the peer skips what it has), and the next acknowledgement replaces
+/// the record: a damaged record must not refuse every hello for ever, as a cursor's does.
 fn stored_acked(store: &Store, peer: &str) -> store::Result<Option<Seq>> {
-    stored_seq(store, ACKED_SPACE, peer, "replication acknowledgement")
+    match stored_seq(store, ACKED_SPACE, peer, "replication acknowledgement") {
+        Err(store::Error::Corrupt { what, detail }) => {
+            tracing::warn!(
+                %peer, %detail,
+                "{what} is unreadable: announcing the whole feed to the peer again"
+            );
+            Ok(None)
+        }
+        read => read,
+    }
 }
 
 fn stored_seq(store: &Store, space: &str, peer: &str, what: &str) -> store::Result<Option<Seq>> {

@@ -359,6 +359,31 @@ fn with_no_acknowledgement_on_record_the_feed_is_announced_again_from_the_start(
     assert_eq!(through, Seq(3));
 }
 
+/// An acknowledgement record that is not a number (damaged on disk) is taken as no
+/// acknowledgement: the whole feed is announced again, and the next acknowledgement replaces
+/// it. Before, every hello of that peer failed on it, for ever.
+#[test]
+fn an_unreadable_acknowledgement_is_announced_past_and_replaced() {
+    let (_dir, store) = open();
+    for id in ["a", "b", "c"] {
+        write(&store, id, json!({"n": 1}));
+    }
+    let record = RecordKey::new(ACKED_SPACE, &["remote"]);
+    store
+        .write_records_lazily(vec![RecordWrite::put(record.clone(), "not a number")])
+        .expect("the damaged record is written");
+    let (mut session, out) = session_from(&store, SessionSettings::default(), 2);
+    let (keys, through) = announced(&out);
+    assert_eq!(keys, ["appointment/a", "appointment/b", "appointment/c"]);
+    assert_eq!(through, Seq(3));
+    let Some(Frame::Rows { batch, .. }) = out.first() else {
+        panic!("expected rows: {out:?}");
+    };
+    session.receive(done(*batch, 3)).expect("done");
+    let stored = store.read_record(&record).expect("a read");
+    assert_eq!(stored.as_deref(), Some(&b"3"[..]));
+}
+
 /// Delivers frames between two sessions until neither has anything to send.
 fn exchange(a: &mut Session, b: &mut Session, from_a: Vec<Frame>, from_b: Vec<Frame>) {
     let (mut to_b, mut to_a): (
