@@ -137,7 +137,9 @@ struct HistoryMemory {
 
 /// A server with `store.cache_bytes = cache_bytes` takes `entities` entities, each written
 /// `revisions` times with a new 64 KB value (Automerge keeps every one of them: about 400 KB of
-/// history per entity), by 16 connections, then reads each once more.
+/// history per entity in memory), by 16 connections, then reads each once more. The values
+/// repeat a short text, which compresses to almost nothing on disk: this measures the document
+/// cache's bound; [`large_values_read`] measures values that do not compress.
 async fn long_histories(
     binary: &Path,
     cache_bytes: u64,
@@ -170,6 +172,54 @@ async fn long_histories(
         cached_mib: metric(&server.base, "lockstep_store_cached_document_bytes").await?
             / (1024.0 * 1024.0),
     })
+}
+
+/// 64 KB of printable text that no compression shrinks much, the same for the same seed.
+fn incompressible(seed: u64) -> String {
+    // xorshift64: enough to defeat DEFLATE, and no dependency for it.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..64 * 1024)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'!' + u8::try_from(state % 90).expect("under 90"))
+        })
+        .collect()
+}
+
+/// A server with `store.cache_bytes = 32 MiB` takes `entities` entities, each written
+/// `revisions` times with 64 KB that does not compress, is restarted, and reads them all once,
+/// in two halves: its RSS after the restart and after each half. sled keeps what it read of
+/// large values in memory outside its cache bound (see docs/configuration.md), so the
+/// growth per half is what reading them costs.
+async fn large_values_read(binary: &Path, entities: u64, revisions: u64) -> Result<[f64; 3]> {
+    let mut server = Server::start(binary, "[store]\ncache_bytes = 33554432\n").await?;
+    let base = server.base.clone();
+    send_all(16, 0..entities * revisions, move |client, write| {
+        let index = write % entities;
+        client
+            .patch(format!("{base}/v1/entities/scan/e{index:05}"))
+            .header("content-type", "application/merge-patch+json")
+            .body(serde_json::json!({ "scan": incompressible(write) }).to_string())
+    })
+    .await?;
+    server.restart(binary).await?;
+    let mut rss = [server.rss_mib()?, 0.0, 0.0];
+    let client = reqwest::Client::new();
+    for (half, indexes) in [(1, 0..entities / 2), (2, entities / 2..entities)] {
+        // Ids in key order, so the two halves share no sled page.
+        for index in indexes {
+            client
+                .get(format!("{}/v1/entities/scan/e{index:05}", server.base))
+                .send()
+                .await?
+                .error_for_status()?;
+        }
+        rss[half] = server.rss_mib()?;
+    }
+    server.finish().await?;
+    Ok(rss)
 }
 
 fn directory_bytes(path: &Path) -> u64 {
@@ -269,6 +319,8 @@ async fn main() -> Result<()> {
     // No byte bound to speak of (the count bound, 4,096, holds every entity), then 32 MiB.
     let unbounded = long_histories(&binary, 1 << 40, 256, 6).await?;
     let bounded = long_histories(&binary, 32 << 20, 256, 6).await?;
+    println!("measuring: memory reading large values (256 entities x 6 values of 64 KB that do not compress)");
+    let large = large_values_read(&binary, 256, 6).await?;
 
     println!("measuring: bytes on disk (1,000 entities x 10 fields, 5 edits each, compacted)");
     let (stored, saved, on_disk) = tokio::task::spawn_blocking(|| disk_usage(1000)).await??;
@@ -324,6 +376,12 @@ async fn main() -> Result<()> {
             run.rss_mib, run.cached_documents, run.cached_mib
         );
     }
+    println!();
+    println!("| 256 entities x 6 values of 64 KB that do not compress (about 100 MB), cache_bytes = 32 MiB, read after a restart | RSS MiB |");
+    println!("|---|---|");
+    println!("| after the restart | {:.1} |", large[0]);
+    println!("| after reading 128 of them once | {:.1} |", large[1]);
+    println!("| after reading all 256 once | {:.1} |", large[2]);
     println!();
     println!("| bytes per 10-field entity | bytes | vs automerge save() |");
     println!("|---|---|---|");

@@ -268,36 +268,22 @@ impl Server {
     /// When it does not start listening within 30 s.
     pub async fn start(binary: &Path, config: &str) -> Result<Self> {
         let data = tempfile::tempdir()?;
-        let config_file = data.path().join("lockstep.toml");
-        std::fs::write(&config_file, config)?;
-        let mut child = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path().join("data"))
-            .arg("--config")
-            .arg(&config_file)
-            .env("RUST_LOG", "warn,lockstep=info,server=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
-        let base = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if line.contains("listening") {
-                    if let Some(start) = line.find("127.0.0.1:") {
-                        let port: String = line[start + 10..]
-                            .chars()
-                            .take_while(char::is_ascii_digit)
-                            .collect();
-                        return Ok(format!("http://127.0.0.1:{port}"));
-                    }
-                }
-            }
-            bail!("the server exited before listening")
-        })
-        .await??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        std::fs::write(data.path().join("lockstep.toml"), config)?;
+        let (child, base) = spawn(binary, data.path()).await?;
         Ok(Self { child, base, data })
+    }
+
+    /// Kills the server (as `kill -9` would) and starts it again on the same data and
+    /// configuration, so that what it holds in memory is what it read since.
+    ///
+    /// # Errors
+    /// When it cannot be killed, or does not start listening again within 30 s.
+    pub async fn restart(&mut self, binary: &Path) -> Result<()> {
+        self.child.kill().await?;
+        let (child, base) = spawn(binary, self.data.path()).await?;
+        self.child = child;
+        self.base = base;
+        Ok(())
     }
 
     /// Kills the server, waits for it to exit, removes its data directory and syncs every
@@ -325,6 +311,39 @@ impl Server {
         let pid = self.child.id().context("the server has exited")?;
         status_mib(pid, "VmRSS")
     }
+}
+
+/// Runs the server on `data/data` with the configuration file `data/lockstep.toml`, and
+/// waits until it listens; returns the process and its base URL.
+async fn spawn(binary: &Path, data: &Path) -> Result<(Child, String)> {
+    let mut child = Command::new(binary)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.join("data"))
+        .arg("--config")
+        .arg(data.join("lockstep.toml"))
+        .env("RUST_LOG", "warn,lockstep=info,server=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let base = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("listening") {
+                if let Some(start) = line.find("127.0.0.1:") {
+                    let port: String = line[start + 10..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    return Ok(format!("http://127.0.0.1:{port}"));
+                }
+            }
+        }
+        bail!("the server exited before listening")
+    })
+    .await??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, base))
 }
 
 /// A memory figure of process `pid` from `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...), in MiB.
