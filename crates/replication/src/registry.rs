@@ -386,3 +386,41 @@ fn socket_address(uri: &tungstenite::http::Uri) -> Result<String> {
         .ok_or_else(|| Error::Protocol(format!("the endpoint {uri} has no port")))?;
     Ok(format!("{host}:{port}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(url: &str) -> Result<String> {
+        socket_address(&url.parse().expect("a URL"))
+    }
+
+    #[test]
+    fn a_peer_endpoint_gives_the_address_to_connect_to() {
+        for (url, expected) in [
+            ("ws://north:7000/v1/replication", "north:7000"),
+            ("ws://north/v1/replication", "north:80"),
+            ("wss://north.example/v1/replication", "north.example:443"),
+            ("wss://[::1]:7443/v1/replication", "[::1]:7443"),
+        ] {
+            assert_eq!(address(url).expect("an address"), expected, "{url}");
+        }
+        for url in ["/v1/replication", "ftp://north/v1/replication"] {
+            assert!(matches!(address(url), Err(Error::Protocol(_))), "{url}");
+        }
+    }
+
+    /// An IPv6 literal keeps its brackets, which is the form `TcpStream::connect` takes.
+    #[tokio::test]
+    async fn an_ipv6_literal_endpoint_connects() {
+        let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+            // A machine without IPv6 on its loopback has nothing to test here.
+            return;
+        };
+        let port = listener.local_addr().expect("an address").port();
+        let address = address(&format!("ws://[::1]:{port}/v1/replication")).expect("an address");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(&address), listener.accept());
+        connected.expect("connected");
+        accepted.expect("accepted");
+    }
+}
