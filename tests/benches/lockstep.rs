@@ -176,15 +176,9 @@ async fn long_histories(
 
 /// 64 KB of printable text that no compression shrinks much, the same for the same seed.
 fn incompressible(seed: u64) -> String {
-    // xorshift64: enough to defeat DEFLATE, and no dependency for it.
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..64 * 1024)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            char::from(b'!' + u8::try_from(state % 90).expect("under 90"))
-        })
+        .map(|_| char::from(rng.gen_range(b'!'..=b'z')))
         .collect()
 }
 

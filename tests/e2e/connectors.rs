@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use connectors::WebhookSecret;
 use lockstep_tests::fake_api::{Behavior, FakeApi, Received};
 use lockstep_tests::webhooks::{signed, unix_now, TEST_SECRET};
-use lockstep_tests::{expect_error, poll_until, read_raw_response, within, TestServer};
+use lockstep_tests::{expect_error, header, poll_until, read_raw_response, within, TestServer};
 use serde_json::{json, Value};
 
 /// A connector table for the appointment example, pointing at `url`.
@@ -497,13 +497,7 @@ async fn issue_3_a_query_string_on_the_webhook_url_is_ignored() -> Result<()> {
     let repeat =
         post_webhook_to(&server, &format!("{path}?attempt=2"), "msg_q", &body, None).await?;
     assert_eq!(repeat.status(), 200);
-    assert_eq!(
-        repeat
-            .headers()
-            .get("lockstep-idempotent-replay")
-            .map(|value| value.as_bytes()),
-        Some(&b"true"[..])
-    );
+    assert_eq!(header(&repeat, "lockstep-idempotent-replay"), Some("true"));
     assert_eq!(repeat.json::<Value>().await?, first);
     assert_eq!(server.feed_len(), before, "a repeat changes nothing");
     Ok(())

@@ -546,10 +546,12 @@ jitter = 0.0
 
 /// A server whose disk fills up (here: its files may not grow past 2 MiB) refuses writes from
 /// the first failed flush on, with 503 `store_failed` and no `Retry-After` (only a restart
-/// helps), and keeps answering reads. The writes here are signed webhooks: the one whose flush
-/// failed is refused again when it is sent again (its record is in sled, not on disk, and must
-/// not be answered as a repeat). Nothing it acknowledged is lost: restarted with room again,
-/// every acknowledged write is there, and it takes writes again.
+/// helps), and answers reads with 200, or 503 `store_failed` for pages sled will not read back,
+/// never 500. The writes here are signed webhooks: the one whose flush failed is refused again
+/// when it is sent again (its record is in sled, not on disk, and must not be answered as a
+/// repeat), and so is an id reused with another body (not 409, which senders do not retry).
+/// Nothing it acknowledged is lost: restarted with room again, every acknowledged write is
+/// there, the refused webhook is taken, and it takes writes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_writes_and_loses_no_acknowledged_one() -> Result<()> {
     let binary = release_binary()?;
@@ -615,9 +617,23 @@ n = "n"
         "only {} writes before the disk was full",
         acked.len()
     );
-    // The refused webhook, sent again, is refused again rather than answered as a repeat.
+    // The refused webhook, sent again, is refused again rather than answered as a repeat, and
+    // an acknowledged id with another body is refused as the store's failure, not as a reuse.
     expect_error(
         post_webhook(&client, &server.base, &secret, &webhook_id, &refused_body).await?,
+        503,
+        "store_failed",
+    )
+    .await?;
+    expect_error(
+        post_webhook(
+            &client,
+            &server.base,
+            &secret,
+            "msg-0",
+            br#"{"id":"d0","n":-1}"#,
+        )
+        .await?,
         503,
         "store_failed",
     )
@@ -653,7 +669,8 @@ n = "n"
     let mut child = server.child;
     child.kill().await?;
 
-    let server = start(&binary, &data).await?;
+    let config = config.to_string_lossy().into_owned();
+    let server = start_with(&binary, &data, &["--config", &config]).await?;
     for (id, n) in &acked {
         let response = client
             .get(format!("{}/v1/entities/doc/{id}", server.base))
@@ -665,5 +682,8 @@ n = "n"
     }
     let after = patch(&server.base, "after", r#"{"room": true}"#).await?;
     assert_eq!(after.status(), 201);
+    // The webhook the failure refused is taken now that the sender retries it.
+    let retried = post_webhook(&client, &server.base, &secret, &webhook_id, &refused_body).await?;
+    assert_eq!(retried.status(), 200, "{}", retried.text().await?);
     Ok(())
 }

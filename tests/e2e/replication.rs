@@ -174,19 +174,7 @@ async fn issue_4_missing_wrong_and_api_tokens_are_refused_and_the_server_keeps_s
         site_toml("north", &[("south", "tok-south")], &[], "1s")
     );
     let north = TestServer::start_with(&toml).await?;
-    let upgrade = |token: Option<&str>| {
-        let mut request = north
-            .client()
-            .get(north.url("/v1/replication"))
-            .header("connection", "upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-version", "13")
-            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        request
-    };
+    let upgrade = |token| upgrade(&north, token);
     expect_error(north.send(upgrade(None)).await?, 401, "unauthenticated").await?;
     expect_error(
         north.send(upgrade(Some("nope"))).await?,
@@ -252,12 +240,33 @@ type Socket =
 
 /// Opens the replication websocket of `server` as peer `south`.
 async fn connect(server: &TestServer) -> Result<Socket> {
+    within("connecting", connect_as(server, "tok-south")).await?
+}
+
+/// Opens the replication websocket of `server` with the replication token `token`.
+async fn connect_as(server: &TestServer, token: &str) -> Result<Socket> {
     let mut request = format!("ws://{}/v1/replication", server.address()).into_client_request()?;
     request
         .headers_mut()
-        .insert("authorization", "Bearer tok-south".parse()?);
-    let (socket, _) = within("connecting", tokio_tungstenite::connect_async(request)).await??;
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
     Ok(socket)
+}
+
+/// The replication websocket's upgrade request over plain HTTP, with `token` if any: how the
+/// server answers when it refuses the link.
+fn upgrade(server: &TestServer, token: Option<&str>) -> reqwest::RequestBuilder {
+    let request = server
+        .client()
+        .get(server.url("/v1/replication"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
 }
 
 /// Reads until the server closes the socket; returns the close reason.
@@ -827,20 +836,6 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// The replication websocket's upgrade request as peer `token`'s holder, sent over plain HTTP:
-/// the answer when the server refuses the link.
-async fn upgrade_refused(server: &TestServer, token: &str) -> Result<reqwest::Response> {
-    Ok(reqwest::Client::new()
-        .get(server.url("/v1/replication"))
-        .header("authorization", format!("Bearer {token}"))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await?)
-}
-
 /// One peer cannot take every accepted link slot: past `MAX_LINKS_PER_PEER` links its next
 /// one is refused (503 `too_many_links`), while another peer still gets in; once one of its
 /// links ends, it may open another.
@@ -857,7 +852,7 @@ async fn issue_4_one_peer_cannot_take_every_link() -> Result<()> {
     for _ in 0..replication::MAX_LINKS_PER_PEER {
         links.push(connect(&north).await?);
     }
-    let refused = upgrade_refused(&north, "tok-south").await?;
+    let refused = north.send(upgrade(&north, Some("tok-south"))).await?;
     assert!(refused.headers().contains_key("retry-after"));
     let body = expect_error(refused, 503, "too_many_links").await?;
     assert!(
@@ -865,25 +860,13 @@ async fn issue_4_one_peer_cannot_take_every_link() -> Result<()> {
         "{body}"
     );
 
-    let mut request = format!("ws://{}/v1/replication", north.address()).into_client_request()?;
-    request
-        .headers_mut()
-        .insert("authorization", "Bearer tok-west".parse()?);
-    let (_west, _) = within("west connecting", tokio_tungstenite::connect_async(request)).await??;
+    let _west = within("west connecting", connect_as(&north, "tok-west")).await??;
 
     let mut ended = links.pop().context("a link")?;
     ended.close(None).await?;
     drop(ended);
     let _again = poll_until("south may link again", || async {
-        let mut request =
-            format!("ws://{}/v1/replication", north.address()).into_client_request()?;
-        request
-            .headers_mut()
-            .insert("authorization", "Bearer tok-south".parse()?);
-        Ok(tokio_tungstenite::connect_async(request)
-            .await
-            .ok()
-            .map(|(socket, _)| socket))
+        Ok(connect_as(&north, "tok-south").await.ok())
     })
     .await?;
     north.stop().await?;

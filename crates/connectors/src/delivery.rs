@@ -625,6 +625,7 @@ pub(crate) async fn run(handle: Arc<ConnectorHandle>, shutdown: CancellationToke
         }
     }
     deliveries.abort_all();
+    inbox_gc.finish().await;
 }
 
 /// The deliveries in progress (one per entity at most), each giving back its entity when it
@@ -744,18 +745,19 @@ fn set_due(index: &mut DueIndex, entity: EntityKey, due: Due) {
 /// The hourly clean-up of expired webhook ids, on a blocking thread of its own, so that the
 /// worker's deliveries do not wait for it.
 struct InboxGc {
-    /// The worker's shutdown: a clean-up stops between batches once it is cancelled, so that the
-    /// server does not close the store under it.
+    /// The worker's shutdown: a clean-up stops between batches once it is cancelled, and the
+    /// worker waits for it to stop ([`InboxGc::finish`]), so that the server does not close the
+    /// store under it.
     shutdown: CancellationToken,
     /// When the next clean-up is due; `None` at start (at once).
     next: Option<tokio::time::Instant>,
-    /// The clean-up under way, and when it started. Its task wakes the worker as it ends, well
-    /// or not (a panic included), and hands over how it ended.
-    running: Option<(
-        tokio::task::JoinHandle<std::result::Result<(), String>>,
-        tokio::time::Instant,
-    )>,
+    /// The clean-up under way. Its task wakes the worker as it ends, well or not (a panic of
+    /// the blocking thread included), and hands over how it ended.
+    running: Option<CleanUp>,
 }
+
+/// A clean-up's task: the outcome of its blocking thread, or why that thread ended without one.
+type CleanUp = tokio::task::JoinHandle<std::result::Result<Result<()>, tokio::task::JoinError>>;
 
 impl InboxGc {
     fn new(shutdown: CancellationToken) -> Self {
@@ -767,29 +769,23 @@ impl InboxGc {
     }
 
     /// Takes the outcome of a clean-up that has ended, then starts one when it is due and none
-    /// is running. One that failed (an error or a panic) is logged, set as the connector's last
-    /// error, and tried again a minute later.
+    /// is running. One that ends well is due again an hour after it started; one that failed
+    /// (an error or a panic) is logged, set as the connector's last error, and tried again a
+    /// minute later.
     async fn start_if_due(&mut self, handle: &Arc<ConnectorHandle>) {
         if self
             .running
             .as_ref()
-            .is_some_and(|(task, _)| !task.is_finished())
+            .is_some_and(|task| !task.is_finished())
         {
             return;
         }
-        if let Some((task, started)) = self.running.take() {
-            let failure = match task.await {
-                Ok(outcome) => outcome.err(),
-                Err(ended) => Some(format!("the clean-up's task ended: {ended}")),
-            };
-            self.next = Some(match failure {
-                None => started + INBOX_GC_EVERY,
-                Some(failure) => {
-                    tracing::error!(connector = %handle.connector.name, error = %failure, "forgetting expired webhook ids failed; trying again in a minute");
-                    handle.note_error(Some(failure));
-                    tokio::time::Instant::now() + INBOX_GC_RETRY
-                }
-            });
+        if let Some(task) = self.running.take() {
+            if let Some(failure) = failure(task.await) {
+                tracing::error!(connector = %handle.connector.name, error = %failure, "forgetting expired webhook ids failed; trying again in a minute");
+                handle.note_error(Some(failure));
+                self.next = Some(tokio::time::Instant::now() + INBOX_GC_RETRY);
+            }
         }
         if self
             .next
@@ -798,17 +794,14 @@ impl InboxGc {
             return;
         }
         let (gc, shutdown) = (handle.clone(), self.shutdown.clone());
-        let task = tokio::spawn(async move {
+        self.running = Some(tokio::spawn(async move {
             let cleaner = gc.clone();
             let outcome =
-                match tokio::task::spawn_blocking(move || clean_inbox(&cleaner, &shutdown)).await {
-                    Ok(cleaned) => cleaned.map_err(|error| error.to_string()),
-                    Err(ended) => Err(format!("the clean-up's task ended: {ended}")),
-                };
+                tokio::task::spawn_blocking(move || clean_inbox(&cleaner, &shutdown)).await;
             gc.wake();
             outcome
-        });
-        self.running = Some((task, tokio::time::Instant::now()));
+        }));
+        self.next = Some(tokio::time::Instant::now() + INBOX_GC_EVERY);
     }
 
     /// How long until the next clean-up is due (the worker sleeps no longer than that; while one
@@ -819,6 +812,29 @@ impl InboxGc {
             (None, None) => Duration::ZERO,
             (None, Some(next)) => next.saturating_duration_since(tokio::time::Instant::now()),
         }
+    }
+
+    /// Waits for the clean-up under way, if any, to stop: it stops between batches once the
+    /// worker's shutdown is cancelled, as it is when the worker ends.
+    async fn finish(&mut self) {
+        if let Some(task) = self.running.take() {
+            // How it ended no longer matters: the next start cleans up again.
+            let _ = task.await;
+        }
+    }
+}
+
+/// Why a clean-up failed, from its task's outcome; `None` when it ended well.
+fn failure(
+    ended: std::result::Result<
+        std::result::Result<Result<()>, tokio::task::JoinError>,
+        tokio::task::JoinError,
+    >,
+) -> Option<String> {
+    match ended {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(error))) => Some(error.to_string()),
+        Ok(Err(ended)) | Err(ended) => Some(format!("the clean-up's task ended: {ended}")),
     }
 }
 
@@ -984,18 +1000,18 @@ mod tests {
         }
     }
 
-    /// Waits (on the clock, which is paused) for the clean-up under way to end.
+    /// Waits for the clean-up under way to end, for at most 3 s of real time (the test's clock
+    /// is paused, and the clean-up runs on a blocking thread).
     async fn clean_up_ended(gc: &InboxGc) {
-        for _ in 0..3000 {
-            match &gc.running {
-                Some((task, _)) if !task.is_finished() => {
-                    std::thread::sleep(Duration::from_millis(1));
-                    tokio::task::yield_now().await;
-                }
-                _ => return,
-            }
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while gc.running.as_ref().is_some_and(|task| !task.is_finished()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clean-up did not end"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+            tokio::task::yield_now().await;
         }
-        panic!("the clean-up did not end");
     }
 
     /// A clean-up that ends well is due again an hour after it started; one that fails, a

@@ -261,15 +261,16 @@ async fn apply(
         .take()
         .filter(|previous| previous.at_ms >= remembered_since);
     if let Some(previous) = previous {
+        // The record is durable unless the flush of the write that made it failed (the first
+        // request held the id's lock until its flush ended): the store then refuses writes, and
+        // a repeat is refused as the first was, so the sender keeps retrying; so is a reuse of
+        // the id with another body, which a restart may find was never taken.
+        records.store().writable()?;
         if previous.body_sha256 != body_sha256 {
             return Err(Error::IdReused {
                 id: webhook_id.to_string(),
             });
         }
-        // The record is durable unless the flush of the write that made it failed (the first
-        // request held the id's lock until its flush ended): the store then refuses writes, and
-        // the repeat is refused as the first was, so the sender keeps retrying.
-        records.store().writable()?;
         return Ok(WebhookOutcome {
             response: previous.response,
             replayed: true,

@@ -3,8 +3,9 @@
 //! A link judges its peer silent, and a send stuck, by how long ago bytes moved, not by how long
 //! ago a whole frame did: one frame may be larger than a slow link carries in `idle_timeout`, and
 //! it must still cross while its bytes keep coming. [`Watched`] sits on the connection under the
-//! websocket (and under TLS, whose bytes are as good a sign of life) and stamps [`Activity`] on
-//! every read or write that moves a byte. What counts as silence is `link`'s business.
+//! websocket (on a dialed link under TLS too, whose bytes are as good a sign of life; on an
+//! accepted one over the server's TLS) and stamps [`Activity`] on every read or write that moves
+//! a byte. What counts as silence is `link`'s business.
 
 use std::io;
 use std::pin::Pin;
@@ -137,33 +138,4 @@ impl<S> Watched<S> {
 }
 
 #[cfg(test)]
-mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn reads_and_writes_that_move_bytes_are_stamped_each_on_its_own() {
-        let activity = Activity::default();
-        let began = Instant::now();
-        let (near, mut far) = tokio::io::duplex(64);
-        let mut watched = activity.watch(near);
-        tokio::time::advance(Duration::from_secs(3)).await;
-        watched.write_all(b"out").await.expect("written");
-        assert_eq!(activity.last_written(), began + Duration::from_secs(3));
-        assert_eq!(activity.last_read(), began, "nothing came in yet");
-        tokio::time::advance(Duration::from_secs(2)).await;
-        far.write_all(b"in").await.expect("the far end writes");
-        let mut two = [0; 2];
-        watched.read_exact(&mut two).await.expect("read");
-        assert_eq!(activity.last_read(), began + Duration::from_secs(5));
-        assert_eq!(activity.last_written(), began + Duration::from_secs(3));
-        // The end of the stream brings no bytes, and is no sign of life.
-        drop(far);
-        tokio::time::advance(Duration::from_secs(1)).await;
-        let mut rest = Vec::new();
-        watched.read_to_end(&mut rest).await.expect("the end");
-        assert!(rest.is_empty());
-        assert_eq!(activity.last_read(), began + Duration::from_secs(5));
-    }
-}
+mod tests;

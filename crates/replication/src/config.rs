@@ -19,6 +19,9 @@ use crate::frame::MAX_BATCH_ENTITIES;
 /// The path of the replication endpoint on every site.
 pub const ENDPOINT_PATH: &str = "/v1/replication";
 
+/// The shortest `replication.idle_timeout` taken.
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(1);
+
 /// The longest `replication.idle_timeout` taken.
 const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -42,10 +45,12 @@ pub struct ReplicationSettings {
     /// The longest pause between reconnection attempts.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// A link that hears nothing from its peer for this long (pings are sent meanwhile) is dropped.
+    /// A link that receives no byte from its peer for this long (pings are sent meanwhile), or
+    /// whose send moves no byte for as long, is dropped. At least 1ms, at most 24h.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// How many peers may be connected here (accepted links) at once.
+    /// How many links peers may have accepted here at once (one peer at most
+    /// `MAX_LINKS_PER_PEER` of them).
     pub max_connections: usize,
 }
 
@@ -120,6 +125,8 @@ pub struct Peer {
     pub url: String,
     /// The websocket URL of its replication endpoint.
     pub endpoint: String,
+    /// The `host:port` that endpoint connects to (an IPv6 literal in brackets).
+    pub address: String,
     /// The token to present.
     pub token: Token,
     /// How to check its certificate, for a `wss://` endpoint; `None` for `ws://`.
@@ -174,6 +181,14 @@ pub fn validate(
         return invalid(
             "replication.idle_timeout".into(),
             "must be at most 24h".into(),
+        );
+    }
+    // Pings go out every third of it, and a period of zero (a timeout of a few nanoseconds)
+    // would panic in every link.
+    if settings.idle_timeout < MIN_IDLE_TIMEOUT {
+        return invalid(
+            "replication.idle_timeout".into(),
+            "must be at least 1ms".into(),
         );
     }
     if settings.reconnect_max < settings.reconnect_min {
@@ -244,6 +259,10 @@ pub fn validate(
             key: format!("peers[{}].url", peer.name),
             detail,
         })?;
+        let address = address_of(&endpoint).map_err(|detail| ConfigError {
+            key: format!("peers[{}].url", peer.name),
+            detail,
+        })?;
         let ca_file_error = |detail: String| ConfigError {
             key: format!("peers[{}].ca_file", peer.name),
             detail,
@@ -266,11 +285,31 @@ pub fn validate(
             name: peer.name.clone(),
             url: peer.url.clone(),
             endpoint,
+            address,
             token: peer.token.clone(),
             tls,
         });
     }
     Ok(validated)
+}
+
+/// The `host:port` a websocket URL connects to: its port, or its scheme's.
+fn address_of(endpoint: &str) -> Result<String, String> {
+    let uri: tokio_tungstenite::tungstenite::http::Uri = endpoint
+        .parse()
+        .map_err(|error| format!("{endpoint:?} is not a valid URL: {error}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{endpoint:?} has no host"))?;
+    let port = uri
+        .port_u16()
+        .or(match uri.scheme_str() {
+            Some("wss") => Some(443),
+            Some("ws") => Some(80),
+            _ => None,
+        })
+        .ok_or_else(|| format!("{endpoint:?} has no port"))?;
+    Ok(format!("{host}:{port}"))
 }
 
 /// The websocket URL of the replication endpoint under `base`.

@@ -57,9 +57,15 @@ pub enum Error {
     /// error is counted.
     #[error("the peer is shutting down")]
     PeerShutDown,
-    /// Nothing arrived from the peer for this long (not even a pong).
-    #[error("no word from the peer for {0:?}")]
-    Idle(Duration),
+    /// No byte moved for this long: none arrived from the peer (not even of a pong), or, when
+    /// `sending`, none of a send went out (the peer stopped reading).
+    #[error("{}", idle_message(*.sending, .timeout))]
+    Idle {
+        /// The idle timeout.
+        timeout: Duration,
+        /// Whether a send was stuck, rather than the peer silent.
+        sending: bool,
+    },
     /// Connecting took longer than the idle timeout.
     #[error("connecting took longer than {0:?}")]
     ConnectTimeout(Duration),
@@ -90,3 +96,11 @@ impl From<tokio_tungstenite::tungstenite::Error> for Error {
 
 /// The replication crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn idle_message(sending: bool, timeout: &Duration) -> String {
+    if sending {
+        format!("the peer took no byte of what this site sent for {timeout:?}")
+    } else {
+        format!("no byte from the peer for {timeout:?}")
+    }
+}

@@ -23,7 +23,7 @@ pub const MAX_BATCH_ENTITIES: usize = 10_000;
 /// The protocol version sent in [`Frame::Hello`]. Version 2 announced up to
 /// [`BATCHES_IN_FLIGHT`] batches at once (version 1: one). Version 3 answers one [`Frame::Sync`]
 /// in parts ([`Frame::ReplyPart`]s, then a [`Frame::Reply`]), each of about [`REPLY_BYTES`] at
-/// most, so that no frame of a large batch takes long to cross a slow link. A hello of an older
+/// most, so that the puller applies each part while the rest is on the wire. A hello of an older
 /// version is refused; one of a later version is taken, and that peer speaks this one.
 pub const PROTOCOL_VERSION: u64 = 3;
 
@@ -134,7 +134,7 @@ pub struct ReplyEntry {
 
 impl ReplyEntry {
     /// The bytes it takes in a frame, near enough to size reply parts by.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.key.kind.as_str().len()
             + self.key.id.as_str().len()
             + self.message.as_ref().map_or(0, Vec::len)

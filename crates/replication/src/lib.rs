@@ -69,8 +69,7 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use frame::{
-    Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT, MAX_BATCH_ENTITIES,
-    PROTOCOL_VERSION, REPLY_BYTES,
+    Frame, Mode, ReplyEntry, Row, SyncEntry, BATCHES_IN_FLIGHT, PROTOCOL_VERSION, REPLY_BYTES,
 };
 pub use link::accept_key;
 pub use registry::{LinkSlot, Refusal, Replication, Worker, MAX_LINKS_PER_PEER};

@@ -3,12 +3,13 @@
 //! The link moves frames between the socket and the session, runs each session step on a
 //! blocking thread (sync work reads and writes the store), sends what accepting a frame produced
 //! before applying it (so the peer prepares its next reply meanwhile), reads what the peer sends
-//! while it sends (so two sides sending big frames at once never wait for each other), wakes the
-//! session when the local feed grows, pings the peer, and ends the connection when no byte (not
-//! even of a pong) has arrived for the idle timeout, or a send has moved none for as long (see
-//! `activity`: a frame larger than a slow link carries in that time still crosses). Any error
-//! closes the socket, telling the peer why in the close frame; the session and its sync states
-//! die with it. Who dials whom, and reconnecting, is `registry`'s business.
+//! while it sends, up to a bound (so two sides sending big frames at once do not wait for each
+//! other unless both send more than that), wakes the session when the local feed grows, pings
+//! the peer, and ends the connection when no byte (not even of a pong) has arrived for the idle
+//! timeout, or a send has moved none for as long (see `activity`: a frame larger than a slow
+//! link carries in that time still crosses). Any error closes the socket, telling the peer why
+//! in the close frame; the session and its sync states die with it. Who dials whom, and
+//! reconnecting, is `registry`'s business.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -208,7 +209,10 @@ where
             () = tokio::time::sleep_until(silent_until) => {
                 silent_until = wire.activity.last_read() + wire.timeout;
                 if silent_until <= Instant::now() {
-                    return Err(Error::Idle(wire.timeout));
+                    return Err(Error::Idle {
+                        timeout: wire.timeout,
+                        sending: false,
+                    });
                 }
                 continue;
             }
@@ -303,7 +307,10 @@ where
                 () = &mut deadline => {
                     let stuck_until = self.activity.last_written() + self.timeout;
                     if stuck_until <= Instant::now() {
-                        return Err(Error::Idle(self.timeout));
+                        return Err(Error::Idle {
+                            timeout: self.timeout,
+                            sending: true,
+                        });
                     }
                     deadline.as_mut().reset(stuck_until);
                 }

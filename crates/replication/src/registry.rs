@@ -334,13 +334,10 @@ async fn connect(
     let bearer = HeaderValue::from_str(&format!("Bearer {}", peer.token.expose()))
         .map_err(|_| Error::Protocol("the peer token is not a valid header value".into()))?;
     request.headers_mut().insert(AUTHORIZATION, bearer);
-    // The endpoint was checked when the configuration was read: it has a host, and a port or
-    // a scheme that gives one.
-    let address = socket_address(request.uri())?;
     // A `wss://` endpoint always has its own configuration (see `tls`), never the default one.
     let connector = peer.tls.clone().map(tokio_tungstenite::Connector::Rustls);
     let connecting = async {
-        let tcp = TcpStream::connect(&address)
+        let tcp = TcpStream::connect(&peer.address)
             .await
             .map_err(tungstenite::Error::Io)?;
         tcp.set_nodelay(true).map_err(tungstenite::Error::Io)?;
@@ -368,59 +365,5 @@ async fn connect(
             })
         }
         Ok(Err(error)) => Err(error.into()),
-    }
-}
-
-/// The `host:port` a websocket URL connects to.
-fn socket_address(uri: &tungstenite::http::Uri) -> Result<String> {
-    let host = uri
-        .host()
-        .ok_or_else(|| Error::Protocol(format!("the endpoint {uri} has no host")))?;
-    let port = uri
-        .port_u16()
-        .or(match uri.scheme_str() {
-            Some("wss") => Some(443),
-            Some("ws") => Some(80),
-            _ => None,
-        })
-        .ok_or_else(|| Error::Protocol(format!("the endpoint {uri} has no port")))?;
-    Ok(format!("{host}:{port}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn address(url: &str) -> Result<String> {
-        socket_address(&url.parse().expect("a URL"))
-    }
-
-    #[test]
-    fn a_peer_endpoint_gives_the_address_to_connect_to() {
-        for (url, expected) in [
-            ("ws://north:7000/v1/replication", "north:7000"),
-            ("ws://north/v1/replication", "north:80"),
-            ("wss://north.example/v1/replication", "north.example:443"),
-            ("wss://[::1]:7443/v1/replication", "[::1]:7443"),
-        ] {
-            assert_eq!(address(url).expect("an address"), expected, "{url}");
-        }
-        for url in ["/v1/replication", "ftp://north/v1/replication"] {
-            assert!(matches!(address(url), Err(Error::Protocol(_))), "{url}");
-        }
-    }
-
-    /// An IPv6 literal keeps its brackets, which is the form `TcpStream::connect` takes.
-    #[tokio::test]
-    async fn an_ipv6_literal_endpoint_connects() {
-        let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
-            // A machine without IPv6 on its loopback has nothing to test here.
-            return;
-        };
-        let port = listener.local_addr().expect("an address").port();
-        let address = address(&format!("ws://[::1]:{port}/v1/replication")).expect("an address");
-        let (connected, accepted) = tokio::join!(TcpStream::connect(&address), listener.accept());
-        connected.expect("connected");
-        accepted.expect("accepted");
     }
 }

@@ -36,8 +36,7 @@ pub struct SessionSettings {
     pub batch_entities: usize,
     /// How many round trips one entity's sync session may take before it is reset.
     pub max_rounds: u32,
-    /// How many bytes of messages one reply frame carries before the rest go in the next (for
-    /// a peer that takes replies in several frames).
+    /// How many bytes of messages one reply frame carries before the rest go in the next.
     pub reply_bytes: usize,
 }
 

@@ -81,16 +81,16 @@ impl ApiError {
         }
     }
 
-    /// The status and the JSON body of a client error, for an answer written outside axum (see
-    /// `parse_errors`); `None` for a server fault, which only `into_response` answers.
-    pub(crate) fn client_body(&self) -> Option<(StatusCode, String)> {
-        let (status, code, detail) = self.parts();
-        let body = serde_json::to_string(&Body {
+    /// The JSON body of a client error, for an answer written outside axum (see
+    /// `parse_errors`, which keeps hyper's status); `None` for a server fault, which only
+    /// `into_response` answers.
+    pub(crate) fn client_body(&self) -> Option<String> {
+        let (_, code, detail) = self.parts();
+        serde_json::to_string(&Body {
             code,
             detail: detail?,
         })
-        .ok()?;
-        Some((status, body))
+        .ok()
     }
 
     /// The status, the code and the detail a client sees; `None` as the detail for a server fault.

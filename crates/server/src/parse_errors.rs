@@ -29,6 +29,10 @@ mod tests;
 /// is not one.
 const MAX_ANSWER_HEAD: usize = 1024;
 
+/// How the head of a `101 Switching Protocols` answer starts: after it, the connection carries
+/// another protocol (the replication websocket), which is never looked at.
+const SWITCHING_PROTOCOLS: &[u8] = b"HTTP/1.1 101 ";
+
 /// A connection's byte stream whose writes of hyper's own parse-error answers get a JSON body.
 pub(crate) struct JsonParseErrors<S> {
     inner: S,
@@ -64,7 +68,7 @@ fn error_for(status: u16) -> Option<ApiError> {
 }
 
 /// `written` with a JSON body, when it is hyper's answer to a request it could not parse.
-pub(crate) fn rewrite(written: &[u8]) -> Option<Vec<u8>> {
+fn rewrite(written: &[u8]) -> Option<Vec<u8>> {
     // Most writes are answers of ours, with a body after their head: those are told apart by
     // their ends before anything is parsed.
     if written.len() > MAX_ANSWER_HEAD
@@ -102,7 +106,7 @@ pub(crate) fn rewrite(written: &[u8]) -> Option<Vec<u8>> {
     if !empty {
         return None;
     }
-    let (_, body) = error.client_body()?;
+    let body = error.client_body()?;
     let mut answer = format!(
         "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
         body.len()
@@ -140,7 +144,7 @@ impl<S: AsyncWrite + Unpin> JsonParseErrors<S> {
         if self.upgraded {
             return None;
         }
-        if written.starts_with(b"HTTP/1.1 101 ") {
+        if written.starts_with(SWITCHING_PROTOCOLS) {
             self.upgraded = true;
             return None;
         }
@@ -191,7 +195,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<S> {
                 if let Some(taken) = this.take_answer(first, cx) {
                     return Poll::Ready(taken);
                 }
-            } else if first.starts_with(b"HTTP/1.1 101 ") {
+            } else if first.starts_with(SWITCHING_PROTOCOLS) {
                 this.upgraded = true;
             }
         }

@@ -352,8 +352,11 @@ fn run_writer(inner: &Weak<Inner>, jobs: &Mutex<Receiver<Job>>) {
             store.unflushed(outcomes)
         }));
         let committed = committed.unwrap_or_else(|panic| {
-            tracing::error!(panic = %panic_message(&*panic), "applying a batch of writes panicked; refusing further writes");
-            store.refuse_writes();
+            let cause = format!(
+                "applying a batch of writes panicked: {}",
+                panic_message(&*panic)
+            );
+            store.refuse_writes(&cause);
             Err(Error::Failed)
         });
         match committed {

@@ -195,11 +195,12 @@ impl Durability {
     }
 
     /// Refuses every write from now on, as after a failed flush: for a write that failed while
-    /// it was being applied to sled, which may have left part of it there.
-    pub(crate) fn fail(&self) {
+    /// it was being applied to sled, which may have left part of it there. `cause` is logged,
+    /// the first time only.
+    pub(crate) fn fail(&self, cause: &str) {
         let mut state = self.lock();
         if !state.failed {
-            tracing::error!("a write failed while it was applied; refusing further writes");
+            tracing::error!(%cause, "a write failed while it was applied; refusing further writes");
         }
         refuse_writes(&self.shared, &mut state);
         self.shared.progress.send_replace(*state);

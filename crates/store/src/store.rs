@@ -526,7 +526,7 @@ impl Store {
         self.inner
             .applier
             .apply(writes)
-            .inspect_err(|_| self.inner.durability.fail())
+            .inspect_err(|error| self.inner.durability.fail(&format!("{error:?}")))
     }
 
     /// Replaces all fields of the entity with `fields`, creating it if it does not exist.
@@ -1096,24 +1096,19 @@ impl Store {
     /// [`Error::VersionMismatch`] unless the entity meets `expected`; for a caller holding the
     /// entity's stripe lock.
     pub(crate) fn check_if_match(&self, key: &EntityKey, expected: &IfMatch) -> Result<()> {
-        let current = self
-            .record_locked(key)?
-            .filter(|record| record.exists)
-            .map(|record| record.version)
-            .unwrap_or_default();
-        let holds = match expected {
-            IfMatch::Exists => !current.is_empty(),
-            // Both in their one written form (heads sorted), so the strings compare as the heads.
-            IfMatch::At(version) => !current.is_empty() && current == version.to_string(),
+        let current = match self.record_locked(key)?.filter(|record| record.exists) {
+            Some(record) => {
+                Some(
+                    Version::parse(&record.version).map_err(|error| Error::Corrupt {
+                        what: format!("the version of {key}"),
+                        detail: error.to_string(),
+                    })?,
+                )
+            }
+            None => None,
         };
-        if holds {
-            return Ok(());
-        }
-        Err(Error::VersionMismatch {
-            key: key.clone(),
-            expected: expected.to_string(),
-            current,
-        })
+        let exists = current.is_some();
+        expected.check(key, exists, &current.unwrap_or_default())
     }
 
     /// [`Store::record`] for a caller holding the entity's stripe lock: from the record cache when
@@ -1353,21 +1348,13 @@ impl Store {
         let before = doc.get_heads();
         let existed = document::has_fields(&doc);
         if let Some(expected) = &options.if_match {
-            if !expected.holds(existed, &Version::from_heads(before.clone())) {
-                let current = if existed {
-                    Version::from_heads(before).to_string()
-                } else {
-                    String::new()
-                };
+            let current = Version::from_heads(before.clone());
+            if let Err(mismatch) = expected.check(key, existed, &current) {
                 self.put_back(key, doc);
                 if let Some(cached) = cached {
                     self.inner.json.put(key.clone(), cached);
                 }
-                return Err(Error::VersionMismatch {
-                    key: key.clone(),
-                    expected: expected.to_string(),
-                    current,
-                });
+                return Err(mismatch);
             }
         }
         // Whether the entity's fields are settled (a new document is), with the JSON above.
@@ -1577,9 +1564,10 @@ impl Store {
         }
     }
 
-    /// Refuses every write from now on, as after a failed flush (see `Durability::fail`).
-    pub(crate) fn refuse_writes(&self) {
-        self.inner.durability.fail();
+    /// Refuses every write from now on, as after a failed flush, logging `cause` (see
+    /// `Durability::fail`).
+    pub(crate) fn refuse_writes(&self, cause: &str) {
+        self.inner.durability.fail(cause);
     }
 
     /// Blocks until everything applied to sled before this call is flushed (see `durability`).

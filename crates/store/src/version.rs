@@ -8,6 +8,7 @@ use std::fmt;
 use automerge::ChangeHash;
 
 use crate::error::{Error, Result};
+use crate::key::EntityKey;
 
 /// A document version: the set of heads it was at.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
@@ -88,6 +89,22 @@ impl IfMatch {
                 Self::Exists => true,
                 Self::At(expected) => expected == current,
             }
+    }
+
+    /// [`IfMatch::holds`], or the [`Error::VersionMismatch`] that says why not.
+    pub(crate) fn check(&self, key: &EntityKey, exists: bool, current: &Version) -> Result<()> {
+        if self.holds(exists, current) {
+            return Ok(());
+        }
+        Err(Error::VersionMismatch {
+            key: key.clone(),
+            expected: self.to_string(),
+            current: if exists {
+                current.to_string()
+            } else {
+                String::new()
+            },
+        })
     }
 }
 

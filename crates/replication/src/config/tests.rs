@@ -72,6 +72,39 @@ fn valid_peers_get_their_websocket_endpoint() {
     assert_eq!(peers[6].endpoint, "ws://west.example/v1/replication");
     let secure: Vec<bool> = peers.iter().map(|peer| peer.tls.is_some()).collect();
     assert_eq!(secure, [false, false, false, true, true, true, false]);
+    // What the dialer connects to: the URL's port, or its scheme's.
+    let addresses: Vec<&str> = peers.iter().map(|peer| peer.address.as_str()).collect();
+    assert_eq!(
+        addresses,
+        [
+            "127.0.0.1:7878",
+            "east.example:80",
+            "proxy.example:8080",
+            "north.example:7878",
+            "hub.example:443",
+            "east.example:443",
+            "west.example:80"
+        ]
+    );
+}
+
+/// An IPv6 literal keeps its brackets, which is the form `TcpStream::connect` takes.
+#[tokio::test]
+async fn an_ipv6_literal_peer_gives_an_address_that_connects() {
+    let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+        // A machine without IPv6 on its loopback has nothing to test here.
+        return;
+    };
+    let port = listener.local_addr().expect("an address").port();
+    let peers =
+        validate(&settings(), &[peer("six", &format!("http://[::1]:{port}"))]).expect("valid");
+    assert_eq!(peers[0].address, format!("[::1]:{port}"));
+    let (connected, accepted) = tokio::join!(
+        tokio::net::TcpStream::connect(&peers[0].address),
+        listener.accept()
+    );
+    connected.expect("connected");
+    accepted.expect("accepted");
 }
 
 #[test]
@@ -130,6 +163,15 @@ fn each_mistake_names_its_key() {
             },
             vec![],
             "replication.site",
+        ),
+        (
+            // A third of it is the ping period, which may not be zero.
+            ReplicationSettings {
+                idle_timeout: Duration::from_nanos(2),
+                ..settings()
+            },
+            vec![],
+            "replication.idle_timeout",
         ),
         (
             // Added to the current instant, which panics past its range; a day is the bound.

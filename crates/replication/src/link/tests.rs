@@ -59,7 +59,10 @@ async fn read_while_stuck(limit: InboxLimit) -> usize {
     let mut wire = a.wire(Duration::from_millis(500));
     let big = Message::binary(vec![9; 1024 * 1024]);
     let sent = wire.send_within(big, limit).await;
-    assert!(matches!(sent, Err(Error::Idle(_))), "{sent:?}");
+    assert!(
+        matches!(sent, Err(Error::Idle { sending: true, .. })),
+        "{sent:?}"
+    );
     peer.abort();
     wire.inbox.len()
 }
@@ -183,15 +186,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Slow<S> {
 
 /// Two ends of a websocket over a link that carries about 400 KB a second each way.
 async fn slow_pair() -> (Wired<Slow<DuplexStream>>, Wired<Slow<DuplexStream>>) {
+    slow_pair_of(Duration::from_millis(10)).await
+}
+
+/// Two ends of a websocket over a link that carries 4 KiB every `tick` each way.
+async fn slow_pair_of(tick: Duration) -> (Wired<Slow<DuplexStream>>, Wired<Slow<DuplexStream>>) {
     let (a, b) = tokio::io::duplex(16 * 1024);
-    let slow = |io| Slow::new(io, 4 * 1024, Duration::from_millis(10));
+    let slow = |io| Slow::new(io, 4 * 1024, tick);
     (
         wired(slow(a), Role::Client).await,
         wired(slow(b), Role::Server).await,
     )
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_send_slower_than_the_timeout_goes_on_while_its_bytes_move_and_a_stuck_one_ends() {
     let (a, b) = slow_pair().await;
     let timeout = Duration::from_millis(200);
@@ -219,7 +227,10 @@ async fn a_send_slower_than_the_timeout_goes_on_while_its_bytes_move_and_a_stuck
     // the timeout, not before.
     let started = Instant::now();
     let stuck = wire.send(Message::binary(vec![8; 400 * 1024])).await;
-    assert!(matches!(stuck, Err(Error::Idle(_))), "{stuck:?}");
+    assert!(
+        matches!(stuck, Err(Error::Idle { sending: true, .. })),
+        "{stuck:?}"
+    );
     assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
     drop(b);
 }
@@ -246,9 +257,10 @@ async fn a_document_larger_than_the_link_carries_in_the_idle_timeout_still_cross
     north
         .patch(&key, &json!({ "scan": text }), &options)
         .expect("the large write");
-    let idle_timeout = Duration::from_millis(300);
+    let idle_timeout = Duration::from_secs(1);
     let shutdown = CancellationToken::new();
-    let (a, b) = slow_pair().await;
+    // About 160 KB a second: the reply takes several idle timeouts to cross.
+    let (a, b) = slow_pair_of(Duration::from_millis(25)).await;
     let link = |wired: Wired<Slow<DuplexStream>>, store: Store, peer: &'static str| {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -289,7 +301,7 @@ async fn a_document_larger_than_the_link_carries_in_the_idle_timeout_still_cross
     north_link.await.expect("the north link ran");
     arrived.unwrap_or_else(|_| panic!("the entity never arrived: {south_status:?}"));
     assert!(
-        took > 3 * idle_timeout,
+        took > 2 * idle_timeout,
         "the reply took longer than the idle timeout to cross: {took:?}"
     );
     assert_eq!(
@@ -302,4 +314,41 @@ async fn a_document_larger_than_the_link_carries_in_the_idle_timeout_still_cross
             .expect("a read")
             .map(|entity| entity.version),
     );
+}
+
+/// A peer that sends no byte at all (not even a pong) for the idle timeout ends the link, and
+/// the peer's status says it was silent rather than that a send was stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sends_nothing_for_the_idle_timeout_ends_the_link() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let store = Store::open(StoreConfig::new(dir.path())).expect("a fresh store opens");
+    let (a, silent) = pair().await;
+    let session = Session::open(store.clone(), "south", "here", SessionSettings::default())
+        .expect("a session opens");
+    let state = PeerState::new("south", None, Seq::ZERO);
+    let idle_timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let ran = tokio::time::timeout(
+        Duration::from_secs(20),
+        run(
+            a.socket,
+            a.activity,
+            session,
+            &store,
+            &state,
+            idle_timeout,
+            &CancellationToken::new(),
+        ),
+    )
+    .await;
+    assert!(ran.is_ok(), "the link did not end");
+    assert!(started.elapsed() >= idle_timeout, "{:?}", started.elapsed());
+    let status = state.status(store.last_seq());
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("no byte from the peer for 300ms"),
+        "{status:?}"
+    );
+    // Held, never read nor written, until here.
+    drop(silent);
 }

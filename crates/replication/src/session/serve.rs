@@ -210,8 +210,8 @@ impl Session {
                 outcome.map_err(|error| rejected(key, error))?;
             }
         }
-        // The answer goes in parts of about `reply_bytes` each, so that each frame crosses a
-        // slow link well within the idle timeout.
+        // The answer goes in parts of about `reply_bytes` each, so that the puller applies each
+        // part while the rest is on the wire, and no batch's answer must fit in one frame.
         let frame_bytes = self.settings.reply_bytes;
         let mut frames = Vec::new();
         let mut replies = Vec::new();

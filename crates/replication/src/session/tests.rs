@@ -306,6 +306,12 @@ fn announced(out: &[Frame]) -> (Vec<String>, Seq) {
     (keys, *through)
 }
 
+/// What a new session at `store` first announces to a peer whose hello says `cursor`.
+fn announced_to(store: &Store, cursor: u64) -> (Vec<String>, Seq) {
+    let (_session, out) = session_from(store, SessionSettings::default(), cursor);
+    announced(&out)
+}
+
 /// Changes that came from the peer are not announced back to it, unless it starts from the
 /// beginning of the feed, as a peer whose store was replaced does: it has lost them too. Those
 /// that arrive from it later it has, so they are not announced back even then.
@@ -316,8 +322,7 @@ fn changes_from_the_peer_itself_are_announced_back_only_from_the_start() {
     merge_from_peer(&store, "theirs");
     write(&store, "ours", json!({"b": 2}));
     acknowledge(&store, 1);
-    let (_session, out) = session_from(&store, SessionSettings::default(), 1);
-    let (keys, through) = announced(&out);
+    let (keys, through) = announced_to(&store, 1);
     assert_eq!(keys, ["appointment/ours"]);
     assert_eq!(through, Seq(3), "the skipped row is covered all the same");
 
@@ -348,15 +353,14 @@ fn with_no_acknowledgement_on_record_the_feed_is_announced_again_from_the_start(
     for id in ["a", "b", "c"] {
         write(&store, id, json!({"n": 1}));
     }
-    let (_session, out) = session_from(&store, SessionSettings::default(), 2);
-    let (keys, through) = announced(&out);
+    let (keys, through) = announced_to(&store, 2);
     assert_eq!(keys, ["appointment/a", "appointment/b", "appointment/c"]);
     assert_eq!(through, Seq(3));
     acknowledge(&store, 2);
-    let (_session, out) = session_from(&store, SessionSettings::default(), 2);
-    let (keys, through) = announced(&out);
-    assert_eq!(keys, ["appointment/c"]);
-    assert_eq!(through, Seq(3));
+    assert_eq!(
+        announced_to(&store, 2),
+        (vec!["appointment/c".into()], Seq(3))
+    );
 }
 
 /// An acknowledgement record that is not a number (damaged on disk) is taken as no
@@ -450,7 +454,7 @@ fn replies_to(
 }
 
 /// A request's answer larger than `reply_bytes` comes in several frames, which the puller takes
-/// one at a time (so that no one frame takes long to cross a slow link).
+/// one at a time.
 #[test]
 fn a_large_answer_comes_in_several_reply_frames() {
     let (_north_dir, north) = open();
@@ -909,20 +913,14 @@ fn a_peer_behind_what_it_acknowledged_gets_its_own_changes_back() {
     merge_from_peer(&store, "theirs");
     write(&store, "ours", json!({"b": 2}));
     acknowledge(&store, 3);
-    let (_session, out) = session_from(&store, SessionSettings::default(), 1);
-    assert_eq!(
-        announced(&out),
-        (
-            vec!["appointment/ours".to_string(), "appointment/theirs".into()],
-            Seq(3)
-        )
-    );
+    let (keys, through) = announced_to(&store, 1);
+    assert_eq!(keys, ["appointment/ours", "appointment/theirs"]);
+    assert_eq!(through, Seq(3));
     // At what it acknowledged, its own changes are left out as usual.
     acknowledge(&store, 1);
-    let (_session, out) = session_from(&store, SessionSettings::default(), 1);
     assert_eq!(
-        announced(&out),
-        (vec!["appointment/ours".to_string()], Seq(3))
+        announced_to(&store, 1),
+        (vec!["appointment/ours".into()], Seq(3))
     );
 }
 
@@ -936,23 +934,13 @@ fn a_peer_past_what_it_acknowledged_is_announced_again_from_there() {
         write(&store, &format!("e{index}"), json!({"n": index}));
     }
     acknowledge(&store, 2);
-    let (_session, out) = session_from(&store, SessionSettings::default(), 4);
-    assert_eq!(
-        announced(&out),
-        (
-            vec![
-                "appointment/e2".to_string(),
-                "appointment/e3".into(),
-                "appointment/e4".into()
-            ],
-            Seq(5)
-        )
-    );
+    let (keys, through) = announced_to(&store, 4);
+    assert_eq!(keys, ["appointment/e2", "appointment/e3", "appointment/e4"]);
+    assert_eq!(through, Seq(5));
     // At what it acknowledged, the feed goes on from its cursor.
     acknowledge(&store, 4);
-    let (_session, out) = session_from(&store, SessionSettings::default(), 4);
     assert_eq!(
-        announced(&out),
-        (vec!["appointment/e4".to_string()], Seq(5))
+        announced_to(&store, 4),
+        (vec!["appointment/e4".into()], Seq(5))
     );
 }

@@ -1,3 +1,6 @@
+//! The rewriting of hyper's own answers, on in-memory streams: what is rewritten, what is left
+//! alone, and a rewritten answer going out whole through a narrow connection.
+
 use serde_json::Value;
 use std::io;
 use std::pin::Pin;
