@@ -9,7 +9,7 @@
 //!
 //! [`Applier::apply`] does without it. It first inserts the *intent*, a value listing how to undo
 //! the set (each key it writes, with the value the key has before it or none), in parts of at
-//! most 32 KiB, into a sled tree of its own (`intent`, keyed by the part's number), away from the
+//! most 6 KiB (so that a page of them stays under sled's blob threshold), into a sled tree of its own (`intent`, keyed by the part's number), away from the
 //! store's busiest keys; then it applies the writes one by one; then it removes the parts, the
 //! last first. Most of a set's bytes are new keys (chunks, feed rows, inbox records), so the
 //! intent is small: it names them and keeps the few earlier values a set overwrites (an entity
@@ -46,9 +46,13 @@ use crate::error::{Error, Result};
 /// The name of the sled tree that holds the intent, keyed by the part's number (u32, big endian).
 const INTENT_TREE: &[u8] = b"intent";
 
-/// The most bytes of the intent one part holds: well under sled's blob threshold (a quarter of
-/// its 512 KiB segment), above which it writes a value to a file of its own.
-const PART_BYTES: usize = 32 * 1024;
+/// The most bytes of the intent one part holds: a leaf page of parts (up to 17, sled splits
+/// leaves by count) stays under sled's blob threshold, about 128 KiB, which a page of 32 KiB
+/// parts passed (see `pieces` for what such a page costs). An intent is large only when a set
+/// overwrites or removes large values (a compaction: the pieces of the snapshot and chunks it
+/// replaces); a part is removed as soon as its set is applied, so unlike a piece it is never
+/// read back, and a few larger parts cost fewer writes than many small ones.
+const PART_BYTES: usize = 6 * 1024;
 
 /// The intent's format version, the first byte of what it encodes.
 const FORMAT: u8 = 1;

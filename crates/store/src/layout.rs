@@ -12,6 +12,7 @@
 //! | `a` kind `\0` id `\0` change hash (32 bytes) | where the changes of one merge from elsewhere came from (`Arrival`, JSON: an origin such as `peer:north`), keyed by the first of them |
 //! | `f` seq (u64 BE) | a feed row (`FeedRow`, JSON) |
 //! | `r` space `\0` part `\0` ... | a side record of another crate (`records`) |
+//! | `p` key n (u32 BE) | piece n of the snapshot or chunk stored under key, when that is over `pieces::PIECE_BYTES` (the key then holds a header: see `pieces`) |
 //!
 //! Kinds and ids never contain `\0` (see `key`), so prefixes never overlap. The one other tree,
 //! `intent`, holds the intent of the set of writes being applied, while it is (`atomic`).
@@ -27,6 +28,7 @@ pub(crate) const CHUNK: u8 = b'c';
 pub(crate) const ARRIVAL: u8 = b'a';
 pub(crate) const FEED: u8 = b'f';
 pub(crate) const RECORD: u8 = b'r';
+pub(crate) const PIECE: u8 = b'p';
 
 /// What the store keeps about an entity besides its document.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -84,6 +86,19 @@ pub(crate) fn chunk_key(key: &EntityKey, number: u32) -> Vec<u8> {
 pub(crate) fn chunk_prefix(key: &EntityKey) -> Vec<u8> {
     let mut bytes = entity_key(CHUNK, key);
     bytes.push(0);
+    bytes
+}
+
+/// The key of piece `number` of the value stored under `key`. The pieces of one key are adjacent
+/// in key order, and a key of another value's pieces never falls between them: a snapshot key
+/// that extends another one (an id that extends another id) goes on with an id's byte, never 0,
+/// where the piece numbers of fewer than 2^24 pieces start with a 0 byte; chunk keys of one kind
+/// and id have one length, and other tags another first byte.
+pub(crate) fn piece_key(key: &[u8], number: u32) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + key.len() + 4);
+    bytes.push(PIECE);
+    bytes.extend_from_slice(key);
+    bytes.extend_from_slice(&number.to_be_bytes());
     bytes
 }
 

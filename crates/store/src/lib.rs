@@ -8,7 +8,7 @@
 //! `key` validates entity identities, `origin` names where a change came from, `version` turns
 //! document heads into an opaque string, `document` translates JSON to and from Automerge,
 //! `nested` creates nested maps that every replica creates identically, `direct` builds local edits as Automerge changes without Automerge's transaction,
-//! `layout` is the sled key scheme, `durability` runs group commit, `cache` bounds loaded
+//! `layout` is the sled key scheme, `pieces` stores large Automerge data in pieces that keep sled's pages small, `durability` runs group commit, `cache` bounds loaded
 //! documents, `feed` defines feed rows, `records` keeps other crates' side records, `replica` speaks Automerge's sync protocol per entity, and `store` ties them together.
 //!
 //! # Example
@@ -41,6 +41,7 @@ mod key;
 mod layout;
 mod nested;
 mod origin;
+mod pieces;
 mod records;
 mod replica;
 mod store;

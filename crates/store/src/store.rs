@@ -37,6 +37,7 @@ use crate::key::{EntityId, EntityKey, Kind};
 use crate::layout::{self, EntityRecord};
 use crate::nested;
 use crate::origin::Origin;
+use crate::pieces;
 use crate::records::{CommitView, RecordKey, RecordWrite};
 use crate::version::{IfMatch, Version};
 
@@ -991,20 +992,11 @@ impl Store {
             return Ok(None);
         }
         let mut bytes = Vec::new();
-        if let Some(snapshot) = self
-            .inner
-            .db
-            .get(layout::entity_key(layout::SNAPSHOT, key))?
-        {
+        if let Some(snapshot) = self.snapshot(key)? {
             bytes.extend_from_slice(&snapshot);
         }
-        for chunk in self
-            .inner
-            .db
-            .scan_prefix(layout::chunk_prefix(key))
-            .values()
-        {
-            bytes.extend_from_slice(&chunk?);
+        for chunk in self.chunks(key)? {
+            bytes.extend_from_slice(&chunk);
         }
         Ok(Some(bytes))
     }
@@ -1018,11 +1010,11 @@ impl Store {
         let mut total = 0u64;
         for tag in [layout::ENTITY, layout::SNAPSHOT] {
             if let Some(value) = self.inner.db.get(layout::entity_key(tag, key))? {
-                total += value.len() as u64;
+                total += pieces::stored_length(&value);
             }
         }
         for entry in self.inner.db.scan_prefix(layout::chunk_prefix(key)) {
-            total += entry?.1.len() as u64;
+            total += pieces::stored_length(&entry?.1);
         }
         Ok(total)
     }
@@ -1178,6 +1170,27 @@ impl Store {
         Ok(fresh)
     }
 
+    /// The entity's snapshot, if it has one, joined from its pieces (see `pieces`).
+    fn snapshot(&self, key: &EntityKey) -> Result<Option<sled::IVec>> {
+        let snapshot_key = layout::entity_key(layout::SNAPSHOT, key);
+        match self.inner.db.get(&snapshot_key)? {
+            Some(value) => Ok(Some(pieces::read(&self.inner.db, &snapshot_key, value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The entity's incremental chunks in order, each joined from its pieces (see `pieces`).
+    fn chunks(&self, key: &EntityKey) -> Result<Vec<sled::IVec>> {
+        self.inner
+            .db
+            .scan_prefix(layout::chunk_prefix(key))
+            .map(|entry| {
+                let (chunk_key, value) = entry?;
+                pieces::read(&self.inner.db, &chunk_key, value)
+            })
+            .collect()
+    }
+
     /// The entity's document as stored; a new empty one when it never existed.
     fn load_from_disk(&self, key: &EntityKey) -> Result<LoadedDoc> {
         // The record says what there is to read: nothing at all for an entity that never
@@ -1189,18 +1202,12 @@ impl Store {
             ));
         };
         let snapshot = if record.snapshot_bytes > 0 {
-            self.inner
-                .db
-                .get(layout::entity_key(layout::SNAPSHOT, key))?
+            self.snapshot(key)?
         } else {
             None
         };
         let chunks = if record.chunks > 0 {
-            self.inner
-                .db
-                .scan_prefix(layout::chunk_prefix(key))
-                .values()
-                .collect::<Result<Vec<_>, _>>()?
+            self.chunks(key)?
         } else {
             Vec::new()
         };
@@ -1753,7 +1760,11 @@ impl Store {
                 .all(|pair| pair[1].deps().contains(&pair[0].hash()));
             record.chain = follows && chained && staging.after.len() == 1;
             record.chunk_bytes += chunk.len() as u64;
-            writes.push((layout::chunk_key(key, record.next_chunk), Some(chunk)));
+            pieces::put_new(
+                layout::chunk_key(key, record.next_chunk),
+                chunk,
+                &mut writes,
+            );
             record.next_chunk += 1;
             record.chunks += 1;
         }
@@ -2074,16 +2085,21 @@ fn write_snapshot(
     writes: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
 ) -> Result<()> {
     let snapshot = save_document(doc);
-    for entry in db.scan_prefix(layout::chunk_prefix(key)).keys() {
-        writes.push((entry?.to_vec(), None));
+    for entry in db.scan_prefix(layout::chunk_prefix(key)) {
+        let (chunk_key, value) = entry?;
+        pieces::remove(&chunk_key, &value, writes);
     }
     record.snapshot_bytes = snapshot.len() as u64;
     record.chunks = 0;
     record.chunk_bytes = 0;
     record.linear = true;
     record.chain = true;
-    writes.push((layout::entity_key(layout::SNAPSHOT, key), Some(snapshot)));
-    Ok(())
+    pieces::put(
+        db,
+        &layout::entity_key(layout::SNAPSHOT, key),
+        snapshot,
+        writes,
+    )
 }
 
 fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -> Option<Entity> {

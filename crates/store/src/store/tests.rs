@@ -1001,13 +1001,15 @@ fn blob_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("blobs")).map_or(0, Iterator::count)
 }
 
-/// Writes the permit `id` with a 300 KB field, which sled keeps as a blob file, and returns
-/// how many blob files the store in `dir` has then.
+/// Writes a side record of 300 KB, which sled keeps as a blob file (a document's data is stored
+/// in pieces that never make one, see `pieces`; side records are not), and returns how many
+/// blob files the store in `dir` has then.
 fn write_a_blob(store: &Store, dir: &std::path::Path, id: &str) -> usize {
-    let key = EntityKey::new("permit", id).unwrap();
-    let options = WriteOptions::new(Origin::local("u").unwrap());
     store
-        .patch(&key, &json!({ "scan": incompressible(300_000) }), &options)
+        .write_records(vec![RecordWrite::put(
+            RecordKey::new("test", &["blob", id]),
+            incompressible(300_000),
+        )])
         .unwrap();
     let files = blob_files(dir);
     assert!(files > 0, "the write made no blob file; the test needs one");
@@ -1045,6 +1047,118 @@ fn in_flush_mode_a_thread_of_its_own_syncs_blob_files() {
         assert!(Instant::now() < deadline, "the blob files were not synced");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Snapshots and chunks over a piece are stored in pieces, so however large an entity's history
+/// grows, no sled page passes its blob threshold (a page that does is kept in memory outside the
+/// sled cache's bound once read, see `pieces`); read back after a reopen, every entity is whole,
+/// and a compaction removes the pieces of the chunks it folds in.
+#[test]
+fn large_histories_are_stored_in_pieces_and_make_no_blob_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let keys: Vec<EntityKey> = (0..24)
+        .map(|n| EntityKey::new("permit", format!("{n:02}")).unwrap())
+        .collect();
+    let mut expected = Vec::new();
+    {
+        let store = open(dir.path(), 32);
+        for (n, key) in keys.iter().enumerate() {
+            let mut data = serde_json::Map::new();
+            for write in 0..6 {
+                let field = format!("scan{write}");
+                let value = json!(incompressible(40_000 + n * 100 + write));
+                store
+                    .patch(key, &json!({ field.clone(): value.clone() }), &options)
+                    .unwrap();
+                data.insert(field, value);
+            }
+            expected.push(Json::Object(data));
+        }
+        let pieces_of = |tag: u8| store.inner.db.scan_prefix([layout::PIECE, tag]).count();
+        assert!(pieces_of(layout::SNAPSHOT) > 0, "no snapshot in pieces");
+        assert!(pieces_of(layout::CHUNK) > 0, "no chunk in pieces");
+        let stored: u64 = keys
+            .iter()
+            .map(|key| store.stored_bytes(key).unwrap())
+            .sum();
+        assert!(stored > 24 * 6 * 30_000, "{stored} bytes stored");
+        store.close().unwrap();
+    }
+    assert_eq!(blob_files(dir.path()), 0, "sled wrote pages to blob files");
+    let store = open(dir.path(), 32);
+    for (key, data) in keys.iter().zip(&expected) {
+        assert_eq!(&Json::Object(store.get(key).unwrap().unwrap().data), data);
+        let whole = store.stored_document(key).unwrap().unwrap();
+        let doc = Automerge::load(&whole).unwrap();
+        assert_eq!(doc.get_heads().len(), 1);
+    }
+    store.compact_all().unwrap();
+    assert_eq!(
+        store
+            .inner
+            .db
+            .scan_prefix([layout::PIECE, layout::CHUNK])
+            .count(),
+        0,
+        "a compaction left the pieces of a chunk"
+    );
+    let snapshot_pieces: usize = keys
+        .iter()
+        .map(|key| {
+            let snapshot = store.snapshot(key).unwrap().unwrap();
+            snapshot.len().div_ceil(pieces::PIECE_BYTES)
+        })
+        .sum();
+    assert_eq!(
+        store.inner.db.scan_prefix([layout::PIECE]).count(),
+        snapshot_pieces,
+        "pieces left over from an earlier snapshot"
+    );
+    for (key, data) in keys.iter().zip(&expected) {
+        assert_eq!(&Json::Object(store.get(key).unwrap().unwrap().data), data);
+    }
+}
+
+/// A store written before pieces existed keeps large snapshots whole: they read as they are,
+/// and the entity's next snapshot is stored in pieces.
+#[test]
+fn a_large_snapshot_stored_whole_by_an_earlier_version_reads_and_is_rewritten_in_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WriteOptions::new(Origin::local("u").unwrap());
+    let key = EntityKey::new("permit", "1").unwrap();
+    let store = open(dir.path(), 32);
+    store
+        .patch(&key, &json!({ "scan": incompressible(50_000) }), &options)
+        .unwrap();
+    // Put the snapshot back as an earlier version stored it: whole, with no pieces.
+    let snapshot_key = layout::entity_key(layout::SNAPSHOT, &key);
+    let whole = store.snapshot(&key).unwrap().unwrap();
+    let db = store.inner.db.clone();
+    for entry in db.scan_prefix([layout::PIECE]).keys() {
+        db.remove(entry.unwrap()).unwrap();
+    }
+    db.insert(&snapshot_key, whole.clone()).unwrap();
+    store.close().unwrap();
+    drop((store, db));
+
+    let store = open(dir.path(), 32);
+    let entity = store.get(&key).unwrap().unwrap();
+    assert_eq!(entity.data["scan"], json!(incompressible(50_000)));
+    assert_eq!(
+        store.stored_document(&key).unwrap().unwrap(),
+        whole.to_vec()
+    );
+    store
+        .patch(&key, &json!({ "scan2": incompressible(60_000) }), &options)
+        .unwrap();
+    store.compact_all().unwrap();
+    let stored = store.inner.db.get(&snapshot_key).unwrap().unwrap();
+    assert_eq!(stored.len(), 16, "the new snapshot is a header");
+    assert!(store.inner.db.scan_prefix([layout::PIECE]).count() > 20);
+    let entity = store.get(&key).unwrap().unwrap();
+    assert_eq!(entity.data["scan"], json!(incompressible(50_000)));
+    assert_eq!(entity.data["scan2"], json!(incompressible(60_000)));
 }
 
 /// Waiting for the changes read so far to be durable runs no flush when every change already
