@@ -98,10 +98,10 @@ pub(crate) fn put(
     Ok(())
 }
 
-/// Adds to `writes` what stores `value` under `key`, a key that holds nothing now (a new chunk's),
-/// whole or in pieces. Unlike [`put`] it reads nothing, which keeps a small write's cost as it
-/// was before pieces.
-pub(crate) fn put_new(key: Vec<u8>, value: Vec<u8>, writes: &mut Vec<Write>) {
+/// Adds to `writes` what stores `value` under `key`, whole or in pieces, where `key` holds
+/// nothing now (a new chunk's) or a value stored whole (a snapshot of at most [`PIECE_BYTES`]).
+/// Unlike [`put`] it reads nothing, which keeps a small write's cost as it was before pieces.
+pub(crate) fn put_over_whole(key: Vec<u8>, value: Vec<u8>, writes: &mut Vec<Write>) {
     if value.len() <= PIECE_BYTES {
         writes.push((key, Some(value)));
         return;

@@ -1760,7 +1760,7 @@ impl Store {
                 .all(|pair| pair[1].deps().contains(&pair[0].hash()));
             record.chain = follows && chained && staging.after.len() == 1;
             record.chunk_bytes += chunk.len() as u64;
-            pieces::put_new(
+            pieces::put_over_whole(
                 layout::chunk_key(key, record.next_chunk),
                 chunk,
                 &mut writes,
@@ -2089,17 +2089,20 @@ fn write_snapshot(
         let (chunk_key, value) = entry?;
         pieces::remove(&chunk_key, &value, writes);
     }
+    // A snapshot of at most a piece was stored whole: there are no pieces of it to read.
+    let whole_before = record.snapshot_bytes <= pieces::PIECE_BYTES as u64;
     record.snapshot_bytes = snapshot.len() as u64;
     record.chunks = 0;
     record.chunk_bytes = 0;
     record.linear = true;
     record.chain = true;
-    pieces::put(
-        db,
-        &layout::entity_key(layout::SNAPSHOT, key),
-        snapshot,
-        writes,
-    )
+    let snapshot_key = layout::entity_key(layout::SNAPSHOT, key);
+    if whole_before {
+        pieces::put_over_whole(snapshot_key, snapshot, writes);
+        Ok(())
+    } else {
+        pieces::put(db, &snapshot_key, snapshot, writes)
+    }
 }
 
 fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -> Option<Entity> {
