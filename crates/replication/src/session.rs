@@ -110,30 +110,39 @@ pub fn stored_cursor(store: &Store, peer: &str) -> store::Result<Seq> {
 /// which is always safe (the peer skips what it has), and the next acknowledgement replaces
 /// the record: a damaged record must not refuse every hello for ever, as a cursor's does.
 fn stored_acked(store: &Store, peer: &str) -> store::Result<Option<Seq>> {
-    match stored_seq(store, ACKED_SPACE, peer, "replication acknowledgement") {
-        Err(store::Error::Corrupt { what, detail }) => {
+    // Only a record that is not a number is taken as none: a storage error still fails.
+    match record_seq(store, ACKED_SPACE, peer)? {
+        Some(None) => {
             tracing::warn!(
-                %peer, %detail,
-                "{what} is unreadable: announcing the whole feed to the peer again"
+                %peer,
+                "the replication acknowledgement of this peer is not a number: announcing the whole feed to it again"
             );
             Ok(None)
         }
-        read => read,
+        read => Ok(read.flatten()),
     }
 }
 
 fn stored_seq(store: &Store, space: &str, peer: &str, what: &str) -> store::Result<Option<Seq>> {
-    let Some(raw) = store.read_record(&RecordKey::new(space, &[peer]))? else {
-        return Ok(None);
-    };
-    std::str::from_utf8(&raw)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .map(Some)
-        .ok_or_else(|| store::Error::Corrupt {
+    match record_seq(store, space, peer)? {
+        Some(None) => Err(store::Error::Corrupt {
             what: format!("the {what} of {peer}"),
             detail: "not a number".into(),
-        })
+        }),
+        read => Ok(read.flatten()),
+    }
+}
+
+/// The record `space`/`peer` read as a number: `None` when there is no record, `Some(None)`
+/// when it is not a number.
+fn record_seq(store: &Store, space: &str, peer: &str) -> store::Result<Option<Option<Seq>>> {
+    Ok(store
+        .read_record(&RecordKey::new(space, &[peer]))?
+        .map(|raw| {
+            std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|text| text.parse().ok())
+        }))
 }
 
 impl Session {
@@ -223,8 +232,8 @@ impl Session {
                 // A later version than this site's is taken: its peer speaks this one.
                 if protocol < PROTOCOL_VERSION {
                     return Err(Error::Protocol(format!(
-                        "protocol version {protocol}; this site speaks version \
-                         {PROTOCOL_VERSION} (or takes a later one, which then speaks it)"
+                        "the peer speaks protocol version {protocol}, older than this \
+                         site's {PROTOCOL_VERSION}: upgrade it"
                     )));
                 }
                 self.remote_site = Some(site);

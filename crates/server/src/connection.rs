@@ -208,7 +208,7 @@ impl<S> WriteTimeout<S> {
             Poll::Pending => Poll::Pending,
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("the client took nothing of the response for {timeout:?}"),
+                format!("the other end took nothing of what was sent for {timeout:?}"),
             ))),
         }
     }

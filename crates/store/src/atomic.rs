@@ -9,8 +9,8 @@
 //!
 //! [`Applier::apply`] does without it. It first inserts the *intent*, a value listing how to undo
 //! the set (each key it writes, with the value the key has before it or none), in parts of at
-//! most 6 KiB (so that a page of them stays under sled's blob threshold), into a sled tree of its own (`intent`, keyed by the part's number), away from the
-//! store's busiest keys; then it applies the writes one by one; then it removes the parts, the
+//! most 6 KiB (so that a page of them stays under sled's blob threshold), into a sled tree of
+//! its own (`intent`, keyed by the part's number), away from the store's busiest keys; then it applies the writes one by one; then it removes the parts, the
 //! last first. Most of a set's bytes are new keys (chunks, feed rows, inbox records), so the
 //! intent is small: it names them and keeps the few earlier values a set overwrites (an entity
 //! record, a shadow). One lock serializes applications, so their writes never interleave in

@@ -84,14 +84,7 @@ pub(crate) fn put(
     writes: &mut Vec<Write>,
 ) -> Result<()> {
     let before = pieces_of(db, key)?;
-    let count = if value.len() <= PIECE_BYTES {
-        writes.push((key.to_vec(), Some(value)));
-        0
-    } else {
-        let count = split(key, &value, writes);
-        writes.push((key.to_vec(), Some(header(count, value.len() as u64))));
-        count
-    };
+    let count = put_over_whole(key.to_vec(), value, writes);
     for number in count..before {
         writes.push((layout::piece_key(key, number), None));
     }
@@ -99,24 +92,20 @@ pub(crate) fn put(
 }
 
 /// Adds to `writes` what stores `value` under `key`, whole or in pieces, where `key` holds
-/// nothing now (a new chunk's) or a value stored whole (a snapshot of at most [`PIECE_BYTES`]).
-/// Unlike [`put`] it reads nothing, which keeps a small write's cost as it was before pieces.
-pub(crate) fn put_over_whole(key: Vec<u8>, value: Vec<u8>, writes: &mut Vec<Write>) {
+/// nothing now (a new chunk's) or a value stored whole (a snapshot of at most [`PIECE_BYTES`]);
+/// returns the number of pieces, 0 when it is stored whole. Unlike [`put`] it reads nothing,
+/// which keeps a small write's cost as it was before pieces.
+pub(crate) fn put_over_whole(key: Vec<u8>, value: Vec<u8>, writes: &mut Vec<Write>) -> u32 {
     if value.len() <= PIECE_BYTES {
         writes.push((key, Some(value)));
-        return;
+        return 0;
     }
-    let count = split(&key, &value, writes);
-    writes.push((key, Some(header(count, value.len() as u64))));
-}
-
-/// Adds the pieces of `value` to `writes`; returns how many there are.
-fn split(key: &[u8], value: &[u8], writes: &mut Vec<Write>) -> u32 {
     let count = u32::try_from(value.len().div_ceil(PIECE_BYTES))
         .expect("a value has far fewer than 4 billion pieces");
     for (number, piece) in (0..count).zip(value.chunks(PIECE_BYTES)) {
-        writes.push((layout::piece_key(key, number), Some(piece.to_vec())));
+        writes.push((layout::piece_key(&key, number), Some(piece.to_vec())));
     }
+    writes.push((key, Some(header(count, value.len() as u64))));
     count
 }
 

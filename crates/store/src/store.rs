@@ -1088,17 +1088,15 @@ impl Store {
     /// [`Error::VersionMismatch`] unless the entity meets `expected`; for a caller holding the
     /// entity's stripe lock.
     pub(crate) fn check_if_match(&self, key: &EntityKey, expected: &IfMatch) -> Result<()> {
-        let current = match self.record_locked(key)?.filter(|record| record.exists) {
-            Some(record) => {
-                Some(
-                    Version::parse(&record.version).map_err(|error| Error::Corrupt {
-                        what: format!("the version of {key}"),
-                        detail: error.to_string(),
-                    })?,
-                )
-            }
-            None => None,
-        };
+        let current = self
+            .record_locked(key)?
+            .filter(|record| record.exists)
+            .map(|record| Version::parse(&record.version))
+            .transpose()
+            .map_err(|error| Error::Corrupt {
+                what: format!("the version of {key}"),
+                detail: error.to_string(),
+            })?;
         let exists = current.is_some();
         expected.check(key, exists, &current.unwrap_or_default())
     }
@@ -2099,10 +2097,10 @@ fn write_snapshot(
     let snapshot_key = layout::entity_key(layout::SNAPSHOT, key);
     if whole_before {
         pieces::put_over_whole(snapshot_key, snapshot, writes);
-        Ok(())
     } else {
-        pieces::put(db, &snapshot_key, snapshot, writes)
+        pieces::put(db, &snapshot_key, snapshot, writes)?;
     }
+    Ok(())
 }
 
 fn entity_from(key: &EntityKey, doc: &Automerge, heads: Option<&[ChangeHash]>) -> Option<Entity> {
